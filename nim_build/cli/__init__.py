@@ -1,0 +1,71 @@
+"""CLI wiring only: each command lives in its own module and calls one library function."""
+
+import importlib
+import os
+import sys
+
+import click
+
+from nim_build import __version__
+from nim_build.errors import NimBuildError
+
+# command name -> module under nim_build.cli exposing a click command named `command`.
+COMMANDS = {
+    "engine": "engine",
+    "run": "run",
+    "repo": "repo",
+    "serve": "serve",
+    "infer": "infer",
+    "chart": "chart",
+}
+
+
+class LazyGroup(click.Group):
+    """Imports a command's module only when it runs, so `nim_build --help` stays fast (no torch import)."""
+
+    def list_commands(self, ctx):
+        return [name for name in COMMANDS if _module_exists(COMMANDS[name])]
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS or not _module_exists(COMMANDS[name]):
+            return None
+        return importlib.import_module(f"nim_build.cli.{COMMANDS[name]}").command
+
+
+def _module_exists(mod: str) -> bool:
+    return importlib.util.find_spec(f"nim_build.cli.{mod}") is not None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="nim_build")
+def cli():
+    """Turn a Hugging Face checkpoint into an FP8 TensorRT-LLM engine, a Triton model repository and a Helm release.
+
+    \b
+    Typical flow:
+      nim_build engine mistralai/Mistral-Nemo-Instruct-2407 --out engines/nemo --quant fp8
+      nim_build repo engines/nemo --out triton_repo_out/nemo
+      nim_build serve triton_repo_out/nemo
+      nim_build infer --prompt "Hello" --stream
+    """
+
+
+def main(argv=None):
+    """Entry point: user errors -> one line on stderr and exit 2; internal errors -> traceback and exit 1."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2 if e.exit_code in (1, 2) else e.exit_code)
+    except NimBuildError as e:
+        if os.environ.get("NIM_BUILD_DEBUG"):
+            raise
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    sys.exit(0)
