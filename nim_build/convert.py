@@ -1,0 +1,284 @@
+"""Stream an HF llama/mistral checkpoint into a TensorRT-LLM checkpoint (FORMATS.md §1), tensor by tensor.
+
+Stages: plan output tensors from the spec (no weights read) -> calibrate layer by layer (FP8 only) -> for each
+tensor group (embedding; per layer qkv, dense, fc+gate, proj, norms; final norm; lm_head): read the HF tensors,
+quantize, split over the tp ranks and write each piece at its planned offset in rank{r}.safetensors.
+Peak memory: one group's tensors (at most a fused qkv or an fc+gate pair in float32) plus calibration activations.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from nim_build import families as F
+from nim_build import quantize as Q
+from nim_build.calibrate import TORCH_DTYPES, CalibrationResult, calibrate
+from nim_build.errors import CheckpointError
+from nim_build.plan import ParallelPlan, make_plan
+from nim_build.safetensors_io import CheckpointReader, StreamingWriter, TensorSpec
+from nim_build.spec import ModelSpec, load_spec
+
+FP8 = torch.float8_e4m3fn
+F32 = torch.float32
+
+
+@dataclass
+class Group:
+    """A set of output tensors computed together: planned specs per rank and a producer of their values."""
+
+    specs: list[list[TensorSpec]]                          # [rank] -> specs
+    produce: Callable[[], list[dict[str, torch.Tensor]]]   # -> [rank] -> {name: tensor}
+
+
+def trtllm_config(spec: ModelSpec, plan: ParallelPlan, quant: str, kv_cache: str, dtype: str) -> dict:
+    """config.json of the TensorRT-LLM checkpoint."""
+    quant_algo = Q.QUANT_ALGOS[quant]
+    cfg = {
+        "producer": {"name": "nim_build"},
+        "architecture": spec.architecture,
+        "dtype": dtype,
+        "logits_dtype": "float32",
+        "num_hidden_layers": spec.num_hidden_layers,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_key_value_heads,
+        "hidden_size": spec.hidden_size,
+        "head_size": spec.head_size,
+        "intermediate_size": spec.intermediate_size,
+        "vocab_size": spec.vocab_size,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "position_embedding_type": "rope_gpt_neox",
+        "hidden_act": "silu",
+        "norm_epsilon": spec.norm_epsilon,
+        "rotary_base": spec.rotary_base,
+        "rotary_scaling": spec.rotary_scaling,
+        "use_parallel_embedding": False,
+        "embedding_sharding_dim": 0,
+        "share_embedding_table": False,
+        "tie_word_embeddings": spec.tie_word_embeddings,
+        "bias": False,
+        "mapping": {"world_size": plan.tp, "tp_size": plan.tp, "pp_size": 1},
+        "quantization": {
+            "quant_algo": quant_algo,
+            "kv_cache_quant_algo": "FP8" if kv_cache == "fp8" else None,
+            "exclude_modules": ["lm_head"] if quant_algo else None,
+        },
+    }
+    return cfg
+
+
+def _split(t: torch.Tensor, tp: int, dim: int) -> list[torch.Tensor]:
+    return [c.contiguous() for c in torch.chunk(t, tp, dim=dim)] if tp > 1 else [t]
+
+
+def _replicate_kv(t: torch.Tensor, spec: ModelSpec, plan: ParallelPlan) -> torch.Tensor:
+    """Repeat each KV head kv_replication times (rows of k_proj/v_proj), so tp ranks can each hold one."""
+    if plan.kv_replication == 1:
+        return t
+    h = t.shape[-1]
+    heads = t.reshape(spec.num_key_value_heads, spec.head_size, h)
+    return heads.repeat_interleave(plan.kv_replication, dim=0).reshape(-1, h)
+
+
+class _Builder:
+    """Knows every output tensor: its per-rank shape and how to compute it."""
+
+    def __init__(self, spec: ModelSpec, plan: ParallelPlan, quant: str, kv_cache: str, dtype: str,
+                 reader: CheckpointReader, calib: CalibrationResult | None):
+        self.spec, self.plan, self.quant, self.kv_cache = spec, plan, quant, kv_cache
+        self.dtype = TORCH_DTYPES[dtype]
+        self.reader, self.calib = reader, calib
+        self.family = F.family_for(spec.architecture)
+        self.tp = plan.tp
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def _read(self, name: str) -> torch.Tensor:
+        return self.reader.get(name)
+
+    def _plain(self, out: str, src: Callable[[], torch.Tensor], shape: tuple[int, ...], dim: int | None) -> Group:
+        """An unquantized tensor, replicated (dim None) or split on dim."""
+        per_rank = list(shape)
+        if dim is not None:
+            per_rank[dim] //= self.tp
+        specs = [[TensorSpec(out, self.dtype, tuple(per_rank))] for _ in range(self.tp)]
+
+        def produce():
+            t = src().to(self.dtype)
+            parts = [t] * self.tp if dim is None else _split(t, self.tp, dim)
+            return [{out: p} for p in parts]
+
+        return Group(specs, produce)
+
+    def _linear(self, prefix: str, shape: tuple[int, int], dim: int, weights: Callable[[], list[torch.Tensor]],
+                act_amax: torch.Tensor | None, fuse: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+                extra: dict[str, torch.Tensor] | None = None, out_prefixes: list[str] | None = None) -> Group:
+        """One or more linears sharing an input (and, for FP8, the weight and activation scales).
+
+        weights() returns the HF weights; fuse(list of per-source tensors) returns the per-rank weights.
+        With out_prefixes, each source becomes its own output linear (fc and gate); else they are fused.
+        """
+        names = out_prefixes or [prefix]
+        rows, cols = shape
+        per_rank = (rows // self.tp, cols) if dim == 0 else (rows, cols // self.tp)
+        quant_algo = Q.QUANT_ALGOS[self.quant]
+        specs = [[] for _ in range(self.tp)]
+        for r in range(self.tp):
+            for n in names:
+                specs[r].append(TensorSpec(f"{n}.weight", FP8 if quant_algo else self.dtype, per_rank))
+                if quant_algo == "FP8":
+                    specs[r].append(TensorSpec(f"{n}.weights_scaling_factor", F32, (1,)))
+                    specs[r].append(TensorSpec(f"{n}.activation_scaling_factor", F32, (1,)))
+                elif quant_algo == "FP8_PER_CHANNEL_PER_TOKEN":
+                    specs[r].append(TensorSpec(f"{n}.per_channel_scale", F32, (per_rank[0],)))
+            for k, v in (extra or {}).items():
+                specs[r].append(TensorSpec(k, v.dtype, tuple(v.shape)))
+
+        def produce():
+            srcs = weights()
+            out = [dict() for _ in range(self.tp)]
+            if quant_algo == "FP8":
+                w_scale = Q.scale_from_amax(torch.stack([Q.amax(s) for s in srcs]).amax())
+                a_scale = Q.scale_from_amax(act_amax)
+                qs = [Q.quantize_per_tensor(s, w_scale) for s in srcs]
+            elif quant_algo == "FP8_PER_CHANNEL_PER_TOKEN":
+                scales = [Q.per_channel_scale(s) for s in srcs]
+                qs = [Q.quantize_per_channel(s, sc) for s, sc in zip(srcs, scales)]
+            else:
+                qs = [s.to(self.dtype) for s in srcs]
+            if out_prefixes:
+                pieces = [fuse([q]) for q in qs]  # [source][rank]
+            else:
+                pieces = [fuse(qs)]
+            if quant_algo == "FP8_PER_CHANNEL_PER_TOKEN":
+                # per-channel scales follow their rows: through the fusion and a row split, replicated by a
+                # column split (every rank holds all output channels of a row-parallel linear)
+                sc_rows = [s[:, None] for s in scales]
+                if dim == 1:
+                    sc_pieces = [[s] * self.tp for s in sc_rows]
+                else:
+                    sc_pieces = [fuse([s]) for s in sc_rows] if out_prefixes else [fuse(sc_rows)]
+            for r in range(self.tp):
+                for j, n in enumerate(names):
+                    out[r][f"{n}.weight"] = pieces[j][r]
+                    if quant_algo == "FP8":
+                        out[r][f"{n}.weights_scaling_factor"] = w_scale
+                        out[r][f"{n}.activation_scaling_factor"] = a_scale
+                    elif quant_algo == "FP8_PER_CHANNEL_PER_TOKEN":
+                        out[r][f"{n}.per_channel_scale"] = sc_pieces[j][r].reshape(-1).contiguous()
+                out[r].update(extra or {})
+            return out
+
+        return Group(specs, produce)
+
+    # -- the model -----------------------------------------------------------------------------------------
+    def groups(self) -> Iterator[Group]:
+        s, fam, tp = self.spec, self.family, self.tp
+        H = s.hidden_size
+        yield self._plain("transformer.vocab_embedding.weight", lambda: self._read(fam.embed), (s.vocab_size, H), None)
+        for i in range(s.num_hidden_layers):
+            yield from self._layer(i)
+        yield self._plain("transformer.ln_f.weight", lambda: self._read(fam.final_norm), (H,), None)
+        head_src = fam.embed if s.tie_word_embeddings or fam.lm_head not in self.reader else fam.lm_head
+
+        def lm_head():
+            w = self._read(head_src)
+            pad = self.plan.padded_vocab_size - w.shape[0]
+            return torch.nn.functional.pad(w, (0, 0, 0, pad)) if pad else w
+
+        yield self._plain("lm_head.weight", lm_head, (self.plan.padded_vocab_size, H), 0)
+
+    def _layer(self, i: int) -> Iterator[Group]:
+        s, fam, tp, plan = self.spec, self.family, self.tp, self.plan
+        H, I = s.hidden_size, s.intermediate_size
+        p = f"transformer.layers.{i}."
+        amax = self.calib.layers[i] if self.calib else None
+        yield self._plain(p + "input_layernorm.weight", lambda: self._read(fam.layer(i, F.INPUT_NORM)), (H,), None)
+
+        def qkv_fuse(ws):
+            q, k, v = ws
+            k, v = _replicate_kv(k, s, plan), _replicate_kv(v, s, plan)
+            return [torch.cat(parts, 0) for parts in zip(_split(q, tp, 0), _split(k, tp, 0), _split(v, tp, 0))]
+
+        kv_rows = s.num_key_value_heads * plan.kv_replication * s.head_size
+        extra = None
+        if self.kv_cache == "fp8":
+            kv_amax = torch.maximum(amax.k, amax.v)
+            # modelopt's exporter never lets a KV-cache scale go below 1.0
+            extra = {p + "attention.kv_cache_scaling_factor": Q.scale_from_amax(kv_amax).clamp(min=1.0)}
+        yield self._linear(p + "attention.qkv", (s.q_size + 2 * kv_rows, H), 0,
+                           lambda: [self._read(fam.layer(i, n)) for n in (F.Q, F.K, F.V)],
+                           amax and amax.qkv_in, qkv_fuse, extra=extra)
+        yield self._linear(p + "attention.dense", (H, s.q_size), 1, lambda: [self._read(fam.layer(i, F.O))],
+                           amax and amax.dense_in, lambda ws: _split(ws[0], tp, 1))
+        yield self._plain(p + "post_layernorm.weight", lambda: self._read(fam.layer(i, F.POST_NORM)), (H,), None)
+        # HF gate_proj (the SiLU branch) is TensorRT-LLM's mlp.fc, up_proj is mlp.gate: one shared scale pair.
+        yield self._linear(p + "mlp.fc", (I, H), 0,
+                           lambda: [self._read(fam.layer(i, F.GATE)), self._read(fam.layer(i, F.UP))],
+                           amax and amax.fc_in, lambda ws: _split(ws[0], tp, 0),
+                           out_prefixes=[p + "mlp.fc", p + "mlp.gate"])
+        yield self._linear(p + "mlp.proj", (H, I), 1, lambda: [self._read(fam.layer(i, F.DOWN))],
+                           amax and amax.proj_in, lambda ws: _split(ws[0], tp, 1))
+
+
+def convert_checkpoint(model_dir: str | Path, out_dir: str | Path, *, quant: str = "fp8", kv_cache: str = "auto",
+                       tp: int = 1, calib_ids: torch.Tensor | None = None, dtype: str | None = None,
+                       progress: bool = False) -> dict:
+    """Write a TensorRT-LLM checkpoint (config.json + rank{r}.safetensors) into out_dir (which must exist).
+
+    calib_ids: int64 [n, seq] calibration batch, required for --quant fp8. Returns a small report.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    spec = load_spec(model_dir)
+    plan = make_plan(spec, tp, quant, kv_cache)
+    reader = CheckpointReader(model_dir)
+    dtype = dtype or ("float16" if quant == "fp16" else "bfloat16" if quant == "bf16" else spec.dtype)
+    _check_tensors(reader, spec)
+    calib = None
+    if quant == "fp8":
+        if calib_ids is None:
+            raise ValueError("FP8 conversion needs a calibration batch (calib_ids)")
+        with tqdm(total=spec.num_hidden_layers, desc="calibrate", unit="layer", disable=not progress) as bar:
+            calib = calibrate(model_dir, spec, reader, calib_ids, want_kv=kv_cache == "fp8", progress=bar)
+    builder = _Builder(spec, plan, quant, kv_cache, dtype, reader, calib)
+    groups = list(builder.groups())
+    rank_specs = [[t for g in groups for t in g.specs[r]] for r in range(tp)]
+    writers = [StreamingWriter(out_dir / f"rank{r}.safetensors", rank_specs[r]) for r in range(tp)]
+    total = sum(t.nbytes for specs in rank_specs for t in specs)
+    with tqdm(total=total, desc="convert", unit="B", unit_scale=True, disable=not progress) as bar:
+        for g in groups:
+            for r, tensors in enumerate(g.produce()):
+                for name, t in tensors.items():
+                    writers[r].write(name, t)
+                    bar.update(t.numel() * t.element_size())
+    for w in writers:
+        w.close()
+    reader.close()
+    config = trtllm_config(spec, plan, quant, kv_cache, dtype)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return {"spec": spec, "plan": plan, "config": config, "bytes_written": total}
+
+
+def _check_tensors(reader: CheckpointReader, spec: ModelSpec) -> None:
+    """Fail before any work if a tensor the conversion needs is missing or has the wrong shape."""
+    fam = F.family_for(spec.architecture)
+    H, I = spec.hidden_size, spec.intermediate_size
+    expected = {fam.embed: [spec.vocab_size, H], fam.final_norm: [H]}
+    if not spec.tie_word_embeddings and fam.lm_head in reader:
+        expected[fam.lm_head] = [spec.vocab_size, H]
+    for i in range(spec.num_hidden_layers):
+        expected.update({
+            fam.layer(i, F.Q): [spec.q_size, H], fam.layer(i, F.K): [spec.kv_size, H],
+            fam.layer(i, F.V): [spec.kv_size, H], fam.layer(i, F.O): [H, spec.q_size],
+            fam.layer(i, F.GATE): [I, H], fam.layer(i, F.UP): [I, H], fam.layer(i, F.DOWN): [H, I],
+            fam.layer(i, F.INPUT_NORM): [H], fam.layer(i, F.POST_NORM): [H],
+        })
+    for name, shape in expected.items():
+        got = reader.shape(name)
+        if list(got) != shape:
+            raise CheckpointError(f"tensor {name} has shape {got}, config.json implies {shape}; "
+                                  "the config and the weights do not belong together")
