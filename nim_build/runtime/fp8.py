@@ -1,0 +1,83 @@
+"""FP8 (E4M3) numerics: dequantization, activation fake-quantization, and the native FP8 GEMM on CUDA.
+
+What TensorRT-LLM computes for an FP8 linear (per-tensor recipe): x_fp8 = saturate(x / s_act),
+y = (x_fp8 @ W_fp8.T) * (s_act * s_w) accumulated in float32. On CPU the same function is
+fake_quant(x, s_act) @ (W_fp8 * s_w).T: identical up to the summation order. With
+FP8_PER_CHANNEL_PER_TOKEN the activation scale is computed per token (amax / 448) at run time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nim_build.runtime.checkpoint import FP8, Linear
+
+FP8_MAX = 448.0
+# the 256 E4M3 values as float32: a table lookup dequantizes faster on CPU than the elementwise cast
+_FP8_TABLE = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+
+
+def dequantize(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W_fp8 * scale in `dtype` (scale broadcastable to W)."""
+    if w.device.type == "cpu":
+        wf = torch.take(_FP8_TABLE, w.view(torch.uint8).long())
+    else:
+        wf = w.float()
+    return (wf * scale.to(w.device)).to(dtype)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Saturating cast of x / scale to E4M3 (the cast alone turns out-of-range values into NaN)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Round x to the FP8 grid of `scale` and back (same dtype as x)."""
+    return (quantize(x, scale).float() * scale).to(x.dtype)
+
+
+def per_token_scale(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-token activation scale, [tokens, 1]."""
+    return (x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+
+
+def native_fp8_available(device: torch.device) -> bool:
+    """FP8 tensor-core GEMMs: CUDA with compute capability >= 8.9 (Ada, Hopper, Blackwell)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def linear(x: torch.Tensor, lin: Linear, dtype: torch.dtype, fake_quant_act: bool, native_fp8: bool) -> torch.Tensor:
+    """x [T, in] -> [T, out] in `dtype`."""
+    if not lin.is_fp8:
+        return x @ lin.weight.t()
+    if native_fp8 and _scaled_mm_ok(lin):
+        return _scaled_mm_linear(x, lin, dtype)
+    if fake_quant_act and lin.per_token:
+        x = fake_quant(x, per_token_scale(x))
+    elif fake_quant_act and lin.a_scale is not None:
+        x = fake_quant(x, lin.a_scale.to(x.device))
+    return x @ dequantize(lin.weight, lin.w_scale, dtype).t()
+
+
+def _scaled_mm_ok(lin: Linear) -> bool:
+    w_ok = lin.w_scale.shape[1] == 1  # per-tensor or per-output-row (a per-input-column scale is not a GEMM scale)
+    a_ok = lin.per_token or (lin.a_scale is not None and lin.a_scale.numel() == 1 and lin.w_scale.numel() == 1)
+    return w_ok and a_ok
+
+
+def _scaled_mm_linear(x: torch.Tensor, lin: Linear, dtype: torch.dtype) -> torch.Tensor:
+    """torch._scaled_mm with the checkpoint's scales: per-tensor (FP8) or row-wise (FP8_PER_CHANNEL_PER_TOKEN)."""
+    t = x.shape[0]
+    pad = (-t) % 16  # FP8 GEMM operands need dimensions divisible by 16
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+    if lin.per_token:
+        a_scale = per_token_scale(x)  # [M, 1]
+        b_scale = lin.w_scale.to(x.device).reshape(1, -1).expand(1, lin.weight.shape[0]).contiguous()  # [1, N]
+        out_dtype = torch.bfloat16  # row-wise scaling requires a bf16 output
+    else:
+        a_scale = lin.a_scale.to(x.device).reshape(())
+        b_scale = lin.w_scale.to(x.device).reshape(())
+        out_dtype = dtype
+    y = torch._scaled_mm(quantize(x, a_scale), lin.weight.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype)
+    return y[:t].to(dtype)

@@ -1,0 +1,64 @@
+"""Paged KV cache: a pool of fixed-size blocks shared by all sequences, and its allocator."""
+
+from __future__ import annotations
+
+import torch
+
+from nim_build.runtime import fp8
+
+
+class BlockAllocator:
+    def __init__(self, num_blocks: int):
+        self.total = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int] | None:
+        """n blocks, or None (and nothing taken) when fewer are free."""
+        if n > len(self._free):
+            return None
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+class PagedKVCache:
+    """K and V per layer as [num_blocks * block_size, kv_heads, head_size]; a token's slot is
+    block_table[pos // block_size] * block_size + pos % block_size. With FP8 scales (one per layer), entries are
+    stored as E4M3 of k / scale and read back as E4M3 * scale."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_size: int,
+                 dtype: torch.dtype, device: torch.device, fp8_scales: list[torch.Tensor] | None = None):
+        self.block_size = block_size
+        self.dtype = dtype
+        self.scales = None if fp8_scales is None else [s.to(device).reshape(1, 1, 1) for s in fp8_scales]
+        store = fp8.FP8 if fp8_scales is not None else dtype
+        shape = (num_blocks * block_size, kv_heads, head_size)
+        self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_size: int, elem_bytes: int) -> int:
+        return 2 * num_layers * block_size * kv_heads * head_size * elem_bytes
+
+    def slots(self, block_table: list[int], start: int, end: int, device: torch.device) -> torch.Tensor:
+        pos = torch.arange(start, end)
+        table = torch.tensor(block_table, dtype=torch.long)
+        return (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(device)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.scales is not None:
+            k, v = fp8.quantize(k, self.scales[layer]), fp8.quantize(v, self.scales[layer])
+        self.k[layer].index_copy_(0, slots, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(0, slots, v.to(self.v[layer].dtype))
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.k[layer][slots], self.v[layer][slots]
+        if self.scales is not None:
+            s = self.scales[layer]
+            return (k.float() * s).to(self.dtype), (v.float() * s).to(self.dtype)
+        return k, v
