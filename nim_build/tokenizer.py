@@ -1,0 +1,256 @@
+"""Tokenizer and streaming detokenizer shared by the Triton python models and `nim_build run`.
+
+Two kinds, as recorded in the engine manifest (``manifest["tokenizer"]["kind"]``):
+
+- ``"hf"``: a Hugging Face ``tokenizer.json`` run by the ``tokenizers`` library (chat templates through
+  ``transformers``, loaded only when a chat request arrives);
+- ``"tekken"``: Mistral's native ``tekken.json`` run by ``mistral-common`` (chat requests, tools included,
+  rendered by ``MistralTokenizer.encode_chat_completion``, which emits ``[AVAILABLE_TOOLS]``).
+
+Generated text is always ``decode(generated_ids)`` with special tokens skipped. A ``StreamDecoder`` yields the
+same text piece by piece: the concatenation of ``step()`` results and ``flush()`` equals the one-shot decode,
+and no piece ever ends inside a UTF-8 character (characters split across tokens are held back until complete).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from nim_build.errors import UserError
+
+META_FILE = "nim_build_tokenizer.json"  # kind / bos / end / pad ids and limits, written next to the tokenizer files
+KINDS = ("hf", "tekken")
+
+
+class Tokenizer:
+    """Encode, decode, render chats and build stop/bad word lists for one model."""
+
+    def __init__(self, kind: str, path: Path, *, bos_id: int | None, end_id: int, pad_id: int | None,
+                 max_seq_len: int | None = None):
+        if kind not in KINDS:
+            raise UserError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")
+        self.kind = kind
+        self.path = Path(path)
+        self.bos_id = bos_id
+        self.end_id = int(end_id)
+        # Models without a pad token (Llama, SmolLM2) pad with the end id, as TensorRT-LLM does.
+        self.pad_id = int(pad_id) if pad_id is not None else self.end_id
+        self.max_seq_len = max_seq_len
+        self._hf_chat = None
+        if kind == "hf":
+            import tokenizers
+
+            self._tk = tokenizers.Tokenizer.from_file(str(self.path / "tokenizer.json"))
+            self.vocab_size = self._tk.get_vocab_size(with_added_tokens=True)
+        else:
+            from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+            self._mistral = MistralTokenizer.from_file(str(self.path / "tekken.json"))
+            self._tk = self._mistral.instruct_tokenizer.tokenizer
+            self.vocab_size = self._tk.n_words
+            n_special = self._tk.num_special_tokens
+            model = self._tk._model  # tiktoken Encoding: one bytes piece per regular token
+            self._pieces = [b""] * n_special + [
+                model.decode_single_token_bytes(i) for i in range(self.vocab_size - n_special)
+            ]
+
+    # -- loading ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> "Tokenizer":
+        """Load from a tokenizer directory; ids come from `meta` or the directory's nim_build_tokenizer.json."""
+        path = Path(path)
+        if meta is None:
+            meta_path = path / META_FILE
+            meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        kind = meta.get("kind") or ("tekken" if (path / "tekken.json").is_file() else "hf")
+        wanted = path / ("tekken.json" if kind == "tekken" else "tokenizer.json")
+        if not wanted.is_file():
+            raise UserError(f"{wanted} not found: the tokenizer directory {path} has no {kind} tokenizer")
+        end_id = meta.get("end_id")
+        if end_id is None:
+            end_id = _guess_end_id(path, kind)
+        return cls(kind, path, bos_id=meta.get("bos_id"), end_id=end_id, pad_id=meta.get("pad_id"),
+                   max_seq_len=meta.get("max_seq_len"))
+
+    @classmethod
+    def from_engine_dir(cls, engine_dir: str | os.PathLike) -> "Tokenizer":
+        from nim_build.manifest import load_manifest
+
+        manifest = load_manifest(engine_dir)
+        return cls.from_dir(Path(engine_dir) / manifest["tokenizer"].get("dir", "tokenizer"), meta_from_manifest(manifest))
+
+    # -- encode / decode -------------------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.kind == "hf":
+            return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._tk.encode(text, bos=add_special_tokens, eos=False)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if self.kind == "hf":
+            return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
+        if skip_special_tokens:
+            return b"".join(self._pieces[i] for i in ids).decode("utf-8", errors="replace")
+        from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+        return self._tk.decode(ids, special_token_policy=SpecialTokenPolicy.KEEP)
+
+    def stream_decoder(self) -> "StreamDecoder":
+        """A new incremental decoder for one sequence of generated ids."""
+        if self.kind == "hf":
+            return _HFStreamDecoder(self)
+        return _ByteStreamDecoder(self._pieces)
+
+    # -- chat ------------------------------------------------------------------------------------------------
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Render OpenAI-style messages (and tools) with the model's chat template, ready for generation."""
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise UserError("messages must be a non-empty list of {role, content} objects")
+        if self.kind == "tekken":
+            from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+            try:
+                request = ChatCompletionRequest.from_openai(messages, tools=tools or None)
+                return list(self._mistral.encode_chat_completion(request).tokens)
+            except Exception as e:  # mistral-common raises pydantic / its own validation errors
+                raise UserError(f"invalid chat request: {e}") from e
+        tok = self._chat_tokenizer()
+        if not tok.chat_template:
+            raise UserError(f"the tokenizer in {self.path} has no chat template; send plain text instead")
+        try:
+            text = tok.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # jinja errors: unsupported roles, alternation rules...
+            raise UserError(f"the chat template rejected the messages: {e}") from e
+        return self.encode(text, add_special_tokens=False)
+
+    def _chat_tokenizer(self):
+        if self._hf_chat is None:
+            from transformers import AutoTokenizer
+
+            self._hf_chat = AutoTokenizer.from_pretrained(str(self.path))
+        return self._hf_chat
+
+    # -- stop / bad words ------------------------------------------------------------------------------------
+    def words_to_ids(self, words: Iterable[str]) -> list[list[int]]:
+        """Each word (stop or bad word) as a token-id list, encoded without special tokens; empty words dropped."""
+        return [ids for ids in (self.encode(w, add_special_tokens=False) for w in words if w) if ids]
+
+
+def to_word_list_format(word_ids: list[list[int]]) -> np.ndarray:
+    """TensorRT-LLM's [2, L] words tensor: row 0 the flattened ids (0-padded), row 1 the end offsets (-1-padded)."""
+    flat = [i for ids in word_ids for i in ids]
+    offsets = np.cumsum([len(ids) for ids in word_ids]).tolist()
+    width = max(len(flat), len(offsets), 1)
+    out = np.zeros((2, width), dtype=np.int32)
+    out[1, :] = -1
+    out[0, : len(flat)] = flat
+    out[1, : len(offsets)] = offsets
+    return out
+
+
+def from_word_list_format(arr: np.ndarray) -> list[list[int]]:
+    """Inverse of to_word_list_format (a [2, L] array, or [1, 2, L] with a batch dimension)."""
+    arr = np.asarray(arr).reshape(2, -1)
+    words, start = [], 0
+    for end in arr[1]:
+        if end < 0:
+            break
+        words.append([int(i) for i in arr[0, start:end]])
+        start = int(end)
+    return [w for w in words if w]
+
+
+class StreamDecoder:
+    """Incremental detokenizer: `step(new_ids)` returns the text that is complete so far, `flush()` the rest."""
+
+    def step(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def flush(self) -> str:
+        raise NotImplementedError
+
+
+class _HFStreamDecoder(StreamDecoder):
+    """tokenizers.decoders.DecodeStream (Rust prefix-offset decoding) plus an exact end-of-stream flush."""
+
+    def __init__(self, tok: Tokenizer):
+        from tokenizers.decoders import DecodeStream
+
+        self._tok = tok
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self._ids: list[int] = []
+        self._emitted = 0  # characters emitted so far
+
+    def step(self, ids: Sequence[int]) -> str:
+        ids = [int(i) for i in ids]
+        if not ids:
+            return ""
+        self._ids.extend(ids)
+        piece = self._stream.step(self._tok._tk, ids) or ""
+        self._emitted += len(piece)
+        return piece
+
+    def flush(self) -> str:
+        # Bytes still held back (an incomplete character at the very end) decode as U+FFFD in a one-shot
+        # decode too: emit whatever the full decode has beyond what was already streamed.
+        full = self._tok.decode(self._ids)
+        rest = full[self._emitted:]
+        self._emitted = len(full)
+        return rest
+
+
+class _ByteStreamDecoder(StreamDecoder):
+    """Byte-level tokens (Tekken): concatenate each token's bytes, emit only complete UTF-8 characters."""
+
+    def __init__(self, pieces: list[bytes]):
+        self._pieces = pieces
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def step(self, ids: Sequence[int]) -> str:
+        return self._utf8.decode(b"".join(self._pieces[int(i)] for i in ids))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+def meta_from_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The tokenizer facts the serving side needs, from an engine manifest."""
+    tok = manifest.get("tokenizer") or {}
+    build = manifest.get("build") or {}
+    return {
+        "kind": tok.get("kind"),
+        "bos_id": tok.get("bos_id"),
+        "end_id": tok.get("end_id"),
+        "pad_id": tok.get("pad_id"),
+        "chat_template": tok.get("chat_template"),
+        "max_seq_len": build.get("max_seq_len"),
+        "max_batch_size": build.get("max_batch_size"),
+    }
+
+
+def _guess_end_id(path: Path, kind: str) -> int:
+    if kind == "tekken":
+        return 2
+    for name in ("generation_config.json", "config.json"):
+        f = path / name
+        if f.is_file():
+            eos = json.loads(f.read_text()).get("eos_token_id")
+            if isinstance(eos, list) and eos:
+                return int(eos[0])
+            if isinstance(eos, int):
+                return eos
+    cfg = path / "tokenizer_config.json"
+    if cfg.is_file():
+        data = json.loads(cfg.read_text())
+        eos = data.get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        for tid, tok in (data.get("added_tokens_decoder") or {}).items():
+            if tok.get("content") == eos:
+                return int(tid)
+    raise UserError(f"cannot tell the end-of-sequence id of the tokenizer in {path}; record it in the manifest")
