@@ -1,0 +1,66 @@
+"""Calibration and evaluation text -> a fixed [n, seq_len] batch of token ids (no padding, no masks)."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from nim_build.errors import UserError
+
+
+def load_texts(path: str | Path | None = None) -> list[str]:
+    """One text per line: the user's file, or the small built-in multilingual set."""
+    if path is None:
+        raw = resources.files("nim_build.data").joinpath("calibration.txt").read_text(encoding="utf-8")
+        return [line.replace("\\n", "\n") for line in raw.splitlines() if line.strip()]
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"calibration/evaluation file {path} does not exist (expected one text per line)")
+    texts = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise UserError(f"{path} has no text (expected one text per line)")
+    return texts
+
+
+def load_encoder(tokenizer_dir: str | Path):
+    """A `str -> list[int]` encoder from tokenizer.json, or Mistral's tekken.json via mistral-common."""
+    d = Path(tokenizer_dir)
+    if (d / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+        return lambda text: tok.encode(text, add_special_tokens=False).ids
+    if (d / "tekken.json").is_file():
+        from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+        tek = Tekkenizer.from_file(str(d / "tekken.json"))
+        return lambda text: tek.encode(text, bos=False, eos=False)
+    raise UserError(f"{d} has neither tokenizer.json nor tekken.json; calibration needs the model's tokenizer "
+                    "(or pass pre-tokenized data)")
+
+
+def token_batch(tokenizer_dir: str | Path, num_samples: int, seq_len: int, path: str | Path | None = None,
+                separator_id: int | None = None) -> torch.Tensor:
+    """Concatenate the encoded texts and cut them into num_samples rows of seq_len tokens.
+
+    When the texts are too short, the stream is reused from a shifted start so rows are not identical.
+    """
+    if num_samples < 1 or seq_len < 2:
+        raise UserError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
+    encode = load_encoder(tokenizer_dir)
+    stream: list[int] = []
+    for text in load_texts(path):
+        stream.extend(encode(text))
+        if separator_id is not None:
+            stream.append(separator_id)
+    if len(stream) < seq_len:
+        stream = stream * (seq_len // max(len(stream), 1) + 1)
+    rows, start = [], 0
+    for _ in range(num_samples):
+        if start + seq_len > len(stream):
+            start = (start + 7) % max(len(stream) - seq_len, 1)
+        rows.append(stream[start:start + seq_len])
+        start += seq_len
+    return torch.tensor(rows, dtype=torch.long)

@@ -1,0 +1,105 @@
+"""Resolve MODEL (a local directory, a hub id `org/name[@revision]`, or `default`) to a local directory that
+holds only safetensors weights, config and tokenizer files."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from nim_build.errors import CheckpointError, UserError
+
+# Everything a build needs and nothing more (no *.bin, no consolidated.safetensors duplicates, no *.gguf).
+HUB_PATTERNS = [
+    "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tekken.json", "tokenizer.model",
+    "chat_template.jinja", "chat_template.json",
+]
+PICKLE_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+DEFAULT_ALIASES = ("default",)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    source: str            # what the user typed
+    local_dir: Path
+    revision: str | None   # hub commit sha, None for local directories
+
+
+def resolve_model(model: str, allow_pickle: bool = False) -> ResolvedModel:
+    if model in DEFAULT_ALIASES:
+        from nim_build.default_model import materialize_default_model
+
+        return ResolvedModel(model, Path(materialize_default_model()), None)
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"MODEL {model} is a file; point it at a model directory or a hub id like org/name")
+        return ResolvedModel(model, _ensure_safetensors(path.resolve(), allow_pickle), None)
+    if model.count("/") != 1 or model.startswith((".", "/")):
+        raise UserError(f"MODEL {model!r} is neither an existing directory nor a hub id like "
+                        "'mistralai/Mistral-Nemo-Instruct-2407[@revision]'")
+    repo_id, _, revision = model.partition("@")
+    local, sha = _download(repo_id, revision or None, allow_pickle)
+    return ResolvedModel(model, _ensure_safetensors(local, allow_pickle), sha)
+
+
+def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> tuple[Path, str]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    prefetch = (f"pre-fetch it on a connected machine with `hf download {repo_id}"
+                f"{' --revision ' + revision if revision else ''}` and copy the HF_HOME cache here")
+    patterns = HUB_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
+    try:
+        local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except GatedRepoError:
+        raise UserError(f"{repo_id} is gated: accept its license on the Hub and set HF_TOKEN to a token that has "
+                        "access") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"{repo_id} was not found on the Hub (or is private: set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise UserError(f"revision {revision!r} of {repo_id} does not exist") from None
+    except LocalEntryNotFoundError:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub is unreachable"
+        raise UserError(f"{why} and no cached copy of {repo_id} exists; {prefetch}") from None
+    except OSError as e:  # connection errors surface as OSError subclasses (requests/httpx)
+        raise UserError(f"could not download {repo_id} ({type(e).__name__}); {prefetch}") from None
+    return local, local.name
+
+
+def _ensure_safetensors(model_dir: Path, allow_pickle: bool) -> Path:
+    """Refuse pickle weights unless allowed; when allowed, convert them once into a safetensors sibling."""
+    if any(model_dir.glob("*.safetensors")) or not (model_dir / "config.json").is_file():
+        return model_dir  # a missing config.json is reported by the spec parser with its own message
+    bins = sorted(model_dir.glob("pytorch_model*.bin"))
+    if not bins:
+        raise CheckpointError(f"{model_dir} has no *.safetensors weights")
+    if not allow_pickle:
+        raise UserError(f"{model_dir} holds only pickle weights ({bins[0].name}), which can run code when loaded; "
+                        "convert them to safetensors, or pass --allow-pickle if you trust the source")
+    return _pickle_to_safetensors(model_dir, bins)
+
+
+def _pickle_to_safetensors(model_dir: Path, bins: list[Path]) -> Path:
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    out = model_dir.parent / f"{model_dir.name}.safetensors-converted"
+    if (out / "config.json").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for i, b in enumerate(bins):
+        state = torch.load(b, map_location="cpu", weights_only=True, mmap=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / f"model-{i:05d}.safetensors")
+    for f in model_dir.iterdir():
+        if f.is_file() and not f.name.startswith("pytorch_model"):
+            shutil.copy2(f, tmp / f.name)
+    os.replace(tmp, out)
+    return out
