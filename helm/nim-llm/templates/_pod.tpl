@@ -1,0 +1,191 @@
+{{/*
+nim-llm.podTemplate: the pod of the Deployment or StatefulSet.
+  init container "engine": `nim_build cache-engine` resolves the model into the cache and builds the engine
+  there unless the cache holds one for this key (lock + private temp dir + atomic rename), prints its path;
+  then `nim_build repo` writes the Triton model repository into /tmp (an emptyDir).
+  container "triton": `nim_build serve` on that repository; the cache is mounted read-only.
+*/}}
+{{- define "nim-llm.podTemplate" -}}
+{{- $ports := .Values.service.ports -}}
+metadata:
+  labels:
+    {{- include "nim-llm.labels" . | nindent 4 }}
+    {{- with .Values.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with .Values.podAnnotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  serviceAccountName: {{ include "nim-llm.serviceAccountName" . }}
+  automountServiceAccountToken: {{ .Values.serviceAccount.automountToken }}
+  {{- with .Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.priorityClassName }}
+  priorityClassName: {{ . | quote }}
+  {{- end }}
+  terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds }}
+  securityContext:
+    {{- toYaml .Values.podSecurityContext | nindent 4 }}
+  {{- with .Values.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- $affinity := deepCopy (default dict .Values.affinity) }}
+  {{- if and .Values.gpu.enabled .Values.gpu.products }}
+  {{- $match := dict "key" "nvidia.com/gpu.product" "operator" "In" "values" .Values.gpu.products }}
+  {{- $terms := list (dict "matchExpressions" (list $match)) }}
+  {{- $_ := set $affinity "nodeAffinity" (dict "requiredDuringSchedulingIgnoredDuringExecution" (dict "nodeSelectorTerms" $terms)) }}
+  {{- end }}
+  {{- with $affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if .Values.topologySpread.enabled }}
+  topologySpreadConstraints:
+    - maxSkew: {{ .Values.topologySpread.maxSkew }}
+      topologyKey: {{ .Values.topologySpread.topologyKey | quote }}
+      whenUnsatisfiable: {{ .Values.topologySpread.whenUnsatisfiable }}
+      labelSelector:
+        matchLabels:
+          {{- include "nim-llm.selectorLabels" . | nindent 10 }}
+  {{- end }}
+  initContainers:
+    - name: engine
+      image: {{ include "nim-llm.image" . | quote }}
+      imagePullPolicy: {{ .Values.image.pullPolicy }}
+      command: ["/bin/sh", "-ec"]
+      args:
+        - |
+          engine_dir="$(nim_build cache-engine "$NIM_MODEL" --revision "$NIM_MODEL_REVISION" \
+            --cache-dir "$NIM_CACHE_DIR" --quant "$NIM_QUANT" --tp "$NIM_TP" --backend "$NIM_BACKEND" \
+            --max-batch-size "$NIM_MAX_BATCH_SIZE" --max-seq-len "$NIM_MAX_SEQ_LEN")"
+          rm -rf "$NIM_REPO_DIR"
+          nim_build repo "$engine_dir" --out "$NIM_REPO_DIR"
+      env:
+        {{- include "nim-llm.commonEnv" . | nindent 8 }}
+        - name: NIM_MODEL
+          value: {{ .Values.model.id | quote }}
+        - name: NIM_MODEL_REVISION
+          value: {{ .Values.model.revision | quote }}
+        - name: NIM_QUANT
+          value: {{ .Values.engine.quant | quote }}
+        - name: NIM_TP
+          value: {{ .Values.engine.tensorParallelSize | quote }}
+        - name: NIM_BACKEND
+          value: {{ .Values.engine.backend | quote }}
+        - name: NIM_MAX_BATCH_SIZE
+          value: {{ .Values.engine.maxBatchSize | quote }}
+        - name: NIM_MAX_SEQ_LEN
+          value: {{ .Values.engine.maxSeqLen | quote }}
+        {{- if .Values.huggingface.offline }}
+        - name: HF_HUB_OFFLINE
+          value: "1"
+        {{- end }}
+        - name: HF_HUB_DISABLE_TELEMETRY
+          value: "1"
+        {{- with .Values.huggingface.tokenSecret.name }}
+        - name: HF_TOKEN
+          valueFrom:
+            secretKeyRef:
+              name: {{ . | quote }}
+              key: {{ $.Values.huggingface.tokenSecret.key | quote }}
+        {{- end }}
+      resources:
+        {{- include "nim-llm.resources" . | nindent 8 }}
+      securityContext:
+        {{- toYaml .Values.containerSecurityContext | nindent 8 }}
+      volumeMounts:
+        - name: cache
+          mountPath: {{ .Values.persistence.mountPath | quote }}
+        - name: tmp
+          mountPath: /tmp
+        - name: shm
+          mountPath: /dev/shm
+  containers:
+    - name: triton
+      image: {{ include "nim-llm.image" . | quote }}
+      imagePullPolicy: {{ .Values.image.pullPolicy }}
+      args:
+        - serve
+        - $(NIM_REPO_DIR)
+        - --http-port
+        - {{ $ports.http | quote }}
+        - --grpc-port
+        - {{ $ports.grpc | quote }}
+        - --metrics-port
+        - {{ $ports.metrics | quote }}
+        - --host
+        - 0.0.0.0
+      env:
+        {{- include "nim-llm.commonEnv" . | nindent 8 }}
+        - name: HF_HUB_OFFLINE
+          value: "1"
+        - name: HF_HUB_DISABLE_TELEMETRY
+          value: "1"
+      ports:
+        - name: http
+          containerPort: {{ $ports.http }}
+          protocol: TCP
+        - name: grpc
+          containerPort: {{ $ports.grpc }}
+          protocol: TCP
+        - name: metrics
+          containerPort: {{ $ports.metrics }}
+          protocol: TCP
+      startupProbe:
+        httpGet:
+          path: /v2/health/ready
+          port: http
+        periodSeconds: {{ .Values.startupProbe.periodSeconds }}
+        failureThreshold: {{ .Values.startupProbe.failureThreshold }}
+        timeoutSeconds: {{ .Values.startupProbe.timeoutSeconds }}
+      readinessProbe:
+        httpGet:
+          path: /v2/health/ready
+          port: http
+        periodSeconds: {{ .Values.readinessProbe.periodSeconds }}
+        failureThreshold: {{ .Values.readinessProbe.failureThreshold }}
+        timeoutSeconds: {{ .Values.readinessProbe.timeoutSeconds }}
+      livenessProbe:
+        httpGet:
+          path: /v2/health/live
+          port: http
+        periodSeconds: {{ .Values.livenessProbe.periodSeconds }}
+        failureThreshold: {{ .Values.livenessProbe.failureThreshold }}
+        timeoutSeconds: {{ .Values.livenessProbe.timeoutSeconds }}
+      resources:
+        {{- include "nim-llm.resources" . | nindent 8 }}
+      securityContext:
+        {{- toYaml .Values.containerSecurityContext | nindent 8 }}
+      volumeMounts:
+        - name: cache
+          mountPath: {{ .Values.persistence.mountPath | quote }}
+          readOnly: true
+        - name: tmp
+          mountPath: /tmp
+        - name: shm
+          mountPath: /dev/shm
+  volumes:
+    {{- if not .Values.persistence.enabled }}
+    - name: cache
+      emptyDir: {}
+    {{- else if or .Values.persistence.existingClaim (eq .Values.workload.kind "Deployment") }}
+    - name: cache
+      persistentVolumeClaim:
+        claimName: {{ include "nim-llm.claimName" . }}
+    {{- end }}
+    - name: tmp
+      emptyDir: {}
+    - name: shm
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ .Values.shm.sizeLimit }}
+{{- end -}}
