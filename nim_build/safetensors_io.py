@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from nim_build.errors import CheckpointError
 
@@ -25,8 +24,10 @@ ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def read_header(path: Path) -> dict:
-    """Parse and validate a safetensors header; a truncated or corrupt file is a CheckpointError."""
+def read_header(path: Path) -> tuple[dict, int]:
+    """Parse and validate a safetensors header -> (tensor entries, start of the data section).
+
+    A truncated or corrupt file is a CheckpointError."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -45,11 +46,15 @@ def read_header(path: Path) -> dict:
         raise CheckpointError(
             f"{path} is truncated: its header needs {8 + n + end} bytes, the file has {size}; re-download it"
         )
-    return header
+    return header, 8 + n
 
 
 class CheckpointReader:
-    """Lazy access to the tensors of an HF checkpoint directory (single file or sharded with an index)."""
+    """Lazy access to the tensors of an HF checkpoint directory (single file or sharded with an index).
+
+    Tensors are read with plain positioned reads, not mmap: mapped pages of a 25 GB input would count as the
+    process's resident memory, read buffers are freed as soon as the tensor is converted.
+    """
 
     def __init__(self, model_dir: str | os.PathLike):
         self.dir = Path(model_dir)
@@ -68,36 +73,48 @@ class CheckpointReader:
             if not files:
                 raise CheckpointError(f"{self.dir} has no *.safetensors weights")
         self.files = [self.dir / f for f in files]
-        self._where: dict[str, Path] = {}
-        self._meta: dict[str, tuple[str, list[int]]] = {}
+        # name -> (path, dtype, shape, absolute byte offset, nbytes)
+        self._meta: dict[str, tuple[Path, str, list[int], int, int]] = {}
         for path in self.files:
-            for name, info in read_header(path).items():
-                self._where[name] = path
-                self._meta[name] = (info["dtype"], info["shape"])
-        self._handles = {}
+            header, data_start = read_header(path)
+            for name, info in header.items():
+                if info["dtype"] not in ST_TO_DTYPE:
+                    raise CheckpointError(f"{path.name}: tensor {name} has unsupported dtype {info['dtype']}")
+                b, e = info["data_offsets"]
+                self._meta[name] = (path, info["dtype"], info["shape"], data_start + b, e - b)
+        self._fds: dict[Path, int] = {}
 
     def __contains__(self, name: str) -> bool:
-        return name in self._where
+        return name in self._meta
 
     def names(self) -> list[str]:
-        return list(self._where)
+        return list(self._meta)
 
     def shape(self, name: str) -> list[int]:
-        return self._meta[self._require(name)][1]
+        return self._meta[self._require(name)][2]
 
     def _require(self, name: str) -> str:
-        if name not in self._where:
+        if name not in self._meta:
             raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.dir}")
         return name
 
     def get(self, name: str) -> torch.Tensor:
-        path = self._where[self._require(name)]
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path].get_tensor(name)
+        path, dtype, shape, offset, nbytes = self._meta[self._require(name)]
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        while done < nbytes:
+            n = os.preadv(self._fds[path], [view[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{path} ended early while reading {name}; re-download it")
+            done += n
+        return buf.view(ST_TO_DTYPE[dtype]).reshape(shape)
 
     def close(self):
-        self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 @dataclass(frozen=True)
