@@ -17,6 +17,7 @@ COMMANDS = {
     "serve": "serve",
     "infer": "infer",
     "chart": "chart",
+    "cache-engine": "cache_engine",
 }
 
 
