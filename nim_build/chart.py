@@ -1,0 +1,154 @@
+"""Helm values sized from an engine directory's manifest: `nim_build chart ENGINE_DIR --out values.yaml`.
+
+The values file sets what a build measured or decided and leaves the rest to the chart's defaults
+(helm/nim-llm/values.yaml), so `helm install NAME helm/nim-llm -f values.yaml` is the step after a build:
+
+- model.id / model.revision: what the build resolved (hub id + commit; the bundled `default` model; a local
+  checkpoint must first be copied into the model cache volume, under models/<name>).
+- engine.*: backend, quantization, tensor-parallel size and limits; the chart rebuilds the engine on the node
+  that serves it (engines are tied to the GPU architecture and the TensorRT-LLM version) unless its cache has one.
+- gpu: GPU count = tp; nodes restricted to the GPU products of the build GPU's compute capability; a reference
+  engine built without a GPU runs on CPU (gpu.enabled false, the `-cpu` image).
+- resources: memory for the larger of the build's peak RSS and loading the engine, plus /dev/shm.
+- persistence.size: the Hugging Face checkpoint, the engine directory and a rebuild in flight.
+- startupProbe: budget twice the measured build time, at least 10 minutes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import yaml
+
+from nim_build import __version__
+from nim_build.errors import OutputExistsError, UserError
+from nim_build.manifest import load_manifest
+from nim_build.resolve import DEFAULT_ALIASES
+
+GIB = 1 << 30
+# Values of the node label nvidia.com/gpu.product (GPU feature discovery: the nvidia-smi name, spaces -> "-")
+# by compute capability. The build GPU's own label is always included.
+GPU_PRODUCTS = {
+    "8.9": ["NVIDIA-L4", "NVIDIA-L40", "NVIDIA-L40S", "NVIDIA-RTX-6000-Ada-Generation"],
+    "9.0": ["NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe", "NVIDIA-H100-NVL", "NVIDIA-H200", "NVIDIA-H200-NVL",
+            "NVIDIA-GH200-480GB"],
+    "10.0": ["NVIDIA-B200", "NVIDIA-GB200"],
+}
+ALLOWED_TP = (1, 2, 4, 8)
+MODELS_SUBDIR = "models"
+CACHE_MOUNT = "/opt/nim/cache"  # the chart's persistence.mountPath default
+STARTUP_PERIOD_S = 10
+MIN_STARTUP_BUDGET_S = 600
+
+
+def _field(manifest: dict, *keys: str):
+    value = manifest
+    for k in keys:
+        if not isinstance(value, dict) or value.get(k) is None:
+            raise UserError(f"the manifest has no {'.'.join(keys)}; rebuild the engine with this nim_build version")
+        value = value[k]
+    return value
+
+
+def gpu_products(gpu: dict) -> list[str]:
+    """nvidia.com/gpu.product values of the GPUs that share the build GPU's compute capability."""
+    own = str(gpu.get("name") or "").strip().replace(" ", "-")
+    products = [own] if own else []
+    return products + [p for p in GPU_PRODUCTS.get(str(gpu.get("compute_capability")), []) if p not in products]
+
+
+def _gib(nbytes: float, step: int = 1) -> int:
+    return max(step, math.ceil(nbytes / GIB / step) * step)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _model_values(manifest: dict) -> tuple[dict, str | None]:
+    """model.* values, and a note for the user when the checkpoint must be copied into the cache."""
+    source = str(_field(manifest, "model", "source"))
+    revision = manifest["model"].get("revision")
+    if source in DEFAULT_ALIASES:
+        return {"id": source, "revision": "main"}, None
+    if revision:  # a hub model: the build recorded its commit
+        return {"id": source.partition("@")[0], "revision": revision}, None
+    name = Path(source.rstrip("/")).name
+    cache_path = f"{CACHE_MOUNT}/{MODELS_SUBDIR}/{name}"
+    note = (f"{source} is a local checkpoint: copy it into the model cache volume as {MODELS_SUBDIR}/{name} "
+            f"(mounted at {cache_path}) and install with persistence.existingClaim")
+    return {"id": cache_path, "revision": "main"}, note
+
+
+def chart_values(engine_dir: str | os.PathLike) -> tuple[dict, list[str]]:
+    """Helm values for serving the engine in engine_dir, and notes for the user."""
+    engine_dir = Path(engine_dir)
+    manifest = load_manifest(engine_dir)
+    backend = _field(manifest, "backend")
+    build = _field(manifest, "build")
+    tp = int(_field(manifest, "build", "tp"))
+    if tp not in ALLOWED_TP:
+        raise UserError(f"tensor-parallel size {tp} is not one the chart serves ({', '.join(map(str, ALLOWED_TP))})")
+    gpu = manifest.get("gpu")
+    notes = []
+    model, note = _model_values(manifest)
+    if note:
+        notes.append(note)
+
+    values: dict = {"model": model, "engine": {
+        "backend": backend, "quant": _field(manifest, "build", "quant"), "tensorParallelSize": tp,
+        "maxBatchSize": int(_field(manifest, "build", "max_batch_size")),
+        "maxSeqLen": int(_field(manifest, "build", "max_seq_len")),
+    }}
+    if gpu:
+        values["gpu"] = {"enabled": True, "products": gpu_products(gpu)}
+    elif backend == "reference":
+        values["gpu"] = {"enabled": False, "products": []}
+        values["image"] = {"tag": f"{__version__}-cpu"}
+        values["tolerations"] = []
+        notes.append("built without a GPU: the values run the reference backend on CPU (image tag "
+                      f"{__version__}-cpu)")
+    else:
+        raise UserError(f"the manifest of a {backend} engine records no GPU; rebuild it on the target GPU")
+
+    size = _dir_bytes(engine_dir)
+    shm_gib = 4 * tp if gpu else 2
+    peak_rss = int(manifest.get("peak_rss_bytes") or 0)
+    memory_gib = _gib(max(peak_rss * 1.25, size * 1.1 + 4 * GIB)) + shm_gib
+    values["resources"] = {"requests": {"cpu": str(max(4, 2 * tp)), "memory": f"{memory_gib}Gi"},
+                           "limits": {"memory": f"{memory_gib}Gi"}}
+    values["shm"] = {"sizeLimit": f"{shm_gib}Gi"}
+    values["persistence"] = {"size": f"{_gib(3 * size + 10 * GIB, step=10)}Gi"}
+    build_s = float((manifest.get("timings_s") or {}).get("total") or 0)
+    budget = max(MIN_STARTUP_BUDGET_S, 2 * build_s)
+    values["startupProbe"] = {"periodSeconds": STARTUP_PERIOD_S,
+                              "failureThreshold": math.ceil(budget / STARTUP_PERIOD_S)}
+    return values, notes
+
+
+def write_values(engine_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> tuple[Path, list[str]]:
+    """Write chart_values(engine_dir) as a commented YAML file; returns its path and the notes."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; pass --force to replace it")
+    values, notes = chart_values(engine_dir)
+    manifest = load_manifest(engine_dir)
+    header = [
+        f"# Helm values for the nim-llm chart, written by nim_build {__version__} `nim_build chart` from",
+        f"# {Path(engine_dir).resolve()} (engine {manifest.get('name')}).",
+        "# Sized from the build manifest; every other value keeps the chart's default (helm/nim-llm/values.yaml).",
+        f"# Next: helm install {_release_name(manifest)} helm/nim-llm -f {out.name}",
+        *[f"# Note: {n}" for n in notes],
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("\n".join(header) + "\n" + yaml.safe_dump(values, sort_keys=False))
+    os.replace(tmp, out)
+    return out, notes
+
+
+def _release_name(manifest: dict) -> str:
+    name = "".join(c if c.isalnum() else "-" for c in str(manifest.get("name") or "llm").lower()).strip("-")
+    return (name or "llm")[:40].rstrip("-")
