@@ -1,0 +1,40 @@
+"""Layer-by-layer calibration against hooks on transformers' whole-model forward pass: bit-identical amax."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from nim_build.calibrate import calibrate
+from nim_build.safetensors_io import CheckpointReader
+from nim_build.spec import load_spec
+from tiny_models import llama3_scaling, make_tiny_model
+
+
+@pytest.mark.parametrize("arch, scaling", [("MistralForCausalLM", None), ("LlamaForCausalLM", llama3_scaling())])
+def test_layerwise_amax_equals_full_model_hooks(tmp_path, arch, scaling):
+    model_dir = make_tiny_model(tmp_path / "hf", arch=arch, rope_scaling=scaling, num_layers=3, hidden_size=80,
+                                num_heads=4, num_kv_heads=2, head_dim=16)
+    ids = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(1))
+    spec = load_spec(model_dir)
+    got = calibrate(model_dir, spec, CheckpointReader(model_dir), ids, want_kv=True, batch_size=2)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.bfloat16, attn_implementation="sdpa")
+    want = {}
+
+    def hook(key, output=False):
+        def fn(mod, args, out=None):
+            t = (out if output else args[0]).abs().amax().float()
+            want[key] = torch.maximum(want.get(key, t), t)
+        return fn
+
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.q_proj.register_forward_pre_hook(hook((i, "qkv_in")))
+        layer.self_attn.o_proj.register_forward_pre_hook(hook((i, "dense_in")))
+        layer.mlp.gate_proj.register_forward_pre_hook(hook((i, "fc_in")))
+        layer.mlp.down_proj.register_forward_pre_hook(hook((i, "proj_in")))
+        layer.self_attn.k_proj.register_forward_hook(hook((i, "k"), True))
+        layer.self_attn.v_proj.register_forward_hook(hook((i, "v"), True))
+    with torch.no_grad():
+        model(input_ids=ids)
+    for (i, key), value in want.items():
+        assert torch.equal(getattr(got.layers[i], key), value), (i, key, getattr(got.layers[i], key), value)
