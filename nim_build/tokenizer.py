@@ -192,7 +192,10 @@ class _HFStreamDecoder(StreamDecoder):
         if not ids:
             return ""
         self._ids.extend(ids)
-        piece = self._stream.step(self._tok._tk, ids) or ""
+        # One id at a time: given a list, DecodeStream holds the whole list back when its last token ends
+        # inside a character; per id it holds back only that character's tokens.
+        step, tk = self._stream.step, self._tok._tk
+        piece = "".join(filter(None, [step(tk, i) for i in ids]))
         self._emitted += len(piece)
         return piece
 

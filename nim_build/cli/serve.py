@@ -1,0 +1,52 @@
+"""`nim_build serve`: run tritonserver on a repository, wait until ready, supervise it with real requests."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+import click
+
+
+@click.command("serve")
+@click.argument("repo", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
+@click.option("--startup-timeout", type=click.FloatRange(min=1), default=600, show_default=True,
+              help="Seconds to wait for every model to load.")
+@click.option("--health-interval", type=click.FloatRange(min=0.5), default=15, show_default=True,
+              help="Seconds between health requests (a real one-token generation).")
+@click.option("--exit-timeout", type=click.IntRange(min=0), default=30, show_default=True,
+              help="Seconds Triton waits for open requests when stopping.")
+@click.option("--quiet", is_flag=True, help="Do not echo Triton's log to stderr.")
+def command(repo, host, http_port, grpc_port, metrics_port, startup_timeout, health_interval, exit_timeout, quiet):
+    """Serve REPO (from `nim_build repo`) with Triton; exits non-zero when a model stops answering."""
+    from nim_build.triton.server import ServerError, TritonServer, supervise
+    from nim_build.triton.client import health_probe
+
+    server = TritonServer(repo, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                          exit_timeout_s=exit_timeout, echo=None if quiet else sys.stderr)
+    stop = threading.Event()
+    signals = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signals[sig] = signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    try:
+        server.wait_ready(startup_timeout)
+        probe = health_probe(server.grpc_url, server.repo)
+        probe()
+        click.echo(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.client_host}:"
+                   f"{metrics_port}/metrics  (models: {', '.join(sorted(p.parent.name for p in server.repo.glob('*/config.pbtxt')))})",
+                   err=True)
+        click.echo(f"try: nim_build infer --url {server.grpc_url} --prompt 'Hello' --stream", err=True)
+        reason = supervise(server, probe, interval_s=health_interval, stop_event=stop)
+    finally:
+        code = server.stop()
+        for sig, handler in signals.items():
+            signal.signal(sig, handler)
+    if reason is not None:
+        raise ServerError(f"Triton stopped serving: {reason}")
+    click.echo(f"stopped (Triton exit code {code})", err=True)

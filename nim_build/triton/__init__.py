@@ -1,0 +1,1 @@
+"""Triton serving: model repository generator (repo), server lifecycle (server) and client (client)."""

@@ -1,0 +1,316 @@
+"""Triton model repository generator: the tensorrtllm_backend in-flight batching layout (FORMATS.md section 4).
+
+    REPO/
+      ensemble/config.pbtxt + 1/            preprocessing -> tensorrt_llm -> postprocessing
+      preprocessing/config.pbtxt, 1/model.py, tokenizer/   (the engine's tokenizer, copied)
+      tensorrt_llm/config.pbtxt [+ 1/model.py for the reference backend]
+      postprocessing/config.pbtxt, 1/model.py
+      tensorrt_llm_bls/config.pbtxt, 1/model.py
+
+Configs are `ModelConfig` protobuf messages written with text_format, so they are valid by construction.
+Input/output names, types and dims and parameter keys follow the upstream templates
+(tensorrtllm_backend all_models/inflight_batcher_llm); `messages` / `MESSAGES` (a chat request as JSON) and
+`tokenizer_dir` on tensorrt_llm_bls are this project's additions.
+
+The tokenizer is copied into the repository (preprocessing/tokenizer/), so the CPU-side models need nothing
+but the repository; `tensorrt_llm` points at the engine directory by absolute path (`gpt_model_path`), which is
+where the engine lives on the serving node (a Helm volume mounted at the same path where the repository is
+generated). Python model sources come from the top-level `triton_repo/` folder and are copied as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from nim_build.errors import OutputExistsError, UserError
+from nim_build.manifest import load_manifest
+from nim_build.tokenizer import META_FILE, meta_from_manifest
+
+MODELS = ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing", "tensorrt_llm_bls")
+SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
+SOURCES = Path(__file__).resolve().parents[2] / "triton_repo"
+SHARED_MODULES = ("triton_common.py",)  # copied next to every python model
+TOKENIZER_SUBDIR = "preprocessing/tokenizer"  # relative to the repository root
+
+
+@dataclass
+class RepoOptions:
+    model_name: str = "ensemble"
+    max_batch_size: int | None = None  # default: the engine's
+    instances: int = 1
+    decoupled: bool = True
+    kv_cache_free_gpu_mem_fraction: float = 0.9
+    enable_kv_cache_reuse: bool = True
+    enable_chunked_context: bool = False
+    batch_scheduler_policy: str = "guaranteed_no_evict"
+    max_queue_delay_microseconds: int = 0
+    exclude_input_in_output: bool = True
+    # reference backend only: "module:Class" of the engine the python tensorrt_llm model runs
+    # (default nim_build.runtime:LLMEngine; benchmarks use nim_build.triton.trivial_engine:TrivialEngine)
+    engine_class: str | None = None
+
+
+# (name, data type, dims, optional, scalar reshape, ragged)
+T = tuple[str, str, list[int], bool, bool, bool]
+
+
+def _in(name, dtype, dims, optional=True, scalar=False, ragged=False) -> T:
+    return (name, dtype, dims, optional, scalar, ragged)
+
+
+ENSEMBLE_INPUTS: list[T] = [
+    _in("text_input", "TYPE_STRING", [1], optional=False),
+    _in("max_tokens", "TYPE_INT32", [1], optional=False),
+    _in("bad_words", "TYPE_STRING", [-1]),
+    _in("stop_words", "TYPE_STRING", [-1]),
+    _in("exclude_input_in_output", "TYPE_BOOL", [1]),
+    _in("end_id", "TYPE_INT32", [1]),
+    _in("pad_id", "TYPE_INT32", [1]),
+    _in("top_k", "TYPE_INT32", [1]),
+    _in("top_p", "TYPE_FP32", [1]),
+    _in("temperature", "TYPE_FP32", [1]),
+    _in("seed", "TYPE_UINT64", [1]),
+    _in("beam_width", "TYPE_INT32", [1]),
+    _in("stream", "TYPE_BOOL", [1]),
+    _in("messages", "TYPE_STRING", [1]),
+]
+TEXT_OUTPUT = [("text_output", "TYPE_STRING", [-1])]
+
+PRE_INPUTS: list[T] = [
+    _in("QUERY", "TYPE_STRING", [1], optional=False),
+    _in("REQUEST_OUTPUT_LEN", "TYPE_INT32", [1], optional=False),
+    _in("BAD_WORDS_DICT", "TYPE_STRING", [-1]),
+    _in("STOP_WORDS_DICT", "TYPE_STRING", [-1]),
+    _in("END_ID", "TYPE_INT32", [1]),
+    _in("PAD_ID", "TYPE_INT32", [1]),
+    _in("MESSAGES", "TYPE_STRING", [1]),
+]
+PRE_OUTPUTS = [
+    ("INPUT_ID", "TYPE_INT32", [-1]),
+    ("REQUEST_INPUT_LEN", "TYPE_INT32", [1]),
+    ("BAD_WORDS_IDS", "TYPE_INT32", [2, -1]),
+    ("STOP_WORDS_IDS", "TYPE_INT32", [2, -1]),
+    ("REQUEST_OUTPUT_LEN", "TYPE_INT32", [-1]),
+    ("OUT_END_ID", "TYPE_INT32", [1]),
+    ("OUT_PAD_ID", "TYPE_INT32", [1]),
+]
+
+LLM_INPUTS: list[T] = [
+    _in("input_ids", "TYPE_INT32", [-1], ragged=True),
+    _in("input_lengths", "TYPE_INT32", [1], optional=False, scalar=True),
+    _in("request_output_len", "TYPE_INT32", [1], optional=False, scalar=True),
+    _in("end_id", "TYPE_INT32", [1], scalar=True),
+    _in("pad_id", "TYPE_INT32", [1], scalar=True),
+    _in("stop_words_list", "TYPE_INT32", [2, -1], ragged=True),
+    _in("bad_words_list", "TYPE_INT32", [2, -1], ragged=True),
+    _in("beam_width", "TYPE_INT32", [1], scalar=True),
+    _in("temperature", "TYPE_FP32", [1], scalar=True),
+    _in("runtime_top_k", "TYPE_INT32", [1], scalar=True),
+    _in("runtime_top_p", "TYPE_FP32", [1], scalar=True),
+    _in("seed", "TYPE_UINT64", [1], scalar=True),
+    _in("exclude_input_in_output", "TYPE_BOOL", [1], scalar=True),
+    _in("streaming", "TYPE_BOOL", [1], scalar=True),
+]
+LLM_OUTPUTS = [
+    ("output_ids", "TYPE_INT32", [-1, -1]),
+    ("sequence_length", "TYPE_INT32", [-1]),
+]
+
+POST_INPUTS: list[T] = [
+    _in("TOKENS_BATCH", "TYPE_INT32", [-1, -1], optional=False),
+    _in("SEQUENCE_LENGTH", "TYPE_INT32", [-1], optional=False),
+]
+POST_OUTPUTS = [("OUTPUT", "TYPE_STRING", [-1])]
+
+# ensemble step wiring: (model, {model input: ensemble tensor}, {model output: ensemble tensor})
+ENSEMBLE_STEPS = [
+    ("preprocessing",
+     {"QUERY": "text_input", "REQUEST_OUTPUT_LEN": "max_tokens", "BAD_WORDS_DICT": "bad_words",
+      "STOP_WORDS_DICT": "stop_words", "END_ID": "end_id", "PAD_ID": "pad_id", "MESSAGES": "messages"},
+     {"REQUEST_INPUT_LEN": "_REQUEST_INPUT_LEN", "INPUT_ID": "_INPUT_ID", "REQUEST_OUTPUT_LEN": "_REQUEST_OUTPUT_LEN",
+      "STOP_WORDS_IDS": "_STOP_WORDS_IDS", "BAD_WORDS_IDS": "_BAD_WORDS_IDS", "OUT_END_ID": "_PREPROCESSOR_END_ID",
+      "OUT_PAD_ID": "_PREPROCESSOR_PAD_ID"}),
+    ("tensorrt_llm",
+     {"input_ids": "_INPUT_ID", "input_lengths": "_REQUEST_INPUT_LEN", "request_output_len": "_REQUEST_OUTPUT_LEN",
+      "exclude_input_in_output": "exclude_input_in_output", "end_id": "_PREPROCESSOR_END_ID",
+      "pad_id": "_PREPROCESSOR_PAD_ID", "runtime_top_k": "top_k", "runtime_top_p": "top_p",
+      "temperature": "temperature", "seed": "seed", "beam_width": "beam_width", "streaming": "stream",
+      "stop_words_list": "_STOP_WORDS_IDS", "bad_words_list": "_BAD_WORDS_IDS"},
+     {"output_ids": "_TOKENS_BATCH", "sequence_length": "_SEQUENCE_LENGTH"}),
+    ("postprocessing",
+     {"TOKENS_BATCH": "_TOKENS_BATCH", "SEQUENCE_LENGTH": "_SEQUENCE_LENGTH"},
+     {"OUTPUT": "text_output"}),
+]
+
+
+def _pb():
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2
+
+
+def _add_io(cfg, inputs: list[T], outputs) -> None:
+    pb = _pb()
+    for name, dtype, dims, optional, scalar, ragged in inputs:
+        i = cfg.input.add(name=name, data_type=pb.DataType.Value(dtype), dims=dims, optional=optional,
+                          allow_ragged_batch=ragged)
+        if scalar:
+            i.reshape.SetInParent()  # reshape: { shape: [ ] }
+    for name, dtype, dims in outputs:
+        cfg.output.add(name=name, data_type=pb.DataType.Value(dtype), dims=dims)
+
+
+def _params(cfg, params: dict[str, object]) -> None:
+    for key, value in params.items():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        cfg.parameters[key].string_value = str(value)
+
+
+def _base(name: str, max_batch_size: int, *, backend: str | None = None, platform: str | None = None):
+    cfg = _pb().ModelConfig(name=name, max_batch_size=max_batch_size)
+    if backend:
+        cfg.backend = backend
+    if platform:
+        cfg.platform = platform
+    return cfg
+
+
+def _instances(cfg, count: int) -> None:
+    cfg.instance_group.add(count=count, kind=_pb().ModelInstanceGroup.KIND_CPU)
+
+
+def build_configs(manifest: dict, engine_dir: Path, opts: RepoOptions) -> dict[str, object]:
+    """The five ModelConfig messages for an engine, keyed by model directory name."""
+    backend = manifest["backend"]
+    if backend not in ("trtllm", "reference"):
+        raise UserError(f"engine backend {backend!r} is not servable; expected 'trtllm' or 'reference'")
+    if opts.batch_scheduler_policy not in SCHEDULER_POLICIES:
+        raise UserError(f"--batch-scheduler-policy must be one of {', '.join(SCHEDULER_POLICIES)}")
+    if not 0.0 < opts.kv_cache_free_gpu_mem_fraction <= 1.0:
+        raise UserError("--kv-cache-free-gpu-mem-fraction must be in (0, 1]")
+    if opts.instances < 1:
+        raise UserError("--instances must be at least 1")
+    engine_max_batch = int(manifest["build"]["max_batch_size"])
+    mbs = opts.max_batch_size or engine_max_batch
+    if not 1 <= mbs <= engine_max_batch:
+        raise UserError(f"--max-batch-size {mbs} is outside 1..{engine_max_batch} (the engine's max batch size)")
+    tokenizer_dir = TOKENIZER_SUBDIR  # resolved against the repository root by the python models
+    configs = {}
+
+    pre = _base("preprocessing", mbs, backend="python")
+    _add_io(pre, PRE_INPUTS, PRE_OUTPUTS)
+    pre.dynamic_batching.SetInParent()
+    _instances(pre, opts.instances)
+    _params(pre, {"tokenizer_dir": tokenizer_dir, "add_special_tokens": True})
+    configs["preprocessing"] = pre
+
+    post = _base("postprocessing", mbs, backend="python")
+    _add_io(post, POST_INPUTS, POST_OUTPUTS)
+    # In a streaming ensemble every partial response of a request goes through postprocessing, which keeps
+    # the request's incremental detokenizer: one instance, responses in order.
+    post.dynamic_batching.preserve_ordering = True
+    _instances(post, 1 if opts.decoupled else opts.instances)
+    _params(post, {"tokenizer_dir": tokenizer_dir, "skip_special_tokens": True})
+    configs["postprocessing"] = post
+
+    llm = _base("tensorrt_llm", mbs, backend="tensorrtllm" if backend == "trtllm" else "python")
+    llm.model_transaction_policy.decoupled = opts.decoupled
+    llm.dynamic_batching.preferred_batch_size.append(mbs)
+    llm.dynamic_batching.max_queue_delay_microseconds = opts.max_queue_delay_microseconds
+    _add_io(llm, LLM_INPUTS, LLM_OUTPUTS)
+    _instances(llm, 1)
+    engine_dir = Path(engine_dir).resolve()
+    llm_params: dict[str, object] = {
+        "max_beam_width": 1,
+        "gpt_model_type": "inflight_fused_batching",
+        "gpt_model_path": str(engine_dir / "engine") if backend == "trtllm" else str(engine_dir),
+        "batch_scheduler_policy": opts.batch_scheduler_policy,
+        "kv_cache_free_gpu_mem_fraction": opts.kv_cache_free_gpu_mem_fraction,
+        "enable_kv_cache_reuse": opts.enable_kv_cache_reuse,
+        "enable_chunked_context": opts.enable_chunked_context,
+        "exclude_input_in_output": opts.exclude_input_in_output,
+    }
+    if backend == "reference" and opts.engine_class:
+        llm_params["nim_build_engine"] = opts.engine_class
+    if backend == "trtllm":
+        llm_params.update({
+            "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
+            "executor_worker_path": "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker",
+        })
+    _params(llm, llm_params)
+    configs["tensorrt_llm"] = llm
+
+    bls = _base("tensorrt_llm_bls", mbs, backend="python")
+    bls.model_transaction_policy.decoupled = opts.decoupled
+    _add_io(bls, ENSEMBLE_INPUTS, TEXT_OUTPUT)
+    _instances(bls, opts.instances)
+    _params(bls, {"accumulate_tokens": False, "tensorrt_llm_model_name": "tensorrt_llm",
+                  "tokenizer_dir": tokenizer_dir})
+    configs["tensorrt_llm_bls"] = bls
+
+    ens = _base(opts.model_name, mbs, platform="ensemble")
+    _add_io(ens, ENSEMBLE_INPUTS, TEXT_OUTPUT)
+    for model, inputs, outputs in ENSEMBLE_STEPS:
+        step = ens.ensemble_scheduling.step.add(model_name=model, model_version=-1)
+        for k, v in inputs.items():
+            step.input_map[k] = v
+        for k, v in outputs.items():
+            step.output_map[k] = v
+    configs["ensemble"] = ens
+    return configs
+
+
+def write_config(cfg, path: Path) -> None:
+    path.write_text(text_format.MessageToString(cfg))
+
+
+def read_config(path: str | os.PathLike):
+    """Parse a config.pbtxt into a ModelConfig message (raises on any invalid field)."""
+    return text_format.Parse(Path(path).read_text(), _pb().ModelConfig())
+
+
+def generate_repo(engine_dir: str | os.PathLike, out: str | os.PathLike, opts: RepoOptions | None = None,
+                  *, force: bool = False) -> Path:
+    """Write a Triton model repository for an engine directory; returns the repository path."""
+    opts = opts or RepoOptions()
+    engine_dir = Path(engine_dir)
+    manifest = load_manifest(engine_dir)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise OutputExistsError(f"{out} exists and is not empty; pass --force to replace it")
+    if not SOURCES.is_dir():
+        raise UserError(f"the python model sources are missing ({SOURCES}); reinstall nim_build from a checkout")
+    configs = build_configs(manifest, engine_dir, opts)
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for dirname, cfg in configs.items():
+        mdir = tmp / (opts.model_name if dirname == "ensemble" else dirname)
+        (mdir / "1").mkdir(parents=True)
+        write_config(cfg, mdir / "config.pbtxt")
+        if cfg.backend == "python":
+            shutil.copy(SOURCES / dirname / "model.py", mdir / "1" / "model.py")
+            for mod in SHARED_MODULES:
+                shutil.copy(SOURCES / mod, mdir / "1" / mod)
+
+    tok_src = engine_dir / manifest["tokenizer"].get("dir", "tokenizer")
+    if not tok_src.is_dir():
+        raise UserError(f"{tok_src} not found: the engine directory has no tokenizer")
+    tok_dst = tmp / TOKENIZER_SUBDIR
+    shutil.copytree(tok_src, tok_dst)
+    meta = meta_from_manifest(manifest)
+    (tok_dst / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

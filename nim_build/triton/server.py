@@ -1,0 +1,309 @@
+"""Run a real tritonserver on a model repository: find the binary, prepare backends and environment, start,
+wait for readiness, supervise with real requests, stop.
+
+Binary: $TRITONSERVER, else /opt/tritonserver/bin/tritonserver (NVIDIA's serving image), else the Triton 2.51
+bundled in the `nvidia-pytriton` wheel (CPU; python backend only). For the bundled one the python backend is
+assembled in a temporary backend directory (libtriton_python.so, triton_python_backend_utils.py and the stub of
+the running Python), with LD_LIBRARY_PATH = this Python's LIBDIR + nvidia_pytriton.libs and this environment's
+bin first on PATH, so model.py files import this environment's packages (TOOLING.md).
+
+With a TensorRT-LLM engine of world size > 1 the server runs under mpirun, one process per rank: rank 0 serves
+every model, the other ranks load only `tensorrt_llm`; each has its own python-backend shared-memory prefix.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable, TextIO
+
+from nim_build.errors import UserError
+
+NGC_BINARY = "/opt/tritonserver/bin/tritonserver"
+NGC_BACKENDS = "/opt/tritonserver/backends"
+
+
+class ServerError(UserError, RuntimeError):
+    """The server could not start, did not become ready, or stopped answering."""
+
+
+def find_tritonserver() -> Path:
+    """Where the tritonserver binary is ($TRITONSERVER, NVIDIA's image, nvidia-pytriton's bundle)."""
+    env = os.environ.get("TRITONSERVER")
+    if env:
+        if not os.access(env, os.X_OK):
+            raise ServerError(f"TRITONSERVER={env} is not an executable file; point it at a tritonserver binary")
+        return Path(env)
+    if os.access(NGC_BINARY, os.X_OK):
+        return Path(NGC_BINARY)
+    bundled = _pytriton_root()
+    if bundled is not None and os.access(bundled / "bin" / "tritonserver", os.X_OK):
+        return bundled / "bin" / "tritonserver"
+    raise ServerError("no tritonserver found: set TRITONSERVER, use nvcr.io/nvidia/tritonserver:*-trtllm-python-py3, "
+                      "or `pip install nvidia-pytriton==0.7.0` for the CPU server")
+
+
+def _pytriton_root() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host if host not in ("", "0.0.0.0") else "0.0.0.0", port))
+        except OSError:
+            return True
+    return False
+
+
+def engine_world_size(repo: Path) -> int:
+    """World size of a TensorRT-LLM engine served by the repository's tensorrt_llm model (1 for python)."""
+    from nim_build.triton.repo import read_config
+
+    cfg_path = repo / "tensorrt_llm" / "config.pbtxt"
+    if not cfg_path.is_file():
+        return 1
+    cfg = read_config(cfg_path)
+    if cfg.backend != "tensorrtllm":
+        return 1
+    engine_cfg = Path(cfg.parameters["gpt_model_path"].string_value) / "config.json"
+    if not engine_cfg.is_file():
+        raise ServerError(f"{engine_cfg} not found: the repository's gpt_model_path does not hold an engine")
+    mapping = json.loads(engine_cfg.read_text()).get("pretrained_config", {}).get("mapping", {})
+    return int(mapping.get("world_size", 1))
+
+
+class TritonServer:
+    """One tritonserver (or one per rank under mpirun) on a model repository."""
+
+    def __init__(self, repo: str | os.PathLike, *, host: str = "0.0.0.0", http_port: int = 8000,
+                 grpc_port: int = 8001, metrics_port: int = 8002, binary: str | os.PathLike | None = None,
+                 exit_timeout_s: int = 30, echo: TextIO | None = None, world_size: int | None = None,
+                 extra_args: tuple[str, ...] = ()):
+        self.repo = Path(repo).resolve()
+        if not (self.repo.is_dir() and any(self.repo.glob("*/config.pbtxt"))):
+            raise ServerError(f"{repo} is not a Triton model repository (no */config.pbtxt); "
+                              f"generate one with `nim_build repo ENGINE_DIR --out {repo}`")
+        self.host = host
+        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.binary = Path(binary) if binary else None
+        self.exit_timeout_s = exit_timeout_s
+        self.echo = echo
+        self.world_size = world_size if world_size is not None else engine_world_size(self.repo)
+        self.extra_args = tuple(extra_args)
+        self.proc: subprocess.Popen | None = None
+        self._lines: collections.deque[str] = collections.deque(maxlen=400)
+        self._pump: threading.Thread | None = None
+        self._workdir: str | None = None
+
+    # -- addresses -----------------------------------------------------------------------------------------
+    @property
+    def client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.client_host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.client_host}:{self.grpc_port}"
+
+    # -- command and environment ---------------------------------------------------------------------------
+    def _backend_dir(self, binary: Path) -> Path:
+        """The backend directory: the image's own, or a python backend assembled from nvidia-pytriton."""
+        sibling = binary.parent.parent / "backends"
+        bundled = _pytriton_root()
+        if bundled is None or binary.parent.parent.resolve() != bundled.resolve():
+            return sibling if sibling.is_dir() else Path(NGC_BACKENDS)
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = bundled / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not stub.is_file():
+            raise ServerError(f"nvidia-pytriton has no python backend stub for Python {version}")
+        out = Path(self._workdir) / "backends" / "python"
+        out.mkdir(parents=True, exist_ok=True)
+        for src in (bundled / "backends" / "python" / "libtriton_python.so",
+                    bundled / "backends" / "python" / "triton_python_backend_utils.py", stub):
+            shutil.copy2(src, out / src.name)
+        return out.parent
+
+    def env(self, binary: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        libs = [sysconfig.get_config_var("LIBDIR") or ""]
+        bundled = _pytriton_root()
+        if bundled is not None:
+            libs.append(str(bundled.parent.parent / "nvidia_pytriton.libs"))
+        if env.get("LD_LIBRARY_PATH"):
+            libs.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = ":".join(p for p in libs if p)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        return env
+
+    def rank_args(self, binary: Path, backends: Path, rank: int) -> list[str]:
+        args = [str(binary), f"--model-repository={self.repo}", f"--backend-directory={backends}",
+                f"--http-address={self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
+                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
+                f"--metrics-port={self.metrics_port}", "--allow-gpu-metrics=false",
+                f"--exit-timeout-secs={self.exit_timeout_s}", "--disable-auto-complete-config",
+                f"--backend-config=python,shm-region-prefix-name=nimb{os.getpid()}r{rank}_"]
+        if rank > 0:
+            args += ["--model-control-mode=explicit", "--load-model=tensorrt_llm"]
+        return args + list(self.extra_args)
+
+    def command(self, binary: Path, backends: Path) -> list[str]:
+        if self.world_size <= 1:
+            return self.rank_args(binary, backends, 0)
+        mpirun = shutil.which("mpirun")
+        if mpirun is None:
+            raise ServerError(f"the engine has world size {self.world_size}: mpirun is needed and not on PATH")
+        cmd = [mpirun, "--allow-run-as-root"]
+        for rank in range(self.world_size):
+            cmd += ["-n", "1", *self.rank_args(binary, backends, rank), ":"]
+        return cmd[:-1]
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def start(self) -> "TritonServer":
+        binary = self.binary or find_tritonserver()
+        for flag, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port),
+                           ("--metrics-port", self.metrics_port)):
+            if port_in_use(self.host, port):
+                raise ServerError(f"port {port} is already in use on {self.host or '0.0.0.0'}; "
+                                  f"stop what listens there or pick another with {flag}")
+        self._workdir = tempfile.mkdtemp(prefix="nim_build_triton_")
+        backends = self._backend_dir(binary)
+        self.proc = subprocess.Popen(self.command(binary, backends), env=self.env(binary), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                     text=True, errors="replace", bufsize=1)
+        self._pump = threading.Thread(target=self._read_output, daemon=True)
+        self._pump.start()
+        return self
+
+    def _read_output(self):
+        for line in self.proc.stdout:
+            self._lines.append(line.rstrip("\n"))
+            if self.echo is not None:
+                self.echo.write(line)
+                self.echo.flush()
+
+    def logs(self, n: int = 40) -> str:
+        return "\n".join(list(self._lines)[-n:])
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.running():
+                if self._pump is not None:
+                    self._pump.join(timeout=5)
+                raise ServerError(f"Triton exited (code {self.proc.returncode}) before it was ready: "
+                                  f"{self.failure_reason()}")
+            if self.ready():
+                return
+            time.sleep(0.25)
+        reason = self.failure_reason()
+        self.stop()
+        raise ServerError(f"Triton was not ready after {timeout_s:.0f} s: {reason}\n--- last log lines ---\n"
+                          f"{self.logs()}")
+
+    def failure_reason(self) -> str:
+        """The most telling error line of the log, in one line."""
+        lines = list(self._lines)
+        for marker in ("failed to load", "Internal: ", "Invalid argument", "Unavailable", "error:", "E1", "E0"):
+            for line in lines:
+                if marker in line:
+                    return " ".join(line.split())[:600]
+        return " ".join(lines[-1].split())[:600] if lines else "no output"
+
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        """terminate -> wait -> kill the whole process group; returns the exit code."""
+        if self.proc is None:
+            return None
+        timeout_s = timeout_s if timeout_s is not None else self.exit_timeout_s + 10
+        if self.proc.poll() is None:
+            # SIGTERM to the server only (mpirun forwards it to the ranks): its python stubs, in the same process
+            # group, must stay alive while it unloads them; the group is killed only when it overstays.
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=10)
+        else:
+            try:  # the server is gone; make sure no stub of its group lingers
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self._pump is not None:
+            self._pump.join(timeout=5)
+        if self._workdir:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+        return self.proc.returncode
+
+    def __enter__(self):
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def supervise(server: TritonServer, probe: Callable[[], None], interval_s: float = 10.0,
+              stop_event: threading.Event | None = None, failures_allowed: int = 2) -> str | None:
+    """Block while the server lives and answers `probe`; return why it stopped serving (None when asked to stop).
+
+    Triton keeps reporting ready after a python stub crashed, so health is a real request: `probe` raises
+    when a model does not answer. `failures_allowed` consecutive failures are tolerated (a busy server).
+    """
+    stop_event = stop_event or threading.Event()
+    failures = 0
+    while not stop_event.wait(interval_s):
+        if not server.running():
+            return f"Triton exited with code {server.proc.returncode}: {server.failure_reason()}"
+        try:
+            probe()
+            failures = 0
+        except Exception as e:  # any failure of the real request counts
+            failures += 1
+            if failures > failures_allowed:
+                return f"health request failed {failures} times in a row: {' '.join(str(e).split())[:500]}"
+    return None
