@@ -1,0 +1,3 @@
+from .plugin import PluginConfig
+
+__all__ = ["PluginConfig"]
