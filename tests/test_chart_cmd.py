@@ -1,0 +1,244 @@
+"""`nim_build chart` (values from a build manifest) and `nim_build cache-engine` (the chart's init step).
+
+The engine directories here are minimal: a manifest written with nim_build.manifest.write_manifest and a few
+bytes standing for the engine (a test on a real build belongs with the engine builder's tests).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helm_tools import by_kind, one, render, validate
+from nim_build import __version__
+from nim_build.cache import (EngineRequest, detect_gpu_arch, engine_key, ensure_engine, local_fingerprint,
+                             resolve_revision, tensorrt_llm_version)
+from nim_build.chart import chart_values
+from nim_build.cli import main
+from nim_build.errors import UserError
+from nim_build.manifest import MANIFEST, write_manifest
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+H100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "arch": "sm90"}
+
+
+def make_engine_dir(path: Path, *, tp=2, backend="trtllm", gpu=H100, source="mistralai/Mistral-Nemo-Instruct-2407",
+                    revision=COMMIT, engine_bytes=1 << 20, build_s=1800.0, peak_rss=40 << 30) -> Path:
+    (path / "engine").mkdir(parents=True)
+    (path / "engine" / "rank0.engine").write_bytes(b"\0" * engine_bytes)
+    write_manifest(path, {
+        "name": path.name, "backend": backend,
+        "model": {"source": source, "revision": revision, "local_dir": "/models/x", "architecture": "MistralForCausalLM",
+                  "input_files": {}},
+        "build": {"quant": "fp8", "tp": tp, "pp": 1, "world_size": tp, "max_batch_size": 32, "max_seq_len": 16384},
+        "versions": {"nim_build": __version__, "tensorrt_llm": "1.2.0" if backend == "trtllm" else None},
+        "gpu": gpu, "timings_s": {"total": build_s}, "peak_rss_bytes": peak_rss, "accuracy": None,
+    })
+    return path
+
+
+def run_cli(*args: str, capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_chart_values_render_and_validate(tmp_path, capsys, tp):
+    engine = make_engine_dir(tmp_path / "nemo", tp=tp)
+    out = tmp_path / "values.yaml"
+    code, stdout, _ = run_cli("chart", str(engine), "--out", str(out), capsys=capsys)
+    assert code == 0 and f"helm install RELEASE helm/nim-llm -f {out}" in stdout
+    values = yaml.safe_load(out.read_text())
+    assert "# Next: helm install nemo helm/nim-llm -f values.yaml" in out.read_text()
+    assert values["engine"]["tensorParallelSize"] == tp
+    assert values["model"] == {"id": "mistralai/Mistral-Nemo-Instruct-2407", "revision": COMMIT}
+    assert values["gpu"]["products"][0] == "NVIDIA-H100-80GB-HBM3" and "NVIDIA-H200" in values["gpu"]["products"]
+    assert values["shm"]["sizeLimit"] == f"{4 * tp}Gi"
+    # memory: the build's peak RSS (40 GiB) x 1.25 + shm
+    assert values["resources"]["requests"]["memory"] == f"{50 + 4 * tp}Gi"
+    # startup budget: twice the 30 min build
+    assert values["startupProbe"]["periodSeconds"] * values["startupProbe"]["failureThreshold"] == 3600
+
+    objects = render(values)
+    assert validate(objects) >= 3
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    main_c = pod["containers"][0]
+    assert main_c["resources"]["limits"]["nvidia.com/gpu"] == tp
+    assert main_c["resources"]["requests"]["memory"] == values["resources"]["requests"]["memory"]
+    assert pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"][0]["matchExpressions"][0]["values"] == values["gpu"]["products"]
+    env = {e["name"]: e.get("value") for e in pod["initContainers"][0]["env"]}
+    assert (env["NIM_MODEL"], env["NIM_MODEL_REVISION"], env["NIM_TP"]) == (values["model"]["id"], COMMIT, str(tp))
+    (pvc,) = by_kind(objects, "PersistentVolumeClaim")
+    assert pvc["spec"]["resources"]["requests"]["storage"] == values["persistence"]["size"]
+
+
+def test_chart_cpu_reference_engine(tmp_path):
+    engine = make_engine_dir(tmp_path / "small", tp=1, backend="reference", gpu=None, source="default",
+                             revision=None, build_s=20, peak_rss=1 << 30)
+    values, notes = chart_values(engine)
+    assert values["gpu"] == {"enabled": False, "products": []}
+    assert values["image"]["tag"] == f"{__version__}-cpu" and values["model"]["id"] == "default"
+    assert values["startupProbe"]["periodSeconds"] * values["startupProbe"]["failureThreshold"] >= 600
+    objects = render(values)
+    validate(objects)
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
+    assert "tolerations" not in pod and any("CPU" in n for n in notes)
+
+
+def test_chart_local_checkpoint_note(tmp_path):
+    engine = make_engine_dir(tmp_path / "mine", source="/data/my-llama", revision=None)
+    values, notes = chart_values(engine)
+    assert values["model"]["id"] == "/opt/nim/cache/models/my-llama"
+    assert any("copy it into the model cache volume" in n for n in notes)
+
+
+def test_chart_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    code, _, err = run_cli("chart", str(tmp_path), "--out", str(tmp_path / "v.yaml"), capsys=capsys)
+    assert code == 2 and "no manifest.json" in err and len(err.strip().splitlines()) == 1
+
+    engine = make_engine_dir(tmp_path / "tp3", tp=3)
+    code, _, err = run_cli("chart", str(engine), "--out", str(tmp_path / "v.yaml"), capsys=capsys)
+    assert code == 2 and "tensor-parallel size 3" in err and len(err.strip().splitlines()) == 1
+
+    engine = make_engine_dir(tmp_path / "ok")
+    (tmp_path / "exists.yaml").write_text("keep: me\n")
+    code, _, err = run_cli("chart", str(engine), "--out", str(tmp_path / "exists.yaml"), capsys=capsys)
+    assert code == 2 and "--force" in err and (tmp_path / "exists.yaml").read_text() == "keep: me\n"
+    code, _, _ = run_cli("chart", str(engine), "--out", str(tmp_path / "exists.yaml"), "--force", capsys=capsys)
+    assert code == 0 and "engine:" in (tmp_path / "exists.yaml").read_text()
+
+    broken = make_engine_dir(tmp_path / "no-gpu", gpu=None)  # a trtllm engine must record its GPU
+    with pytest.raises(UserError, match="records no GPU"):
+        chart_values(broken)
+
+
+# -- nim_build cache-engine: the chart's init step ---------------------------------------------------------------
+
+def fake_build(model: str, out: Path, req: EngineRequest, hf_cache: Path) -> None:
+    """Stands for `nim_build engine`: slow enough for replicas to overlap; logs each build to a counter file."""
+    with open(out.parents[2] / "builds.log", "a") as f:
+        f.write(f"{model} {req.tp}\n")
+    time.sleep(0.3)
+    out.mkdir()
+    (out / "engine.bin").write_bytes(b"engine")
+    write_manifest(out, {"name": out.name, "backend": req.backend})
+
+
+def _count_builds(cache: Path) -> int:
+    log = cache / "builds.log"
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def _model_dir(tmp_path: Path) -> Path:
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (model / "model.safetensors").write_bytes(b"\0" * 64)
+    return model
+
+
+def test_cache_builds_once_then_reuses(tmp_path):
+    cache, model = tmp_path / "cache", _model_dir(tmp_path)
+    req = EngineRequest(model=str(model), tp=2)
+    first = ensure_engine(cache, req, gpu_arch="sm90", trtllm="1.2.0", build=fake_build)
+    assert (first / MANIFEST).is_file() and first.parent == cache / "engines"
+    assert first.name.startswith("model-fp8-tp2-sm90--")
+    assert ensure_engine(cache, req, gpu_arch="sm90", trtllm="1.2.0", build=fake_build) == first
+    assert _count_builds(cache) == 1
+    # another GPU architecture or TensorRT-LLM version gets its own engine
+    other_gpu = ensure_engine(cache, req, gpu_arch="sm89", trtllm="1.2.0", build=fake_build)
+    other_trt = ensure_engine(cache, req, gpu_arch="sm90", trtllm="1.3.0", build=fake_build)
+    assert len({first, other_gpu, other_trt}) == 3 and _count_builds(cache) == 3
+    assert not list((cache / "engines").glob(".tmp-*"))
+
+
+def test_cache_key_covers_inputs(tmp_path):
+    base = EngineRequest(model="org/m", revision=COMMIT)
+    keys = {engine_key(base, "sm90", "1.2.0"), engine_key(base, "sm90", None), engine_key(base, "sm100", "1.2.0"),
+            engine_key(EngineRequest(model="org/m", revision="f" * 40), "sm90", "1.2.0"),
+            engine_key(EngineRequest(model="org/m", revision=COMMIT, tp=4), "sm90", "1.2.0"),
+            engine_key(EngineRequest(model="org/m", revision=COMMIT, max_seq_len=4096), "sm90", "1.2.0")}
+    assert len(keys) == 6
+    assert engine_key(base, "sm90", "1.2.0") == engine_key(EngineRequest(model="org/m", revision=COMMIT),
+                                                           "sm90", "1.2.0")
+    model = _model_dir(tmp_path)
+    before = local_fingerprint(model)
+    (model / "model.safetensors").write_bytes(b"\0" * 65)
+    assert local_fingerprint(model) != before
+
+
+def test_resolve_revision_offline_reads_cache_refs(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hf = tmp_path / "hf"
+    refs = hf / "models--org--m" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text(COMMIT)
+    assert resolve_revision("org/m", "main", hf) == COMMIT
+    assert resolve_revision("org/m", "f" * 40, hf) == "f" * 40  # a commit needs no look-up
+    with pytest.raises(UserError, match="offline mode and the cache has no org/m@v2"):
+        resolve_revision("org/m", "v2", hf)
+
+
+def _replica(cache: str, model: str, queue) -> None:
+    queue.put(str(ensure_engine(cache, EngineRequest(model=model), gpu_arch="sm90", trtllm="1.2.0",
+                                build=fake_build)))
+
+
+def test_replicas_starting_together_build_once(tmp_path):
+    cache, model = tmp_path / "cache", _model_dir(tmp_path)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_replica, args=(str(cache), str(model), queue)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    paths = {queue.get(timeout=5) for _ in procs}
+    assert len(paths) == 1 and _count_builds(cache) == 1
+    assert (Path(paths.pop()) / "engine.bin").read_bytes() == b"engine"
+
+
+def test_failed_or_raced_builds_leave_a_consistent_cache(tmp_path):
+    cache, model = tmp_path / "cache", _model_dir(tmp_path)
+    req = EngineRequest(model=str(model))
+
+    def failing(model, out, req, hf_cache):
+        out.mkdir()
+        (out / "half.engine").write_bytes(b"partial")
+        raise UserError("build failed")
+
+    with pytest.raises(UserError, match="build failed"):
+        ensure_engine(cache, req, gpu_arch="sm90", trtllm="1.2.0", build=failing)
+    assert list((cache / "engines").iterdir()) == []  # no partial engine, no temp dir left
+
+    def raced(model, out, req, hf_cache):  # another pod (ignoring the lock) finishes first
+        fake_build(model, out, req, hf_cache)
+        winner = out.parents[1] / out.name
+        fake_build(model, winner, req, hf_cache)
+        (winner / "engine.bin").write_bytes(b"winner")
+
+    path = ensure_engine(cache, req, gpu_arch="sm90", trtllm="1.2.0", build=raced)
+    assert (path / "engine.bin").read_bytes() == b"winner"
+    assert [p.name for p in (cache / "engines").iterdir()] == [path.name]
+
+
+def test_cache_engine_cli_prints_the_cached_engine(tmp_path, capsys):
+    cache, model = tmp_path / "cache", _model_dir(tmp_path)
+    expected = ensure_engine(cache, EngineRequest(model=str(model), tp=2), gpu_arch=detect_gpu_arch(),
+                             trtllm=tensorrt_llm_version(), build=fake_build)
+    code, out, err = run_cli("cache-engine", str(model), "--cache-dir", str(cache), "--tp", "2", capsys=capsys)
+    assert code == 0 and out.strip() == str(expected) and "engine found in the cache" in err
+    code, _, err = run_cli("cache-engine", str(tmp_path / "nowhere" / "x"), "--cache-dir", str(cache),
+                           "--revision", COMMIT, "--tp", "3", capsys=capsys)
+    assert code == 2 and "'3' is not one of" in err
