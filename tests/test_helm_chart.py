@@ -146,6 +146,7 @@ def test_render_validates_and_is_secure(case, rendered):
     assert main["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     budget = main["startupProbe"]["periodSeconds"] * main["startupProbe"]["failureThreshold"]
     assert budget >= 600
+    assert main["args"][main["args"].index("--startup-timeout") + 1] == str(budget)
     service = [s for s in by_kind(objects, "Service") if s["spec"].get("clusterIP") != "None"][0]
     assert {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
         n: (port, n) for n, port in ports.items()}

@@ -124,6 +124,9 @@ spec:
         - {{ $ports.metrics | quote }}
         - --host
         - 0.0.0.0
+        # serve's own startup limit = the startup probe's budget
+        - --startup-timeout
+        - {{ mul .Values.startupProbe.periodSeconds .Values.startupProbe.failureThreshold | quote }}
       env:
         {{- include "nim-llm.commonEnv" . | nindent 8 }}
         - name: HF_HUB_OFFLINE
