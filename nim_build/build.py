@@ -66,6 +66,7 @@ def default_out(model: str) -> Path:
 
 def build(opts: BuildOptions, progress: bool = True) -> dict:
     from nim_build.backend import choose_backend
+    from nim_build.convert import check_checkpoint
     from nim_build.plan import make_plan
     from nim_build.resolve import resolve_model
     from nim_build.spec import load_spec
@@ -90,6 +91,10 @@ def build(opts: BuildOptions, progress: bool = True) -> dict:
     if opts.max_seq_len is None and spec.max_position_embeddings > DEFAULT_MAX_SEQ_LEN:
         _log(f"note: max_seq_len defaults to {max_seq_len}; the model supports {spec.max_position_embeddings}: "
              "pass --max-seq-len to build for longer contexts")
+    check_checkpoint(resolved.local_dir, spec)
+    if opts.quant == "fp8" and not any((resolved.local_dir / f).is_file() for f in ("tokenizer.json", "tekken.json")):
+        raise UserError(f"{resolved.local_dir} has neither tokenizer.json nor tekken.json, which FP8 calibration "
+                        "needs; add the model's tokenizer or build with --quant fp8-pc-pt (no calibration)")
     backend, reason = choose_backend(opts.backend, opts.quant, argv=opts.argv)
     _log(f"backend: {backend} ({reason})")
 
@@ -161,7 +166,7 @@ def _build_into(tmp, opts, resolved, spec, plan, backend, max_seq_len, timings, 
         "name": opts.name or (Path(opts.out).name if opts.out else default_out(opts.model).name),
         "backend": backend,
         "model": {"source": resolved.source, "revision": resolved.revision, "local_dir": str(resolved.local_dir),
-                  "architecture": spec.architecture, "input_files": hash_tree(resolved.local_dir)},
+                  "architecture": spec.architecture, "input_files": _input_hashes(resolved.local_dir)},
         "spec": spec.to_dict(),
         "build": {
             "quant": opts.quant, "quant_algo": report["config"]["quantization"]["quant_algo"],
@@ -202,6 +207,15 @@ def _accuracy_gate(opts, model_dir, engine_dir, tok_dir, spec) -> dict:
         raise AccuracyGateError("accuracy gate failed: " + "; ".join(failures) +
                                 " (tune with --accuracy-gate MIN_TOP1,MAX_PPL_INCREASE or skip with --no-accuracy-gate)")
     return report
+
+
+def _input_hashes(model_dir: Path) -> dict[str, str]:
+    """sha256 of every file the build read: config, weights (+ index) and tokenizer files."""
+    from nim_build.manifest import sha256_file
+
+    names = ["config.json", "model.safetensors.index.json", *TOKENIZER_FILES]
+    files = [model_dir / n for n in names] + sorted(model_dir.glob("*.safetensors"))
+    return {f.name: sha256_file(f) for f in files if f.is_file()}
 
 
 def _first_id(x):

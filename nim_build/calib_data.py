@@ -37,8 +37,7 @@ def load_encoder(tokenizer_dir: str | Path):
 
         tek = Tekkenizer.from_file(str(d / "tekken.json"))
         return lambda text: tek.encode(text, bos=False, eos=False)
-    raise UserError(f"{d} has neither tokenizer.json nor tekken.json; calibration needs the model's tokenizer "
-                    "(or pass pre-tokenized data)")
+    raise UserError(f"{d} has neither tokenizer.json nor tekken.json; calibration needs the model's tokenizer")
 
 
 def token_batch(tokenizer_dir: str | Path, num_samples: int, seq_len: int, path: str | Path | None = None,

@@ -235,9 +235,8 @@ def convert_checkpoint(model_dir: str | Path, out_dir: str | Path, *, quant: str
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     spec = load_spec(model_dir)
     plan = make_plan(spec, tp, quant, kv_cache)
-    reader = CheckpointReader(model_dir)
+    reader = check_checkpoint(model_dir, spec)
     dtype = dtype or ("float16" if quant == "fp16" else "bfloat16" if quant == "bf16" else spec.dtype)
-    _check_tensors(reader, spec)
     calib = None
     if quant == "fp8":
         if calib_ids is None:
@@ -263,8 +262,9 @@ def convert_checkpoint(model_dir: str | Path, out_dir: str | Path, *, quant: str
     return {"spec": spec, "plan": plan, "config": config, "bytes_written": total}
 
 
-def _check_tensors(reader: CheckpointReader, spec: ModelSpec) -> None:
-    """Fail before any work if a tensor the conversion needs is missing or has the wrong shape."""
+def check_checkpoint(model_dir: Path, spec: ModelSpec) -> CheckpointReader:
+    """Fail before any work if a shard is missing or truncated, or a tensor is missing or misshapen."""
+    reader = CheckpointReader(model_dir)
     fam = F.family_for(spec.architecture)
     H, I = spec.hidden_size, spec.intermediate_size
     expected = {fam.embed: [spec.vocab_size, H], fam.final_norm: [H]}
@@ -282,3 +282,4 @@ def _check_tensors(reader: CheckpointReader, spec: ModelSpec) -> None:
         if list(got) != shape:
             raise CheckpointError(f"tensor {name} has shape {got}, config.json implies {shape}; "
                                   "the config and the weights do not belong together")
+    return reader

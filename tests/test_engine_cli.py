@@ -52,7 +52,7 @@ def test_bf16_reference_build_writes_manifest_last(tmp_path, tiny, capsys):
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(m["outputs"]) == files
     assert {"checkpoint/config.json", "checkpoint/rank0.safetensors", "checkpoint/rank1.safetensors"} <= files
-    assert set(m["model"]["input_files"]) == {"config.json", "model.safetensors", "generation_config.json"}
+    assert set(m["model"]["input_files"]) == {"config.json", "model.safetensors"}
     assert m["versions"]["tensorrt_llm_target"].startswith("1.2")
     assert m["peak_rss_bytes"] > 0 and m["timings_s"]["total"] > 0
     assert not list(tmp_path.glob(".eng.partial-*"))

@@ -54,7 +54,8 @@ def cli():
 def main(argv=None):
     """Entry point: user errors -> one line on stderr and exit 2; internal errors -> traceback and exit 1."""
     try:
-        cli.main(args=argv, standalone_mode=False)
+        args = list(sys.argv[1:] if argv is None else argv)
+        cli.main(args=args, standalone_mode=False, obj={"argv": args})
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)

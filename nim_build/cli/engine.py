@@ -100,7 +100,7 @@ def command(ctx, model, config_file, gate, no_accuracy_gate, as_json, **flags):
         values["min_top1"], values["max_ppl_increase"] = _gate(gate)
     if no_accuracy_gate:
         values["accuracy_gate"] = False
-    opts = BuildOptions(**values, argv=sys.argv[1:])
+    opts = BuildOptions(**values, argv=(ctx.obj or {}).get("argv", sys.argv[1:]))
     summary = build(opts, progress=not as_json)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
