@@ -74,10 +74,10 @@ def _values_args(values: dict | None, tmp_dir: Path) -> list[str]:
 
 
 def render_text(values: dict | None = None, *, api_versions: tuple[str, ...] = (), kube_version: str = "1.28.0",
-                chart: Path = CHART, extra: tuple[str, ...] = ()) -> str:
+                chart: Path = CHART, extra: tuple[str, ...] = (), release: str = "rel") -> str:
     """`helm template` output of the chart with these values (merged over values.yaml)."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["template", "rel", str(chart), "--namespace", "llm", "--kube-version", kube_version,
+        args = ["template", release, str(chart), "--namespace", "llm", "--kube-version", kube_version,
                 *_values_args(values, Path(tmp)), *extra]
         for api in api_versions:
             args += ["--api-versions", api]

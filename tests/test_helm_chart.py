@@ -100,6 +100,14 @@ def test_chart_metadata():
     assert images == {f"nim-build:{chart['appVersion']}"}  # image tag defaults to appVersion
 
 
+def test_long_release_name_keeps_names_within_63_characters():
+    values = {"workload": {"kind": "StatefulSet"}, "ingress": {"http": {"enabled": True, "host": "llm.example.com"}}}
+    objects = render(values, release="a" * 53)
+    names = [o["metadata"]["name"] for o in objects] + [one(objects, "StatefulSet")["spec"]["serviceName"]]
+    assert max(map(len, names)) <= 63 and len(set(names)) == 4  # fullname, -headless, -http, -test-inference
+    assert all(re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", n) for n in names)
+
+
 def test_kube_version_floor():
     with pytest.raises(HelmError, match="kubeVersion"):
         render(kube_version="1.27.0")

@@ -23,6 +23,15 @@ already contains the name), trimmed to 63 characters.
 {{- end -}}
 
 {{/*
+nim-llm.fullnameWith: "FULLNAME-SUFFIX" for dependent objects, the full name shortened so the result stays
+within 63 characters. Call with (list $ "suffix").
+*/}}
+{{- define "nim-llm.fullnameWith" -}}
+{{- $suffix := index . 1 -}}
+{{- printf "%s-%s" (include "nim-llm.fullname" (index . 0) | trunc (int (sub 62 (len $suffix))) | trimSuffix "-") $suffix -}}
+{{- end -}}
+
+{{/*
 nim-llm.chart: chart name and version for the helm.sh/chart label.
 */}}
 {{- define "nim-llm.chart" -}}
@@ -77,7 +86,7 @@ nim-llm.image: the serving image reference; a digest wins over the tag, the tag 
 nim-llm.claimName: the PVC holding the model cache (existing or created by the chart).
 */}}
 {{- define "nim-llm.claimName" -}}
-{{- default (printf "%s-cache" (include "nim-llm.fullname" .)) .Values.persistence.existingClaim -}}
+{{- default (include "nim-llm.fullnameWith" (list . "cache")) .Values.persistence.existingClaim -}}
 {{- end -}}
 
 {{/*
