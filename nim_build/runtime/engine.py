@@ -1,0 +1,337 @@
+"""LLMEngine: in-flight batching over the reference decoder (docs/RUNTIME_API.md).
+
+Each step is one forward pass over every scheduled sequence, packed without padding: one decode token of each
+running request first, then prefill chunks (of running requests whose prompt is not yet in the cache, then of
+newly admitted ones) within `max_num_tokens` tokens and `max_batch_size` sequences. KV blocks are taken from a
+fixed pool; admission follows TensorRT-LLM's `guaranteed_no_evict` policy: a request is admitted (in arrival order)
+only when blocks for its prompt + max_new_tokens are free, so a running request never runs out of cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from nim_build.errors import UserError
+from nim_build.manifest import CHECKPOINT_DIR, load_manifest
+from nim_build.runtime.kv_cache import BlockAllocator, PagedKVCache
+from nim_build.runtime.model import DecoderModel, SeqChunk
+from nim_build.runtime.sampling import SamplingParams, mask_bad_words, sample
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_MAX_NUM_TOKENS = 8192
+KV_MEMORY_FRACTION = 0.4  # of available memory, when no kv_cache_bytes is given and the full need does not fit
+
+
+@dataclass
+class TokenEvent:
+    request_id: int
+    token_ids: list[int]  # tokens new since the previous event of this request
+    finished: bool
+    finish_reason: str | None  # "end_id" | "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+    arrival: float | None = None  # time.monotonic() of submit
+    first_token: float | None = None
+    last_token: float | None = None
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    callback: Callable[[TokenEvent], None]
+    end_id: int
+    generator: torch.Generator | None
+    arrival: float
+    tokens: list[int] = field(default_factory=list)  # prompt + generated: what the cache will hold
+    generated: list[int] = field(default_factory=list)  # output tokens (stop-sequence candidates held back)
+    emitted: int = 0  # generated tokens already sent
+    computed: int = 0  # tokens whose K/V are in the cache
+    blocks: list[int] = field(default_factory=list)
+    first_token: float | None = None
+    last_token: float | None = None
+    done: bool = False
+
+    def event(self, tokens: list[int], reason: str | None = None, error: str | None = None) -> TokenEvent:
+        return TokenEvent(self.id, tokens, reason is not None, reason, error, self.arrival, self.first_token,
+                          self.last_token)
+
+
+class LLMEngine:
+    def __init__(self, model: DecoderModel, *, max_seq_len: int, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 max_num_tokens: int = DEFAULT_MAX_NUM_TOKENS, kv_cache_bytes: int | None = None,
+                 tokens_per_block: int = 32, end_id: int | None = None, pad_id: int | None = None):
+        c = model.cfg
+        self.model = model
+        self.max_seq_len, self.max_batch_size, self.max_num_tokens = max_seq_len, max_batch_size, max_num_tokens
+        self.end_id = end_id if end_id is not None else -1
+        self.pad_id = pad_id if pad_id is not None else self.end_id
+        self.vocab_size = c.vocab_size
+        self.tokens_per_block = tokens_per_block
+        kv_scales = model.kv_scales()
+        elem = 1 if kv_scales is not None else torch.empty(0, dtype=model.dtype).element_size()
+        per_block = PagedKVCache.bytes_per_block(c.num_layers, tokens_per_block, c.num_kv_heads, c.head_size, elem)
+        if kv_cache_bytes is None:
+            kv_cache_bytes = _default_kv_bytes(model.device, per_block * max_batch_size * math.ceil(max_seq_len / tokens_per_block))
+        num_blocks = kv_cache_bytes // per_block
+        if num_blocks < 1:
+            raise UserError(f"kv_cache_bytes={kv_cache_bytes} holds no KV block ({per_block} bytes each); give more")
+        self.allocator = BlockAllocator(num_blocks)
+        self.cache = PagedKVCache(c.num_layers, num_blocks, tokens_per_block, c.num_kv_heads, c.head_size,
+                                  model.dtype, model.device, kv_scales)
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._events: list[tuple[_Request, TokenEvent]] = []  # produced outside the loop (cancel), sent by it
+        self._lock = threading.RLock()
+        self._step_lock = threading.Lock()  # one step at a time, whoever calls it
+        self._wake = threading.Condition(self._lock)
+        self._next_id = 1
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._stats = {"steps": 0, "max_seqs_in_step": 0, "last_step_seqs": 0, "last_step_tokens": 0}
+
+    @classmethod
+    def from_engine_dir(cls, engine_dir: str | Path, *, device: str = "auto", max_batch_size: int | None = None,
+                        max_num_tokens: int | None = None, kv_cache_bytes: int | None = None,
+                        tokens_per_block: int = 32, compute_dtype: torch.dtype | None = None,
+                        fake_quant_activations: bool | None = None) -> "LLMEngine":
+        """Serve ENGINE/checkpoint/ with limits from ENGINE/manifest.json (build section) unless given here."""
+        manifest = load_manifest(engine_dir)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = DecoderModel.from_checkpoint(Path(engine_dir) / CHECKPOINT_DIR, device=device,
+                                             compute_dtype=compute_dtype, fake_quant_activations=fake_quant_activations)
+        build = manifest.get("build") or {}
+        tok = manifest.get("tokenizer") or {}
+        return cls(model, max_seq_len=build.get("max_seq_len") or model.cfg.max_position_embeddings,
+                   max_batch_size=max_batch_size or build.get("max_batch_size") or DEFAULT_MAX_BATCH_SIZE,
+                   max_num_tokens=max_num_tokens or build.get("max_num_tokens") or DEFAULT_MAX_NUM_TOKENS,
+                   kv_cache_bytes=kv_cache_bytes, tokens_per_block=tokens_per_block,
+                   end_id=tok.get("end_id"), pad_id=tok.get("pad_id"))
+
+    # -- public API ----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run the step loop in a daemon thread (idempotent)."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._stop = False
+                self._thread = threading.Thread(target=self._loop, name="nim_build-engine", daemon=True)
+                self._thread.start()
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, callback: Callable[[TokenEvent], None]) -> int:
+        prompt = [int(t) for t in prompt_ids]
+        params.validate()
+        if not prompt:
+            raise UserError("empty prompt: give at least one token")
+        if len(prompt) + params.max_new_tokens > self.max_seq_len:
+            raise UserError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                            f"max_seq_len {self.max_seq_len}; shorten the prompt or ask for fewer tokens")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise UserError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if self._blocks_needed(len(prompt), params) > self.allocator.total:
+            raise UserError(f"prompt + max_new_tokens needs more KV cache than the whole pool "
+                            f"({self.allocator.total} blocks of {self.tokens_per_block} tokens); give more kv_cache_bytes")
+        end_id = self.end_id if params.end_id is None else params.end_id
+        with self._lock:
+            rid = self._next_id
+            self._next_id += 1
+            req = _Request(rid, prompt, params, callback, end_id, None if params.greedy else params.generator(),
+                           time.monotonic(), tokens=list(prompt))
+            self._waiting.append(req)
+            self._wake.notify()
+        return rid
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request and free its KV blocks now; its final event (reason "cancelled") comes from the loop."""
+        with self._lock:
+            for queue in (self._waiting, self._running):
+                for req in queue:
+                    if req.id == request_id and not req.done:
+                        queue.remove(req)
+                        self._finish(req)
+                        self._events.append((req, req.event([], "cancelled")))
+                        self._wake.notify()
+                        return
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+        """Submit and wait; returns the generated tokens (stop sequences and the end id excluded)."""
+        out: list[int] = []
+        done = threading.Event()
+        final: list[TokenEvent] = []
+
+        def collect(ev: TokenEvent) -> None:
+            out.extend(ev.token_ids)
+            if ev.finished:
+                final.append(ev)
+                done.set()
+
+        self.start()
+        self.submit(prompt_ids, params, collect)
+        done.wait()
+        if final[0].finish_reason == "error":
+            raise RuntimeError(f"generation failed: {final[0].error}")
+        return out
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {**self._stats, "active": len(self._running), "waiting": len(self._waiting),
+                    "free_blocks": self.allocator.num_free, "total_blocks": self.allocator.total}
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._running or self._events)
+
+    def step(self) -> None:
+        """One scheduling step + forward pass (the loop calls it; tests may drive it directly instead)."""
+        with self._step_lock:
+            with self._lock:
+                events, self._events = self._events, []
+                batch = self._schedule()
+            if batch:
+                events += self._run(batch)
+        for req, ev in events:
+            try:
+                req.callback(ev)
+            except Exception:  # a broken consumer must not stop the other requests
+                log.exception("callback of request %d raised; cancelling it", req.id)
+                self.cancel(req.id)
+
+    # -- internals -----------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not (self._waiting or self._running or self._events):
+                    self._wake.wait()
+                if self._stop:
+                    return
+            self.step()
+
+    def _blocks_needed(self, prompt_len: int, params: SamplingParams) -> int:
+        return math.ceil(min(prompt_len + params.max_new_tokens, self.max_seq_len) / self.tokens_per_block)
+
+    def _schedule(self) -> list[tuple[_Request, int]]:
+        budget, batch = self.max_num_tokens, []
+        decode = [r for r in self._running if len(r.tokens) - r.computed == 1]
+        prefill = [r for r in self._running if len(r.tokens) - r.computed > 1]
+        for req in decode + prefill:
+            n = min(len(req.tokens) - req.computed, budget)
+            if n > 0:
+                batch.append((req, n))
+                budget -= n
+        while self._waiting and len(self._running) < self.max_batch_size and budget > 0:
+            req = self._waiting[0]
+            blocks = self.allocator.allocate(self._blocks_needed(len(req.prompt), req.params))
+            if blocks is None:
+                break  # guaranteed_no_evict: wait for running requests to finish (arrival order kept)
+            self._waiting.popleft()
+            req.blocks = blocks
+            self._running.append(req)
+            n = min(len(req.tokens), budget)
+            batch.append((req, n))
+            budget -= n
+        return batch
+
+    def _run(self, batch: list[tuple[_Request, int]]) -> list[tuple[_Request, TokenEvent]]:
+        ids = torch.tensor([t for req, n in batch for t in req.tokens[req.computed:req.computed + n]])
+        chunks = [SeqChunk(req.computed, n, req.blocks) for req, n in batch]
+        try:
+            logits = self.model.forward(ids, chunks, self.cache).logits.cpu()
+        except Exception as e:  # fail this step's requests, keep serving
+            log.exception("forward pass failed")
+            with self._lock:
+                failed = [(req, req.event([], "error", f"{type(e).__name__}: {e}")) for req, _ in batch if not req.done]
+                for req, _ in failed:
+                    self._finish(req)
+            return failed
+        now = time.monotonic()
+        events = []
+        with self._lock:
+            self._stats["steps"] += 1
+            self._stats["last_step_seqs"] = len(batch)
+            self._stats["last_step_tokens"] = int(ids.numel())
+            self._stats["max_seqs_in_step"] = max(self._stats["max_seqs_in_step"], len(batch))
+            for (req, n), row in zip(batch, logits):
+                if req.done:  # cancelled during the forward pass
+                    continue
+                req.computed += n
+                if req.computed == len(req.tokens):
+                    ev = self._append(req, row, now)
+                    if ev is not None:
+                        events.append((req, ev))
+        return events
+
+    def _append(self, req: _Request, logits: torch.Tensor, now: float) -> TokenEvent | None:
+        """Sample the next token and apply the stop conditions; the event to send, if any."""
+        p = req.params
+        if p.bad_words:
+            mask_bad_words(logits, p.bad_words, req.tokens)
+        tok = sample(logits, p, req.generator)
+        req.first_token = req.first_token or now
+        req.last_token = now
+        reason = None
+        if tok == req.end_id:
+            reason = "end_id"
+        else:
+            req.tokens.append(tok)
+            req.generated.append(tok)
+            stop = next((w for w in p.stop_words if req.generated[-len(w):] == w), None)
+            if stop is not None:
+                del req.generated[len(req.generated) - len(stop):]
+                reason = "stop"
+            elif len(req.generated) >= p.max_new_tokens or len(req.tokens) >= self.max_seq_len:
+                reason = "length"
+        ready = len(req.generated) if reason else len(req.generated) - _held_back(req.generated, p.stop_words)
+        new = req.generated[req.emitted:ready]
+        req.emitted = max(req.emitted, ready)
+        if reason:
+            self._finish(req)
+        return req.event(new, reason) if (new or reason) else None
+
+    def _finish(self, req: _Request) -> None:
+        """Mark done and free the blocks at once (caller holds the lock)."""
+        req.done = True
+        if req in self._running:
+            self._running.remove(req)
+        self.allocator.free(req.blocks)
+        req.blocks = []
+
+
+def _held_back(generated: list[int], stop_words: list[list[int]]) -> int:
+    """How many trailing tokens could still become a stop sequence (not sent yet)."""
+    best = 0
+    for w in stop_words:
+        for k in range(min(len(w) - 1, len(generated)), best, -1):
+            if generated[-k:] == w[:k]:
+                best = k
+                break
+    return best
+
+
+def _default_kv_bytes(device: torch.device, wanted: int) -> int:
+    """The full need (max_batch_size sequences of max_seq_len) when it fits, else a fraction of free memory."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return min(wanted, int(free * KV_MEMORY_FRACTION))
