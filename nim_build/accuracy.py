@@ -1,0 +1,123 @@
+"""Accuracy gate: does the checkpoint handed to TensorRT-LLM compute the same function as the Hugging Face model?
+
+`evaluate` runs the original model (transformers' own forward pass, float32) and the checkpoint (the reference
+runtime's full-sequence forward, float32 compute, FP8 weights and activations as TensorRT-LLM rounds them) on the
+same token batches and compares their next-token distributions and per-layer hidden states. `check_gate` turns
+the report into failures, with a per-layer diagnosis of where the error first jumps.
+
+Memory: both models are held at once (the HF one loaded with low_cpu_mem_usage); models larger than memory are
+not evaluated layer by layer yet.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from nim_build.manifest import CHECKPOINT_DIR
+
+JUMP_FACTOR = 3.0  # a layer whose relative error grows this much over the previous one is where it broke
+
+
+def evaluate(hf_model_dir: str | Path, engine_or_checkpoint_dir: str | Path, token_batches: Iterable,
+             *, fake_quant_activations: bool | None = None) -> dict:
+    """Compare the HF model with the checkpoint on token_batches (each [batch, seq] ids, a list of id lists or one
+    id list). Returns a JSON-ready report:
+    tokens, top1_agreement, mean_kl (KL(HF || ours) per token, nats), max_abs_logit_error,
+    ppl_reference, ppl_quantized, ppl_increase (relative), layer_rel_error ([embeddings, layer 0 .. last layer
+    after the final norm]: ||h_ours - h_hf|| / ||h_hf|| over all tokens)."""
+    import transformers
+
+    from nim_build.runtime.model import DecoderModel, SeqChunk
+
+    ckpt = Path(engine_or_checkpoint_dir)
+    if (ckpt / CHECKPOINT_DIR / "config.json").is_file():
+        ckpt = ckpt / CHECKPOINT_DIR
+    ours = DecoderModel.from_checkpoint(ckpt, compute_dtype=torch.float32, fake_quant_activations=fake_quant_activations)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=torch.float32, low_cpu_mem_usage=True)
+    hf.eval()
+    acc = {"tokens": 0, "agree": 0, "kl": 0.0, "max_err": 0.0, "nll_hf": 0.0, "nll_q": 0.0, "targets": 0}
+    diff2 = ref2 = None
+    for batch in _batches(token_batches):
+        with torch.inference_mode():
+            h = hf(input_ids=batch, output_hidden_states=True)
+            flat = batch.reshape(-1)
+            o = ours.forward(flat, [SeqChunk(0, batch.shape[1])] * batch.shape[0], all_logits=True,
+                             output_hidden_states=True)
+        ref_logits = h.logits.float().reshape(flat.numel(), -1)
+        _accumulate(acc, ref_logits, o.logits, batch)
+        hs_ref = [t.reshape(flat.numel(), -1).float() for t in h.hidden_states]
+        if len(hs_ref) != len(o.hidden_states):
+            raise RuntimeError(f"HF returned {len(hs_ref)} hidden states, the runtime {len(o.hidden_states)}")
+        d2 = torch.tensor([(a - b.float()).pow(2).sum().item() for a, b in zip(hs_ref, o.hidden_states)])
+        r2 = torch.tensor([a.pow(2).sum().item() for a in hs_ref])
+        diff2, ref2 = (d2, r2) if diff2 is None else (diff2 + d2, ref2 + r2)
+    if acc["tokens"] == 0:
+        raise ValueError("evaluate needs at least one non-empty token batch")
+    ppl_hf = math.exp(acc["nll_hf"] / max(acc["targets"], 1))
+    ppl_q = math.exp(acc["nll_q"] / max(acc["targets"], 1))
+    return {
+        "tokens": acc["tokens"],
+        "top1_agreement": acc["agree"] / acc["tokens"],
+        "mean_kl": acc["kl"] / acc["tokens"],
+        "max_abs_logit_error": acc["max_err"],
+        "ppl_reference": ppl_hf,
+        "ppl_quantized": ppl_q,
+        "ppl_increase": ppl_q / ppl_hf - 1.0,
+        "layer_rel_error": [float(x) for x in (diff2 / ref2.clamp(min=1e-30)).sqrt()],
+    }
+
+
+def _batches(token_batches) -> Iterable[torch.Tensor]:
+    if isinstance(token_batches, torch.Tensor) or (token_batches and isinstance(token_batches[0], int)):
+        token_batches = [token_batches]
+    for b in token_batches:
+        t = torch.as_tensor(b, dtype=torch.long)
+        t = t[None] if t.dim() == 1 else t
+        if t.numel():
+            yield t
+
+
+def _accumulate(acc: dict, ref: torch.Tensor, ours: torch.Tensor, batch: torch.Tensor) -> None:
+    lp_ref, lp_q = torch.log_softmax(ref, -1), torch.log_softmax(ours, -1)
+    acc["tokens"] += ref.shape[0]
+    acc["agree"] += int((ref.argmax(-1) == ours.argmax(-1)).sum())
+    acc["kl"] += float((lp_ref.exp() * (lp_ref - lp_q)).sum())
+    acc["max_err"] = max(acc["max_err"], float((ref - ours).abs().max()))
+    seq = batch.shape[1]
+    if seq > 1:  # position t predicts token t + 1
+        targets = batch[:, 1:].reshape(-1, 1)
+        keep = lambda lp: lp.reshape(batch.shape[0], seq, -1)[:, :-1].reshape(-1, lp.shape[-1])  # noqa: E731
+        acc["nll_hf"] -= float(keep(lp_ref).gather(1, targets).sum())
+        acc["nll_q"] -= float(keep(lp_q).gather(1, targets).sum())
+        acc["targets"] += targets.numel()
+
+
+def check_gate(report: dict, min_top1: float = 0.95, max_ppl_increase: float = 0.03) -> list[str]:
+    """Failures of the gate (empty: passed); a failing gate ends with the per-layer diagnosis."""
+    failures = []
+    if report["top1_agreement"] < min_top1:
+        failures.append(f"top-1 agreement {report['top1_agreement']:.4f} < {min_top1} over {report['tokens']} tokens")
+    if report["ppl_increase"] > max_ppl_increase:
+        failures.append(f"perplexity {report['ppl_quantized']:.4f} vs {report['ppl_reference']:.4f} "
+                        f"(+{report['ppl_increase']:.2%}) exceeds +{max_ppl_increase:.2%}")
+    if failures:
+        failures.append(diagnose(report))
+    return failures
+
+
+def diagnose(report: dict) -> str:
+    """Which layer's hidden-state error jumps: the first layer whose relative error grows JUMP_FACTOR-fold over
+    the previous one, else the layer with the largest growth."""
+    errs = report["layer_rel_error"]
+    names = ["embeddings"] + [f"layer {i}" for i in range(len(errs) - 2)] + [f"layer {len(errs) - 2} + final norm"]
+    ratios = [errs[i] / max(errs[i - 1], 1e-12) for i in range(1, len(errs))]
+    jumps = [i for i, r in enumerate(ratios, 1) if r >= JUMP_FACTOR and errs[i] > 1e-3]
+    i = jumps[0] if jumps else 1 + max(range(len(ratios)), key=ratios.__getitem__)
+    worst = max(range(len(errs)), key=errs.__getitem__)
+    return (f"diagnosis: hidden-state relative error jumps at {names[i]} ({errs[i - 1]:.3g} -> {errs[i]:.3g}, "
+            f"x{errs[i] / max(errs[i - 1], 1e-12):.1f}); largest at {names[worst]} ({errs[worst]:.3g}); "
+            f"check that layer's weights, scales and tensor mapping")
