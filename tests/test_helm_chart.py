@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 
 import pytest
 import yaml
@@ -225,6 +226,38 @@ def test_render_validates_and_is_secure(case, rendered):
     assert infer["args"][0] == "infer" and infer["args"][infer["args"].index("--url") + 1].endswith(f":{ports['grpc']}")
     selector = service["spec"]["selector"]
     assert not all(test_pod["metadata"]["labels"].get(k) == v for k, v in selector.items())
+
+
+def test_init_script_runs_cache_engine_then_repo(rendered, tmp_path):
+    """The init container's shell script, run with its rendered env and a stand-in nim_build that logs calls."""
+    _, objects = rendered("tp2-existing-claim-token")
+    init = one(objects, "Deployment")["spec"]["template"]["spec"]["initContainers"][0]
+    assert init["command"] == ["/bin/sh", "-ec"]
+    env = {e["name"]: e["value"] for e in init["env"] if "value" in e}
+    env["NIM_REPO_DIR"] = str(tmp_path / "repo")
+    (tmp_path / "repo").mkdir()  # left over from an earlier start of the pod: replaced
+    log = tmp_path / "calls.log"
+    shim = tmp_path / "bin" / "nim_build"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\nprintf "%s|" "$@" >> {log}\necho >> {log}\n'
+                    '[ "$1" = cache-engine ] && [ -n "$SHIM_FAIL" ] && exit 2\n'
+                    '[ "$1" = cache-engine ] && echo "/opt/nim/cache/engines/x y--key"\nexit 0\n')
+    shim.chmod(0o755)
+    proc = subprocess.run(["/bin/sh", "-ec", init["args"][0]], capture_output=True, text=True, timeout=30,
+                          env={**env, "PATH": f"{shim.parent}:/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    calls = [line.rstrip("|").split("|") for line in log.read_text().splitlines()]
+    assert calls == [
+        ["cache-engine", "mistralai/Mistral-Nemo-Instruct-2407", "--revision", "main", "--cache-dir", "/opt/nim/cache",
+         "--quant", "fp8", "--tp", "2", "--backend", "auto", "--max-batch-size", "64", "--max-seq-len", "8192"],
+        ["repo", "/opt/nim/cache/engines/x y--key", "--out", str(tmp_path / "repo")],
+    ]
+    assert not (tmp_path / "repo").exists()
+
+    log.unlink()  # a failed build fails the init container (Kubernetes retries it) and writes no repository
+    proc = subprocess.run(["/bin/sh", "-ec", init["args"][0]], capture_output=True, text=True, timeout=30,
+                          env={**env, "PATH": f"{shim.parent}:/usr/bin:/bin", "SHIM_FAIL": "1"})
+    assert proc.returncode != 0 and [line.split("|")[0] for line in log.read_text().splitlines()] == ["cache-engine"]
 
 
 def test_servicemonitor_and_hpa_details(rendered):
