@@ -51,14 +51,6 @@ MATRIX = {
 }
 
 
-def _deep_get(d, path, default=None):
-    for k in path.split("."):
-        if not isinstance(d, dict) or k not in d:
-            return default
-        d = d[k]
-    return d
-
-
 def _merged(values: dict) -> dict:
     """values.yaml with the case's values merged over it (as helm does for maps)."""
     def merge(base, over):
