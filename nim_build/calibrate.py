@@ -27,7 +27,7 @@ class LayerAmax:
     dense_in: torch.Tensor = None   # input of o_proj
     fc_in: torch.Tensor = None      # input of gate/up proj (after post_attention_layernorm)
     proj_in: torch.Tensor = None    # input of down_proj
-    k: torch.Tensor = None          # k_proj output
+    k: torch.Tensor = None          # K after RoPE
     v: torch.Tensor = None          # v_proj output
 
 
@@ -66,6 +66,18 @@ def load_layer(reader: CheckpointReader, spec: ModelSpec, cfg, i: int, dtype: to
     return layer.eval()
 
 
+def track_rotated_k(amax: "LayerAmax", pos, head_size: int, rope):
+    """k_proj output hook recording amax of K after RoPE, computed exactly as the HF attention does."""
+    cos, sin = pos
+
+    def hook(mod, args, out):
+        k = out.view(*out.shape[:-1], -1, head_size).transpose(1, 2)
+        k_rot = rope(k, k, cos, sin)[1]
+        t = k_rot.abs().amax().float()
+        amax.k = t if amax.k is None else torch.maximum(amax.k, t)
+    return hook
+
+
 @torch.inference_mode()
 def calibrate(model_dir: str | Path, spec: ModelSpec, reader: CheckpointReader, calib_ids: torch.Tensor,
               want_kv: bool, batch_size: int = 8, progress=None) -> CalibrationResult:
@@ -80,6 +92,7 @@ def calibrate(model_dir: str | Path, spec: ModelSpec, reader: CheckpointReader, 
     hidden = [embed[calib_ids[b:b + batch_size]] for b in range(0, n, batch_size)]
     del embed
     pos = rotary(hidden[0], position_ids)
+    rope = getattr(importlib.import_module(family.hf_module), "apply_rotary_pos_emb")
     result = CalibrationResult(num_samples=n, seq_len=seq)
     for i in range(spec.num_hidden_layers):
         layer = load_layer(reader, spec, cfg, i, dtype)
@@ -99,7 +112,8 @@ def calibrate(model_dir: str | Path, spec: ModelSpec, reader: CheckpointReader, 
         hooks.append(mlp.gate_proj.register_forward_pre_hook(track("fc_in")))
         hooks.append(mlp.down_proj.register_forward_pre_hook(track("proj_in")))
         if want_kv:
-            hooks.append(attn.k_proj.register_forward_hook(track("k", True)))
+            # modelopt measures K after RoPE (its k_bmm_quantizer sits at the attention matmul), V as projected
+            hooks.append(attn.k_proj.register_forward_hook(track_rotated_k(amax, pos, spec.head_size, rope)))
             hooks.append(attn.v_proj.register_forward_hook(track("v", True)))
         for b, h in enumerate(hidden):
             out = layer(h, position_embeddings=pos, position_ids=position_ids)

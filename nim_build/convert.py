@@ -57,7 +57,7 @@ def trtllm_config(spec: ModelSpec, plan: ParallelPlan, quant: str, kv_cache: str
         "norm_epsilon": spec.norm_epsilon,
         "rotary_base": spec.rotary_base,
         "rotary_scaling": spec.rotary_scaling,
-        "use_parallel_embedding": False,
+        "use_parallel_embedding": True,
         "embedding_sharding_dim": 0,
         "share_embedding_table": False,
         "tie_word_embeddings": spec.tie_word_embeddings,
@@ -179,18 +179,20 @@ class _Builder:
     def groups(self) -> Iterator[Group]:
         s, fam, tp = self.spec, self.family, self.tp
         H = s.hidden_size
-        yield self._plain("transformer.vocab_embedding.weight", lambda: self._read(fam.embed), (s.vocab_size, H), None)
+        # Parallel embedding (modelopt's default): vocab rows padded to a multiple of tp and split like lm_head.
+        yield self._plain("transformer.vocab_embedding.weight", lambda: self._padded_vocab(fam.embed),
+                          (self.plan.padded_vocab_size, H), 0)
         for i in range(s.num_hidden_layers):
             yield from self._layer(i)
         yield self._plain("transformer.ln_f.weight", lambda: self._read(fam.final_norm), (H,), None)
         head_src = fam.embed if s.tie_word_embeddings or fam.lm_head not in self.reader else fam.lm_head
 
-        def lm_head():
-            w = self._read(head_src)
-            pad = self.plan.padded_vocab_size - w.shape[0]
-            return torch.nn.functional.pad(w, (0, 0, 0, pad)) if pad else w
+        yield self._plain("lm_head.weight", lambda: self._padded_vocab(head_src), (self.plan.padded_vocab_size, H), 0)
 
-        yield self._plain("lm_head.weight", lm_head, (self.plan.padded_vocab_size, H), 0)
+    def _padded_vocab(self, name: str) -> torch.Tensor:
+        w = self._read(name)
+        pad = self.plan.padded_vocab_size - w.shape[0]
+        return torch.nn.functional.pad(w, (0, 0, 0, pad)) if pad else w
 
     def _layer(self, i: int) -> Iterator[Group]:
         s, fam, tp, plan = self.spec, self.family, self.tp, self.plan
@@ -207,9 +209,11 @@ class _Builder:
         kv_rows = s.num_key_value_heads * plan.kv_replication * s.head_size
         extra = None
         if self.kv_cache == "fp8":
-            kv_amax = torch.maximum(amax.k, amax.v)
-            # modelopt's exporter never lets a KV-cache scale go below 1.0
-            extra = {p + "attention.kv_cache_scaling_factor": Q.scale_from_amax(kv_amax).clamp(min=1.0)}
+            # modelopt's exporter never lets a KV-cache scale go below 1.0; kv = max(k, v)
+            k_sf = Q.scale_from_amax(amax.k).clamp(min=1.0)
+            v_sf = Q.scale_from_amax(amax.v).clamp(min=1.0)
+            extra = {p + "attention.k_cache_scaling_factor": k_sf, p + "attention.v_cache_scaling_factor": v_sf,
+                     p + "attention.kv_cache_scaling_factor": torch.maximum(k_sf, v_sf)}
         yield self._linear(p + "attention.qkv", (s.q_size + 2 * kv_rows, H), 0,
                            lambda: [self._read(fam.layer(i, n)) for n in (F.Q, F.K, F.V)],
                            amax and amax.qkv_in, qkv_fuse, extra=extra)

@@ -1,5 +1,7 @@
 """Layer-by-layer calibration against hooks on transformers' whole-model forward pass: bit-identical amax."""
 
+import importlib
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -11,7 +13,7 @@ from tiny_models import llama3_scaling, make_tiny_model
 
 
 @pytest.mark.parametrize("arch, scaling", [("MistralForCausalLM", None), ("LlamaForCausalLM", llama3_scaling())])
-def test_layerwise_amax_equals_full_model_hooks(tmp_path, arch, scaling):
+def test_layerwise_amax_equals_full_model_hooks(tmp_path, monkeypatch, arch, scaling):
     model_dir = make_tiny_model(tmp_path / "hf", arch=arch, rope_scaling=scaling, num_layers=3, hidden_size=80,
                                 num_heads=4, num_kv_heads=2, head_dim=16)
     ids = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(1))
@@ -32,9 +34,21 @@ def test_layerwise_amax_equals_full_model_hooks(tmp_path, arch, scaling):
         layer.self_attn.o_proj.register_forward_pre_hook(hook((i, "dense_in")))
         layer.mlp.gate_proj.register_forward_pre_hook(hook((i, "fc_in")))
         layer.mlp.down_proj.register_forward_pre_hook(hook((i, "proj_in")))
-        layer.self_attn.k_proj.register_forward_hook(hook((i, "k"), True))
         layer.self_attn.v_proj.register_forward_hook(hook((i, "v"), True))
+    # K is measured after RoPE (as modelopt's k_bmm_quantizer sees it): record what the HF attention computes.
+    modeling = importlib.import_module(type(model).__module__)
+    original, calls = modeling.apply_rotary_pos_emb, []
+
+    def recording_rope(q, k, cos, sin, *args, **kwargs):
+        q_embed, k_embed = original(q, k, cos, sin, *args, **kwargs)
+        calls.append(k_embed.abs().amax().float())
+        return q_embed, k_embed
+
+    monkeypatch.setattr(modeling, "apply_rotary_pos_emb", recording_rope)
     with torch.no_grad():
         model(input_ids=ids)
+    assert len(calls) == 3
+    for i, k_amax in enumerate(calls):
+        want[(i, "k")] = k_amax
     for (i, key), value in want.items():
         assert torch.equal(getattr(got.layers[i], key), value), (i, key, getattr(got.layers[i], key), value)

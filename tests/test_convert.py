@@ -34,7 +34,8 @@ def merged_hf_weights(ckpt_dir, cfg):
         scale = rank.get(prefix + ".weights_scaling_factor", rank.get(prefix + ".per_channel_scale"))
         return dequantize(w, scale)
 
-    out = {"model.embed_tokens.weight": ranks[0]["transformer.vocab_embedding.weight"].float(),
+    out = {"model.embed_tokens.weight":
+           torch.cat([r["transformer.vocab_embedding.weight"] for r in ranks])[:cfg["vocab_size"]].float(),
            "model.norm.weight": ranks[0]["transformer.ln_f.weight"].float(),
            "lm_head.weight": torch.cat([r["lm_head.weight"] for r in ranks])[:cfg["vocab_size"]].float()}
     for i in range(cfg["num_hidden_layers"]):
