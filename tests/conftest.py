@@ -21,3 +21,100 @@ def default_model_dir() -> Path:
         return materialize_default_model(TEST_CACHE / "test-models")
     except UserError as e:
         pytest.skip(str(e))
+
+
+# --- Triton serving (tests/test_triton_*.py, tests/test_serve*.py) --------------------------------------------
+
+@pytest.fixture(scope="session")
+def reference_engine_dir(default_model_dir) -> Path:
+    """The default model as an FP8 reference engine (max_seq_len 512, max batch 32); built once per checkout."""
+    out = TEST_CACHE / "test-engines" / "smollm2-fp8-reference-512"
+    if not (out / "manifest.json").is_file():
+        from nim_build.build import BuildOptions, build
+
+        build(BuildOptions(model=str(default_model_dir), out=str(out), backend="reference", accuracy_gate=False,
+                           calib_samples=4, max_seq_len=512, max_batch_size=32, force=True), progress=False)
+    return out
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class ServedRepo:
+    """A `nim_build serve` process (the real CLI) on a generated repository, for the whole test session."""
+
+    def __init__(self, repo: Path, engine_dir: Path, log: Path):
+        import subprocess
+        import sys
+
+        self.repo, self.engine_dir, self.log = repo, engine_dir, log
+        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
+        self.http_url = f"127.0.0.1:{self.http_port}"
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        self._log_file = open(log, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nim_build", "serve", str(repo), "--host", "127.0.0.1",
+             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
+             "--metrics-port", str(self.metrics_port), "--health-interval", "2", "--exit-timeout", "5"],
+            stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout_s: float = 240) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nim_build serve exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+            if "ready: HTTP" in self.output():
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"nim_build serve not ready after {timeout_s} s:\n{self.output()[-3000:]}")
+
+    def engine_stats(self) -> dict[str, float]:
+        import re
+        import urllib.request
+
+        text = urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
+        return {m.group(1): float(m.group(2))
+                for m in re.finditer(r'^nim_build_engine\{stat="(\w+)"\} ([0-9.e+-]+)$', text, re.M)}
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+
+
+@pytest.fixture(scope="session")
+def triton_serve(reference_engine_dir, tmp_path_factory):
+    """`nim_build repo` + `nim_build serve` on the reference engine: one real Triton server for the session."""
+    from nim_build.triton.repo import generate_repo
+
+    root = tmp_path_factory.mktemp("triton")
+    repo = generate_repo(reference_engine_dir, root / "repo")
+    served = ServedRepo(repo, reference_engine_dir, root / "serve.log")
+    try:
+        served.wait_ready()
+        yield served
+    finally:
+        served.stop()

@@ -115,6 +115,7 @@ LLM_INPUTS: list[T] = [
     _in("runtime_top_p", "TYPE_FP32", [1], scalar=True),
     _in("seed", "TYPE_UINT64", [1], scalar=True),
     _in("exclude_input_in_output", "TYPE_BOOL", [1], scalar=True),
+    _in("stop", "TYPE_BOOL", [1], scalar=True),
     _in("streaming", "TYPE_BOOL", [1], scalar=True),
 ]
 LLM_OUTPUTS = [

@@ -5,7 +5,9 @@ request_output_len, end_id, pad_id, streaming, sampling inputs, stop/bad word li
 [batch, beam, tokens], sequence_length [batch, beam]). Requests join a running in-flight batch: the engine's
 step loop runs in a background thread, `execute` only submits; a sender thread streams each request's new
 tokens through its decoupled response sender (all tokens in one response when `streaming` is false). A client
-that cancels or disconnects has its request cancelled in the engine, which frees its KV blocks.
+that cancels or disconnects has its request cancelled in the engine, which frees its KV blocks; as in the
+TensorRT-LLM backend, a request with `stop` = true cancels the in-flight request that has the same request id
+(how tensorrt_llm_bls cancels, since Triton 2.51's BLS and ensembles do not forward cancellation).
 
 Parameters: gpt_model_path (the engine directory), exclude_input_in_output, and nim_build_engine
 ("module:Class", default nim_build.runtime:LLMEngine; benchmarks use a trivial engine with the same API).
@@ -29,7 +31,7 @@ STATS_KEYS = ("steps", "max_seqs_in_step", "last_step_seqs", "active", "waiting"
 
 
 class _Request:
-    __slots__ = ("sender", "request", "streaming", "prefix", "tokens", "rid", "done", "response")
+    __slots__ = ("sender", "request", "streaming", "prefix", "tokens", "rid", "done", "response", "key")
 
     def __init__(self, request, streaming, prefix):
         self.request = request
@@ -38,6 +40,7 @@ class _Request:
         self.prefix = prefix  # prompt ids to prepend when the input is not excluded from the output
         self.tokens: list[int] = []
         self.rid = None
+        self.key = request.request_id() if request is not None else ""
         self.done = threading.Event()
         self.response = None
 
@@ -57,6 +60,7 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
         self.events: queue.Queue = queue.Queue()
         self.active: dict[int, _Request] = {}
+        self.by_key: dict[str, _Request] = {}  # request id -> request, for `stop` requests
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.gauges = self._make_gauges()
@@ -71,6 +75,11 @@ class TritonPythonModel:
         for request in requests:
             state = None
             try:
+                if tc.first(request, "stop", False):
+                    self._stop(request)
+                    if not self.decoupled:
+                        pending.append(self._response(None, []))
+                    continue
                 prompt, params, streaming = self._parse(request)
                 if streaming and not self.decoupled:
                     raise UserError("streaming needs the decoupled transaction policy (generate the repository "
@@ -80,6 +89,8 @@ class TritonPythonModel:
                 with self.lock:
                     state.rid = self.engine.submit(prompt, params, lambda ev, s=state: self.events.put((s, ev)))
                     self.active[state.rid] = state
+                    if state.key:
+                        self.by_key[state.key] = state
                 pending.append(state)
             except (UserError, ValueError, TypeError) as e:
                 if self.decoupled:
@@ -93,9 +104,22 @@ class TritonPythonModel:
             if isinstance(item, str):
                 responses.append(tc.error(item))
                 continue
+            if not isinstance(item, _Request):
+                responses.append(item)
+                continue
             item.done.wait()
             responses.append(item.response)
         return responses
+
+    def _stop(self, request) -> None:
+        """A `stop` request: cancel the in-flight request with the same request id (if any), answer empty."""
+        with self.lock:
+            target = self.by_key.get(request.request_id())
+        if target is not None:
+            self.engine.cancel(target.rid)
+        if self.decoupled:
+            request.get_response_sender().send(self._response(None, []),
+                                               flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _exclude(self, request) -> bool:
         value = tc.first(request, "exclude_input_in_output")
@@ -154,6 +178,8 @@ class TritonPythonModel:
                 if ev.finished:
                     with self.lock:
                         self.active.pop(state.rid, None)
+                        if state.key and self.by_key.get(state.key) is state:
+                            del self.by_key[state.key]
                 if ev.error or ev.finish_reason == "error":
                     response = tc.error(f"generation failed: {ev.error}")
                 elif state.streaming:
@@ -198,8 +224,11 @@ class TritonPythonModel:
         family = pb_utils.MetricFamily(name="nim_build_engine", description="nim_build reference engine statistics "
                                        "(label stat: steps, max_seqs_in_step, last_step_seqs, active, waiting, "
                                        "free_blocks, total_blocks)", kind=pb_utils.MetricFamily.GAUGE)
+        self.metric_family = family  # must outlive its metrics
         return {key: family.Metric(labels={"stat": key}) for key in STATS_KEYS}
 
     def finalize(self):
         self.stopping.set()
+        for t in self.threads:
+            t.join(timeout=5)
         self.engine.shutdown()

@@ -9,6 +9,7 @@ the engine's in-flight batch. A cancelled request cancels its `tensorrt_llm` req
 
 import json
 import threading
+import uuid
 
 import numpy as np
 import triton_common as tc
@@ -43,7 +44,8 @@ class TritonPythonModel:
             inputs, streaming = self._llm_inputs(request)
             if streaming and sender is None:
                 raise UserError("streaming needs the decoupled transaction policy")
-            llm_request = pb_utils.InferenceRequest(model_name=self.llm, inputs=inputs,
+            inner_id = uuid.uuid4().hex
+            llm_request = pb_utils.InferenceRequest(model_name=self.llm, inputs=inputs, request_id=inner_id,
                                                     requested_output_names=["output_ids", "sequence_length"])
             decoder = self.tok.stream_decoder()
             pieces = []
@@ -51,7 +53,7 @@ class TritonPythonModel:
                 self._consume(llm_request.exec(), decoder, pieces)
                 return self._text(pieces + [decoder.flush()])
             responses = llm_request.exec(decoupled=True)
-            for piece in self._iterate(responses, decoder, request):
+            for piece in self._iterate(responses, decoder, request, inner_id):
                 if streaming and piece:
                     sender.send(self._text([piece]))
                 elif not streaming:
@@ -67,11 +69,10 @@ class TritonPythonModel:
             sender.send(tc.error(str(e)), flags=FINAL)
         return None
 
-    def _iterate(self, responses, decoder, request):
+    def _iterate(self, responses, decoder, request, inner_id=""):
         for response in responses:
             if request.is_cancelled():
-                if hasattr(responses, "cancel"):
-                    responses.cancel()
+                self._stop(inner_id)
                 return
             if response.has_error():
                 raise UserError(response.error().message())
@@ -80,6 +81,15 @@ class TritonPythonModel:
                 continue
             length = pb_utils.get_output_tensor_by_name(response, "sequence_length").as_numpy().reshape(-1)[0]
             yield decoder.step(out.as_numpy().reshape(-1)[: int(length)].tolist())
+
+    def _stop(self, inner_id):
+        """Cancel our tensorrt_llm request: a `stop` request with its id (TensorRT-LLM backend convention)."""
+        stop = pb_utils.InferenceRequest(model_name=self.llm, request_id=inner_id, requested_output_names=[],
+                                         inputs=[tc.tensor("input_lengths", [[1]], np.int32),
+                                                 tc.tensor("request_output_len", [[1]], np.int32),
+                                                 tc.tensor("stop", [[True]], np.bool_)])
+        for _ in stop.exec(decoupled=True):
+            pass
 
     def _consume(self, response, decoder, pieces):
         for piece in self._iterate([response], decoder, _NeverCancelled()):

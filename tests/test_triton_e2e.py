@@ -1,0 +1,241 @@
+"""End to end against a real Triton server (`nim_build serve`) on the default model's reference engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from nim_build.triton.client import Client, GenerateRequest, InferenceError, grpc_inputs
+
+# Greedy continuations with a wide margin: the reference runtime's FP8 numerics on CPU vary slightly with the
+# batch composition (in-flight batching, health probes), so prompts whose greedy text could flip are avoided.
+PROMPTS = ["1, 2, 3, 4,", "A, B, C, D,", "a b c d e f", "one, two, three, four,"]
+MAX_TOKENS = 8
+ENTRY_POINTS = ("ensemble", "tensorrt_llm_bls")
+
+
+@pytest.fixture(scope="module")
+def reference(triton_serve):
+    """What the runtime generates for each prompt (greedy), decoded: what `nim_build run` prints."""
+    from nim_build.runtime import LLMEngine, SamplingParams
+    from nim_build.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_engine_dir(triton_serve.engine_dir)
+    engine = LLMEngine.from_engine_dir(triton_serve.engine_dir, max_batch_size=4)
+    try:
+        def run(ids, n=MAX_TOKENS):
+            return tok.decode(engine.generate(ids, SamplingParams(max_new_tokens=n)))
+
+        texts = {p: run(tok.encode(p)) for p in PROMPTS}
+        chat = [{"role": "user", "content": "What is the capital of France?"}]
+        texts["chat"] = run(tok.encode_chat(chat))
+    finally:
+        engine.shutdown()
+    return texts
+
+
+def client(served, protocol="grpc", model="ensemble"):
+    return Client(served.grpc_url if protocol == "grpc" else served.http_url, protocol, model, timeout_s=120)
+
+
+@pytest.mark.parametrize("model", ENTRY_POINTS)
+@pytest.mark.parametrize("protocol,stream", [("grpc", False), ("grpc", True), ("http", False), ("http", True)])
+def test_greedy_text_equals_runtime(triton_serve, reference, model, protocol, stream):
+    prompt = PROMPTS[0]
+    result = client(triton_serve, protocol, model).generate(
+        GenerateRequest(prompt=prompt, max_tokens=MAX_TOKENS, stream=stream))
+    assert result.text == reference[prompt]
+    assert result.text.strip()
+    if stream:
+        assert len([c for c in result.chunks if c]) > 1
+    else:
+        assert len(result.chunks) == 1
+
+
+@pytest.mark.parametrize("model", ENTRY_POINTS)
+def test_tritonclient_stream_api_one_shot(triton_serve, reference, model):
+    """Plain tritonclient code: a one-shot request on the gRPC stream API (unary ModelInfer is refused)."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    results = queue.Queue()
+    c = grpcclient.InferenceServerClient(triton_serve.grpc_url)
+    c.start_stream(callback=lambda result, error: results.put((result, error)))
+    c.async_stream_infer(model, grpc_inputs({"text_input": PROMPTS[1], "max_tokens": MAX_TOKENS, "stream": False}),
+                         request_id="tc-1")
+    result, error = results.get(timeout=120)
+    c.stop_stream()
+    c.close()
+    assert error is None
+    assert result.as_numpy("text_output").reshape(-1)[0].decode() == reference[PROMPTS[1]]
+
+
+def test_chat_messages(triton_serve, reference):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    for model in ENTRY_POINTS:
+        r = client(triton_serve, "grpc", model).generate(GenerateRequest(messages=msgs, max_tokens=MAX_TOKENS))
+        assert r.text == reference["chat"]
+
+
+def test_32_concurrent_streams_in_flight(triton_serve, reference):
+    before = triton_serve.engine_stats().get("max_seqs_in_step", 0)
+    jobs = [(PROMPTS[i % len(PROMPTS)], ENTRY_POINTS[i % 2]) for i in range(32)]
+    start = threading.Barrier(len(jobs))
+
+    def one(job):
+        prompt, model = job
+        start.wait()
+        return client(triton_serve, "grpc", model).generate(
+            GenerateRequest(prompt=prompt, max_tokens=MAX_TOKENS, stream=True))
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(one, jobs))
+    for (prompt, _), r in zip(jobs, results):
+        assert r.text == reference[prompt]
+    assert len({r.request_id for r in results}) == 32
+    stats = triton_serve.engine_stats()
+    assert stats["max_seqs_in_step"] > 1, stats  # in-flight batching: several sequences per step
+    assert stats["max_seqs_in_step"] >= before
+    assert "in-flight batch reached" in triton_serve.output()
+
+
+BAD_REQUESTS = {
+    "empty text": ({"text_input": "", "max_tokens": 4}, "empty"),
+    "max_tokens 0": ({"text_input": "hi", "max_tokens": 0}, "max_tokens"),
+    "max_tokens negative": ({"text_input": "hi", "max_tokens": -5}, "max_tokens"),
+    "max_tokens above the limit": ({"text_input": "hi", "max_tokens": 100000}, "max_seq_len"),
+    "prompt longer than max_seq_len": ({"text_input": "word " * 700, "max_tokens": 4}, "max_seq_len"),
+    "invalid UTF-8": ({"text_input": b"caf\xe9 \xff", "max_tokens": 4}, "UTF-8"),
+    "missing required input": ({"text_input": "hi"}, "max_tokens"),
+    "bad messages JSON": ({"text_input": "", "messages": "[{", "max_tokens": 4}, "JSON"),
+}
+
+
+def _raw_grpc(served, model, body, dtypes=None, request_id="bad"):
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    inputs = grpc_inputs(body)
+    for name, (dtype, value) in (dtypes or {}).items():
+        arr = np.array([[value]], dtype=dtype[1])
+        inp = grpcclient.InferInput(name, list(arr.shape), dtype[0])
+        inp.set_data_from_numpy(arr)
+        inputs.append(inp)
+    results = queue.Queue()
+    c = grpcclient.InferenceServerClient(served.grpc_url)
+    c.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        c.async_stream_infer(model, inputs, request_id=request_id)
+        return results.get(timeout=60)
+    finally:
+        c.stop_stream()
+        c.close()
+
+
+@pytest.mark.parametrize("model", ENTRY_POINTS)
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_then_good(triton_serve, reference, model, case):
+    body, expect = BAD_REQUESTS[case]
+    result, error = _raw_grpc(triton_serve, model, body)
+    assert error is not None and result is None
+    assert expect.lower() in str(error).lower(), str(error)
+    ok = client(triton_serve, "grpc", model).generate(GenerateRequest(prompt=PROMPTS[2], max_tokens=MAX_TOKENS))
+    assert ok.text == reference[PROMPTS[2]]
+
+
+def test_wrong_datatype_and_unknown_model(triton_serve, reference):
+    result, error = _raw_grpc(triton_serve, "ensemble", {"text_input": "hi"},
+                              dtypes={"max_tokens": (("FP32", np.float32), 4.0)})
+    assert error is not None and "data-type" in str(error).lower() + "datatype", str(error)
+    with pytest.raises(InferenceError, match="(?i)unknown model|not found"):
+        Client(triton_serve.grpc_url, "grpc", "no_such_model").generate(GenerateRequest(prompt="hi", max_tokens=2))
+    with pytest.raises(InferenceError, match="max_tokens"):
+        client(triton_serve, "http").generate(GenerateRequest(prompt="hi", max_tokens=0))
+    with pytest.raises(InferenceError, match="(?i)unknown model|not found"):
+        Client(triton_serve.http_url, "http", "no_such_model").generate(GenerateRequest(prompt="hi", max_tokens=2))
+    ok = client(triton_serve, "http").generate(GenerateRequest(prompt=PROMPTS[3], max_tokens=MAX_TOKENS))
+    assert ok.text == reference[PROMPTS[3]]
+    import urllib.request
+
+    assert urllib.request.urlopen(f"http://{triton_serve.http_url}/v2/health/ready").status == 200
+
+
+def _wait_idle(served, total_blocks, timeout_s=20):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stats = served.engine_stats()
+        if stats["active"] == 0 and stats["free_blocks"] == total_blocks:
+            return stats
+        time.sleep(0.2)
+    return stats
+
+
+def _start_long_stream(served, model, request_id):
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    total_blocks = served.engine_stats()["total_blocks"]
+    results = queue.Queue()
+    c = grpcclient.InferenceServerClient(served.grpc_url)
+    c.start_stream(callback=lambda result, error: results.put((result, error)))
+    c.async_stream_infer(model, grpc_inputs({"text_input": PROMPTS[0], "max_tokens": 480, "stream": True}),
+                         request_id=request_id)
+    result, error = results.get(timeout=60)
+    assert error is None
+    time.sleep(0.3)
+    stats = served.engine_stats()
+    assert stats["active"] >= 1 and stats["free_blocks"] < total_blocks
+    return c, total_blocks
+
+
+def test_disconnect_mid_stream_cancels(triton_serve, reference):
+    """tensorrt_llm_bls sees its client go and stops its tensorrt_llm request: the KV blocks come back."""
+    c, total_blocks = _start_long_stream(triton_serve, "tensorrt_llm_bls", "gone-bls")
+    c.stop_stream(cancel_requests=True)  # the client goes away mid-stream
+    c.close()
+    stats = _wait_idle(triton_serve, total_blocks)
+    assert stats["active"] == 0 and stats["free_blocks"] == total_blocks, stats
+    ok = client(triton_serve, "grpc", "tensorrt_llm_bls").generate(
+        GenerateRequest(prompt=PROMPTS[2], max_tokens=MAX_TOKENS))
+    assert ok.text == reference[PROMPTS[2]]
+
+
+def test_stop_request_cancels_ensemble_stream(triton_serve, reference):
+    """Triton 2.51 does not forward a client's cancellation into an ensemble's steps; a `stop` request to
+    tensorrt_llm with the ensemble request's id (the TensorRT-LLM backend convention) cancels it."""
+    c, total_blocks = _start_long_stream(triton_serve, "ensemble", "stop-me")
+    result, error = _raw_grpc(triton_serve, "tensorrt_llm", {}, request_id="stop-me",
+                              dtypes={"input_lengths": (("INT32", np.int32), 1),
+                                      "request_output_len": (("INT32", np.int32), 1),
+                                      "stop": (("BOOL", np.bool_), True)})
+    assert error is None
+    stats = _wait_idle(triton_serve, total_blocks)
+    c.stop_stream(cancel_requests=True)
+    c.close()
+    assert stats["active"] == 0 and stats["free_blocks"] == total_blocks, stats
+    ok = client(triton_serve, "grpc").generate(GenerateRequest(prompt=PROMPTS[2], max_tokens=MAX_TOKENS))
+    assert ok.text == reference[PROMPTS[2]]
+
+
+def test_infer_cli(triton_serve, reference):
+    base = [sys.executable, "-m", "nim_build", "infer", "--url", triton_serve.grpc_url]
+    out = subprocess.run(base + ["--prompt", PROMPTS[0], "--max-tokens", str(MAX_TOKENS), "--stream"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == reference[PROMPTS[0]] + "\n"
+    out = subprocess.run(base + ["--prompt", PROMPTS[0], "--max-tokens", str(MAX_TOKENS), "--json",
+                                "--model", "tensorrt_llm_bls"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["text_output"] == reference[PROMPTS[0]]
+    out = subprocess.run(base + ["--prompt", "hi", "--max-tokens", "0"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("Error:") and len(out.stderr.strip().splitlines()) == 1

@@ -1,0 +1,205 @@
+"""`nim_build repo`: generated configs parse as ModelConfig, carry every parameter, and match upstream's I/O."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from nim_build.cli.repo import command as repo_command
+from nim_build.errors import OutputExistsError, UserError
+from nim_build.manifest import write_manifest
+from nim_build.triton.repo import MODELS, RepoOptions, generate_repo, read_config
+
+# Upstream facts (tensorrtllm_backend all_models/inflight_batcher_llm/*/config.pbtxt, May 2025), for the inputs and
+# outputs this project serves: name -> (data type, dims, optional, reshaped to a scalar).
+S, I32, U64, F32, B = "TYPE_STRING", "TYPE_INT32", "TYPE_UINT64", "TYPE_FP32", "TYPE_BOOL"
+ENSEMBLE_IO = {
+    "text_input": (S, [1], False), "max_tokens": (I32, [1], False), "bad_words": (S, [-1], True),
+    "stop_words": (S, [-1], True), "exclude_input_in_output": (B, [1], True), "end_id": (I32, [1], True),
+    "pad_id": (I32, [1], True), "top_k": (I32, [1], True), "top_p": (F32, [1], True),
+    "temperature": (F32, [1], True), "seed": (U64, [1], True), "beam_width": (I32, [1], True),
+    "stream": (B, [1], True), "text_output": (S, [-1], None),
+}
+UPSTREAM = {
+    "ensemble": ENSEMBLE_IO,
+    "tensorrt_llm_bls": ENSEMBLE_IO,
+    "preprocessing": {
+        "QUERY": (S, [1], False), "REQUEST_OUTPUT_LEN": (I32, [1], False), "BAD_WORDS_DICT": (S, [-1], True),
+        "STOP_WORDS_DICT": (S, [-1], True), "END_ID": (I32, [1], True), "PAD_ID": (I32, [1], True),
+        "INPUT_ID": (I32, [-1], None), "REQUEST_INPUT_LEN": (I32, [1], None), "BAD_WORDS_IDS": (I32, [2, -1], None),
+        "STOP_WORDS_IDS": (I32, [2, -1], None), "REQUEST_OUTPUT_LEN#out": (I32, [-1], None),
+        "OUT_END_ID": (I32, [1], None), "OUT_PAD_ID": (I32, [1], None),
+    },
+    "tensorrt_llm": {
+        "input_ids": (I32, [-1], True), "input_lengths": (I32, [1], False), "request_output_len": (I32, [1], False),
+        "end_id": (I32, [1], True), "pad_id": (I32, [1], True), "stop_words_list": (I32, [2, -1], True),
+        "bad_words_list": (I32, [2, -1], True), "beam_width": (I32, [1], True), "temperature": (F32, [1], True),
+        "runtime_top_k": (I32, [1], True), "runtime_top_p": (F32, [1], True), "seed": (U64, [1], True),
+        "exclude_input_in_output": (B, [1], True), "streaming": (B, [1], True), "stop": (B, [1], True),
+        "output_ids": (I32, [-1, -1], None), "sequence_length": (I32, [-1], None),
+    },
+    "postprocessing": {
+        "TOKENS_BATCH": (I32, [-1, -1], False), "SEQUENCE_LENGTH": (I32, [-1], False), "OUTPUT": (S, [-1], None),
+    },
+}
+UPSTREAM_SCALAR_INPUTS = {"input_lengths", "request_output_len", "end_id", "pad_id", "beam_width", "temperature",
+                          "runtime_top_k", "runtime_top_p", "seed", "exclude_input_in_output", "streaming", "stop"}
+UPSTREAM_KEYS = {
+    "tensorrt_llm": {"max_beam_width", "FORCE_CPU_ONLY_INPUT_TENSORS", "gpt_model_type", "gpt_model_path",
+                     "encoder_model_path", "max_tokens_in_paged_kv_cache", "max_attention_window_size",
+                     "sink_token_length", "batch_scheduler_policy", "kv_cache_free_gpu_mem_fraction",
+                     "cross_kv_cache_fraction", "kv_cache_host_memory_bytes", "kv_cache_onboard_blocks",
+                     "exclude_input_in_output", "cancellation_check_period_ms", "stats_check_period_ms",
+                     "iter_stats_max_iterations", "request_stats_max_iterations", "enable_kv_cache_reuse",
+                     "normalize_log_probs", "enable_chunked_context", "gpu_device_ids", "participant_ids", "num_nodes",
+                     "decoding_mode", "executor_worker_path", "tokenizer_dir"},
+    "preprocessing": {"tokenizer_dir", "add_special_tokens", "multimodal_model_path", "gpt_model_path",
+                      "max_num_images"},
+    "postprocessing": {"tokenizer_dir", "skip_special_tokens"},
+    "tensorrt_llm_bls": {"accumulate_tokens", "tensorrt_llm_model_name", "tensorrt_llm_draft_model_name",
+                         "multimodal_encoders_name"},
+}
+OUR_ADDITIONS = {("ensemble", "messages"), ("tensorrt_llm_bls", "messages"), ("preprocessing", "MESSAGES"),
+                 ("tensorrt_llm_bls", "#tokenizer_dir"), ("tensorrt_llm", "#nim_build_engine")}
+
+
+def _engine_dir(root: Path, backend: str, tokenizer_dir: Path, max_batch_size: int = 16) -> Path:
+    eng = root / f"engine-{backend}"
+    shutil.copytree(tokenizer_dir, eng / "tokenizer")
+    if backend == "trtllm":
+        (eng / "engine").mkdir()
+        (eng / "engine" / "config.json").write_text(json.dumps({"pretrained_config": {"mapping": {"world_size": 1}}}))
+    write_manifest(eng, {
+        "name": "t", "backend": backend, "spec": {"vocab_size": 131072},
+        "build": {"max_batch_size": max_batch_size, "max_seq_len": 1024, "world_size": 1},
+        "tokenizer": {"dir": "tokenizer", "kind": "tekken", "bos_id": 1, "end_id": 2, "pad_id": 11},
+    })
+    return eng
+
+
+@pytest.fixture(scope="module")
+def tekken_tok(tmp_path_factory) -> Path:
+    import mistral_common
+
+    out = tmp_path_factory.mktemp("tok")
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tekken_240718.json", out / "tekken.json")
+    return out
+
+
+@pytest.fixture(params=["trtllm", "reference"])
+def engine(request, tmp_path, tekken_tok) -> Path:
+    return _engine_dir(tmp_path, request.param, tekken_tok)
+
+
+def test_configs_parse_and_match_upstream(engine, tmp_path):
+    repo = generate_repo(engine, tmp_path / "repo")
+    assert sorted(p.name for p in repo.iterdir()) == sorted(MODELS)
+    for model in MODELS:
+        cfg = read_config(repo / model / "config.pbtxt")
+        assert cfg.name == model and cfg.max_batch_size == 16
+        from tritonclient.grpc import model_config_pb2 as pb
+
+        seen_inputs = {i.name for i in cfg.input}
+        for i in cfg.input:
+            if (model, i.name) in OUR_ADDITIONS:
+                continue
+            dtype, dims, optional = UPSTREAM[model][i.name]
+            assert (pb.DataType.Name(i.data_type), list(i.dims), i.optional) == (dtype, dims, optional), i.name
+            if model == "tensorrt_llm":
+                assert i.HasField("reshape") == (i.name in UPSTREAM_SCALAR_INPUTS), i.name
+        for o in cfg.output:
+            key = o.name + "#out" if o.name in seen_inputs else o.name
+            dtype, dims, _ = UPSTREAM[model][key]
+            assert (pb.DataType.Name(o.data_type), list(o.dims)) == (dtype, dims), o.name
+        for key in cfg.parameters:
+            assert key in UPSTREAM_KEYS.get(model, set()) or (model, "#" + key) in OUR_ADDITIONS, (model, key)
+    pre = read_config(repo / "preprocessing" / "config.pbtxt")
+    assert pre.parameters["tokenizer_dir"].string_value == "preprocessing/tokenizer"
+    assert (repo / "preprocessing" / "tokenizer" / "tekken.json").is_file()
+    meta = json.loads((repo / "preprocessing" / "tokenizer" / "nim_build_tokenizer.json").read_text())
+    assert (meta["kind"], meta["end_id"], meta["pad_id"], meta["max_seq_len"]) == ("tekken", 2, 11, 1024)
+    for model in ("preprocessing", "postprocessing", "tensorrt_llm_bls"):
+        assert (repo / model / "1" / "model.py").is_file() and (repo / model / "1" / "triton_common.py").is_file()
+
+
+def test_ensemble_wiring(engine, tmp_path):
+    repo = generate_repo(engine, tmp_path / "repo")
+    ens = read_config(repo / "ensemble" / "config.pbtxt")
+    assert ens.platform == "ensemble"
+    steps = {s.model_name: s for s in ens.ensemble_scheduling.step}
+    assert list(steps) == ["preprocessing", "tensorrt_llm", "postprocessing"]
+    produced = {v for s in steps.values() for v in s.output_map.values()}
+    ens_inputs = {i.name for i in ens.input}
+    for s in steps.values():  # every step input comes from an ensemble input or an earlier step's output
+        for v in s.input_map.values():
+            assert v in ens_inputs or v in produced, v
+        cfg = read_config(repo / s.model_name / "config.pbtxt")
+        assert set(s.input_map) <= {i.name for i in cfg.input}
+        assert set(s.output_map) <= {o.name for o in cfg.output}
+    assert steps["postprocessing"].output_map["OUTPUT"] == "text_output"
+    assert steps["tensorrt_llm"].input_map["streaming"] == "stream"
+
+
+def test_trtllm_parameters(tmp_path, tekken_tok):
+    eng = _engine_dir(tmp_path, "trtllm", tekken_tok, max_batch_size=64)
+    opts = RepoOptions(max_batch_size=8, instances=3, decoupled=False, kv_cache_free_gpu_mem_fraction=0.75,
+                       enable_kv_cache_reuse=False, enable_chunked_context=True,
+                       batch_scheduler_policy="max_utilization")
+    repo = generate_repo(eng, tmp_path / "repo", opts)
+    llm = read_config(repo / "tensorrt_llm" / "config.pbtxt")
+    p = {k: v.string_value for k, v in llm.parameters.items()}
+    assert llm.backend == "tensorrtllm" and llm.max_batch_size == 8
+    assert not llm.model_transaction_policy.decoupled
+    assert p["gpt_model_type"] == "inflight_fused_batching"
+    assert p["gpt_model_path"] == str((eng / "engine").resolve())
+    assert p["kv_cache_free_gpu_mem_fraction"] == "0.75"
+    assert p["enable_kv_cache_reuse"] == "false" and p["enable_chunked_context"] == "true"
+    assert p["batch_scheduler_policy"] == "max_utilization"
+    assert p["max_beam_width"] == "1" and p["exclude_input_in_output"] == "true"
+    assert not (repo / "tensorrt_llm" / "1" / "model.py").exists()
+    assert read_config(repo / "preprocessing" / "config.pbtxt").instance_group[0].count == 3
+    assert read_config(repo / "postprocessing" / "config.pbtxt").instance_group[0].count == 3
+    assert not read_config(repo / "tensorrt_llm_bls" / "config.pbtxt").model_transaction_policy.decoupled
+
+
+def test_reference_backend_is_python_with_same_interface(tmp_path, tekken_tok):
+    ref = generate_repo(_engine_dir(tmp_path, "reference", tekken_tok), tmp_path / "r1")
+    trt = generate_repo(_engine_dir(tmp_path, "trtllm", tekken_tok), tmp_path / "r2")
+    a, b = (read_config(r / "tensorrt_llm" / "config.pbtxt") for r in (ref, trt))
+    assert a.backend == "python" and b.backend == "tensorrtllm"
+    assert list(a.input) == list(b.input) and list(a.output) == list(b.output)
+    assert a.model_transaction_policy.decoupled and b.model_transaction_policy.decoupled
+    assert a.parameters["gpt_model_path"].string_value == str((tmp_path / "engine-reference").resolve())
+    assert (ref / "tensorrt_llm" / "1" / "model.py").is_file()
+    # streaming state lives in postprocessing: one instance, in order
+    post = read_config(ref / "postprocessing" / "config.pbtxt")
+    assert post.instance_group[0].count == 1 and post.dynamic_batching.preserve_ordering
+
+
+def test_bad_options(tmp_path, tekken_tok):
+    eng = _engine_dir(tmp_path, "reference", tekken_tok)
+    with pytest.raises(UserError, match="outside 1..16"):
+        generate_repo(eng, tmp_path / "r", RepoOptions(max_batch_size=64))
+    with pytest.raises(UserError, match="batch-scheduler-policy"):
+        generate_repo(eng, tmp_path / "r", RepoOptions(batch_scheduler_policy="fifo"))
+    generate_repo(eng, tmp_path / "r")
+    with pytest.raises(OutputExistsError):
+        generate_repo(eng, tmp_path / "r")
+    generate_repo(eng, tmp_path / "r", force=True)
+    with pytest.raises(UserError, match="manifest"):
+        generate_repo(tmp_path, tmp_path / "r2")
+
+
+def test_cli(tmp_path, tekken_tok):
+    eng = _engine_dir(tmp_path, "trtllm", tekken_tok)
+    result = CliRunner().invoke(repo_command, [str(eng), "--out", str(tmp_path / "repo"), "--model-name", "llm",
+                                               "--no-enable-kv-cache-reuse", "--kv-cache-free-gpu-mem-fraction",
+                                               "0.5", "--max-batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    assert read_config(tmp_path / "repo" / "llm" / "config.pbtxt").name == "llm"
+    llm = read_config(tmp_path / "repo" / "tensorrt_llm" / "config.pbtxt")
+    assert llm.parameters["enable_kv_cache_reuse"].string_value == "false" and llm.max_batch_size == 4
