@@ -1,0 +1,117 @@
+"""Server lifecycle with tiny python models: start/stop, readiness, clear one-line errors (no LLM needed).
+
+Each test here starts at most one short-lived server; the session's LLM server (tests/test_triton_*.py) starts
+after this file has run.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import free_ports
+from nim_build.triton.server import ServerError, TritonServer
+
+IDENTITY_CONFIG = """name: "{name}"
+backend: "python"
+max_batch_size: 8
+input [{{ name: "IN" data_type: TYPE_STRING dims: [1] }}]
+output [{{ name: "OUT" data_type: TYPE_STRING dims: [1] }}]
+instance_group [{{ count: 1 kind: KIND_CPU }}]
+"""
+IDENTITY_MODEL = """import triton_python_backend_utils as pb_utils
+class TritonPythonModel:
+    def initialize(self, args):
+        {init}
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("OUT", pb_utils.get_input_tensor_by_name(r, "IN")
+                .as_numpy())]) for r in requests]
+"""
+
+
+def _repo(root: Path, init: str = "pass") -> Path:
+    model = root / "repo" / "ident"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text(IDENTITY_CONFIG.format(name="ident"))
+    (model / "1" / "model.py").write_text(IDENTITY_MODEL.format(init=init))
+    return root / "repo"
+
+
+def _server(repo: Path, **kw) -> TritonServer:
+    http, grpc, metrics = free_ports(3)
+    return TritonServer(repo, host="127.0.0.1", http_port=http, grpc_port=grpc, metrics_port=metrics,
+                        exit_timeout_s=3, **kw)
+
+
+def test_start_infer_stop(tmp_path):
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    server = _server(_repo(tmp_path))
+    with server:
+        assert server.ready()
+        client = httpclient.InferenceServerClient(server.http_url)
+        inp = httpclient.InferInput("IN", [1, 1], "BYTES")
+        inp.set_data_from_numpy(np.array([["héllo".encode()]], dtype=object))
+        assert client.infer("ident", [inp]).as_numpy("OUT")[0, 0].decode() == "héllo"
+        client.close()
+    assert server.proc.returncode == 0
+    assert not server.running() and not server.ready()
+
+
+def test_repository_that_does_not_load_shows_tritons_reason(tmp_path):
+    server = _server(_repo(tmp_path, init="raise ValueError('tokenizer directory missing')"))
+    server.start()
+    try:
+        with pytest.raises(ServerError, match="tokenizer directory missing") as e:
+            server.wait_ready(60)
+        assert "\n" not in str(e.value)
+    finally:
+        server.stop()
+
+
+def test_busy_port(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        http, metrics = free_ports(2)
+        server = TritonServer(_repo(tmp_path), host="127.0.0.1", http_port=http, grpc_port=port,
+                              metrics_port=metrics)
+        with pytest.raises(ServerError, match=f"port {port} is already in use.*--grpc-port"):
+            server.start()
+    assert server.proc is None
+
+
+def test_not_a_repository(tmp_path):
+    with pytest.raises(ServerError, match="not a Triton model repository"):
+        TritonServer(tmp_path)
+
+
+def _serve_cli(args, env=None):
+    return subprocess.run([sys.executable, "-m", "nim_build", "serve", *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_cli_missing_binary(tmp_path):
+    import os
+
+    env = dict(os.environ, TRITONSERVER=str(tmp_path / "no-tritonserver"))
+    out = _serve_cli([str(_repo(tmp_path))], env=env)
+    assert out.returncode == 2
+    assert out.stderr.startswith("Error: TRITONSERVER=") and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cli_busy_port(tmp_path):
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = _serve_cli([str(_repo(tmp_path)), "--http-port", str(port)])
+    assert out.returncode == 2
+    assert out.stderr.strip() == (f"Error: port {port} is already in use on 0.0.0.0; stop what listens there or "
+                                  "pick another with --http-port")
