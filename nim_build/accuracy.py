@@ -72,8 +72,9 @@ def evaluate(hf_model_dir: str | Path, engine_or_checkpoint_dir: str | Path, tok
 
 
 def _batches(token_batches) -> Iterable[torch.Tensor]:
-    if isinstance(token_batches, torch.Tensor) or (token_batches and isinstance(token_batches[0], int)):
-        token_batches = [token_batches]
+    if hasattr(token_batches, "shape") or (isinstance(token_batches, list) and token_batches
+                                           and isinstance(token_batches[0], int)):
+        token_batches = [token_batches]  # one tensor / array / id list: a single batch
     for b in token_batches:
         t = torch.as_tensor(b, dtype=torch.long)
         t = t[None] if t.dim() == 1 else t
@@ -114,10 +115,11 @@ def diagnose(report: dict) -> str:
     the previous one, else the layer with the largest growth."""
     errs = report["layer_rel_error"]
     names = ["embeddings"] + [f"layer {i}" for i in range(len(errs) - 2)] + [f"layer {len(errs) - 2} + final norm"]
-    ratios = [errs[i] / max(errs[i - 1], 1e-12) for i in range(1, len(errs))]
+    ratios = [errs[i] / max(errs[i - 1], 1e-6) for i in range(1, len(errs))]
     jumps = [i for i, r in enumerate(ratios, 1) if r >= JUMP_FACTOR and errs[i] > 1e-3]
     i = jumps[0] if jumps else 1 + max(range(len(ratios)), key=ratios.__getitem__)
     worst = max(range(len(errs)), key=errs.__getitem__)
-    return (f"diagnosis: hidden-state relative error jumps at {names[i]} ({errs[i - 1]:.3g} -> {errs[i]:.3g}, "
-            f"x{errs[i] / max(errs[i - 1], 1e-12):.1f}); largest at {names[worst]} ({errs[worst]:.3g}); "
-            f"check that layer's weights, scales and tensor mapping")
+    growth = f", x{errs[i] / errs[i - 1]:.1f}" if errs[i - 1] > 1e-9 else ""
+    return (f"diagnosis: hidden-state relative error jumps at {names[i]} ({errs[i - 1]:.3g} -> {errs[i]:.3g}"
+            f"{growth}); largest at {names[worst]} ({errs[worst]:.3g}); check that layer's weights, scales and "
+            f"tensor mapping")

@@ -118,3 +118,42 @@ def triton_serve(reference_engine_dir, tmp_path_factory):
         yield served
     finally:
         served.stop()
+
+
+# --- reference runtime (tests/test_runtime*.py, tests/test_scheduler.py, tests/test_accuracy.py) --------------
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory: tiny_checkpoint(quant="bf16", tp=1, kv_cache="auto", **make_tiny_model kwargs) -> (hf_dir, ckpt_dir).
+
+    A tiny random HF model and its TensorRT-LLM checkpoint written by nim_build.convert; cached for the session."""
+    import torch
+    from tiny_models import make_calib_ids, make_tiny_model
+
+    from nim_build.convert import convert_checkpoint
+
+    root, made = tmp_path_factory.mktemp("tiny_ckpt"), {}
+
+    def make(quant: str = "bf16", tp: int = 1, kv_cache: str = "auto", **model_kw):
+        key = repr((quant, tp, kv_cache, sorted(model_kw.items())))
+        if key not in made:
+            d = root / f"m{len(made)}"
+            hf = make_tiny_model(d / "hf", **model_kw)
+            ckpt = d / "checkpoint"
+            ckpt.mkdir()
+            calib = torch.as_tensor(make_calib_ids(model_kw.get("vocab_size", 256))) if quant == "fp8" else None
+            convert_checkpoint(hf, ckpt, quant=quant, kv_cache=kv_cache, tp=tp, calib_ids=calib)
+            made[key] = (hf, ckpt)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_bf16_checkpoint(default_model_dir, tmp_path_factory) -> Path:
+    """The embedded default model converted to a bf16 TensorRT-LLM checkpoint (a few seconds)."""
+    from nim_build.convert import convert_checkpoint
+
+    out = tmp_path_factory.mktemp("smollm2_bf16")
+    convert_checkpoint(default_model_dir, out, quant="bf16")
+    return out

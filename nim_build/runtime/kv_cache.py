@@ -36,7 +36,7 @@ class PagedKVCache:
         self.block_size = block_size
         self.dtype = dtype
         self.scales = None if fp8_scales is None else [s.to(device).reshape(1, 1, 1) for s in fp8_scales]
-        store = fp8.FP8 if fp8_scales is not None else dtype
+        store = torch.uint8 if fp8_scales is not None else dtype  # FP8 bytes (CPU indexing lacks float8 kernels)
         shape = (num_blocks * block_size, kv_heads, head_size)
         self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
@@ -52,13 +52,14 @@ class PagedKVCache:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.scales is not None:
-            k, v = fp8.quantize(k, self.scales[layer]), fp8.quantize(v, self.scales[layer])
-        self.k[layer].index_copy_(0, slots, k.to(self.k[layer].dtype))
-        self.v[layer].index_copy_(0, slots, v.to(self.v[layer].dtype))
+            k = fp8.quantize(k, self.scales[layer]).view(torch.uint8)
+            v = fp8.quantize(v, self.scales[layer]).view(torch.uint8)
+        self.k[layer].index_copy_(0, slots, k)
+        self.v[layer].index_copy_(0, slots, v)
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.k[layer][slots], self.v[layer][slots]
         if self.scales is not None:
             s = self.scales[layer]
-            return (k.float() * s).to(self.dtype), (v.float() * s).to(self.dtype)
+            return ((k.view(fp8.FP8).float() * s).to(self.dtype), (v.view(fp8.FP8).float() * s).to(self.dtype))
         return k, v

@@ -1,0 +1,149 @@
+"""Reference runtime vs transformers: checkpoint loading (any tp), decoder numerics, FP8 paths, engine dir layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from tiny_models import llama3_scaling
+
+from nim_build.errors import CheckpointError, UserError
+from nim_build.manifest import write_manifest
+from nim_build.runtime import DecoderModel, LLMEngine, SamplingParams, SeqChunk
+from nim_build.runtime.checkpoint import load_checkpoint
+from nim_build.runtime.kv_cache import PagedKVCache
+
+NEMO_SHAPE = dict(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=32)  # head_dim != hidden/heads, GQA
+
+
+def hf_logits(hf_dir, ids: torch.Tensor) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return model(ids[None]).logits[0]
+
+
+def ours_logits(ckpt, ids: torch.Tensor, **kw) -> torch.Tensor:
+    model = DecoderModel.from_checkpoint(ckpt, **kw)
+    return model.forward(ids, [SeqChunk(0, len(ids))], all_logits=True).logits
+
+
+IDS = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_bf16_nemo_shape_matches_transformers_tightly(tiny_checkpoint, tp):
+    # tp 4 with 2 KV heads: the converter replicates each KV head twice, the loader must take it once
+    hf, ckpt = tiny_checkpoint("bf16", tp, **NEMO_SHAPE)
+    ref, ours = hf_logits(hf, IDS), ours_logits(ckpt, IDS)
+    assert (ours - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("quant", ["fp8", "fp8-pc-pt"])
+def test_fp8_nemo_shape_matches_within_fp8_tolerance(tiny_checkpoint, tp, quant):
+    hf, ckpt = tiny_checkpoint(quant, tp, **NEMO_SHAPE)
+    ref, ours = hf_logits(hf, IDS), ours_logits(ckpt, IDS)
+    err = (ours - ref).abs().max() / ref.abs().max()
+    assert 0 < err < 0.05  # FP8 rounding is visible, but small
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_fp8_weights_stay_fp8_and_ranks_merge_to_one_scale(tiny_checkpoint):
+    _, ckpt = tiny_checkpoint("fp8", 2, **NEMO_SHAPE)
+    c = load_checkpoint(ckpt)
+    qkv = c.layers[0].qkv
+    assert qkv.weight.dtype == torch.float8_e4m3fn and qkv.weight.shape == ((4 + 2 * 2) * 32, 64)
+    assert qkv.w_scale.shape == (1, 1) and qkv.a_scale.shape == (1, 1)
+    assert c.layers[0].dense.weight.shape == (64, 4 * 32) and c.lm_head.weight.dtype == torch.bfloat16
+    model = DecoderModel(c)
+    assert model.layers[0].fc.weight.dtype == torch.float8_e4m3fn  # dequantized per call, not at load
+
+
+def test_activation_fake_quant_is_on_for_fp8_and_can_be_turned_off(tiny_checkpoint):
+    hf, ckpt = tiny_checkpoint("fp8", 1, **NEMO_SHAPE)
+    assert DecoderModel.from_checkpoint(ckpt).fake_quant
+    on, off = ours_logits(ckpt, IDS), ours_logits(ckpt, IDS, fake_quant_activations=False)
+    assert not torch.equal(on, off) and (on - off).abs().max() < 0.05 * on.abs().max()
+
+
+@pytest.mark.parametrize("model_kw", [
+    dict(arch="LlamaForCausalLM", rope_scaling=llama3_scaling("rope_type"), tie_word_embeddings=True),
+    dict(arch="LlamaForCausalLM", rope_scaling={"type": "linear", "factor": 4.0}, spelling="tf457"),
+    dict(rope_theta=10000.0, spelling="tf5", num_kv_heads=4),
+])
+def test_rope_variants_and_tied_embeddings_match_transformers(tiny_checkpoint, model_kw):
+    hf, ckpt = tiny_checkpoint("bf16", 1, **model_kw)
+    ids = torch.arange(300) % 256  # past original_max_position_embeddings=256 of the llama3 dict
+    assert (ours_logits(ckpt, ids) - hf_logits(hf, ids)).abs().max() < 1e-4
+
+
+def test_paged_cache_and_chunks_give_the_full_forward_result(tiny_checkpoint):
+    _, ckpt = tiny_checkpoint("fp8", 1, kv_cache="fp8", **NEMO_SHAPE)
+    model = DecoderModel.from_checkpoint(ckpt)
+    assert model.kv_fp8 and all(float(s) >= 1.0 for s in model.kv_scales())
+    full = model.forward(IDS, [SeqChunk(0, 24)], all_logits=True).logits
+    c = model.cfg
+    cache = PagedKVCache(c.num_layers, 8, 4, c.num_kv_heads, c.head_size, model.dtype, model.device, model.kv_scales())
+    assert cache.k[0].element_size() == 1
+    blocks = [5, 2, 7, 0, 3, 1]  # scattered blocks
+    rows = []
+    for start, end in [(0, 10), (10, 11), (11, 20), (20, 24)]:
+        rows.append(model.forward(IDS[start:end], [SeqChunk(start, end - start, blocks)], cache).logits[0])
+    assert torch.allclose(torch.stack(rows), full[[9, 10, 19, 23]], atol=1e-5)
+
+
+def test_missing_rank_file_is_a_clear_error(tiny_checkpoint, tmp_path):
+    _, ckpt = tiny_checkpoint("bf16", 2, **NEMO_SHAPE)
+    (tmp_path / "config.json").write_text((ckpt / "config.json").read_text())
+    (tmp_path / "rank0.safetensors").write_bytes((ckpt / "rank0.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="rank1.safetensors"):
+        load_checkpoint(tmp_path)
+
+
+def make_engine_dir(root, ckpt, **build):
+    """ENGINE/checkpoint/ + ENGINE/tokenizer/ + ENGINE/manifest.json as nim_build engine writes them."""
+    engine = root / "engine"
+    (engine / "checkpoint").mkdir(parents=True)
+    for f in ckpt.iterdir():
+        (engine / "checkpoint" / f.name).write_bytes(f.read_bytes())
+    (engine / "tokenizer").mkdir()
+    write_manifest(engine, {"name": "tiny", "backend": "reference",
+                            "build": {"max_seq_len": 128, "max_batch_size": 4, "max_num_tokens": 64, **build},
+                            "tokenizer": {"dir": "tokenizer", "kind": "hf", "bos_id": 1, "end_id": 2, "pad_id": 2}})
+    return engine
+
+
+def test_engine_dir_layout_sets_limits_and_ids(tiny_checkpoint, tmp_path):
+    _, ckpt = tiny_checkpoint("fp8", 2, **NEMO_SHAPE)
+    engine = LLMEngine.from_engine_dir(make_engine_dir(tmp_path, ckpt), device="cpu", kv_cache_bytes=1 << 20)
+    assert (engine.max_seq_len, engine.max_batch_size, engine.max_num_tokens) == (128, 4, 64)
+    assert (engine.end_id, engine.pad_id, engine.vocab_size) == (2, 2, 256)
+    out = engine.generate([5, 6, 7], SamplingParams(8, end_id=-1))
+    assert len(out) == 8 and all(0 <= t < 256 for t in out)
+    engine.shutdown()
+    with pytest.raises(UserError, match="manifest"):
+        LLMEngine.from_engine_dir(ckpt)
+
+
+def test_default_model_bf16_reproduces_transformers_greedy_generation(default_model_dir, smollm2_bf16_checkpoint):
+    """SmolLM2-135M-Instruct (real weights), bf16 checkpoint, float32 compute on both sides: same tokens."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(default_model_dir)
+    model = DecoderModel.from_checkpoint(smollm2_bf16_checkpoint)
+    engine = LLMEngine(model, max_seq_len=256, max_batch_size=4, end_id=-1)
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    for prompt in prompts:
+        ids = tok(prompt)["input_ids"]
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=None,
+                          pad_token_id=2)[0, len(ids):].tolist()
+        assert engine.generate(ids, SamplingParams(20, end_id=-1)) == ref, prompt
+    engine.shutdown()
+
+
+def test_checkpoint_config_is_read_from_config_json(tiny_checkpoint):
+    _, ckpt = tiny_checkpoint("bf16", 1, **NEMO_SHAPE)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    c = load_checkpoint(ckpt).config
+    assert (c.head_size, c.num_kv_heads, c.rotary_base) == (32, 2, cfg["rotary_base"]) == (32, 2, 1e6)
