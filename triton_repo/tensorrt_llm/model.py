@@ -168,41 +168,57 @@ class TritonPythonModel:
         ])
 
     def _send_loop(self):
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         while not self.stopping.is_set():
             try:
-                state, ev = self.events.get(timeout=0.2)
+                batch = [self.events.get(timeout=0.2)]
             except queue.Empty:
                 continue
-            try:
-                if ev.finished:
-                    with self.lock:
-                        self.active.pop(state.rid, None)
-                        if state.key and self.by_key.get(state.key) is state:
-                            del self.by_key[state.key]
-                if ev.error or ev.finish_reason == "error":
-                    response = tc.error(f"generation failed: {ev.error}")
-                elif state.streaming:
-                    if not ev.token_ids and not ev.finished:
-                        continue
-                    response = self._response(state, list(ev.token_ids))
+            while len(batch) < 4096:
+                try:
+                    batch.append(self.events.get_nowait())
+                except queue.Empty:
+                    break
+            # When responses fall behind the engine, a request's waiting tokens go out in one response
+            # (streams stay in order; clients concatenate pieces either way).
+            merged: dict[int, list] = {}
+            for state, ev in batch:
+                entry = merged.setdefault(id(state), [state, [], ev])
+                entry[1].extend(ev.token_ids)
+                entry[2] = ev
+            for state, tokens, ev in merged.values():
+                self._deliver(state, tokens, ev)
+
+    def _deliver(self, state: _Request, tokens: list[int], ev) -> None:
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        try:
+            if ev.finished:
+                with self.lock:
+                    self.active.pop(state.rid, None)
+                    if state.key and self.by_key.get(state.key) is state:
+                        del self.by_key[state.key]
+            if ev.error or ev.finish_reason == "error":
+                response = tc.error(f"generation failed: {ev.error}")
+            elif state.streaming:
+                if not tokens and not ev.finished:
+                    return
+                response = self._response(state, tokens)
+            else:
+                state.tokens.extend(tokens)
+                if not ev.finished:
+                    return
+                response = self._response(state, list(state.prefix) + state.tokens)
+            if state.sender is not None:
+                if ev.finish_reason == "cancelled":
+                    state.sender.send(flags=final)
                 else:
-                    state.tokens.extend(ev.token_ids)
-                    if not ev.finished:
-                        continue
-                    response = self._response(state, list(state.prefix) + state.tokens)
-                if state.sender is not None:
-                    if ev.finish_reason == "cancelled":
-                        state.sender.send(flags=final)
-                    else:
-                        state.sender.send(response, flags=final if ev.finished else 0)
-                else:
-                    state.response = response
-                if ev.finished:
-                    state.done.set()
-            except Exception as e:  # a client gone mid-stream: cancel its request, keep serving the others
-                self.logger.log_warn(f"tensorrt_llm: response for request {state.rid} not delivered: {e}")
-                self.engine.cancel(state.rid)
+                    state.sender.send(response, flags=final if ev.finished else 0)
+            else:
+                state.response = response
+            if ev.finished:
+                state.done.set()
+        except Exception as e:  # a client gone mid-stream: cancel its request, keep serving the others
+            self.logger.log_warn(f"tensorrt_llm: response for request {state.rid} not delivered: {e}")
+            self.engine.cancel(state.rid)
 
     def _watch_loop(self):
         """Cancel requests whose client cancelled or disconnected; export engine statistics."""

@@ -1,0 +1,284 @@
+"""Serving-path benchmark: what preprocessing and postprocessing sustain per instance, and the ensemble's overhead.
+
+A real Triton server runs the generated repository with a trivial engine (nim_build.triton.trivial_engine: no
+model, one token per request per in-flight step), so what is measured is the Triton python models around the
+engine. Throughput is reported per CPU-second of the model's own stub process (psutil), i.e. tokens/s per core,
+which stays meaningful on a busy machine; wall-clock rates are printed too.
+
+    python bench/serving.py [--engine-dir DIR] [--requests 400] [--concurrency 16] [--json]
+
+Measures:
+  preprocessing   prompt tokens encoded per CPU-second (multilingual ~300-token prompts, unary gRPC)
+  postprocessing  streamed tokens detokenized per CPU-second, stateful streaming detokenization, responses of
+                  1 token (every step of a stream) and of 16 tokens (non-streaming-sized)
+  ensemble        streaming generation through the whole ensemble: tokens/s, CPU-s per token of pre/post
+  latency         one-shot request latency p50/p99 through `ensemble` vs `tensorrt_llm` directly (same ids);
+                  the difference is what preprocessing + postprocessing + ensemble scheduling add
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+TEXT = ("The quick brown fox jumps over the lazy dog. 中文分词测试：我们今天去北京大学参观。 "
+        "한국어 텍스트입니다, 안녕하세요! مرحبا بالعالم، هذا نص عربي. Emoji 🙂👍🏽 and code:\n\tdef f(x): return x * 2\n")
+
+
+def trivial_engine_dir(root: Path, source: Path | None) -> Path:
+    """An engine directory for the trivial engine: a manifest and the tokenizer (of `source` or the default model)."""
+    from nim_build.manifest import load_manifest, write_manifest
+
+    eng = root / "trivial-engine"
+    if source is not None:
+        manifest = load_manifest(source)
+        shutil.copytree(source / manifest["tokenizer"].get("dir", "tokenizer"), eng / "tokenizer")
+        tok, vocab = manifest["tokenizer"], manifest["spec"]["vocab_size"]
+    else:
+        from nim_build.default_model import materialize_default_model
+
+        model = materialize_default_model()
+        (eng / "tokenizer").mkdir(parents=True)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+            if (model / name).is_file():
+                shutil.copy(model / name, eng / "tokenizer" / name)
+        tok = {"dir": "tokenizer", "kind": "hf", "bos_id": 1, "end_id": 2, "pad_id": 2, "chat_template": True}
+        vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    write_manifest(eng, {"name": "trivial", "backend": "reference", "spec": {"vocab_size": vocab},
+                         "build": {"max_batch_size": 64, "max_seq_len": 4096, "world_size": 1}, "tokenizer": tok})
+    return eng
+
+
+def stub_of(server, model: str) -> psutil.Process:
+    for p in psutil.Process(server.proc.pid).children(recursive=True):
+        if "triton_python_backend_stub" in p.name() and any(f"/{model}/" in a for a in p.cmdline()):
+            return p
+    raise RuntimeError(f"no stub process for {model}")
+
+
+def cpu_s(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
+def unary_many(url, model, make_inputs, n, concurrency, request_id=None):
+    """n unary gRPC requests, `concurrency` in flight; returns wall seconds."""
+    import tritonclient.grpc as grpcclient
+
+    clients = [grpcclient.InferenceServerClient(url) for _ in range(concurrency)]
+
+    def worker(k):
+        c = clients[k]
+        for i in range(k, n, concurrency):
+            c.infer(model, make_inputs(i), request_id=request_id(i) if request_id else "")
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(worker, range(concurrency)))
+    wall = time.perf_counter() - t0
+    for c in clients:
+        c.close()
+    return wall
+
+
+def bench_preprocessing(server, tok, n, concurrency):
+    import tritonclient.grpc as grpcclient
+
+    prompt = TEXT * 3
+    n_tokens = len(tok.encode(prompt))
+
+    def inputs(_):
+        q = grpcclient.InferInput("QUERY", [1, 1], "BYTES")
+        q.set_data_from_numpy(np.array([[prompt.encode()]], dtype=object))
+        m = grpcclient.InferInput("REQUEST_OUTPUT_LEN", [1, 1], "INT32")
+        m.set_data_from_numpy(np.array([[16]], dtype=np.int32))
+        return [q, m]
+
+    stub, srv = stub_of(server, "preprocessing"), psutil.Process(server.proc.pid)
+    c0, s0 = cpu_s(stub), cpu_s(srv)
+    wall = unary_many(server.grpc_url, "preprocessing", inputs, n, concurrency)
+    cpu = max(cpu_s(stub) - c0, 1e-3)  # psutil's clock ticks are 10 ms
+    both = cpu + cpu_s(srv) - s0
+    return {"requests": n, "tokens_per_request": n_tokens, "tokens_per_s_wall": n * n_tokens / wall,
+            "tokens_per_cpu_s": n * n_tokens / cpu, "tokens_per_cpu_s_with_server": n * n_tokens / both,
+            "requests_per_cpu_s": n / cpu}
+
+
+def bench_postprocessing(server, tok, n, concurrency, chunk):
+    """Streams of `chunk`-token responses with request ids (the ensemble's streaming path)."""
+    import tritonclient.grpc as grpcclient
+
+    ids = tok.encode(TEXT * 40, add_special_tokens=False)
+    streams = concurrency
+
+    def inputs(i):
+        s, k = i % streams, i // streams
+        start = (k * chunk) % (len(ids) - chunk)
+        toks = np.array([[ids[start : start + chunk]]], dtype=np.int32)
+        t = grpcclient.InferInput("TOKENS_BATCH", list(toks.shape), "INT32")
+        t.set_data_from_numpy(toks)
+        ln = grpcclient.InferInput("SEQUENCE_LENGTH", [1, 1], "INT32")
+        ln.set_data_from_numpy(np.array([[chunk]], dtype=np.int32))
+        return [t, ln]
+
+    stub, srv = stub_of(server, "postprocessing"), psutil.Process(server.proc.pid)
+    c0, s0 = cpu_s(stub), cpu_s(srv)
+    wall = unary_many(server.grpc_url, "postprocessing", inputs, n, concurrency,
+                      request_id=lambda i: f"bench-{chunk}-{i % streams}")
+    cpu = max(cpu_s(stub) - c0, 1e-3)  # psutil's clock ticks are 10 ms
+    both = cpu + cpu_s(srv) - s0
+    return {"requests": n, "tokens_per_response": chunk, "tokens_per_s_wall": n * chunk / wall,
+            "tokens_per_cpu_s": n * chunk / cpu, "tokens_per_cpu_s_with_server": n * chunk / both,
+            "responses_per_cpu_s": n / cpu}
+
+
+def bench_ensemble_stream(server, n_streams, max_tokens):
+    from nim_build.triton.client import Client, GenerateRequest
+
+    pre, post = stub_of(server, "preprocessing"), stub_of(server, "postprocessing")
+    llm = stub_of(server, "tensorrt_llm")
+    c0, l0 = cpu_s(pre) + cpu_s(post), cpu_s(llm)
+    t0 = time.perf_counter()
+
+    def one(_):
+        r = Client(server.grpc_url, "grpc", "ensemble").generate(
+            GenerateRequest(prompt=TEXT, max_tokens=max_tokens, stream=True))
+        return len(r.chunks)
+
+    with ThreadPoolExecutor(n_streams) as pool:
+        chunks = sum(pool.map(one, range(n_streams)))
+    wall = time.perf_counter() - t0
+    cpu = cpu_s(pre) + cpu_s(post) - c0
+    tokens = n_streams * max_tokens
+    return {"streams": n_streams, "max_tokens": max_tokens, "responses": chunks, "tokens_per_s_wall": tokens / wall,
+            "pre_post_tokens_per_cpu_s": tokens / max(cpu, 1e-3),
+            "tensorrt_llm_stub_tokens_per_cpu_s": tokens / max(cpu_s(llm) - l0, 1e-3)}
+
+
+def _stream_latency(url, model, inputs, n):
+    import tritonclient.grpc as grpcclient
+
+    results: queue.Queue = queue.Queue()
+    c = grpcclient.InferenceServerClient(url)
+    c.start_stream(callback=lambda result, error: results.put((result, error)))
+    lat = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        c.async_stream_infer(model, inputs(), request_id=f"lat-{model}-{i}")
+        result, error = results.get(timeout=60)
+        if error is not None:
+            raise RuntimeError(error)
+        lat.append(time.perf_counter() - t0)
+    c.stop_stream()
+    c.close()
+    return lat
+
+
+def bench_latency(server, tok, n, max_tokens):
+    import tritonclient.grpc as grpcclient
+
+    from nim_build.triton.client import grpc_inputs
+
+    ids = tok.encode(TEXT)
+
+    def llm_inputs():
+        out = []
+        for name, arr, dt in (("input_ids", np.array([ids], dtype=np.int32), "INT32"),
+                              ("input_lengths", np.array([[len(ids)]], dtype=np.int32), "INT32"),
+                              ("request_output_len", np.array([[max_tokens]], dtype=np.int32), "INT32")):
+            x = grpcclient.InferInput(name, list(arr.shape), dt)
+            x.set_data_from_numpy(arr)
+            out.append(x)
+        return out
+
+    def ens_inputs():
+        return grpc_inputs({"text_input": TEXT, "max_tokens": max_tokens, "stream": False})
+
+    direct = _stream_latency(server.grpc_url, "tensorrt_llm", llm_inputs, n)
+    ens = _stream_latency(server.grpc_url, "ensemble", ens_inputs, n)
+
+    def pct(xs, q):
+        return 1000 * float(np.percentile(xs, q))
+
+    return {"requests": n, "max_tokens": max_tokens,
+            "tensorrt_llm_ms": {"p50": pct(direct, 50), "p99": pct(direct, 99)},
+            "ensemble_ms": {"p50": pct(ens, 50), "p99": pct(ens, 99)},
+            "added_ms": {"p50": pct(ens, 50) - pct(direct, 50), "p99": pct(ens, 99) - pct(direct, 99)},
+            "mean_added_ms": 1000 * (statistics.mean(ens) - statistics.mean(direct))}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine-dir", type=Path, help="take the tokenizer from this engine [default: the default model]")
+    ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from nim_build.tokenizer import Tokenizer
+    from nim_build.triton.repo import RepoOptions, generate_repo
+    from nim_build.triton.server import TritonServer
+
+    root = Path(tempfile.mkdtemp(prefix="bench_serving_"))
+    try:
+        eng = trivial_engine_dir(root, args.engine_dir)
+        tok = Tokenizer.from_engine_dir(eng)
+        repo = generate_repo(eng, root / "repo",
+                             RepoOptions(engine_class="nim_build.triton.trivial_engine:TrivialEngine"))
+        ports = []
+        for _ in range(3):
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                ports.append(s.getsockname()[1])
+        server = TritonServer(repo, host="127.0.0.1", http_port=ports[0], grpc_port=ports[1],
+                              metrics_port=ports[2], exit_timeout_s=3)
+        with server:
+          try:
+            bench_preprocessing(server, tok, 20, 2)  # warm up
+            bench_postprocessing(server, tok, 20, 2, 1)
+            report = {
+                "machine": {"cpus": psutil.cpu_count(), "load_avg_1m": psutil.getloadavg()[0]},
+                "preprocessing": bench_preprocessing(server, tok, args.requests, args.concurrency),
+                "postprocessing_stream_1": bench_postprocessing(server, tok, args.requests * 4, args.concurrency, 1),
+                "postprocessing_16": bench_postprocessing(server, tok, args.requests, args.concurrency, 16),
+                "ensemble_stream": bench_ensemble_stream(server, args.concurrency, 64),
+                "latency": bench_latency(server, tok, max(50, args.requests // 4), 16),
+            }
+          except Exception:
+            print(server.logs(60), file=sys.stderr)
+            raise
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for name, values in report.items():
+            print(f"{name}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
+    return 0
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:,.1f}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}={_fmt(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
