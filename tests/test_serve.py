@@ -115,3 +115,55 @@ def test_cli_busy_port(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip() == (f"Error: port {port} is already in use on 0.0.0.0; stop what listens there or "
                                   "pick another with --http-port")
+
+
+def test_world_size_runs_one_process_per_rank_under_mpirun(tmp_path, monkeypatch):
+    """TP engines: mpirun, rank 0 serves every model, other ranks only tensorrt_llm, own shm prefix each."""
+    import json
+
+    from nim_build.triton.server import engine_world_size
+
+    repo = _repo(tmp_path)
+    llm = repo / "tensorrt_llm"
+    (llm / "1").mkdir(parents=True)
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    (engine / "config.json").write_text(json.dumps({"pretrained_config": {"mapping": {"world_size": 2}}}))
+    (llm / "config.pbtxt").write_text(f'name: "tensorrt_llm"\nbackend: "tensorrtllm"\nparameters {{ key: '
+                                      f'"gpt_model_path" value {{ string_value: "{engine}" }} }}\n')
+    assert engine_world_size(repo) == 2
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/mpirun")
+    server = TritonServer(repo, http_port=1, grpc_port=2, metrics_port=3)
+    cmd = server.command(Path("/opt/tritonserver/bin/tritonserver"), Path("/opt/tritonserver/backends"))
+    assert cmd[:2] == ["/usr/bin/mpirun", "--allow-run-as-root"]
+    ranks = " ".join(cmd[2:]).split(" : ")
+    assert len(ranks) == 2
+    assert "--load-model=tensorrt_llm" not in ranks[0] and "--http-port=1" in ranks[0]
+    assert "--model-control-mode=explicit --load-model=tensorrt_llm" in ranks[1]
+    prefixes = [r.split("shm-region-prefix-name=")[1].split()[0] for r in ranks]
+    assert prefixes[0] != prefixes[1]
+
+
+def test_cli_serves_until_sigterm_then_exits_cleanly(tmp_path):
+    import signal
+    import time
+
+    http, grpc, metrics = free_ports(3)
+    log = tmp_path / "serve.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "nim_build", "serve", str(_repo(tmp_path)), "--host",
+                                 "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port",
+                                 str(metrics), "--exit-timeout", "3", "--quiet", "--health-interval", "1"],
+                                stdout=f, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while "ready:" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert f"ready: HTTP 127.0.0.1:{http}  gRPC 127.0.0.1:{grpc}" in log.read_text()
+            time.sleep(1.5)  # at least one health check
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert "stopped (Triton exit code 0)" in log.read_text()

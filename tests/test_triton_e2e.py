@@ -227,12 +227,16 @@ def test_stop_request_cancels_ensemble_stream(triton_serve, reference):
     assert ok.text == reference[PROMPTS[2]]
 
 
-def test_infer_cli(triton_serve, reference):
+def test_infer_cli_equals_run_cli(triton_serve, reference):
+    """`nim_build infer` through the server prints what `nim_build run` prints locally (greedy)."""
+    run = subprocess.run([sys.executable, "-m", "nim_build", "run", str(triton_serve.engine_dir), "--prompt",
+                          PROMPTS[0], "--max-tokens", str(MAX_TOKENS)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
     base = [sys.executable, "-m", "nim_build", "infer", "--url", triton_serve.grpc_url]
     out = subprocess.run(base + ["--prompt", PROMPTS[0], "--max-tokens", str(MAX_TOKENS), "--stream"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout == reference[PROMPTS[0]] + "\n"
+    assert out.stdout == run.stdout == reference[PROMPTS[0]] + "\n"
     out = subprocess.run(base + ["--prompt", PROMPTS[0], "--max-tokens", str(MAX_TOKENS), "--json",
                                 "--model", "tensorrt_llm_bls"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
