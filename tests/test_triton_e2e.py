@@ -243,3 +243,40 @@ def test_infer_cli_equals_run_cli(triton_serve, reference):
     assert json.loads(out.stdout)["text_output"] == reference[PROMPTS[0]]
     out = subprocess.run(base + ["--prompt", "hi", "--max-tokens", "0"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.startswith("Error:") and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_postprocessing_streams_split_characters_exactly(triton_serve):
+    """The server's postprocessing keeps a stream's detokenizer per request id: one token per response, with
+    characters split across tokens (CJK, Korean, Arabic, emoji, tabs), still concatenates to the one-shot decode
+    and no piece carries a broken character."""
+    import tritonclient.grpc as grpcclient
+
+    from nim_build.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_engine_dir(triton_serve.engine_dir)
+    text = "北京大学 한국어 مرحبا 🙂👍🏽\tdef f(x):\n\treturn x"
+    ids = tok.encode(text, add_special_tokens=False)
+    c = grpcclient.InferenceServerClient(triton_serve.grpc_url)
+    pieces = []
+    try:
+        for i in ids:
+            t = grpcclient.InferInput("TOKENS_BATCH", [1, 1, 1], "INT32")
+            t.set_data_from_numpy(np.array([[[i]]], dtype=np.int32))
+            n = grpcclient.InferInput("SEQUENCE_LENGTH", [1, 1], "INT32")
+            n.set_data_from_numpy(np.array([[1]], dtype=np.int32))
+            out = c.infer("postprocessing", [t, n], request_id="split-chars").as_numpy("OUTPUT")
+            pieces.append(out.reshape(-1)[0].decode("utf-8"))
+    finally:
+        c.close()
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert pieces.count("") > 0  # partial characters were held back
+
+
+def test_client_that_gives_up_stops_its_ensemble_request(triton_serve, reference):
+    total_blocks = triton_serve.engine_stats()["total_blocks"]
+    impatient = Client(triton_serve.grpc_url, "grpc", "ensemble", timeout_s=1.5)
+    with pytest.raises(InferenceError, match="no response"):
+        impatient.generate(GenerateRequest(prompt=PROMPTS[0], max_tokens=480, stream=False))
+    stats = _wait_idle(triton_serve, total_blocks)
+    assert stats["active"] == 0 and stats["free_blocks"] == total_blocks, stats

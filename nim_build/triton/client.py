@@ -137,6 +137,7 @@ class Client:
 
         results: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
+        finished = False
         try:
             client.start_stream(callback=lambda result, error: results.put((result, error)))
             client.async_stream_infer(self.model, grpc_inputs(req.fields()), request_id=req.request_id,
@@ -157,11 +158,17 @@ class Client:
                         take(piece.decode("utf-8") if isinstance(piece, bytes) else str(piece))
                 final = result.get_response().parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
+                    finished = True
                     return
         except InferenceServerException as e:
+            finished = True
             raise InferenceError(f"{self.model} at {self.url}: {_message(e)}") from None
         finally:
             client.stop_stream(cancel_requests=True)
+            if not finished and self.model != "tensorrt_llm_bls":
+                # Interrupted or timed out: Triton 2.51 does not forward the stream's cancellation into an
+                # ensemble's steps, so stop our tensorrt_llm request by its id (TensorRT-LLM backend convention).
+                _send_stop(client, req.request_id)
             client.close()
 
     # -- HTTP ------------------------------------------------------------------------------------------------
@@ -190,6 +197,23 @@ class Client:
             raise InferenceError(f"{self.model}: HTTP {e.code}: {detail}") from None
         except urllib.error.URLError as e:
             raise InferenceError(f"cannot reach Triton at {self.url}: {e.reason}") from None
+
+
+def _send_stop(client, request_id: str) -> None:
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    for name, dtype, value in (("input_lengths", "INT32", np.int32(1)), ("request_output_len", "INT32", np.int32(1)),
+                               ("stop", "BOOL", np.bool_(True))):
+        inp = grpcclient.InferInput(name, [1, 1], dtype)
+        inp.set_data_from_numpy(np.array([[value]]))
+        inputs.append(inp)
+    try:
+        client.start_stream(callback=lambda result, error: None)
+        client.async_stream_infer("tensorrt_llm", inputs, request_id=request_id)
+        client.stop_stream()
+    except Exception:  # best effort: the server may be gone
+        pass
 
 
 def _http_text(data: dict) -> str:
