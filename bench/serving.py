@@ -8,10 +8,12 @@ which stays meaningful on a busy machine; wall-clock rates are printed too.
     python bench/serving.py [--engine-dir DIR] [--requests 400] [--concurrency 16] [--json]
 
 Measures:
+  library         nim_build.tokenizer alone: encode and one-token-at-a-time streaming decode, per CPU-second
   preprocessing   prompt tokens encoded per CPU-second (multilingual ~300-token prompts, unary gRPC)
   postprocessing  streamed tokens detokenized per CPU-second, stateful streaming detokenization, responses of
                   1 token (every step of a stream) and of 16 tokens (non-streaming-sized)
-  ensemble        streaming generation through the whole ensemble: tokens/s, CPU-s per token of pre/post
+  ensemble        32 streams through the whole ensemble, the engine stepping every 4 ms (one token per
+                  stream per step, 8k tokens/s offered): tokens/s delivered, pre+post tokens per CPU-second
   latency         one-shot request latency p50/p99 through `ensemble` vs `tensorrt_llm` directly (same ids);
                   the difference is what preprocessing + postprocessing + ensemble scheduling add
 """
@@ -33,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+STEP_DELAY_S = 0.004  # the trivial engine's step time: 250 steps/s, one token per stream per step
 TEXT = ("The quick brown fox jumps over the lazy dog. 中文分词测试：我们今天去北京大学参观。 "
         "한국어 텍스트입니다, 안녕하세요! مرحبا بالعالم، هذا نص عربي. Emoji 🙂👍🏽 and code:\n\tdef f(x): return x * 2\n")
 
@@ -56,6 +59,7 @@ def trivial_engine_dir(root: Path, source: Path | None) -> Path:
                 shutil.copy(model / name, eng / "tokenizer" / name)
         tok = {"dir": "tokenizer", "kind": "hf", "bos_id": 1, "end_id": 2, "pad_id": 2, "chat_template": True}
         vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    (eng / "trivial_engine.json").write_text(json.dumps({"step_delay_s": STEP_DELAY_S}))
     write_manifest(eng, {"name": "trivial", "backend": "reference", "spec": {"vocab_size": vocab},
                          "build": {"max_batch_size": 64, "max_seq_len": 4096, "world_size": 1}, "tokenizer": tok})
     return eng
@@ -91,6 +95,20 @@ def unary_many(url, model, make_inputs, n, concurrency, request_id=None):
     for c in clients:
         c.close()
     return wall
+
+
+def bench_library(tok):
+    """The tokenizer module alone, one thread: encode, and streaming decode one token at a time."""
+    text = TEXT * 200
+    t0 = time.process_time()
+    ids = tok.encode(text)
+    enc = len(ids) / (time.process_time() - t0)
+    dec = tok.stream_decoder()
+    t0 = time.process_time()
+    out = "".join(dec.step([i]) for i in ids) + dec.flush()
+    stream = len(ids) / (time.process_time() - t0)
+    assert out == tok.decode(ids)
+    return {"tokens": len(ids), "encode_tokens_per_cpu_s": enc, "stream_decode_tokens_per_cpu_s": stream}
 
 
 def bench_preprocessing(server, tok, n, concurrency):
@@ -145,6 +163,7 @@ def bench_postprocessing(server, tok, n, concurrency, chunk):
 
 
 def bench_ensemble_stream(server, n_streams, max_tokens):
+    """Streaming through the ensemble; the engine steps every STEP_DELAY_S, so responses carry one token."""
     from nim_build.triton.client import Client, GenerateRequest
 
     pre, post = stub_of(server, "preprocessing"), stub_of(server, "postprocessing")
@@ -253,10 +272,11 @@ def main(argv=None) -> int:
             bench_postprocessing(server, tok, 20, 2, 1)
             report = {
                 "machine": {"cpus": psutil.cpu_count(), "load_avg_1m": psutil.getloadavg()[0]},
+                "library": bench_library(tok),
                 "preprocessing": bench_preprocessing(server, tok, args.requests, args.concurrency),
                 "postprocessing_stream_1": bench_postprocessing(server, tok, args.requests * 4, args.concurrency, 1),
                 "postprocessing_16": bench_postprocessing(server, tok, args.requests, args.concurrency, 16),
-                "ensemble_stream": bench_ensemble_stream(server, args.concurrency, 64),
+                "ensemble_stream": bench_ensemble_stream(server, 32, 128),
                 "latency": bench_latency(server, tok, max(50, args.requests // 4), 16),
             }
           except Exception:

@@ -5,12 +5,14 @@ one token per request per step, with the same in-flight batching loop shape as t
 thread admits waiting requests up to max_batch_size and emits one TokenEvent per active request per step.
 With no model cost, what a benchmark measures is the Triton models around it (tokenization, detokenization,
 response plumbing). Select it in a repository with the tensorrt_llm parameter
-nim_build_engine = "nim_build.triton.trivial_engine:TrivialEngine".
+nim_build_engine = "nim_build.triton.trivial_engine:TrivialEngine". A `trivial_engine.json` file in the
+engine directory ({"step_delay_s": 0.005}) makes every step last that long, like a model would.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from collections import deque
@@ -69,6 +71,9 @@ class TrivialEngine:
                         kv_cache_bytes=None, tokens_per_block=32, step_delay_s: float = 0.0) -> "TrivialEngine":
         m = load_manifest(Path(engine_dir))
         tok = m["tokenizer"]
+        extra = Path(engine_dir) / "trivial_engine.json"
+        if extra.is_file():
+            step_delay_s = float(json.loads(extra.read_text()).get("step_delay_s", step_delay_s))
         return cls(max_seq_len=int(m["build"]["max_seq_len"]),
                    max_batch_size=int(max_batch_size or m["build"]["max_batch_size"]),
                    end_id=int(tok["end_id"]), pad_id=int(tok["pad_id"] if tok["pad_id"] is not None else tok["end_id"]),

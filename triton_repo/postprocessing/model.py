@@ -16,8 +16,8 @@ from collections import OrderedDict
 import numpy as np
 import triton_common as tc
 
-STATE_TTL_S = 300.0
-MAX_STATES = 65536
+STATE_TTL_S = 120.0
+MAX_STATES = 4096  # far above the streams one engine instance runs at once (its max batch + queue)
 
 
 class TritonPythonModel:
