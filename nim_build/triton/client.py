@@ -189,7 +189,8 @@ class Client:
                     if line.startswith("data:"):
                         take(_http_text(json.loads(line[5:])))
         except urllib.error.HTTPError as e:
-            detail = e.read().decode("utf-8", errors="replace")
+            detail = e.read().decode("utf-8", errors="replace").strip()
+            detail = detail[5:].strip() if detail.startswith("data:") else detail  # generate_stream's error event
             try:
                 detail = json.loads(detail).get("error", detail)
             except json.JSONDecodeError:
