@@ -106,8 +106,8 @@ def dd_baseline(inputs: list[Path], out_bytes: int, scratch: Path) -> tuple[floa
     return read_s, write_s
 
 
-def engine_cmd(model: Path, out: Path, samples: int, seq: int) -> list[str]:
-    return [sys.executable, "-m", "nim_build", "engine", str(model), "--out", str(out), "--quant", "fp8",
+def engine_cmd(model: Path, out: Path, samples: int, seq: int, quant: str = "fp8") -> list[str]:
+    return [sys.executable, "-m", "nim_build", "engine", str(model), "--out", str(out), "--quant", quant,
             "--backend", "reference", "--no-accuracy-gate", "--calib-samples", str(samples),
             "--calib-seq-len", str(seq), "--force", "--json"]
 
@@ -119,21 +119,26 @@ def bench_nemo(work: Path, samples: int, seq: int) -> dict:
         write_synthetic(model, NEMO, "MistralForCausalLM", shards=5)
     inputs = sorted(model.glob("*.safetensors"))
     in_bytes = sum(f.stat().st_size for f in inputs)
-    out = work / "nemo-fp8"
-    drop_caches()
-    wall, rss, proc = timed(engine_cmd(model, out, samples, seq), stdout=subprocess.PIPE)
-    manifest = json.loads((out / "manifest.json").read_text())
-    out_bytes = sum(f.stat().st_size for f in (out / "checkpoint").glob("*.safetensors"))
-    read_s, write_s = dd_baseline(inputs, out_bytes, work / "dd.scratch")
-    convert_s = manifest["timings_s"]["convert"]
-    ours = (in_bytes + out_bytes) / wall
-    dd = (in_bytes + out_bytes) / (read_s + write_s)
-    shutil.rmtree(out)
-    return {"input_bytes": in_bytes, "output_bytes": out_bytes, "wall_s": round(wall, 1),
-            "convert_s (calibration + conversion)": convert_s, "peak_rss_GiB": round(rss / 2**30, 2),
-            "ours_MBps (in+out / wall)": round(ours / 1e6), "dd_MBps (read + fsync'd write)": round(dd / 1e6),
-            "ratio_vs_dd": round(ours / dd, 3), "dd_read_s": round(read_s, 1), "dd_write_s": round(write_s, 1),
-            "calib": f"{samples}x{seq}"}
+    rows = {}
+    for quant in ("fp8", "fp8-pc-pt"):
+        out = work / f"nemo-{quant}"
+        drop_caches()
+        wall, rss, _ = timed(engine_cmd(model, out, samples, seq, quant), stdout=subprocess.PIPE)
+        t = json.loads((out / "manifest.json").read_text())["timings_s"]
+        out_bytes = sum(f.stat().st_size for f in (out / "checkpoint").glob("*.safetensors"))
+        shutil.rmtree(out)
+        rows[quant] = {"wall_s": round(wall, 1), "calibrate_s": round(t.get("calibrate", 0.0), 1),
+                       "convert_s": round(t["convert"], 1), "peak_rss_GiB": round(rss / 2**30, 2),
+                       "MBps_wall": round((in_bytes + out_bytes) / wall / 1e6),
+                       "MBps_convert": round((in_bytes + out_bytes) / t["convert"] / 1e6), "out_bytes": out_bytes}
+    read_s, write_s = dd_baseline(inputs, rows["fp8"]["out_bytes"], work / "dd.scratch")
+    dd = (in_bytes + rows["fp8"]["out_bytes"]) / (read_s + write_s) / 1e6
+    for r in rows.values():
+        r["dd_MBps"] = round(dd)
+        r["convert_vs_dd"] = round(r["MBps_convert"] / dd, 2)
+        r["wall_vs_dd"] = round(r["MBps_wall"] / dd, 2)
+    return {"input_bytes": in_bytes, "calib": f"{samples}x{seq}", "dd_read_s": round(read_s, 1),
+            "dd_write_s": round(write_s, 1), **{f"{q}": r for q, r in rows.items()}}
 
 
 def bench_1b(work: Path, samples: int, seq: int) -> dict:
@@ -167,10 +172,8 @@ def main():
     fn = bench_nemo if args.which == "nemo" else bench_1b
     result = fn(args.workdir, args.calib_samples, args.calib_seq_len)
     print(json.dumps(result, indent=2))
-    print("\n| " + " | ".join(result) + " |\n|" + "---|" * len(result) + "\n| " +
-          " | ".join(str(v) for v in result.values()) + " |")
     if not args.keep:
-        for d in ("nemo-synthetic", "llama-1b-synthetic", "ours", "modelopt"):
+        for d in ("nemo-synthetic", "llama-1b-synthetic", "ours", "modelopt", "calib.npy"):
             shutil.rmtree(args.workdir / d, ignore_errors=True)
 
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import importlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from nim_build import families as F
-from nim_build.safetensors_io import CheckpointReader
 from nim_build.spec import ModelSpec
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -29,13 +28,6 @@ class LayerAmax:
     proj_in: torch.Tensor = None    # input of down_proj
     k: torch.Tensor = None          # K after RoPE
     v: torch.Tensor = None          # v_proj output
-
-
-@dataclass
-class CalibrationResult:
-    layers: list[LayerAmax] = field(default_factory=list)
-    num_samples: int = 0
-    seq_len: int = 0
 
 
 def hf_config(model_dir: Path, spec: ModelSpec):
@@ -55,17 +47,6 @@ def hf_config(model_dir: Path, spec: ModelSpec):
     return cfg
 
 
-def load_layer(reader: CheckpointReader, spec: ModelSpec, cfg, i: int, dtype: torch.dtype):
-    family = F.family_for(spec.architecture)
-    cls = getattr(importlib.import_module(family.hf_module), family.layer_class)
-    with torch.device("meta"):
-        layer = cls(cfg, layer_idx=i)
-    prefix = family.layer(i, "")
-    state = {name: reader.get(prefix + name).to(dtype) for name in layer.state_dict()}
-    layer.load_state_dict(state, assign=True)
-    return layer.eval()
-
-
 def track_rotated_k(amax: "LayerAmax", pos, head_size: int, rope):
     """k_proj output hook recording amax of K after RoPE, computed exactly as the HF attention does."""
     cos, sin = pos
@@ -78,26 +59,34 @@ def track_rotated_k(amax: "LayerAmax", pos, head_size: int, rope):
     return hook
 
 
-@torch.inference_mode()
-def calibrate(model_dir: str | Path, spec: ModelSpec, reader: CheckpointReader, calib_ids: torch.Tensor,
-              want_kv: bool, batch_size: int = 8, progress=None) -> CalibrationResult:
-    """Run calib_ids [n, seq] through the model layer by layer and return per-layer amax values."""
-    family = F.family_for(spec.architecture)
-    dtype = TORCH_DTYPES[spec.dtype]
-    cfg = hf_config(Path(model_dir), spec)
-    rotary = getattr(importlib.import_module(family.hf_module), family.rotary_class)(cfg)
-    n, seq = calib_ids.shape
-    position_ids = torch.arange(seq).unsqueeze(0)
-    embed = reader.get(family.embed).to(dtype)
-    hidden = [embed[calib_ids[b:b + batch_size]] for b in range(0, n, batch_size)]
-    del embed
-    pos = rotary(hidden[0], position_ids)
-    rope = getattr(importlib.import_module(family.hf_module), "apply_rotary_pos_emb")
-    result = CalibrationResult(num_samples=n, seq_len=seq)
-    for i in range(spec.num_hidden_layers):
-        layer = load_layer(reader, spec, cfg, i, dtype)
+class LayerCalibrator:
+    """Runs the calibration batch through the decoder one layer at a time, given each layer's HF weights.
+
+    The caller streams the weights (and reuses them to write the quantized layer), so each layer is read once.
+    """
+
+    def __init__(self, model_dir: str | Path, spec: ModelSpec, embedding: torch.Tensor, calib_ids: torch.Tensor,
+                 want_kv: bool, batch_size: int = 8):
+        self.family = F.family_for(spec.architecture)
+        self.module = importlib.import_module(self.family.hf_module)
+        self.spec, self.want_kv = spec, want_kv
+        self.dtype = TORCH_DTYPES[spec.dtype]
+        self.cfg = hf_config(Path(model_dir), spec)
+        n, seq = calib_ids.shape
+        self.position_ids = torch.arange(seq).unsqueeze(0)
+        embedding = embedding.to(self.dtype)
+        self.hidden = [embedding[calib_ids[b:b + batch_size]] for b in range(0, n, batch_size)]
+        rotary = getattr(self.module, self.family.rotary_class)(self.cfg)
+        self.pos = rotary(self.hidden[0], self.position_ids)
+
+    @torch.inference_mode()
+    def run_layer(self, i: int, weights: dict[str, torch.Tensor]) -> LayerAmax:
+        """Advance the activations through layer i (weights: HF suffix -> tensor); return its amax values."""
+        with torch.device("meta"):
+            layer = getattr(self.module, self.family.layer_class)(self.cfg, layer_idx=i)
+        layer.load_state_dict({k: weights[k].to(self.dtype) for k in layer.state_dict()}, assign=True)
+        layer.eval()
         amax = LayerAmax()
-        hooks = []
 
         def track(attr, use_output=False):
             def hook(mod, args, out=None):
@@ -107,21 +96,18 @@ def calibrate(model_dir: str | Path, spec: ModelSpec, reader: CheckpointReader, 
             return hook
 
         attn, mlp = layer.self_attn, layer.mlp
-        hooks.append(attn.q_proj.register_forward_pre_hook(track("qkv_in")))
-        hooks.append(attn.o_proj.register_forward_pre_hook(track("dense_in")))
-        hooks.append(mlp.gate_proj.register_forward_pre_hook(track("fc_in")))
-        hooks.append(mlp.down_proj.register_forward_pre_hook(track("proj_in")))
-        if want_kv:
+        hooks = [attn.q_proj.register_forward_pre_hook(track("qkv_in")),
+                 attn.o_proj.register_forward_pre_hook(track("dense_in")),
+                 mlp.gate_proj.register_forward_pre_hook(track("fc_in")),
+                 mlp.down_proj.register_forward_pre_hook(track("proj_in"))]
+        if self.want_kv:
             # modelopt measures K after RoPE (its k_bmm_quantizer sits at the attention matmul), V as projected
-            hooks.append(attn.k_proj.register_forward_hook(track_rotated_k(amax, pos, spec.head_size, rope)))
+            rope = self.module.apply_rotary_pos_emb
+            hooks.append(attn.k_proj.register_forward_hook(track_rotated_k(amax, self.pos, self.spec.head_size, rope)))
             hooks.append(attn.v_proj.register_forward_hook(track("v", True)))
-        for b, h in enumerate(hidden):
-            out = layer(h, position_embeddings=pos, position_ids=position_ids)
-            hidden[b] = out[0] if isinstance(out, tuple) else out
+        for b, h in enumerate(self.hidden):
+            out = layer(h, position_embeddings=self.pos, position_ids=self.position_ids)
+            self.hidden[b] = out[0] if isinstance(out, tuple) else out
         for h in hooks:
             h.remove()
-        result.layers.append(amax)
-        del layer
-        if progress is not None:
-            progress.update(1)
-    return result
+        return amax

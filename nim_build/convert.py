@@ -1,14 +1,17 @@
 """Stream an HF llama/mistral checkpoint into a TensorRT-LLM checkpoint (FORMATS.md §1), tensor by tensor.
 
-Stages: plan output tensors from the spec (no weights read) -> calibrate layer by layer (FP8 only) -> for each
-tensor group (embedding; per layer qkv, dense, fc+gate, proj, norms; final norm; lm_head): read the HF tensors,
-quantize, split over the tp ranks and write each piece at its planned offset in rank{r}.safetensors.
-Peak memory: one group's tensors (at most a fused qkv or an fc+gate pair in float32) plus calibration activations.
+Stages: plan every output tensor from the spec (no weights read) -> one pass over the weights, layer by layer:
+read the layer (the next one is read ahead), run the calibration activations through it (FP8 only), then for each
+tensor group (qkv, dense, fc+gate, proj, norms) quantize, split over the tp ranks and write each piece at its
+planned offset in rank{r}.safetensors on a writer thread. Embedding first, final norm and lm_head last.
+Peak memory: two layers of HF weights, one group in float32, the calibration activations.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -18,7 +21,7 @@ from tqdm import tqdm
 
 from nim_build import families as F
 from nim_build import quantize as Q
-from nim_build.calibrate import TORCH_DTYPES, CalibrationResult, calibrate
+from nim_build.calibrate import TORCH_DTYPES, LayerAmax, LayerCalibrator
 from nim_build.errors import CheckpointError
 from nim_build.plan import ParallelPlan, make_plan
 from nim_build.safetensors_io import CheckpointReader, StreamingWriter, TensorSpec
@@ -89,12 +92,14 @@ class _Builder:
     """Knows every output tensor: its per-rank shape and how to compute it."""
 
     def __init__(self, spec: ModelSpec, plan: ParallelPlan, quant: str, kv_cache: str, dtype: str,
-                 reader: CheckpointReader, calib: CalibrationResult | None):
+                 reader: CheckpointReader):
         self.spec, self.plan, self.quant, self.kv_cache = spec, plan, quant, kv_cache
         self.dtype = TORCH_DTYPES[dtype]
-        self.reader, self.calib = reader, calib
+        self.reader = reader
         self.family = F.family_for(spec.architecture)
         self.tp = plan.tp
+        self.layer_weights: dict[str, torch.Tensor] = {}  # HF suffix -> tensor of the layer being written
+        self.layer_amax: LayerAmax | None = None           # its calibration (FP8)
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _read(self, name: str) -> torch.Tensor:
@@ -115,12 +120,14 @@ class _Builder:
         return Group(specs, produce)
 
     def _linear(self, prefix: str, shape: tuple[int, int], dim: int, weights: Callable[[], list[torch.Tensor]],
-                act_amax: torch.Tensor | None, fuse: Callable[[list[torch.Tensor]], list[torch.Tensor]],
-                extra: dict[str, torch.Tensor] | None = None, out_prefixes: list[str] | None = None) -> Group:
+                act_amax: Callable[[], torch.Tensor | None], fuse: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+                extra: tuple[list[str], Callable[[], dict[str, torch.Tensor]]] | None = None,
+                out_prefixes: list[str] | None = None) -> Group:
         """One or more linears sharing an input (and, for FP8, the weight and activation scales).
 
         weights() returns the HF weights; fuse(list of per-source tensors) returns the per-rank weights.
         With out_prefixes, each source becomes its own output linear (fc and gate); else they are fused.
+        extra: (names, producer) of float32 [1] tensors written with the group (the KV-cache scales).
         """
         names = out_prefixes or [prefix]
         rows, cols = shape
@@ -135,15 +142,15 @@ class _Builder:
                     specs[r].append(TensorSpec(f"{n}.activation_scaling_factor", F32, (1,)))
                 elif quant_algo == "FP8_PER_CHANNEL_PER_TOKEN":
                     specs[r].append(TensorSpec(f"{n}.per_channel_scale", F32, (per_rank[0],)))
-            for k, v in (extra or {}).items():
-                specs[r].append(TensorSpec(k, v.dtype, tuple(v.shape)))
+            if extra is not None:
+                specs[r] += [TensorSpec(k, F32, (1,)) for k in extra[0]]
 
         def produce():
             srcs = weights()
             out = [dict() for _ in range(self.tp)]
             if quant_algo == "FP8":
                 w_scale = Q.scale_from_amax(torch.stack([Q.amax(s) for s in srcs]).amax())
-                a_scale = Q.scale_from_amax(act_amax)
+                a_scale = Q.scale_from_amax(act_amax())
                 qs = [Q.quantize_per_tensor(s, w_scale) for s in srcs]
             elif quant_algo == "FP8_PER_CHANNEL_PER_TOKEN":
                 scales = [Q.per_channel_scale(s) for s in srcs]
@@ -170,63 +177,90 @@ class _Builder:
                         out[r][f"{n}.activation_scaling_factor"] = a_scale
                     elif quant_algo == "FP8_PER_CHANNEL_PER_TOKEN":
                         out[r][f"{n}.per_channel_scale"] = sc_pieces[j][r].reshape(-1).contiguous()
-                out[r].update(extra or {})
+            if extra is not None:
+                scalars = extra[1]()
+                for r in range(self.tp):
+                    out[r].update(scalars)
             return out
 
         return Group(specs, produce)
 
-    # -- the model -----------------------------------------------------------------------------------------
-    def groups(self) -> Iterator[Group]:
-        s, fam, tp = self.spec, self.family, self.tp
-        H = s.hidden_size
+    # -- the model ---------------------------------------------------------------------------------------
+    def head(self) -> list[Group]:
+        s, H = self.spec, self.spec.hidden_size
         # Parallel embedding (modelopt's default): vocab rows padded to a multiple of tp and split like lm_head.
-        yield self._plain("transformer.vocab_embedding.weight", lambda: self._padded_vocab(fam.embed),
-                          (self.plan.padded_vocab_size, H), 0)
-        for i in range(s.num_hidden_layers):
-            yield from self._layer(i)
-        yield self._plain("transformer.ln_f.weight", lambda: self._read(fam.final_norm), (H,), None)
-        head_src = fam.embed if s.tie_word_embeddings or fam.lm_head not in self.reader else fam.lm_head
+        return [self._plain("transformer.vocab_embedding.weight", lambda: self._padded_vocab(self.family.embed),
+                            (self.plan.padded_vocab_size, H), 0)]
 
-        yield self._plain("lm_head.weight", lambda: self._padded_vocab(head_src), (self.plan.padded_vocab_size, H), 0)
+    def tail(self) -> list[Group]:
+        s, fam, H = self.spec, self.family, self.spec.hidden_size
+        head_src = fam.embed if s.tie_word_embeddings or fam.lm_head not in self.reader else fam.lm_head
+        return [self._plain("transformer.ln_f.weight", lambda: self._read(fam.final_norm), (H,), None),
+                self._plain("lm_head.weight", lambda: self._padded_vocab(head_src), (self.plan.padded_vocab_size, H), 0)]
 
     def _padded_vocab(self, name: str) -> torch.Tensor:
         w = self._read(name)
         pad = self.plan.padded_vocab_size - w.shape[0]
         return torch.nn.functional.pad(w, (0, 0, 0, pad)) if pad else w
 
-    def _layer(self, i: int) -> Iterator[Group]:
-        s, fam, tp, plan = self.spec, self.family, self.tp, self.plan
+    def layer(self, i: int) -> list[Group]:
+        """Groups of decoder layer i; they read self.layer_weights / self.layer_amax, set before producing."""
+        s, tp, plan = self.spec, self.tp, self.plan
         H, I = s.hidden_size, s.intermediate_size
         p = f"transformer.layers.{i}."
-        amax = self.calib.layers[i] if self.calib else None
-        yield self._plain(p + "input_layernorm.weight", lambda: self._read(fam.layer(i, F.INPUT_NORM)), (H,), None)
+        w = lambda suffix: self.layer_weights[suffix]  # noqa: E731
+        amax = lambda attr: getattr(self.layer_amax, attr) if self.layer_amax else None  # noqa: E731
 
         def qkv_fuse(ws):
             q, k, v = ws
             k, v = _replicate_kv(k, s, plan), _replicate_kv(v, s, plan)
             return [torch.cat(parts, 0) for parts in zip(_split(q, tp, 0), _split(k, tp, 0), _split(v, tp, 0))]
 
-        kv_rows = s.num_key_value_heads * plan.kv_replication * s.head_size
-        extra = None
-        if self.kv_cache == "fp8":
+        def kv_scales():
             # modelopt's exporter never lets a KV-cache scale go below 1.0; kv = max(k, v)
-            k_sf = Q.scale_from_amax(amax.k).clamp(min=1.0)
-            v_sf = Q.scale_from_amax(amax.v).clamp(min=1.0)
-            extra = {p + "attention.k_cache_scaling_factor": k_sf, p + "attention.v_cache_scaling_factor": v_sf,
-                     p + "attention.kv_cache_scaling_factor": torch.maximum(k_sf, v_sf)}
-        yield self._linear(p + "attention.qkv", (s.q_size + 2 * kv_rows, H), 0,
-                           lambda: [self._read(fam.layer(i, n)) for n in (F.Q, F.K, F.V)],
-                           amax and amax.qkv_in, qkv_fuse, extra=extra)
-        yield self._linear(p + "attention.dense", (H, s.q_size), 1, lambda: [self._read(fam.layer(i, F.O))],
-                           amax and amax.dense_in, lambda ws: _split(ws[0], tp, 1))
-        yield self._plain(p + "post_layernorm.weight", lambda: self._read(fam.layer(i, F.POST_NORM)), (H,), None)
-        # HF gate_proj (the SiLU branch) is TensorRT-LLM's mlp.fc, up_proj is mlp.gate: one shared scale pair.
-        yield self._linear(p + "mlp.fc", (I, H), 0,
-                           lambda: [self._read(fam.layer(i, F.GATE)), self._read(fam.layer(i, F.UP))],
-                           amax and amax.fc_in, lambda ws: _split(ws[0], tp, 0),
-                           out_prefixes=[p + "mlp.fc", p + "mlp.gate"])
-        yield self._linear(p + "mlp.proj", (H, I), 1, lambda: [self._read(fam.layer(i, F.DOWN))],
-                           amax and amax.proj_in, lambda ws: _split(ws[0], tp, 1))
+            k_sf = Q.scale_from_amax(amax("k")).clamp(min=1.0)
+            v_sf = Q.scale_from_amax(amax("v")).clamp(min=1.0)
+            return {p + "attention.k_cache_scaling_factor": k_sf, p + "attention.v_cache_scaling_factor": v_sf,
+                    p + "attention.kv_cache_scaling_factor": torch.maximum(k_sf, v_sf)}
+
+        kv_rows = s.num_key_value_heads * plan.kv_replication * s.head_size
+        kv_names = [p + f"attention.{n}_scaling_factor" for n in ("k_cache", "v_cache", "kv_cache")]
+        return [
+            self._plain(p + "input_layernorm.weight", lambda: w(F.INPUT_NORM), (H,), None),
+            self._linear(p + "attention.qkv", (s.q_size + 2 * kv_rows, H), 0, lambda: [w(F.Q), w(F.K), w(F.V)],
+                         lambda: amax("qkv_in"), qkv_fuse, extra=(kv_names, kv_scales) if self.kv_cache == "fp8" else None),
+            self._linear(p + "attention.dense", (H, s.q_size), 1, lambda: [w(F.O)], lambda: amax("dense_in"),
+                         lambda ws: _split(ws[0], tp, 1)),
+            self._plain(p + "post_layernorm.weight", lambda: w(F.POST_NORM), (H,), None),
+            # HF gate_proj (the SiLU branch) is TensorRT-LLM's mlp.fc, up_proj is mlp.gate: one shared scale pair.
+            self._linear(p + "mlp.fc", (I, H), 0, lambda: [w(F.GATE), w(F.UP)], lambda: amax("fc_in"),
+                         lambda ws: _split(ws[0], tp, 0), out_prefixes=[p + "mlp.fc", p + "mlp.gate"]),
+            self._linear(p + "mlp.proj", (H, I), 1, lambda: [w(F.DOWN)], lambda: amax("proj_in"),
+                         lambda ws: _split(ws[0], tp, 1)),
+        ]
+
+
+LAYER_SUFFIXES = (F.INPUT_NORM, F.Q, F.K, F.V, F.O, F.POST_NORM, F.GATE, F.UP, F.DOWN)
+
+
+class _LayerStream:
+    """HF weights one decoder layer at a time, the next layer read ahead on a background thread."""
+
+    def __init__(self, reader: CheckpointReader, family: F.Family, num_layers: int):
+        self.reader, self.family, self.num_layers = reader, family, num_layers
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+        self.next = self.pool.submit(self._load, 0) if num_layers else None
+
+    def _load(self, i: int) -> dict[str, torch.Tensor]:
+        return {sfx: self.reader.get(self.family.layer(i, sfx)) for sfx in LAYER_SUFFIXES}
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        weights = self.next.result()
+        self.next = self.pool.submit(self._load, i + 1) if i + 1 < self.num_layers else None
+        return weights
+
+    def close(self):
+        self.pool.shutdown(cancel_futures=True)
 
 
 def convert_checkpoint(model_dir: str | Path, out_dir: str | Path, *, quant: str = "fp8", kv_cache: str = "auto",
@@ -234,6 +268,8 @@ def convert_checkpoint(model_dir: str | Path, out_dir: str | Path, *, quant: str
                        progress: bool = False) -> dict:
     """Write a TensorRT-LLM checkpoint (config.json + rank{r}.safetensors) into out_dir (which must exist).
 
+    One pass over the weights: each decoder layer is read once (the next one read ahead), run through the
+    calibration batch (FP8), quantized, split and written while the next group is computed.
     calib_ids: int64 [n, seq] calibration batch, required for --quant fp8. Returns a small report.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -241,29 +277,65 @@ def convert_checkpoint(model_dir: str | Path, out_dir: str | Path, *, quant: str
     plan = make_plan(spec, tp, quant, kv_cache)
     reader = check_checkpoint(model_dir, spec)
     dtype = dtype or ("float16" if quant == "fp16" else "bfloat16" if quant == "bf16" else spec.dtype)
-    calib = None
-    if quant == "fp8":
-        if calib_ids is None:
-            raise ValueError("FP8 conversion needs a calibration batch (calib_ids)")
-        with tqdm(total=spec.num_hidden_layers, desc="calibrate", unit="layer", disable=not progress) as bar:
-            calib = calibrate(model_dir, spec, reader, calib_ids, want_kv=kv_cache == "fp8", progress=bar)
-    builder = _Builder(spec, plan, quant, kv_cache, dtype, reader, calib)
-    groups = list(builder.groups())
-    rank_specs = [[t for g in groups for t in g.specs[r]] for r in range(tp)]
+    if quant == "fp8" and calib_ids is None:
+        raise ValueError("FP8 conversion needs a calibration batch (calib_ids)")
+    builder = _Builder(spec, plan, quant, kv_cache, dtype, reader)
+    layers = [builder.layer(i) for i in range(spec.num_hidden_layers)]
+    head, tail = builder.head(), builder.tail()
+    all_groups = head + [g for gs in layers for g in gs] + tail
+    rank_specs = [[t for g in all_groups for t in g.specs[r]] for r in range(tp)]
     writers = [StreamingWriter(out_dir / f"rank{r}.safetensors", rank_specs[r]) for r in range(tp)]
     total = sum(t.nbytes for specs in rank_specs for t in specs)
-    with tqdm(total=total, desc="convert", unit="B", unit_scale=True, disable=not progress) as bar:
-        for g in groups:
-            for r, tensors in enumerate(g.produce()):
-                for name, t in tensors.items():
-                    writers[r].write(name, t)
-                    bar.update(t.numel() * t.element_size())
-    for w in writers:
-        w.close()
-    reader.close()
+    stream = _LayerStream(reader, builder.family, spec.num_hidden_layers)
+    write_pool = ThreadPoolExecutor(1, thread_name_prefix="write")
+    pending = None
+    calib_s = 0.0
+    bar = tqdm(total=total, desc=f"convert {quant} tp{tp}", unit="B", unit_scale=True, disable=not progress)
+
+    def write(group: Group):
+        """Produce the group here, write it on the writer thread while the caller computes the next one."""
+        nonlocal pending
+        tensors = group.produce()
+        if pending is not None:
+            pending.result()
+        pending = write_pool.submit(_write_ranks, writers, tensors, bar)
+
+    try:
+        calibrator = None
+        if quant == "fp8":
+            calibrator = LayerCalibrator(model_dir, spec, reader.get(builder.family.embed), calib_ids,
+                                         want_kv=kv_cache == "fp8")
+        for g in head:
+            write(g)
+        for i, groups in enumerate(layers):
+            builder.layer_weights = stream.layer(i)
+            if calibrator is not None:
+                t = time.monotonic()
+                builder.layer_amax = calibrator.run_layer(i, builder.layer_weights)
+                calib_s += time.monotonic() - t
+            for g in groups:
+                write(g)
+        for g in tail:
+            write(g)
+        if pending is not None:
+            pending.result()
+        for w in writers:
+            w.close()
+    finally:
+        bar.close()
+        stream.close()
+        write_pool.shutdown()
+        reader.close()
     config = trtllm_config(spec, plan, quant, kv_cache, dtype)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return {"spec": spec, "plan": plan, "config": config, "bytes_written": total}
+    return {"spec": spec, "plan": plan, "config": config, "bytes_written": total, "calibrate_s": calib_s}
+
+
+def _write_ranks(writers: list[StreamingWriter], tensors: list[dict[str, torch.Tensor]], bar) -> None:
+    for r, named in enumerate(tensors):
+        for name, t in named.items():
+            writers[r].write(name, t)
+            bar.update(t.numel() * t.element_size())
 
 
 def check_checkpoint(model_dir: Path, spec: ModelSpec) -> CheckpointReader:

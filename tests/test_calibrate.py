@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from nim_build.calibrate import calibrate
+from nim_build.calibrate import LayerCalibrator
+from nim_build.convert import LAYER_SUFFIXES
 from nim_build.safetensors_io import CheckpointReader
 from nim_build.spec import load_spec
 from tiny_models import llama3_scaling, make_tiny_model
@@ -18,7 +19,11 @@ def test_layerwise_amax_equals_full_model_hooks(tmp_path, monkeypatch, arch, sca
                                 num_heads=4, num_kv_heads=2, head_dim=16)
     ids = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(1))
     spec = load_spec(model_dir)
-    got = calibrate(model_dir, spec, CheckpointReader(model_dir), ids, want_kv=True, batch_size=2)
+    reader = CheckpointReader(model_dir)
+    calibrator = LayerCalibrator(model_dir, spec, reader.get("model.embed_tokens.weight"), ids, want_kv=True,
+                                 batch_size=2)
+    got = [calibrator.run_layer(i, {s: reader.get(f"model.layers.{i}.{s}") for s in LAYER_SUFFIXES})
+           for i in range(spec.num_hidden_layers)]
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.bfloat16, attn_implementation="sdpa")
     want = {}
@@ -51,4 +56,4 @@ def test_layerwise_amax_equals_full_model_hooks(tmp_path, monkeypatch, arch, sca
     for i, k_amax in enumerate(calls):
         want[(i, "k")] = k_amax
     for (i, key), value in want.items():
-        assert torch.equal(getattr(got.layers[i], key), value), (i, key, getattr(got.layers[i], key), value)
+        assert torch.equal(getattr(got[i], key), value), (i, key, getattr(got[i], key), value)

@@ -115,7 +115,7 @@ def _human(s: dict) -> str:
              f"peak memory {s['peak_rss_bytes'] / 2**30:.2f} GiB"]
     acc = s.get("accuracy")
     if acc:
-        lines.append(f"  accuracy: top-1 agreement {acc.get('top1_agreement', float('nan')):.4f}, perplexity "
-                     f"{acc.get('ppl_ref', float('nan')):.3f} -> {acc.get('ppl_quant', float('nan')):.3f}")
+        lines.append(f"  accuracy vs HF: top-1 agreement {acc['top1_agreement']:.4f}, perplexity "
+                     f"{acc['ppl_reference']:.3f} -> {acc['ppl_quantized']:.3f} ({acc['ppl_increase']:+.2%})")
     lines.append(f"next: nim_build repo {s['out']} --out triton_repo_out/{s['name']}")
     return "\n".join(lines)
