@@ -36,6 +36,7 @@ def reference(triton_serve):
         texts = {p: run(tok.encode(p)) for p in PROMPTS}
         chat = [{"role": "user", "content": "What is the capital of France?"}]
         texts["chat"] = run(tok.encode_chat(chat))
+        texts["chat-to-end"] = run(tok.encode_chat(chat), 40)  # ends on the end id before 40 tokens
     finally:
         engine.shutdown()
     return texts
@@ -83,6 +84,17 @@ def test_chat_messages(triton_serve, reference):
     for model in ENTRY_POINTS:
         r = client(triton_serve, "grpc", model).generate(GenerateRequest(messages=msgs, max_tokens=MAX_TOKENS))
         assert r.text == reference["chat"]
+
+
+def test_stream_that_ends_on_end_id(triton_serve, reference):
+    """The last response of a stream stopped by the end id carries no token: every path handles it."""
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    assert len(reference["chat-to-end"]) < len(reference["chat"]) * 5  # it did stop early
+    for model in ENTRY_POINTS:
+        for protocol in ("grpc", "http"):
+            r = client(triton_serve, protocol, model).generate(
+                GenerateRequest(messages=msgs, max_tokens=40, stream=True))
+            assert r.text == reference["chat-to-end"], (model, protocol)
 
 
 def test_32_concurrent_streams_in_flight(triton_serve, reference):

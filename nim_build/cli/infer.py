@@ -17,6 +17,7 @@ from nim_build.errors import UserError
 @click.option("--prompt", help="Plain text prompt.")
 @click.option("--messages", "messages_file", type=click.File("r"),
               help="Chat request JSON: a list of messages, or {\"messages\": [...], \"tools\": [...]} ('-' for stdin).")
+@click.option("--chat", is_flag=True, help="Send --prompt as a user message, rendered with the chat template.")
 @click.option("--stream", is_flag=True, help="Print tokens as they arrive.")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--temperature", type=float)
@@ -26,7 +27,7 @@ from nim_build.errors import UserError
 @click.option("--stop", multiple=True, help="Stop word (repeatable).")
 @click.option("--timeout", type=float, default=300, show_default=True, help="Seconds to wait for the answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full response as JSON.")
-def command(url, protocol, model, prompt, messages_file, stream, max_tokens, temperature, top_k, top_p, seed, stop,
+def command(url, protocol, model, prompt, messages_file, chat, stream, max_tokens, temperature, top_k, top_p, seed, stop,
             timeout, as_json):
     """Send a prompt (or a chat) to the served model and print the generated text."""
     from nim_build.triton.client import Client, GenerateRequest
@@ -40,6 +41,8 @@ def command(url, protocol, model, prompt, messages_file, stream, max_tokens, tem
         except json.JSONDecodeError as e:
             raise UserError(f"--messages is not valid JSON: {e}") from None
         messages, tools = (data.get("messages"), data.get("tools")) if isinstance(data, dict) else (data, None)
+    elif chat:
+        messages, prompt = [{"role": "user", "content": prompt}], None
     req = GenerateRequest(prompt=prompt, messages=messages, tools=tools, max_tokens=max_tokens, stream=stream,
                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=list(stop))
     client = Client(url, protocol, model, timeout_s=timeout)

@@ -33,9 +33,11 @@ class TritonPythonModel:
         for request in requests:
             tokens = tc.array(request, "TOKENS_BATCH")
             lengths = tc.array(request, "SEQUENCE_LENGTH")
-            # [batch, beam, len] and [batch, beam]: decode each (batch, beam) entry.
-            tokens = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
-            lengths = lengths.reshape(tokens.shape[0], -1)
+            # [batch, beam, len] and [batch, beam]: decode each (batch, beam) entry (len may be 0: an empty
+            # final response of a stream that ended on its end id).
+            if tokens.ndim == 2:
+                tokens = tokens[:, None, :]
+            lengths = lengths.reshape(tokens.shape[0], tokens.shape[1])
             key = request.request_id()
             texts = []
             for b in range(tokens.shape[0]):

@@ -31,7 +31,8 @@ STATS_KEYS = ("steps", "max_seqs_in_step", "last_step_seqs", "active", "waiting"
 
 
 class _Request:
-    __slots__ = ("sender", "request", "streaming", "prefix", "tokens", "rid", "done", "response", "key")
+    __slots__ = ("sender", "request", "streaming", "prefix", "tokens", "rid", "done", "response", "key", "lock",
+                 "closed")
 
     def __init__(self, request, streaming, prefix):
         self.request = request
@@ -43,6 +44,10 @@ class _Request:
         self.key = request.request_id() if request is not None else ""
         self.done = threading.Event()
         self.response = None
+        # Asking Triton whether a request is cancelled after its final response crashes the server (the
+        # response factory is gone): `closed` is set, under `lock`, before the final response is sent.
+        self.lock = threading.Lock()
+        self.closed = False
 
 
 class TritonPythonModel:
@@ -208,6 +213,9 @@ class TritonPythonModel:
                     return
                 response = self._response(state, list(state.prefix) + state.tokens)
             if state.sender is not None:
+                if ev.finished:
+                    with state.lock:
+                        state.closed = True
                 if ev.finish_reason == "cancelled":
                     state.sender.send(flags=final)
                 else:
@@ -227,7 +235,11 @@ class TritonPythonModel:
             with self.lock:
                 states = list(self.active.values())
             for state in states:
-                if state.request is not None and state.request.is_cancelled():
+                if state.request is None:
+                    continue
+                with state.lock:
+                    cancelled = not state.closed and state.request.is_cancelled()
+                if cancelled:
                     self.engine.cancel(state.rid)
             stats = self.engine.stats()
             for key, gauge in self.gauges.items():
