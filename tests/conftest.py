@@ -118,6 +118,7 @@ def triton_serve(reference_engine_dir, tmp_path_factory):
         yield served
     finally:
         served.stop()
+    assert "Signal (11)" not in served.output(), "the Triton server crashed:\n" + served.output()[-4000:]
 
 
 # --- reference runtime (tests/test_runtime*.py, tests/test_scheduler.py, tests/test_accuracy.py) --------------

@@ -118,9 +118,9 @@ def test_configs_parse_and_match_upstream(engine, tmp_path):
         for key in cfg.parameters:
             assert key in UPSTREAM_KEYS.get(model, set()) or (model, "#" + key) in OUR_ADDITIONS, (model, key)
     pre = read_config(repo / "preprocessing" / "config.pbtxt")
-    assert pre.parameters["tokenizer_dir"].string_value == "preprocessing/tokenizer"
-    assert (repo / "preprocessing" / "tokenizer" / "tekken.json").is_file()
-    meta = json.loads((repo / "preprocessing" / "tokenizer" / "nim_build_tokenizer.json").read_text())
+    assert pre.parameters["tokenizer_dir"].string_value == "preprocessing/1/tokenizer"
+    assert (repo / "preprocessing" / "1" / "tokenizer" / "tekken.json").is_file()
+    meta = json.loads((repo / "preprocessing" / "1" / "tokenizer" / "nim_build_tokenizer.json").read_text())
     assert (meta["kind"], meta["end_id"], meta["pad_id"], meta["max_seq_len"]) == ("tekken", 2, 11, 1024)
     for model in ("preprocessing", "postprocessing", "tensorrt_llm_bls"):
         assert (repo / model / "1" / "model.py").is_file() and (repo / model / "1" / "triton_common.py").is_file()

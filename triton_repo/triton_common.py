@@ -29,7 +29,7 @@ def repo_path(args: dict, relative: str) -> Path:
 
 
 def load_tokenizer(args: dict, params: dict[str, str]) -> tuple[Tokenizer, dict]:
-    path = repo_path(args, params.get("tokenizer_dir") or "preprocessing/tokenizer")
+    path = repo_path(args, params.get("tokenizer_dir") or "preprocessing/1/tokenizer")
     meta_file = path / META_FILE
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     return Tokenizer.from_dir(path, meta), meta

@@ -2,7 +2,7 @@
 
     REPO/
       ensemble/config.pbtxt + 1/            preprocessing -> tensorrt_llm -> postprocessing
-      preprocessing/config.pbtxt, 1/model.py, tokenizer/   (the engine's tokenizer, copied)
+      preprocessing/config.pbtxt, 1/model.py, 1/tokenizer/   (the engine's tokenizer, copied)
       tensorrt_llm/config.pbtxt [+ 1/model.py for the reference backend]
       postprocessing/config.pbtxt, 1/model.py
       tensorrt_llm_bls/config.pbtxt, 1/model.py
@@ -12,10 +12,12 @@ Input/output names, types and dims and parameter keys follow the upstream templa
 (tensorrtllm_backend all_models/inflight_batcher_llm); `messages` / `MESSAGES` (a chat request as JSON) and
 `tokenizer_dir` on tensorrt_llm_bls are this project's additions.
 
-The tokenizer is copied into the repository (preprocessing/tokenizer/), so the CPU-side models need nothing
-but the repository; `tensorrt_llm` points at the engine directory by absolute path (`gpt_model_path`), which is
-where the engine lives on the serving node (a Helm volume mounted at the same path where the repository is
-generated). Python model sources come from the top-level `triton_repo/` folder and are copied as they are.
+The tokenizer is copied into the repository (preprocessing/1/tokenizer/: inside a version folder, where Triton
+looks for nothing), so the CPU-side models need nothing but the repository. `tensorrt_llm` points at the engine
+directory by absolute path (`gpt_model_path`): the engine is big and lives on the serving node's model-cache
+volume, and the repository is small and cheap to generate, so it is generated on the node (Helm: next to the
+engine, or in an emptyDir at pod start) with the path the volume is mounted at.
+Python model sources come from the top-level `triton_repo/` folder and are copied as they are.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ MODELS = ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing", "tensor
 SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
 SOURCES = Path(__file__).resolve().parents[2] / "triton_repo"
 SHARED_MODULES = ("triton_common.py",)  # copied next to every python model
-TOKENIZER_SUBDIR = "preprocessing/tokenizer"  # relative to the repository root
+TOKENIZER_SUBDIR = "preprocessing/1/tokenizer"  # relative to the repository root
 
 
 @dataclass
