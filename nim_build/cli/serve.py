@@ -41,7 +41,8 @@ def command(repo, host, http_port, grpc_port, metrics_port, startup_timeout, hea
         click.echo(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.client_host}:"
                    f"{metrics_port}/metrics  (models: {', '.join(sorted(p.parent.name for p in server.repo.glob('*/config.pbtxt')))})",
                    err=True)
-        click.echo(f"try: nim_build infer --url {server.grpc_url} --prompt 'Hello' --stream", err=True)
+        click.echo(f"try: nim_build infer --url {server.grpc_url} --prompt 'Hello'{_chat_flag(server.repo)} --stream",
+                   err=True)
         reason = supervise(server, probe, interval_s=health_interval, stop_event=stop)
     finally:
         code = server.stop()
@@ -50,3 +51,14 @@ def command(repo, host, http_port, grpc_port, metrics_port, startup_timeout, hea
     if reason is not None:
         raise ServerError(f"Triton stopped serving: {reason}")
     click.echo(f"stopped (Triton exit code {code})", err=True)
+
+
+def _chat_flag(repo) -> str:
+    """' --chat' when the served model has a chat template (an instruct model answers chats, not raw text)."""
+    import json
+
+    from nim_build.tokenizer import META_FILE
+    from nim_build.triton.repo import TOKENIZER_SUBDIR
+
+    meta = repo / TOKENIZER_SUBDIR / META_FILE
+    return " --chat" if meta.is_file() and json.loads(meta.read_text()).get("chat_template") else ""
