@@ -59,7 +59,6 @@ def trivial_engine_dir(root: Path, source: Path | None) -> Path:
                 shutil.copy(model / name, eng / "tokenizer" / name)
         tok = {"dir": "tokenizer", "kind": "hf", "bos_id": 1, "end_id": 2, "pad_id": 2, "chat_template": True}
         vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    (eng / "trivial_engine.json").write_text(json.dumps({"step_delay_s": STEP_DELAY_S}))
     write_manifest(eng, {"name": "trivial", "backend": "reference", "spec": {"vocab_size": vocab},
                          "build": {"max_batch_size": 64, "max_seq_len": 4096, "world_size": 1}, "tokenizer": tok})
     return eng
@@ -238,6 +237,22 @@ def bench_latency(server, tok, n, max_tokens):
             "mean_added_ms": 1000 * (statistics.mean(ens) - statistics.mean(direct))}
 
 
+def _server(repo):
+    import socket
+
+    from nim_build.triton.server import TritonServer
+
+    ports = []
+    socks = [socket.socket() for _ in range(3)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+        ports.append(sock.getsockname()[1])
+    for sock in socks:
+        sock.close()
+    return TritonServer(repo, host="127.0.0.1", http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2],
+                        exit_timeout_s=3)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine-dir", type=Path, help="take the tokenizer from this engine [default: the default model]")
@@ -246,42 +261,36 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from nim_build.tokenizer import Tokenizer
     from nim_build.triton.repo import RepoOptions, generate_repo
-    from nim_build.triton.server import TritonServer
 
     root = Path(tempfile.mkdtemp(prefix="bench_serving_"))
     try:
         eng = trivial_engine_dir(root, args.engine_dir)
         tok = Tokenizer.from_engine_dir(eng)
-        repo = generate_repo(eng, root / "repo",
-                             RepoOptions(engine_class="nim_build.triton.trivial_engine:TrivialEngine"))
-        ports = []
-        for _ in range(3):
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                ports.append(s.getsockname()[1])
-        server = TritonServer(repo, host="127.0.0.1", http_port=ports[0], grpc_port=ports[1],
-                              metrics_port=ports[2], exit_timeout_s=3)
-        with server:
-          try:
-            bench_preprocessing(server, tok, 20, 2)  # warm up
-            bench_postprocessing(server, tok, 20, 2, 1)
-            report = {
-                "machine": {"cpus": psutil.cpu_count(), "load_avg_1m": psutil.getloadavg()[0]},
-                "library": bench_library(tok),
-                "preprocessing": bench_preprocessing(server, tok, args.requests, args.concurrency),
-                "postprocessing_stream_1": bench_postprocessing(server, tok, args.requests * 4, args.concurrency, 1),
-                "postprocessing_16": bench_postprocessing(server, tok, args.requests, args.concurrency, 16),
-                "ensemble_stream": bench_ensemble_stream(server, 32, 128),
-                "latency": bench_latency(server, tok, max(50, args.requests // 4), 16),
-            }
-          except Exception:
-            print(server.logs(60), file=sys.stderr)
-            raise
+        report = {"machine": {"cpus": psutil.cpu_count(), "load_avg_1m": psutil.getloadavg()[0]},
+                  "library": bench_library(tok)}
+        # Unpaced engine: per-model costs and the ensemble's added latency. Paced engine: streaming.
+        for paced in (False, True):
+            (eng / "trivial_engine.json").write_text(json.dumps({"step_delay_s": STEP_DELAY_S if paced else 0.0}))
+            repo = generate_repo(eng, root / f"repo-{paced}",
+                                 RepoOptions(engine_class="nim_build.triton.trivial_engine:TrivialEngine"))
+            with _server(repo) as server:
+                try:
+                    if paced:
+                        report["ensemble_stream"] = bench_ensemble_stream(server, 32, 128)
+                        continue
+                    bench_preprocessing(server, tok, 20, 2)  # warm up
+                    bench_postprocessing(server, tok, 20, 2, 1)
+                    report["preprocessing"] = bench_preprocessing(server, tok, args.requests, args.concurrency)
+                    report["postprocessing_stream_1"] = bench_postprocessing(server, tok, args.requests * 4,
+                                                                             args.concurrency, 1)
+                    report["postprocessing_16"] = bench_postprocessing(server, tok, args.requests,
+                                                                       args.concurrency, 16)
+                    report["latency"] = bench_latency(server, tok, max(50, args.requests // 4), 16)
+                except Exception:
+                    print(server.logs(60), file=sys.stderr)
+                    raise
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if args.json:
