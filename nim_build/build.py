@@ -17,7 +17,7 @@ from pathlib import Path
 
 from nim_build import TRTLLM_VERSION, __version__
 from nim_build.errors import AccuracyGateError, OutputExistsError, UserError
-from nim_build.manifest import CHECKPOINT_DIR, ENGINE_DIR, TOKENIZER_DIR, hash_tree, write_manifest
+from nim_build.manifest import CHECKPOINT_DIR, ENGINE_DIR, TOKENIZER_DIR, hash_files, hash_tree, write_manifest
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tekken.json",
                    "tokenizer.model", "generation_config.json", "chat_template.jinja", "chat_template.json")
@@ -212,11 +212,9 @@ def _accuracy_gate(opts, model_dir, engine_dir, tok_dir, spec) -> dict:
 
 def _input_hashes(model_dir: Path) -> dict[str, str]:
     """sha256 of every file the build read: config, weights (+ index) and tokenizer files."""
-    from nim_build.manifest import sha256_file
-
     names = ["config.json", "model.safetensors.index.json", *TOKENIZER_FILES]
     files = [model_dir / n for n in names] + sorted(model_dir.glob("*.safetensors"))
-    return {f.name: sha256_file(f) for f in files if f.is_file()}
+    return hash_files(model_dir, [f for f in files if f.is_file()])
 
 
 def _first_id(x):

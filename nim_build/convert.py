@@ -302,11 +302,12 @@ def convert_checkpoint(model_dir: str | Path, out_dir: str | Path, *, quant: str
 
     try:
         calibrator = None
-        if quant == "fp8":
+        if quant == "fp8":  # embeds the batch and drops the table before the head group reads it again
             calibrator = LayerCalibrator(model_dir, spec, reader.get(builder.family.embed), calib_ids,
                                          want_kv=kv_cache == "fp8")
         for g in head:
             write(g)
+        pending.result()  # the embedding (the largest tensor) is on disk before the first layer is read
         for i, groups in enumerate(layers):
             builder.layer_weights = stream.layer(i)
             if calibrator is not None:
