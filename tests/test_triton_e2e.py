@@ -292,3 +292,16 @@ def test_client_that_gives_up_stops_its_ensemble_request(triton_serve, reference
         impatient.generate(GenerateRequest(prompt=PROMPTS[0], max_tokens=480, stream=False))
     stats = _wait_idle(triton_serve, total_blocks)
     assert stats["active"] == 0 and stats["free_blocks"] == total_blocks, stats
+
+
+@pytest.mark.parametrize("model", ENTRY_POINTS)
+def test_stop_and_bad_words_and_sampling(triton_serve, reference, model):
+    c = client(triton_serve, "grpc", model)
+    full = reference[PROMPTS[0]]  # " 5, 6, 7, 8,"
+    stopped = c.generate(GenerateRequest(prompt=PROMPTS[0], max_tokens=MAX_TOKENS, stop=["7"]))
+    assert stopped.text == full[: full.index("7")]
+    banned = c.generate(GenerateRequest(prompt=PROMPTS[0], max_tokens=4, bad_words=["5"]))
+    assert "5" not in banned.text
+    sampled = [c.generate(GenerateRequest(prompt=PROMPTS[2], max_tokens=MAX_TOKENS, temperature=1.0, top_k=50,
+                                          top_p=0.9, seed=7)).text for _ in range(2)]
+    assert sampled[0] == sampled[1]
