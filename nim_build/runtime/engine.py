@@ -274,7 +274,12 @@ class LLMEngine:
                     continue
                 req.computed += n
                 if req.computed == len(req.tokens):
-                    ev = self._append(req, row, now)
+                    try:
+                        ev = self._append(req, row, now)
+                    except Exception as e:  # a sampling failure ends this request only
+                        log.exception("request %d failed", req.id)
+                        self._finish(req)
+                        ev = req.event([], "error", f"{type(e).__name__}: {e}")
                     if ev is not None:
                         events.append((req, ev))
         return events
@@ -283,6 +288,7 @@ class LLMEngine:
         """Sample the next token and apply the stop conditions; the event to send, if any."""
         p = req.params
         if p.bad_words:
+            logits = logits.clone()  # the forward's output is an inference tensor: not writable here
             mask_bad_words(logits, p.bad_words, req.tokens)
         tok = sample(logits, p, req.generator)
         req.first_token = req.first_token or now

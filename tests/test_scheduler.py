@@ -1,0 +1,195 @@
+"""In-flight batching: batching changes no result, a small KV pool queues requests, cancellation frees blocks,
+sampling / stop conditions / streaming / timing per request.
+
+The runtime computes in float32 on CPU: batched GEMMs over different row counts may differ from single-sequence
+ones in the last bits, far below what could flip a greedy choice on these models."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+from nim_build.errors import UserError
+from nim_build.runtime import DecoderModel, LLMEngine, SamplingParams
+
+NEMO_SHAPE = dict(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=32)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    _, ckpt = tiny_checkpoint("fp8", 1, kv_cache="fp8", **NEMO_SHAPE)
+    return DecoderModel.from_checkpoint(ckpt)
+
+
+def make_engine(model, **kw):
+    kw = {"max_seq_len": 256, "max_batch_size": 8, "max_num_tokens": 48, "tokens_per_block": 8, "end_id": -1, **kw}
+    return LLMEngine(model, **kw)
+
+
+def workload(n, seed=0):
+    rng = random.Random(seed)
+    return [([rng.randrange(3, 256) for _ in range(rng.randint(1, 100))], rng.randint(1, 24)) for _ in range(n)]
+
+
+def alone(model, reqs, **params):
+    engine = make_engine(model)
+    out = [engine.generate(p, SamplingParams(n, **params)) for p, n in reqs]
+    engine.shutdown()
+    return out
+
+
+def run_interleaved(engine, reqs, arrivals=0, **params):
+    """Submit the requests at random steps; returns the streamed tokens per request (in submit order) and the
+    final events."""
+    rng = random.Random(arrivals)
+    streamed, finals, ids = {}, {}, []
+
+    def on_event(ev):
+        streamed.setdefault(ev.request_id, []).extend(ev.token_ids)
+        if ev.finished:
+            finals[ev.request_id] = ev
+
+    pending = list(reqs)
+    while pending or engine.has_work():
+        while pending and rng.random() < 0.4:
+            prompt, n = pending.pop(0)
+            ids.append(engine.submit(prompt, SamplingParams(n, **params), on_event))
+        engine.step()
+    return [streamed.get(i, []) for i in ids], [finals[i] for i in ids]
+
+
+def test_inflight_batching_changes_no_result(model):
+    reqs = workload(12)
+    ref = alone(model, reqs)
+    engine = make_engine(model)
+    got, finals = run_interleaved(engine, reqs)
+    assert got == ref
+    assert all(ev.finish_reason == "length" for ev in finals)
+    stats = engine.stats()
+    assert stats["max_seqs_in_step"] >= 4  # requests really shared steps
+    assert stats["free_blocks"] == stats["total_blocks"] and stats["active"] == stats["waiting"] == 0
+
+
+def test_small_kv_pool_queues_requests_and_all_finish(model):
+    reqs = workload(8, seed=1)
+    ref = alone(model, reqs)
+    engine = make_engine(model, kv_cache_bytes=None)
+    per_block = engine.cache.k[0][: engine.tokens_per_block].nbytes * 2 * model.cfg.num_layers
+    engine = make_engine(model, kv_cache_bytes=per_block * 18)  # 144 tokens: two or three requests at a time
+    seen_waiting = []
+    orig_step = engine.step
+
+    def step():
+        orig_step()
+        seen_waiting.append(engine.stats()["waiting"])
+
+    engine.step = step
+    got, _ = run_interleaved(engine, reqs, arrivals=2)
+    assert got == ref
+    assert max(seen_waiting) > 0 and engine.stats()["max_seqs_in_step"] <= 3
+    with pytest.raises(UserError, match="whole pool"):
+        engine.submit([5] * 150, SamplingParams(10), lambda ev: None)
+
+
+def test_background_loop_with_concurrent_submitters(model):
+    reqs = workload(8, seed=3)
+    ref = alone(model, reqs)
+    engine = make_engine(model)
+    engine.start()
+    results = [None] * len(reqs)
+
+    def client(i):
+        time.sleep(random.Random(i).random() * 0.2)
+        results[i] = engine.generate(*[reqs[i][0], SamplingParams(reqs[i][1])])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    engine.shutdown()
+    assert results == ref
+
+
+def test_cancel_frees_blocks_at_once(model):
+    engine = make_engine(model)
+    events = []
+    rid = engine.submit(list(range(3, 40)), SamplingParams(100), events.append)
+    other = engine.submit([5, 6, 7], SamplingParams(3), events.append)
+    for _ in range(4):
+        engine.step()
+    assert engine.stats()["free_blocks"] < engine.stats()["total_blocks"]
+    engine.cancel(rid)
+    engine.cancel(other)
+    assert engine.stats()["free_blocks"] == engine.stats()["total_blocks"]
+    assert engine.stats()["active"] == 0
+    engine.step()  # the loop delivers the final events
+    finals = {ev.request_id: ev.finish_reason for ev in events if ev.finished}
+    assert finals[rid] == "cancelled"
+    assert not engine.has_work()
+    waiting = engine.submit([5], SamplingParams(3), events.append)
+    engine.cancel(waiting)  # still queued: never admitted
+    engine.step()
+    assert [ev.finish_reason for ev in events if ev.request_id == waiting] == ["cancelled"]
+
+
+def test_seeded_sampling_is_per_request_and_unaffected_by_batching(model):
+    reqs = workload(6, seed=4)
+    params = dict(temperature=0.8, top_k=20, top_p=0.9, seed=1234)
+    ref = alone(model, reqs, **params)
+    got, _ = run_interleaved(make_engine(model), reqs, arrivals=5, **params)
+    assert got == ref
+    assert alone(model, reqs[:1], temperature=0.8, seed=99) != alone(model, reqs[:1], temperature=0.8, seed=1234)
+    assert alone(model, reqs[:2], top_k=1, temperature=1.0) == alone(model, reqs[:2])  # top_k 1 is greedy
+
+
+def test_stop_words_end_id_and_bad_words(model):
+    prompt = list(range(3, 30))
+    base = alone(model, [(prompt, 20)])[0]
+    engine = make_engine(model)
+    stop = base[5:7]
+    events = []
+    engine.submit(prompt, SamplingParams(20, stop_words=[[255, 254, 253], stop]), events.append)
+    while not (events and events[-1].finished):
+        engine.step()
+    first = next(i for i in range(len(base)) if base[i:i + 2] == stop)
+    assert sum((ev.token_ids for ev in events), []) == base[:first]  # the stop sequence is never streamed
+    assert events[-1].finish_reason == "stop"
+    events = []
+    engine.submit(prompt, SamplingParams(20, end_id=base[3]), events.append)
+    while not (events and events[-1].finished):
+        engine.step()
+    assert events[-1].finish_reason == "end_id"
+    assert sum((ev.token_ids for ev in events), []) == base[:base.index(base[3])]
+    banned = engine.generate(prompt, SamplingParams(20, bad_words=[[base[0]], [base[1], base[2]]]))
+    assert banned[0] != base[0] and base[0] not in banned
+    assert all(banned[i:i + 2] != [base[1], base[2]] for i in range(len(banned)))
+    engine.shutdown()
+
+
+def test_streaming_events_and_timing(model):
+    engine = make_engine(model)
+    events = []
+    t0 = time.monotonic()
+    engine.submit(list(range(3, 60)), SamplingParams(12), events.append)
+    while not (events and events[-1].finished):
+        engine.step()
+    assert [len(ev.token_ids) for ev in events] == [1] * 12  # one token per step, streamed as generated
+    last = events[-1]
+    assert last.finish_reason == "length" and last.error is None
+    assert t0 <= last.arrival <= last.first_token <= last.last_token <= time.monotonic()
+
+
+@pytest.mark.parametrize("prompt, params, match", [
+    ([], SamplingParams(4), "empty prompt"),
+    ([5], SamplingParams(0), "max_new_tokens"),
+    ([5] * 250, SamplingParams(10), "max_seq_len"),
+    ([5, 256], SamplingParams(4), "token ids"),
+    ([5], SamplingParams(4, top_p=0.0), "top_p"),
+])
+def test_invalid_requests_are_rejected(model, prompt, params, match):
+    with pytest.raises(UserError, match=match):
+        make_engine(model).submit(prompt, params, lambda ev: None)
