@@ -195,7 +195,7 @@ class _Merger:
         if ws[0].dtype == FP8 and w_scales[0] is None:
             raise CheckpointError(f"{prefix}.weight is FP8 but has no weights_scaling_factor")
         if kind == "row":
-            weight = torch.cat(ws, dim=1)
+            weight = _cat(ws, 1)
             w_scale = self._merge_row_scales(prefix, ws, w_scales)
             a_scale = None if a_scales[0] is None else _compact(
                 torch.cat([s.reshape(1).expand(w.shape[1]) for s, w in zip(a_scales, ws)]).reshape(1, -1))
@@ -207,7 +207,7 @@ class _Merger:
                 weight = self._merge_qkv(ws)
                 w_scale = None if rows is None else _compact(self._merge_qkv(rows))
             else:
-                weight = torch.cat(ws, dim=0)
+                weight = _cat(ws, 0)
                 w_scale = None if rows is None else _compact(torch.cat(rows, dim=0))
             # every rank quantizes the same (replicated) input; ranks agree for the official exporter
             a_scale = None if a_scales[0] is None else torch.stack([s.reshape(()) for s in a_scales]).max().reshape(1, 1)
@@ -240,7 +240,11 @@ class _Merger:
         q = [t[:nq] for t in per_rank]
         k = [per_rank[r][nq:nq + nk] for r in kv_ranks]
         v = [per_rank[r][nq + nk:] for r in kv_ranks]
-        return torch.cat(q + k + v, dim=0)
+        return _cat(q + k + v, 0) if self.cfg.tp > 1 else per_rank[0]
+
+
+def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def _compact(scale: torch.Tensor) -> torch.Tensor:

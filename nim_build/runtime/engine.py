@@ -223,7 +223,14 @@ class LLMEngine:
                     self._wake.wait()
                 if self._stop:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # never leave waiters hanging: fail what is running, keep the loop alive
+                log.exception("engine step failed")
+                with self._lock:
+                    for req in list(self._running):
+                        self._finish(req)
+                        self._events.append((req, req.event([], "error", f"{type(e).__name__}: {e}")))
 
     def _blocks_needed(self, prompt_len: int, params: SamplingParams) -> int:
         return math.ceil(min(prompt_len + params.max_new_tokens, self.max_seq_len) / self.tokens_per_block)

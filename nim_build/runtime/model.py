@@ -116,35 +116,69 @@ class DecoderModel:
         logits = self.linear(x, self.lm_head).float()
         return ForwardOutput(logits, hidden)
 
-    def _slots(self, chunks, cache):
-        """Cache slots to write (all new tokens, [T]) and to read (per chunk: positions 0..start+length)."""
+    def _slots(self, chunks, cache) -> dict | None:
+        """Cache slots for this step, computed once for all layers: `write` [T] (every new token), per prefill
+        chunk the slots of positions 0..start+length, and for the decode chunks (length 1) one padded
+        [B, S_max] slot matrix with its validity mask, so their attention runs as one batched product."""
         if cache is None:
             if any(ch.start for ch in chunks):
                 raise ValueError("a chunk that continues a sequence (start > 0) needs a KV cache")
             return None
         reads = [cache.slots(ch.block_table, 0, ch.start + ch.length, self.device) for ch in chunks]
-        writes = torch.cat([r[ch.start:] for r, ch in zip(reads, chunks)])
-        return writes, reads
+        out = {"write": torch.cat([r[ch.start:] for r, ch in zip(reads, chunks)]), "prefill": {}}
+        decode = [j for j, ch in enumerate(chunks) if ch.length == 1]
+        for j, ch in enumerate(chunks):
+            if ch.length > 1:
+                out["prefill"][j] = reads[j]
+        if decode:
+            width = max(len(reads[j]) for j in decode)
+            out["decode_idx"] = decode
+            out["decode_slots"] = torch.stack([F.pad(reads[j], (0, width - len(reads[j]))) for j in decode])
+            lengths = torch.tensor([len(reads[j]) for j in decode], device=self.device)
+            out["decode_mask"] = torch.arange(width, device=self.device)[None, :] < lengths[:, None]
+        return out
 
     def _attention(self, layer, q, k, v, chunks, cache, slots) -> torch.Tensor:
+        """q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads * D]."""
         kv_scale = self.layers[layer].kv_scale if self.kv_fp8 else None
         if cache is not None:
-            cache.write(layer, slots[0], k, v)
+            cache.write(layer, slots["write"], k, v)
         elif kv_scale is not None:  # what an FP8 cache would hand back
             k, v = fp8.fake_quant(k, kv_scale), fp8.fake_quant(v, kv_scale)
-        out, off = [], 0
+        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+        offsets = torch.tensor([0] + [ch.length for ch in chunks]).cumsum(0).tolist()
+        groups = self.cfg.num_heads // self.cfg.num_kv_heads
         for j, ch in enumerate(chunks):
-            qs = q[off:off + ch.length].transpose(0, 1)  # [heads, L, D]
+            if cache is not None and ch.length == 1:
+                continue  # batched below
+            lo, hi = offsets[j], offsets[j + 1]
             if cache is not None:
-                ks, vs = cache.read(layer, slots[1][j])
+                ks, vs = cache.read(layer, slots["prefill"][j])
             else:
-                ks, vs = k[off:off + ch.length], v[off:off + ch.length]
-            ks, vs = ks.transpose(0, 1), vs.transpose(0, 1)  # [kv_heads, S, D]
+                ks, vs = k[lo:hi], v[lo:hi]
+            ks = ks.transpose(0, 1).repeat_interleave(groups, 0)  # [heads, S, D]
+            vs = vs.transpose(0, 1).repeat_interleave(groups, 0)
             mask = None
             if ch.length > 1:  # query i (position start+i) sees keys 0..start+i
                 s = ch.start + ch.length
-                mask = torch.arange(s, device=self.device)[None, :] <= (ch.start + torch.arange(ch.length, device=self.device))[:, None]
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=True)
-            out.append(o.transpose(0, 1).reshape(ch.length, -1))
-            off += ch.length
-        return torch.cat(out) if len(out) > 1 else out[0]
+                mask = (torch.arange(s, device=self.device)[None, :]
+                        <= (ch.start + torch.arange(ch.length, device=self.device))[:, None])
+            o = F.scaled_dot_product_attention(q[lo:hi].transpose(0, 1), ks, vs, attn_mask=mask, scale=self.scale)
+            out[lo:hi] = o.transpose(0, 1).reshape(ch.length, -1)
+        if cache is not None and "decode_idx" in slots:
+            rows = torch.tensor([offsets[j] for j in slots["decode_idx"]], device=self.device)
+            out[rows] = self._decode_attention(layer, q[rows], cache, slots["decode_slots"], slots["decode_mask"])
+        return out
+
+    def _decode_attention(self, layer, q, cache, slot_matrix, valid) -> torch.Tensor:
+        """One query per sequence against its cached keys, all sequences in one batched product.
+        q [B, heads, D]; slot_matrix, valid [B, S_max] -> [B, heads * D]."""
+        c = self.cfg
+        b, width = slot_matrix.shape
+        ks, vs = cache.read(layer, slot_matrix.reshape(-1))
+        ks = ks.reshape(b, width, c.num_kv_heads, c.head_size).transpose(1, 2)  # [B, kv_heads, S, D]
+        vs = vs.reshape(b, width, c.num_kv_heads, c.head_size).transpose(1, 2)
+        qg = q.reshape(b, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_size)  # q head = kv head * g + i
+        scores = (qg @ ks.transpose(-1, -2)) * self.scale  # [B, kv_heads, g, S]
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        return (scores.float().softmax(-1).to(vs.dtype) @ vs).reshape(b, -1)
