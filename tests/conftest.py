@@ -26,14 +26,14 @@ def default_model_dir() -> Path:
 # --- Triton serving (tests/test_triton_*.py, tests/test_serve*.py) --------------------------------------------
 
 @pytest.fixture(scope="session")
-def reference_engine_dir(default_model_dir) -> Path:
-    """The default model as an FP8 reference engine (max_seq_len 512, max batch 32); built once per checkout."""
-    out = TEST_CACHE / "test-engines" / "smollm2-fp8-reference-512"
-    if not (out / "manifest.json").is_file():
-        from nim_build.build import BuildOptions, build
+def reference_engine_dir(default_model_dir, tmp_path_factory) -> Path:
+    """The default model as an FP8 reference engine (max_seq_len 512, max batch 32), built by the real converter
+    once per session (~20 s; never stale)."""
+    from nim_build.build import BuildOptions, build
 
-        build(BuildOptions(model=str(default_model_dir), out=str(out), backend="reference", accuracy_gate=False,
-                           calib_samples=4, max_seq_len=512, max_batch_size=32, force=True), progress=False)
+    out = tmp_path_factory.mktemp("engines") / "smollm2-fp8"
+    build(BuildOptions(model=str(default_model_dir), out=str(out), backend="reference", accuracy_gate=False,
+                       calib_samples=4, max_seq_len=512, max_batch_size=32), progress=False)
     return out
 
 
