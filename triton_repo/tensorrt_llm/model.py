@@ -18,7 +18,6 @@ import importlib
 import json
 import queue
 import threading
-import time
 
 import numpy as np
 import triton_common as tc
