@@ -63,10 +63,12 @@ class TritonPythonModel:
                 sender.send(flags=FINAL)
             else:
                 sender.send(self._text([tail] if streaming else pieces + [tail]), flags=FINAL)
-        except (UserError, ValueError, TypeError, RuntimeError, pb_utils.TritonModelException) as e:
+        except Exception as e:  # every request gets an answer, even on an unexpected failure
+            message = str(e) if isinstance(e, (UserError, ValueError, pb_utils.TritonModelException)) else \
+                f"tensorrt_llm_bls internal error: {type(e).__name__}: {e}"
             if sender is None:
-                return tc.error(str(e))
-            sender.send(tc.error(str(e)), flags=FINAL)
+                return tc.error(message)
+            sender.send(tc.error(message), flags=FINAL)
         return None
 
     def _iterate(self, responses, decoder, request, inner_id=""):
