@@ -147,3 +147,17 @@ def test_checkpoint_config_is_read_from_config_json(tiny_checkpoint):
     cfg = json.loads((ckpt / "config.json").read_text())
     c = load_checkpoint(ckpt).config
     assert (c.head_size, c.num_kv_heads, c.rotary_base) == (32, 2, cfg["rotary_base"]) == (32, 2, 1e6)
+
+
+@pytest.mark.parametrize("quant", ["fp8", "fp8-pc-pt"])
+def test_scaled_mm_path_equals_the_dequantize_path(tiny_checkpoint, quant, monkeypatch):
+    """The native FP8 GEMM path (selected on CUDA >= 8.9) through torch._scaled_mm, which the CPU build also runs."""
+    _, ckpt = tiny_checkpoint(quant, 1, **NEMO_SHAPE)
+    model = DecoderModel.from_checkpoint(ckpt)
+    ref = model.forward(IDS, [SeqChunk(0, len(IDS))], all_logits=True).logits
+    calls, scaled_mm = [], torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: calls.append(1) or scaled_mm(*a, **kw))
+    model.native_fp8 = True
+    got = model.forward(IDS, [SeqChunk(0, len(IDS))], all_logits=True).logits
+    assert len(calls) == 5 * model.cfg.num_layers  # qkv, dense, fc, gate, proj of every layer
+    assert (got - ref).abs().max() < 0.02 * ref.abs().max()  # per-token scaling returns bf16 from the GEMM

@@ -60,7 +60,9 @@ def linear(x: torch.Tensor, lin: Linear, dtype: torch.dtype, fake_quant_act: boo
 
 
 def _scaled_mm_ok(lin: Linear) -> bool:
-    w_ok = lin.w_scale.shape[1] == 1  # per-tensor or per-output-row (a per-input-column scale is not a GEMM scale)
+    out_f, in_f = lin.weight.shape
+    # per-tensor or per-output-row scales (a per-input-column scale is not a GEMM scale); FP8 GEMM dims % 16
+    w_ok = lin.w_scale.shape[1] == 1 and out_f % 16 == 0 and in_f % 16 == 0
     a_ok = lin.per_token or (lin.a_scale is not None and lin.a_scale.numel() == 1 and lin.w_scale.numel() == 1)
     return w_ok and a_ok
 
