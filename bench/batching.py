@@ -6,9 +6,12 @@ finished):
   one        one request at a time (max_batch_size 1), the same clients queueing
   static     static batches: c requests start together, the next c only when all of them finished
              (arrival = the batch's start, so static TTFT excludes the wait for the previous batch)
-Mixed lengths: prompts 16-256 tokens, outputs 8-96 tokens (fixed per request: end id ignored).
+Mixed lengths, chat-like: prompts 16-128 tokens, outputs 16-160 tokens (uniform; fixed per request: the end id is
+ignored). On CPU a prompt token costs about as much as a decode step of a whole batch, so prompt-heavy mixes
+(--prompt-len 16,256 --output-len 8,96) leave batching less to gain.
 
     python bench/batching.py [--quant bf16|fp8] [--concurrency 1,4,16,64] [--one-max 16] [--engine DIR]
+                             [--prompt-len 16,128] [--output-len 16,160]
 """
 
 from __future__ import annotations
@@ -46,14 +49,15 @@ def checkpoint(quant: str, engine: str | None) -> Path:
     return out
 
 
-def workload(n: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:
+def workload(n: int, vocab: int, seed: int, prompt_len=(16, 128), output_len=(16, 160)) -> list[tuple[list[int], int]]:
     rng = random.Random(seed)
-    return [([rng.randrange(10, vocab) for _ in range(rng.randint(16, 256))], rng.randint(8, 96)) for _ in range(n)]
+    return [([rng.randrange(10, vocab) for _ in range(rng.randint(*prompt_len))], rng.randint(*output_len))
+            for _ in range(n)]
 
 
 def run(model, mode: str, reqs, c: int) -> dict:
     batch = 1 if mode == "one" else c
-    engine = LLMEngine(model, max_seq_len=512, max_batch_size=batch, max_num_tokens=8192, end_id=-1)
+    engine = LLMEngine(model, max_seq_len=1024, max_batch_size=batch, max_num_tokens=8192, end_id=-1)
     engine.start()
     timings, queue, lock, done = [], deque(reqs), threading.Lock(), threading.Event()
     counts: dict[int, int] = {}
@@ -105,6 +109,8 @@ def main(argv=None) -> None:
     ap.add_argument("--requests-per-client", type=int, default=2, help="requests = max(8, this * concurrency)")
     ap.add_argument("--one-max", type=int, default=16, help="skip one-at-a-time above this concurrency (slow)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--prompt-len", default="16,128", help="min,max prompt tokens")
+    ap.add_argument("--output-len", default="16,160", help="min,max output tokens")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -112,7 +118,8 @@ def main(argv=None) -> None:
     engine_name = args.engine or f"SmolLM2-135M-Instruct {args.quant} checkpoint"
     rows = []
     for c in [int(x) for x in args.concurrency.split(",")]:
-        reqs = workload(max(8, args.requests_per_client * c), model.cfg.vocab_size, args.seed + c)
+        reqs = workload(max(8, args.requests_per_client * c), model.cfg.vocab_size, args.seed + c,
+                        tuple(map(int, args.prompt_len.split(","))), tuple(map(int, args.output_len.split(","))))
         results = {}
         for mode in ("one", "static", "inflight"):
             if mode == "one" and c > args.one_max:
@@ -122,7 +129,8 @@ def main(argv=None) -> None:
                   file=sys.stderr, flush=True)
         rows.append((c, results))
     print(f"\n`python bench/batching.py {' '.join(argv if argv is not None else sys.argv[1:])}` — {engine_name}, "
-          f"CPU float32 compute, {args.threads} threads, prompts 16-256 / outputs 8-96 tokens\n")
+          f"CPU float32 compute, {args.threads} threads, prompts {args.prompt_len.replace(',', '-')} / outputs "
+          f"{args.output_len.replace(',', '-')} tokens\n")
     print("| concurrency | mode | requests | output tok/s | TTFT mean (ms) | TTFT p50 (ms) | ITL mean (ms) | "
           "max seqs/step | vs one-at-a-time | vs static |")
     print("|---|---|---|---|---|---|---|---|---|---|")
