@@ -91,11 +91,11 @@ def build(opts: BuildOptions, progress: bool = True) -> dict:
     if opts.max_seq_len is None and spec.max_position_embeddings > DEFAULT_MAX_SEQ_LEN:
         _log(f"note: max_seq_len defaults to {max_seq_len}; the model supports {spec.max_position_embeddings}: "
              "pass --max-seq-len to build for longer contexts")
+    backend, reason = choose_backend(opts.backend, opts.quant, argv=opts.argv)
     check_checkpoint(resolved.local_dir, spec)
     if opts.quant == "fp8" and not any((resolved.local_dir / f).is_file() for f in ("tokenizer.json", "tekken.json")):
         raise UserError(f"{resolved.local_dir} has neither tokenizer.json nor tekken.json, which FP8 calibration "
                         "needs; add the model's tokenizer or build with --quant fp8-pc-pt (no calibration)")
-    backend, reason = choose_backend(opts.backend, opts.quant, argv=opts.argv)
     _log(f"backend: {backend} ({reason})")
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
