@@ -28,8 +28,8 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parent.parent
 NEMO = dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
             intermediate_size=14336, vocab_size=131072, max_position_embeddings=1024000, rope_theta=1e6)
-ONE_B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4, head_dim=128,
-             intermediate_size=8192, vocab_size=32768, max_position_embeddings=8192, rope_theta=5e5)
+ONE_B = dict(hidden_size=2048, num_hidden_layers=14, num_attention_heads=16, num_key_value_heads=4, head_dim=128,
+             intermediate_size=8192, vocab_size=131072, max_position_embeddings=8192, rope_theta=5e5)  # Tekken vocab
 
 
 def write_synthetic(out: Path, shape: dict, arch: str, shards: int) -> int:

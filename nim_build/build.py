@@ -131,6 +131,9 @@ def _build_into(tmp, opts, resolved, spec, plan, backend, max_seq_len, timings, 
     if opts.quant == "fp8":
         calib_ids = token_batch(tok_dir, opts.calib_samples, opts.calib_seq_len, opts.calib_data,
                                 separator_id=_first_id(spec.eos_token_id))
+        if int(calib_ids.max()) >= spec.vocab_size:
+            raise UserError(f"the tokenizer in {resolved.local_dir} produces token id {int(calib_ids.max())}, beyond "
+                            f"the model's vocab_size {spec.vocab_size}: the tokenizer does not belong to this model")
     report = convert_checkpoint(resolved.local_dir, ckpt, quant=opts.quant, kv_cache=opts.kv_cache, tp=opts.tp,
                                 calib_ids=calib_ids, progress=progress)
     timings["calibrate"] = report["calibrate_s"]  # interleaved with conversion: one pass over the weights

@@ -180,3 +180,10 @@ def _add_tokenizer(model_dir: Path):
     tok.train_from_iterator(["hello world, the quick brown fox"] * 10,
                             trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.save(str(model_dir / "tokenizer.json"))
+
+
+def test_tokenizer_that_does_not_match_the_model(tmp_path, tiny, capsys):
+    _add_tokenizer(tiny)  # ids up to ~300, the tiny model has 256
+    code, _, err = run_cli(capsys, "engine", str(tiny), "--out", str(tmp_path / "o"), "--backend", "reference")
+    assert_user_error(code, err, "the tokenizer does not belong to this model")
+    assert not (tmp_path / "o").exists()
