@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
@@ -89,8 +88,7 @@ def test_default_model_fp8_runtime_equals_fp8_rounding_inside_transformers(defau
     assert (got - ref).abs().max() < 1e-2 * ref.abs().max()
 
 
-@pytest.mark.parametrize("quant", ["bf16"])
-def test_default_model_bf16_checkpoint_passes_the_gate(default_model_dir, smollm2_bf16_checkpoint, quant):
+def test_default_model_bf16_checkpoint_passes_the_gate(default_model_dir, smollm2_bf16_checkpoint):
     from nim_build.calib_data import token_batch
 
     r = evaluate(default_model_dir, smollm2_bf16_checkpoint, token_batch(default_model_dir, 2, 64))
