@@ -35,6 +35,29 @@ def load_tokenizer(args: dict, params: dict[str, str]) -> tuple[Tokenizer, dict]
     return Tokenizer.from_dir(path, meta), meta
 
 
+def prompt(request, tok: Tokenizer, max_seq_len: int | None, *, messages: str, text_input: str,
+           max_tokens: str, add_special_tokens: bool = True) -> tuple[list[int], int]:
+    """Validated (prompt ids, max_tokens) of a request: the chat input (messages) rendered with the model's chat
+    template when given, else the text input; names are the request's input names in this model."""
+    raw = first(request, messages)
+    if raw is not None and text(raw, "messages").strip():
+        ids = tok.encode_chat(*parse_messages(text(raw, "messages")))
+    else:
+        query = text(first(request, text_input, b""), "text_input")
+        if not query:
+            raise UserError("text_input is empty")
+        ids = tok.encode(query, add_special_tokens=add_special_tokens)
+    if not ids:
+        raise UserError("the prompt encodes to no tokens")
+    n = int(first(request, max_tokens, 0))
+    if n <= 0:
+        raise UserError(f"max_tokens must be positive, got {n}")
+    if max_seq_len and len(ids) + n > max_seq_len:
+        raise UserError(f"prompt ({len(ids)} tokens) + max_tokens ({n}) exceeds the engine's max_seq_len "
+                        f"({max_seq_len})")
+    return ids, n
+
+
 def first(request, name: str, default=None):
     """The first element of an optional input of a batch-1 request (default when absent)."""
     t = pb_utils.get_input_tensor_by_name(request, name)

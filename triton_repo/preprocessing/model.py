@@ -31,25 +31,8 @@ class TritonPythonModel:
         return responses
 
     def _one(self, request):
-        messages = tc.first(request, "MESSAGES")
-        if messages is not None and tc.text(messages, "messages").strip():
-            msgs, tools = tc.parse_messages(tc.text(messages, "messages"))
-            ids = self.tok.encode_chat(msgs, tools)
-        else:
-            query = tc.text(tc.first(request, "QUERY", b""), "text_input")
-            if not query:
-                raise UserError("text_input is empty")
-            ids = self.tok.encode(query, add_special_tokens=self.add_special_tokens)
-        if not ids:
-            raise UserError("the prompt encodes to no tokens")
-        max_tokens = int(tc.first(request, "REQUEST_OUTPUT_LEN", 0))
-        if max_tokens <= 0:
-            raise UserError(f"max_tokens must be positive, got {max_tokens}")
-        if self.max_seq_len and len(ids) + max_tokens > self.max_seq_len:
-            raise UserError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the engine's max_seq_len "
-                f"({self.max_seq_len})"
-            )
+        ids, max_tokens = tc.prompt(request, self.tok, self.max_seq_len, messages="MESSAGES", text_input="QUERY",
+                                    max_tokens="REQUEST_OUTPUT_LEN", add_special_tokens=self.add_special_tokens)
         end_id = tc.first(request, "END_ID")
         pad_id = tc.first(request, "PAD_ID")
         stop = to_word_list_format(self.tok.words_to_ids(tc.strings(request, "STOP_WORDS_DICT")))

@@ -103,23 +103,8 @@ class TritonPythonModel:
             pb_utils.Tensor("text_output", np.array(["".join(pieces).encode("utf-8")], dtype=np.object_))])
 
     def _llm_inputs(self, request):
-        messages = tc.first(request, "messages")
-        if messages is not None and tc.text(messages, "messages").strip():
-            msgs, tools = tc.parse_messages(tc.text(messages, "messages"))
-            ids = self.tok.encode_chat(msgs, tools)
-        else:
-            query = tc.text(tc.first(request, "text_input", b""), "text_input")
-            if not query:
-                raise UserError("text_input is empty")
-            ids = self.tok.encode(query)
-        if not ids:
-            raise UserError("the prompt encodes to no tokens")
-        max_tokens = int(tc.first(request, "max_tokens", 0))
-        if max_tokens <= 0:
-            raise UserError(f"max_tokens must be positive, got {max_tokens}")
-        if self.max_seq_len and len(ids) + max_tokens > self.max_seq_len:
-            raise UserError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the engine's "
-                            f"max_seq_len ({self.max_seq_len})")
+        ids, max_tokens = tc.prompt(request, self.tok, self.max_seq_len, messages="messages", text_input="text_input",
+                                    max_tokens="max_tokens")
         streaming = bool(tc.first(request, "stream", False))
         end_id = tc.first(request, "end_id")
         pad_id = tc.first(request, "pad_id")
