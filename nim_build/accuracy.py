@@ -1,12 +1,12 @@
 """Accuracy gate: does the checkpoint handed to TensorRT-LLM compute the same function as the Hugging Face model?
 
-`evaluate` runs the original model (transformers' own forward pass, float32) and the checkpoint (the reference
+`evaluate` runs the original model (transformers' own decoder layers, float32) and the checkpoint (the reference
 runtime's full-sequence forward, float32 compute, FP8 weights and activations as TensorRT-LLM rounds them) on the
 same token batches and compares their next-token distributions and per-layer hidden states. `check_gate` turns
 the report into failures, with a per-layer diagnosis of where the error first jumps.
 
-Memory: both models are held at once (the HF one loaded with low_cpu_mem_usage); models larger than memory are
-not evaluated layer by layer yet.
+Memory: the HF reference runs one decoder layer at a time (like calibration), so only the FP8 checkpoint is held
+whole: about one byte per parameter (Mistral NeMo 12B: ~13 GB).
 """
 
 from __future__ import annotations
@@ -26,27 +26,21 @@ def evaluate(hf_model_dir: str | Path, engine_or_checkpoint_dir: str | Path, tok
     tokens, top1_agreement, mean_kl (KL(HF || ours) per token, nats), max_abs_logit_error,
     ppl_reference, ppl_quantized, ppl_increase (relative), layer_rel_error ([embeddings, layer 0 .. last layer
     after the final norm]: ||h_ours - h_hf|| / ||h_hf|| over all tokens)."""
-    import transformers
-
+    from nim_build.calibrate import reference_forward
     from nim_build.runtime.model import DecoderModel, SeqChunk
 
     ckpt = Path(engine_or_checkpoint_dir)
     if (ckpt / CHECKPOINT_DIR / "config.json").is_file():
         ckpt = ckpt / CHECKPOINT_DIR
     ours = DecoderModel.from_checkpoint(ckpt, compute_dtype=torch.float32, fake_quant_activations=fake_quant_activations)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=torch.float32, low_cpu_mem_usage=True)
-    hf.eval()
     acc = {"tokens": 0, "agree": 0, "kl": 0.0, "max_err": 0.0, "nll_hf": 0.0, "nll_q": 0.0, "targets": 0}
     diff2 = ref2 = None
     for batch in _batches(token_batches):
+        ref_logits, hs_ref = reference_forward(hf_model_dir, batch)
         with torch.inference_mode():
-            h = hf(input_ids=batch, output_hidden_states=True)
-            flat = batch.reshape(-1)
-            o = ours.forward(flat, [SeqChunk(0, batch.shape[1])] * batch.shape[0], all_logits=True,
+            o = ours.forward(batch.reshape(-1), [SeqChunk(0, batch.shape[1])] * batch.shape[0], all_logits=True,
                              output_hidden_states=True)
-        ref_logits = h.logits.float().reshape(flat.numel(), -1)
         _accumulate(acc, ref_logits, o.logits, batch)
-        hs_ref = [t.reshape(flat.numel(), -1).float() for t in h.hidden_states]
         if len(hs_ref) != len(o.hidden_states):
             raise RuntimeError(f"HF returned {len(hs_ref)} hidden states, the runtime {len(o.hidden_states)}")
         d2 = torch.tensor([(a - b.float()).pow(2).sum().item() for a, b in zip(hs_ref, o.hidden_states)])

@@ -17,6 +17,8 @@ import torch
 from nim_build import families as F
 from nim_build.spec import ModelSpec
 
+# HF weight suffixes of one decoder layer
+LAYER_WEIGHTS = (F.INPUT_NORM, F.Q, F.K, F.V, F.O, F.POST_NORM, F.GATE, F.UP, F.DOWN)
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -63,14 +65,15 @@ class LayerCalibrator:
     """Runs the calibration batch through the decoder one layer at a time, given each layer's HF weights.
 
     The caller streams the weights (and reuses them to write the quantized layer), so each layer is read once.
+    The accuracy gate uses the same class, in float32, as its layer-by-layer reference forward pass.
     """
 
     def __init__(self, model_dir: str | Path, spec: ModelSpec, embedding: torch.Tensor, calib_ids: torch.Tensor,
-                 want_kv: bool, batch_size: int = 8):
+                 want_kv: bool, batch_size: int = 8, dtype: torch.dtype | None = None):
         self.family = F.family_for(spec.architecture)
         self.module = importlib.import_module(self.family.hf_module)
         self.spec, self.want_kv = spec, want_kv
-        self.dtype = TORCH_DTYPES[spec.dtype]
+        self.dtype = dtype or TORCH_DTYPES[spec.dtype]
         self.cfg = hf_config(Path(model_dir), spec)
         n, seq = calib_ids.shape
         self.position_ids = torch.arange(seq).unsqueeze(0)
@@ -111,3 +114,32 @@ class LayerCalibrator:
         for h in hooks:
             h.remove()
         return amax
+
+
+@torch.inference_mode()
+def reference_forward(model_dir: str | Path, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """transformers' forward pass in float32, computed one decoder layer at a time (memory: one layer).
+
+    Returns (logits [n * seq, vocab], hidden states as output_hidden_states=True gives them: the embeddings, the
+    output of every layer but the last, and the last one after the final norm; each [n * seq, hidden])."""
+    from nim_build.safetensors_io import CheckpointReader
+    from nim_build.spec import load_spec
+
+    spec = load_spec(model_dir)
+    reader = CheckpointReader(model_dir)
+    fam = F.family_for(spec.architecture)
+    runner = LayerCalibrator(model_dir, spec, reader.get(fam.embed), ids, want_kv=False,
+                             batch_size=ids.shape[0], dtype=torch.float32)
+    flat = lambda: runner.hidden[0].reshape(-1, spec.hidden_size).clone()  # noqa: E731
+    hidden = [flat()]
+    for i in range(spec.num_hidden_layers):
+        runner.run_layer(i, {sfx: reader.get(fam.layer(i, sfx)) for sfx in LAYER_WEIGHTS})
+        hidden.append(flat())
+    norm = getattr(runner.module, fam.layer_class.replace("DecoderLayer", "RMSNorm"))(
+        spec.hidden_size, eps=spec.norm_epsilon)
+    norm.weight.data = reader.get(fam.final_norm).float()
+    hidden[-1] = norm(hidden[-1])
+    head = fam.embed if spec.tie_word_embeddings or fam.lm_head not in reader else fam.lm_head
+    logits = hidden[-1] @ reader.get(head).float().T
+    reader.close()
+    return logits, hidden

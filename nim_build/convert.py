@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from nim_build import families as F
 from nim_build import quantize as Q
-from nim_build.calibrate import TORCH_DTYPES, LayerAmax, LayerCalibrator
+from nim_build.calibrate import LAYER_WEIGHTS, TORCH_DTYPES, LayerAmax, LayerCalibrator
 from nim_build.errors import CheckpointError
 from nim_build.plan import ParallelPlan, make_plan
 from nim_build.safetensors_io import CheckpointReader, StreamingWriter, TensorSpec
@@ -240,9 +240,6 @@ class _Builder:
         ]
 
 
-LAYER_SUFFIXES = (F.INPUT_NORM, F.Q, F.K, F.V, F.O, F.POST_NORM, F.GATE, F.UP, F.DOWN)
-
-
 class _LayerStream:
     """HF weights one decoder layer at a time, the next layer read ahead on a background thread."""
 
@@ -252,7 +249,7 @@ class _LayerStream:
         self.next = self.pool.submit(self._load, 0) if num_layers else None
 
     def _load(self, i: int) -> dict[str, torch.Tensor]:
-        return {sfx: self.reader.get(self.family.layer(i, sfx)) for sfx in LAYER_SUFFIXES}
+        return {sfx: self.reader.get(self.family.layer(i, sfx)) for sfx in LAYER_WEIGHTS}
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         weights = self.next.result()

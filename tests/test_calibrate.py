@@ -6,8 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from nim_build.calibrate import LayerCalibrator
-from nim_build.convert import LAYER_SUFFIXES
+from nim_build.calibrate import LAYER_WEIGHTS, LayerCalibrator
 from nim_build.safetensors_io import CheckpointReader
 from nim_build.spec import load_spec
 from tiny_models import llama3_scaling, make_tiny_model
@@ -22,7 +21,7 @@ def test_layerwise_amax_equals_full_model_hooks(tmp_path, monkeypatch, arch, sca
     reader = CheckpointReader(model_dir)
     calibrator = LayerCalibrator(model_dir, spec, reader.get("model.embed_tokens.weight"), ids, want_kv=True,
                                  batch_size=2)
-    got = [calibrator.run_layer(i, {s: reader.get(f"model.layers.{i}.{s}") for s in LAYER_SUFFIXES})
+    got = [calibrator.run_layer(i, {s: reader.get(f"model.layers.{i}.{s}") for s in LAYER_WEIGHTS})
            for i in range(spec.num_hidden_layers)]
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.bfloat16, attn_implementation="sdpa")
