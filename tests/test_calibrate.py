@@ -56,3 +56,19 @@ def test_layerwise_amax_equals_full_model_hooks(tmp_path, monkeypatch, arch, sca
         want[(i, "k")] = k_amax
     for (i, key), value in want.items():
         assert torch.equal(getattr(got[i], key), value), (i, key, getattr(got[i], key), value)
+
+
+def test_layerwise_reference_forward_equals_transformers(tmp_path):
+    """The accuracy gate's reference (one decoder layer in memory at a time) is transformers' forward, bit for bit."""
+    from nim_build.calibrate import reference_forward
+
+    model_dir = make_tiny_model(tmp_path / "hf", arch="LlamaForCausalLM", rope_scaling=llama3_scaling(),
+                                tie_word_embeddings=True, hidden_size=80, num_heads=4, num_kv_heads=2, head_dim=16)
+    ids = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(2))
+    logits, hidden = reference_forward(model_dir, ids)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        want = model(input_ids=ids, output_hidden_states=True)
+    assert torch.equal(logits, want.logits.reshape(-1, 256))
+    assert len(hidden) == len(want.hidden_states)
+    assert all(torch.equal(h, w.reshape(-1, 80)) for h, w in zip(hidden, want.hidden_states))
