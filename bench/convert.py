@@ -172,8 +172,8 @@ def main():
     fn = bench_nemo if args.which == "nemo" else bench_1b
     result = fn(args.workdir, args.calib_samples, args.calib_seq_len)
     print(json.dumps(result, indent=2))
-    if not args.keep:
-        for d in ("nemo-synthetic", "llama-1b-synthetic", "ours", "modelopt", "calib.npy"):
+    if not args.keep:  # only what this benchmark wrote
+        for d in (["nemo-synthetic"] if args.which == "nemo" else ["llama-1b-synthetic", "ours", "modelopt"]):
             shutil.rmtree(args.workdir / d, ignore_errors=True)
 
 
