@@ -102,9 +102,6 @@ class _Builder:
         self.layer_amax: LayerAmax | None = None           # its calibration (FP8)
 
     # -- helpers -------------------------------------------------------------------------------------------
-    def _read(self, name: str) -> torch.Tensor:
-        return self.reader.get(name)
-
     def _plain(self, out: str, src: Callable[[], torch.Tensor], shape: tuple[int, ...], dim: int | None) -> Group:
         """An unquantized tensor, replicated (dim None) or split on dim."""
         per_rank = list(shape)
@@ -187,7 +184,7 @@ class _Builder:
 
     # -- the model ---------------------------------------------------------------------------------------
     def head(self) -> list[Group]:
-        s, H = self.spec, self.spec.hidden_size
+        H = self.spec.hidden_size
         # Parallel embedding (modelopt's default): vocab rows padded to a multiple of tp and split like lm_head.
         return [self._plain("transformer.vocab_embedding.weight", lambda: self._padded_vocab(self.family.embed),
                             (self.plan.padded_vocab_size, H), 0)]
@@ -195,11 +192,11 @@ class _Builder:
     def tail(self) -> list[Group]:
         s, fam, H = self.spec, self.family, self.spec.hidden_size
         head_src = fam.embed if s.tie_word_embeddings or fam.lm_head not in self.reader else fam.lm_head
-        return [self._plain("transformer.ln_f.weight", lambda: self._read(fam.final_norm), (H,), None),
+        return [self._plain("transformer.ln_f.weight", lambda: self.reader.get(fam.final_norm), (H,), None),
                 self._plain("lm_head.weight", lambda: self._padded_vocab(head_src), (self.plan.padded_vocab_size, H), 0)]
 
     def _padded_vocab(self, name: str) -> torch.Tensor:
-        w = self._read(name)
+        w = self.reader.get(name)
         pad = self.plan.padded_vocab_size - w.shape[0]
         return torch.nn.functional.pad(w, (0, 0, 0, pad)) if pad else w
 
@@ -228,7 +225,8 @@ class _Builder:
         return [
             self._plain(p + "input_layernorm.weight", lambda: w(F.INPUT_NORM), (H,), None),
             self._linear(p + "attention.qkv", (s.q_size + 2 * kv_rows, H), 0, lambda: [w(F.Q), w(F.K), w(F.V)],
-                         lambda: amax("qkv_in"), qkv_fuse, extra=(kv_names, kv_scales) if self.kv_cache == "fp8" else None),
+                         lambda: amax("qkv_in"), qkv_fuse,
+                         extra=(kv_names, kv_scales) if self.kv_cache == "fp8" else None),
             self._linear(p + "attention.dense", (H, s.q_size), 1, lambda: [w(F.O)], lambda: amax("dense_in"),
                          lambda ws: _split(ws[0], tp, 1)),
             self._plain(p + "post_layernorm.weight", lambda: w(F.POST_NORM), (H,), None),
