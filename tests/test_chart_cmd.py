@@ -1,7 +1,7 @@
 """`nim_build chart` (values from a build manifest) and `nim_build cache-engine` (the chart's init step).
 
-The engine directories here are minimal: a manifest written with nim_build.manifest.write_manifest and a few
-bytes standing for the engine (a test on a real build belongs with the engine builder's tests).
+Most engine directories here are minimal (a manifest written with nim_build.manifest.write_manifest and a few
+bytes standing for the engine), so GPU builds can be described; one test uses a real build of the embedded model.
 """
 
 from __future__ import annotations
@@ -91,6 +91,21 @@ def test_chart_cpu_reference_engine(tmp_path):
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
     assert "tolerations" not in pod and any("CPU" in n for n in notes)
+
+
+def test_chart_on_a_real_build_renders_and_validates(reference_engine_dir, tmp_path, capsys):
+    """A real FP8 reference build of the embedded model's local checkpoint (session fixture) -> chart -> helm."""
+    out = tmp_path / "values.yaml"
+    code, _, err = run_cli("chart", str(reference_engine_dir), "--out", str(out), capsys=capsys)
+    assert code == 0, err
+    values = yaml.safe_load(out.read_text())
+    assert values["model"]["id"] == "/opt/nim/cache/models/SmolLM2-135M-Instruct"  # a local checkpoint
+    assert values["engine"]["quant"] == "fp8" and values["engine"]["maxSeqLen"] == 512
+    assert values["engine"]["tensorParallelSize"] == 1 and values["gpu"]["enabled"] is False
+    objects = render(values)
+    assert validate(objects) >= 3
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["requests"]["memory"] == values["resources"]["requests"]["memory"]
 
 
 def test_chart_local_checkpoint_note(tmp_path):
