@@ -72,6 +72,14 @@ def write_synthetic(out: Path, shape: dict, arch: str, shards: int) -> int:
     return total
 
 
+def ensure_synthetic(out: Path, which: str) -> None:
+    """Write the synthetic checkpoint in a child process: Linux carries a process's peak RSS across fork + exec,
+    so a benchmark process that had held the tensors would inflate every measured child's peak."""
+    if not (out / "config.json").is_file():
+        print(f"writing synthetic {which} checkpoint ...", file=sys.stderr)
+        subprocess.run([sys.executable, __file__, which, "--write-only", "--workdir", str(out.parent)], check=True)
+
+
 def timed(cmd: list[str], **kw) -> tuple[float, int, subprocess.CompletedProcess]:
     """Run cmd; return (seconds, peak RSS bytes of that child alone, result)."""
     t = time.monotonic()
@@ -114,9 +122,7 @@ def engine_cmd(model: Path, out: Path, samples: int, seq: int, quant: str = "fp8
 
 def bench_nemo(work: Path, samples: int, seq: int) -> dict:
     model = work / "nemo-synthetic"
-    if not (model / "config.json").is_file():
-        print("writing synthetic NeMo-shaped checkpoint ...", file=sys.stderr)
-        write_synthetic(model, NEMO, "MistralForCausalLM", shards=5)
+    ensure_synthetic(model, "nemo")
     inputs = sorted(model.glob("*.safetensors"))
     in_bytes = sum(f.stat().st_size for f in inputs)
     rows = {}
@@ -145,8 +151,7 @@ def bench_1b(work: Path, samples: int, seq: int) -> dict:
     import numpy as np
 
     model = work / "llama-1b-synthetic"
-    if not (model / "config.json").is_file():
-        write_synthetic(model, ONE_B, "LlamaForCausalLM", shards=1)
+    ensure_synthetic(model, "1b")
     ids = torch.randint(0, ONE_B["vocab_size"], (samples, seq), generator=torch.Generator().manual_seed(0))
     np.save(work / "calib.npy", ids.numpy())
     # nim_build reads its batch from the text; the modelopt path gets random ids of the same shape: the work
@@ -167,8 +172,15 @@ def main():
     ap.add_argument("--calib-samples", type=int, default=4)
     ap.add_argument("--calib-seq-len", type=int, default=64)
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint for reruns")
+    ap.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.write_only:
+        if args.which == "nemo":
+            write_synthetic(args.workdir / "nemo-synthetic", NEMO, "MistralForCausalLM", shards=5)
+        else:
+            write_synthetic(args.workdir / "llama-1b-synthetic", ONE_B, "LlamaForCausalLM", shards=1)
+        return
     fn = bench_nemo if args.which == "nemo" else bench_1b
     result = fn(args.workdir, args.calib_samples, args.calib_seq_len)
     print(json.dumps(result, indent=2))
