@@ -17,6 +17,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -166,14 +167,14 @@ def from_word_list_format(arr: np.ndarray) -> list[list[int]]:
     return [w for w in words if w]
 
 
-class StreamDecoder:
+class StreamDecoder(ABC):
     """Incremental detokenizer: `step(new_ids)` returns the text that is complete so far, `flush()` the rest."""
 
-    def step(self, ids: Sequence[int]) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def step(self, ids: Sequence[int]) -> str: ...
 
-    def flush(self) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def flush(self) -> str: ...
 
 
 class _HFStreamDecoder(StreamDecoder):

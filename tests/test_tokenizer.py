@@ -70,8 +70,7 @@ def test_split_characters_are_held_back(tok):
     """A character whose bytes span several tokens is emitted once, whole, by the token that completes it."""
     text = "🙂"
     ids = tok.encode(text, add_special_tokens=False)
-    if len(ids) < 2:
-        pytest.skip("emoji is a single token in this vocabulary")
+    assert len(ids) >= 2, "the emoji must span several byte-level tokens for this test to mean anything"
     dec = tok.stream_decoder()
     pieces = [dec.step([i]) for i in ids]
     assert pieces[:-1] == [""] * (len(ids) - 1) and pieces[-1] == text
