@@ -135,8 +135,7 @@ def reference_forward(model_dir: str | Path, ids: torch.Tensor) -> tuple[torch.T
     for i in range(spec.num_hidden_layers):
         runner.run_layer(i, {sfx: reader.get(fam.layer(i, sfx)) for sfx in LAYER_WEIGHTS})
         hidden.append(flat())
-    norm = getattr(runner.module, fam.layer_class.replace("DecoderLayer", "RMSNorm"))(
-        spec.hidden_size, eps=spec.norm_epsilon)
+    norm = getattr(runner.module, fam.norm_class)(spec.hidden_size, eps=spec.norm_epsilon)
     norm.weight.data = reader.get(fam.final_norm).float()
     hidden[-1] = norm(hidden[-1])
     head = fam.embed if spec.tie_word_embeddings or fam.lm_head not in reader else fam.lm_head

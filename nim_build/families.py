@@ -14,6 +14,7 @@ class Family:
     hf_module: str             # transformers module holding the decoder layer and rotary embedding
     layer_class: str
     rotary_class: str
+    norm_class: str
     config_class: str
     embed: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
@@ -25,9 +26,9 @@ class Family:
 
 
 LLAMA = Family("llama", "transformers.models.llama.modeling_llama", "LlamaDecoderLayer", "LlamaRotaryEmbedding",
-               "LlamaConfig")
+               "LlamaRMSNorm", "LlamaConfig")
 MISTRAL = Family("llama", "transformers.models.mistral.modeling_mistral", "MistralDecoderLayer",
-                 "MistralRotaryEmbedding", "MistralConfig")
+                 "MistralRotaryEmbedding", "MistralRMSNorm", "MistralConfig")
 FAMILIES = {"LlamaForCausalLM": LLAMA, "MistralForCausalLM": MISTRAL}
 
 # HF suffixes inside a decoder layer.

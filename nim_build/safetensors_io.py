@@ -87,9 +87,6 @@ class CheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self._meta
 
-    def names(self) -> list[str]:
-        return list(self._meta)
-
     def shape(self, name: str) -> list[int]:
         return self._meta[self._require(name)][2]
 
