@@ -12,7 +12,7 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nim_build import TRTLLM_VERSION, __version__
@@ -272,7 +272,3 @@ def _replace(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def options_dict(opts: BuildOptions) -> dict:
-    return {k: v for k, v in asdict(opts).items() if k != "argv"}
