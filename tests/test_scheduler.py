@@ -1,8 +1,8 @@
 """In-flight batching: batching changes no result, a small KV pool queues requests, cancellation frees blocks,
 sampling / stop conditions / streaming / timing per request.
 
-The runtime computes in float32 on CPU: batched GEMMs over different row counts may differ from single-sequence
-ones in the last bits, far below what could flip a greedy choice on these models."""
+The runtime is batch invariant (nim_build/runtime/model.py): a request's logits are the same bits alone and in any
+batch, which the tests check directly, not only through the greedy tokens."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ import threading
 import time
 
 import pytest
+import torch
 
 from nim_build.errors import UserError
+from nim_build.manifest import CHECKPOINT_DIR
 from nim_build.runtime import DecoderModel, LLMEngine, SamplingParams
+from nim_build.runtime.kv_cache import PagedKVCache
 
 NEMO_SHAPE = dict(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=32)
 
@@ -61,12 +64,35 @@ def run_interleaved(engine, reqs, arrivals=0, **params):
     return [streamed.get(i, []) for i in ids], [finals[i] for i in ids]
 
 
+def record_logits(engine) -> dict[int, list]:
+    """The logits each request's tokens were sampled from, by request id (ids count submits from 1)."""
+    seen = {}
+    sample_next = engine._append
+
+    def _append(req, logits, now):
+        seen.setdefault(req.id, []).append(logits.clone())
+        return sample_next(req, logits, now)
+
+    engine._append = _append
+    return seen
+
+
+def assert_same_bits(got: dict, ref: dict):
+    assert got.keys() == ref.keys()
+    for rid in ref:
+        assert len(got[rid]) == len(ref[rid]) and all(torch.equal(x, y) for x, y in zip(got[rid], ref[rid])), rid
+
+
 def test_inflight_batching_changes_no_result(model):
     reqs = workload(12)
-    ref = alone(model, reqs)
     engine = make_engine(model)
+    ref_logits = record_logits(engine)
+    ref = [engine.generate(p, SamplingParams(n)) for p, n in reqs]
+    engine = make_engine(model)
+    logits = record_logits(engine)
     got, finals = run_interleaved(engine, reqs)
     assert got == ref
+    assert_same_bits(logits, ref_logits)
     assert all(ev.finish_reason == "length" for ev in finals)
     stats = engine.stats()
     assert stats["max_seqs_in_step"] >= 4  # requests really shared steps
@@ -193,3 +219,29 @@ def test_streaming_events_and_timing(model):
 def test_invalid_requests_are_rejected(model, prompt, params, match):
     with pytest.raises(UserError, match=match):
         make_engine(model).submit(prompt, params, lambda ev: None)
+
+
+def test_batch_invariance_on_the_default_model(reference_engine_dir):
+    """Real weights (SmolLM2-135M, FP8 with FP8 KV cache): every logit a request samples from is bit-identical
+    alone and under in-flight batching with chunked prefill (prompts longer than max_num_tokens) and a KV pool
+    that makes requests queue."""
+    smollm2 = DecoderModel.from_checkpoint(reference_engine_dir / CHECKPOINT_DIR)
+    blocks = 20  # of 32 tokens: two or three of these requests at a time
+
+    def engine():
+        c = smollm2.cfg
+        per_block = PagedKVCache.bytes_per_block(c.num_layers, 32, c.num_kv_heads, c.head_size,
+                                                  1 if smollm2.kv_fp8 else 4)
+        e = LLMEngine(smollm2, max_seq_len=1024, max_batch_size=6, max_num_tokens=96, kv_cache_bytes=blocks * per_block,
+                      tokens_per_block=32, end_id=-1)
+        return e, record_logits(e)
+
+    rng = random.Random(7)
+    reqs = [([rng.randrange(100, 20000) for _ in range(rng.randint(1, 200))], rng.randint(1, 8)) for _ in range(10)]
+    alone_engine, ref_logits = engine()
+    ref = [alone_engine.generate(p, SamplingParams(n)) for p, n in reqs]
+    batched, logits = engine()
+    got, _ = run_interleaved(batched, reqs, arrivals=3)
+    assert got == ref
+    assert_same_bits(logits, ref_logits)
+    assert batched.stats()["max_seqs_in_step"] >= 3

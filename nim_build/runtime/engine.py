@@ -78,6 +78,9 @@ class LLMEngine:
         self.end_id = end_id if end_id is not None else -1
         self.pad_id = pad_id if pad_id is not None else self.end_id
         self.vocab_size = c.vocab_size
+        if max_num_tokens < tokens_per_block:
+            raise UserError(f"max_num_tokens={max_num_tokens} is less than one KV block ({tokens_per_block} tokens): "
+                            "prompts could never be scheduled; raise max_num_tokens")
         self.tokens_per_block = tokens_per_block
         kv_scales = model.kv_scales()
         elem = 1 if kv_scales is not None else torch.empty(0, dtype=model.dtype).element_size()
@@ -240,22 +243,31 @@ class LLMEngine:
         decode = [r for r in self._running if len(r.tokens) - r.computed == 1]
         prefill = [r for r in self._running if len(r.tokens) - r.computed > 1]
         for req in decode + prefill:
-            n = min(len(req.tokens) - req.computed, budget)
+            n = self._chunk(req, budget)
             if n > 0:
                 batch.append((req, n))
                 budget -= n
         while self._waiting and len(self._running) < self.max_batch_size and budget > 0:
             req = self._waiting[0]
+            n = self._chunk(req, budget)
+            if n == 0:
+                break  # not one whole block left in this step's budget
             blocks = self.allocator.allocate(self._blocks_needed(len(req.prompt), req.params))
             if blocks is None:
                 break  # guaranteed_no_evict: wait for running requests to finish (arrival order kept)
             self._waiting.popleft()
             req.blocks = blocks
             self._running.append(req)
-            n = min(len(req.tokens), budget)
             batch.append((req, n))
             budget -= n
         return batch
+
+    def _chunk(self, req: _Request, budget: int) -> int:
+        """Tokens of `req` to compute this step: the rest of it when it fits, else as many whole KV blocks as fit
+        (chunks end on block boundaries whatever the load, which keeps the model's attention tiles, and so its
+        numbers, the same as when the request runs alone)."""
+        left = len(req.tokens) - req.computed
+        return left if left <= budget else budget // self.tokens_per_block * self.tokens_per_block
 
     def _run(self, batch: list[tuple[_Request, int]]) -> list[tuple[_Request, TokenEvent]]:
         ids = torch.tensor([t for req, n in batch for t in req.tokens[req.computed:req.computed + n]])

@@ -2,8 +2,13 @@
 
 One forward pass serves every phase: a prefill chunk is `length` tokens starting at `start` (the number of tokens
 already in the cache), a decode step is a chunk of length 1. The linear layers run once over all tokens of all
-sequences (the shared work batching pays for); attention loops over sequences and gathers each one's K/V from
-its cache blocks.
+sequences (the shared work batching pays for); attention runs per sequence, tile by tile.
+
+Batch invariance: a sequence's logits are the same bits whatever else shares its steps, so in-flight batching
+changes no result (greedy text served under load equals the text generated alone). Three things make it so: GEMM
+inputs are padded to a multiple of ROW_TILE rows (MKL computes a row the same way only outside its row tails),
+rotary tables are computed once per fixed block of positions, and attention is cut into tiles at fixed positions
+(see `_attention`); the scheduler cuts prefill chunks at the same multiples.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import torch.nn.functional as F
 from nim_build.runtime import fp8, rope
 from nim_build.runtime.checkpoint import Checkpoint, Layer, Linear, load_checkpoint
 from nim_build.runtime.kv_cache import PagedKVCache
+
+ROW_TILE = 4  # CPU GEMM rows come out bit-identical for any row count that is a multiple of this
+ATTENTION_TILE = 32  # query tile without a KV cache (with one, the cache block size)
 
 
 @dataclass
@@ -49,7 +57,8 @@ class DecoderModel:
         self.layers = [self._layer(layer) for layer in ckpt.layers]
         self.ln_f = self._t(ckpt.ln_f)
         self.lm_head = Linear(self.embedding) if ckpt.lm_head.weight is ckpt.embedding else self._lin(ckpt.lm_head)
-        self.inv_freq = rope.inv_freq(c.head_size, c.rotary_base, c.rotary_scaling).to(self.device)
+        self.rotary = rope.RotaryTable(rope.inv_freq(c.head_size, c.rotary_base, c.rotary_scaling), self.dtype,
+                                       self.device)
         self.scale = 1.0 / math.sqrt(c.head_size)
 
     @classmethod
@@ -78,7 +87,10 @@ class DecoderModel:
                 for layer in self.layers]
 
     def linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
-        return fp8.linear(x, lin, self.dtype, self.fake_quant, self.native_fp8)
+        rows = x.shape[0]
+        if rows % ROW_TILE:
+            x = torch.cat([x, x.new_zeros(ROW_TILE - rows % ROW_TILE, x.shape[1])])
+        return fp8.linear(x, lin, self.dtype, self.fake_quant, self.native_fp8)[:rows]
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -90,8 +102,8 @@ class DecoderModel:
                 all_logits: bool = False, output_hidden_states: bool = False) -> ForwardOutput:
         """input_ids [T]: the chunks' tokens packed back to back (sum of lengths == T)."""
         c = self.cfg
-        positions = torch.cat([torch.arange(ch.start, ch.start + ch.length) for ch in chunks]).to(self.device)
-        cos, sin = rope.cos_sin(positions, self.inv_freq, self.dtype)
+        positions = torch.cat([torch.arange(ch.start, ch.start + ch.length) for ch in chunks])
+        cos, sin = self.rotary(positions)
         slots = self._slots(chunks, cache)
         x = self.embedding[input_ids.to(self.device)]
         hidden = [x] if output_hidden_states else None
@@ -117,68 +129,55 @@ class DecoderModel:
         return ForwardOutput(logits, hidden)
 
     def _slots(self, chunks, cache) -> dict | None:
-        """Cache slots for this step, computed once for all layers: `write` [T] (every new token), per prefill
-        chunk the slots of positions 0..start+length, and for the decode chunks (length 1) one padded
-        [B, S_max] slot matrix with its validity mask, so their attention runs as one batched product."""
+        """Cache slots for this step, computed once for all layers: `write` [T] (every new token) and `read`
+        (positions 0..start+length of each chunk's sequence, chunk after chunk)."""
         if cache is None:
             if any(ch.start for ch in chunks):
                 raise ValueError("a chunk that continues a sequence (start > 0) needs a KV cache")
             return None
         reads = [cache.slots(ch.block_table, 0, ch.start + ch.length, self.device) for ch in chunks]
-        out = {"write": torch.cat([r[ch.start:] for r, ch in zip(reads, chunks)]), "prefill": {}}
-        decode = [j for j, ch in enumerate(chunks) if ch.length == 1]
-        for j, ch in enumerate(chunks):
-            if ch.length > 1:
-                out["prefill"][j] = reads[j]
-        if decode:
-            width = max(len(reads[j]) for j in decode)
-            out["decode_idx"] = decode
-            out["decode_slots"] = torch.stack([F.pad(reads[j], (0, width - len(reads[j]))) for j in decode])
-            lengths = torch.tensor([len(reads[j]) for j in decode], device=self.device)
-            out["decode_mask"] = torch.arange(width, device=self.device)[None, :] < lengths[:, None]
-        return out
+        return {"write": torch.cat([r[ch.start:] for r, ch in zip(reads, chunks)]), "read": torch.cat(reads)}
 
     def _attention(self, layer, q, k, v, chunks, cache, slots) -> torch.Tensor:
-        """q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads * D]."""
+        """q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads * D].
+
+        Batch invariant: each sequence's queries are cut into tiles at fixed multiples of `tile` positions (a
+        decode token is a tile of its own), and each tile attends to its keys in a call of its own. A query's
+        result then depends only on its sequence, never on what else shares the step (one batched product over
+        sequences of different lengths would pad and re-block the sums, changing the last bits)."""
         kv_scale = self.layers[layer].kv_scale if self.kv_fp8 else None
         if cache is not None:
             cache.write(layer, slots["write"], k, v)
         elif kv_scale is not None:  # what an FP8 cache would hand back
             k, v = fp8.fake_quant(k, kv_scale), fp8.fake_quant(v, kv_scale)
+        tile = cache.block_size if cache is not None else ATTENTION_TILE
         out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
-        offsets = torch.tensor([0] + [ch.length for ch in chunks]).cumsum(0).tolist()
-        groups = self.cfg.num_heads // self.cfg.num_kv_heads
-        for j, ch in enumerate(chunks):
-            if cache is not None and ch.length == 1:
-                continue  # batched below
-            lo, hi = offsets[j], offsets[j + 1]
-            if cache is not None:
-                ks, vs = cache.read(layer, slots["prefill"][j])
-            else:
-                ks, vs = k[lo:hi], v[lo:hi]
-            ks = ks.transpose(0, 1).repeat_interleave(groups, 0)  # [heads, S, D]
-            vs = vs.transpose(0, 1).repeat_interleave(groups, 0)
-            mask = None
-            if ch.length > 1:  # query i (position start+i) sees keys 0..start+i
-                s = ch.start + ch.length
-                mask = (torch.arange(s, device=self.device)[None, :]
-                        <= (ch.start + torch.arange(ch.length, device=self.device))[:, None])
-            o = F.scaled_dot_product_attention(q[lo:hi].transpose(0, 1), ks, vs, attn_mask=mask, scale=self.scale)
-            out[lo:hi] = o.transpose(0, 1).reshape(ch.length, -1)
-        if cache is not None and "decode_idx" in slots:
-            rows = torch.tensor([offsets[j] for j in slots["decode_idx"]], device=self.device)
-            out[rows] = self._decode_attention(layer, q[rows], cache, slots["decode_slots"], slots["decode_mask"])
+        if cache is not None:  # every sequence's keys and values, back to back, in one gather
+            k, v = cache.read(layer, slots["read"])
+        q = q * self.scale  # once here rather than on every tile's scores
+        lo = kv_lo = 0
+        for ch in chunks:
+            begin, end = ch.start, ch.start + ch.length  # positions of this chunk's queries
+            ks, vs = k[kv_lo:kv_lo + end], v[kv_lo:kv_lo + end]
+            kv_lo += end
+            while begin < end:
+                stop = min((begin // tile + 1) * tile, end)  # this tile's queries: positions begin..stop-1
+                rows = slice(lo + begin - ch.start, lo + stop - ch.start)
+                out[rows] = self._tile_attention(q[rows], ks[:stop], vs[:stop], begin)
+                begin = stop
+            lo += ch.length
         return out
 
-    def _decode_attention(self, layer, q, cache, slot_matrix, valid) -> torch.Tensor:
-        """One query per sequence against its cached keys, all sequences in one batched product.
-        q [B, heads, D]; slot_matrix, valid [B, S_max] -> [B, heads * D]."""
-        c = self.cfg
-        b, width = slot_matrix.shape
-        ks, vs = cache.read(layer, slot_matrix.reshape(-1))
-        ks = ks.reshape(b, width, c.num_kv_heads, c.head_size).transpose(1, 2)  # [B, kv_heads, S, D]
-        vs = vs.reshape(b, width, c.num_kv_heads, c.head_size).transpose(1, 2)
-        qg = q.reshape(b, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_size)  # q head = kv head * g + i
-        scores = (qg @ ks.transpose(-1, -2)) * self.scale  # [B, kv_heads, g, S]
-        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-        return (scores.float().softmax(-1).to(vs.dtype) @ vs).reshape(b, -1)
+    def _tile_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int) -> torch.Tensor:
+        """Causal attention of the (pre-scaled) queries at positions first.. (q [n, heads, D]) to keys 0..first+n-1
+        (k, v [first+n, kv_heads, D]), GQA without copying K/V per query head -> [n, heads * D]."""
+        n, kvh, d = q.shape[0], self.cfg.num_kv_heads, self.cfg.head_size
+        g = self.cfg.num_heads // kvh  # query head h uses kv head h // g
+        qg = q.reshape(n, kvh, g, d).transpose(0, 1).reshape(kvh, n * g, d)
+        scores = torch.bmm(qg, k.permute(1, 2, 0))  # [kv_heads, n * g, keys]
+        if n > 1:  # query at position p sees keys 0..p
+            keys = torch.arange(first + n, device=self.device)
+            hidden = keys[None, :] > torch.arange(first, first + n, device=self.device)[:, None]  # [n, keys]
+            scores = scores.view(kvh, n, g, -1).masked_fill(hidden[None, :, None, :], float("-inf")).view(kvh, n * g, -1)
+        o = torch.bmm(scores.float().softmax(-1).to(v.dtype), v.transpose(0, 1))  # [kv_heads, n * g, D]
+        return o.view(kvh, n, g, d).transpose(0, 1).reshape(n, -1)

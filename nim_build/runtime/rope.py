@@ -30,6 +30,27 @@ def _llama3(inv: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+class RotaryTable:
+    """cos, sin by position, computed one fixed block of positions at a time and kept: a position's values then
+    never depend on which other positions a step holds (elementwise kernels take a scalar path for the tail of a
+    tensor, so the same position computed in tensors of different lengths can differ in the last bit)."""
+
+    BLOCK = 1024
+
+    def __init__(self, inv: torch.Tensor, dtype: torch.dtype, device: torch.device):
+        self.inv, self.dtype, self.device = inv, dtype, device
+        self.cos = self.sin = torch.empty(0, 1, 2 * len(inv), dtype=dtype, device=device)
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, head_size] for positions [T]."""
+        while int(positions.max()) >= len(self.cos):
+            cos, sin = cos_sin(torch.arange(len(self.cos), len(self.cos) + self.BLOCK), self.inv, self.dtype)
+            self.cos = torch.cat([self.cos, cos.to(self.device)])
+            self.sin = torch.cat([self.sin, sin.to(self.device)])
+        positions = positions.to(self.device)
+        return self.cos[positions], self.sin[positions]
+
+
 def cos_sin(positions: torch.Tensor, inv: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [T, 1, head_size] for positions [T] (computed in float32, then cast)."""
     freqs = positions.float()[:, None] * inv[None, :]
