@@ -88,7 +88,12 @@ def _accumulate(acc: dict, ref: torch.Tensor, ours: torch.Tensor, batch: torch.T
         acc["targets"] += targets.numel()
 
 
-def check_gate(report: dict, min_top1: float = 0.95, max_ppl_increase: float = 0.03) -> list[str]:
+# (min top-1 agreement, max relative perplexity increase): what FP8 (per-tensor) costs a 7B-12B model is well
+# inside these; a wrong tensor mapping or scale is far outside them.
+DEFAULT_GATE = (0.95, 0.03)
+
+
+def check_gate(report: dict, min_top1: float = DEFAULT_GATE[0], max_ppl_increase: float = DEFAULT_GATE[1]) -> list[str]:
     """Failures of the gate (empty: passed); a failing gate ends with the per-layer diagnosis."""
     failures = []
     if report["top1_agreement"] < min_top1:

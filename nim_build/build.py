@@ -42,8 +42,8 @@ class BuildOptions:
     calib_seq_len: int = 256
     eval_data: str | None = None
     accuracy_gate: bool = True
-    min_top1: float = 0.95
-    max_ppl_increase: float = 0.03
+    min_top1: float | None = None          # gate thresholds; default: gate_thresholds()
+    max_ppl_increase: float | None = None
     force: bool = False
     allow_pickle: bool = False
     workers: int = 1
@@ -204,13 +204,25 @@ def _accuracy_gate(opts, model_dir, engine_dir, tok_dir, spec) -> dict:
 
     eval_ids = token_batch(tok_dir, 8, 128, opts.eval_data, separator_id=_first_id(spec.eos_token_id))
     report = evaluate(model_dir, engine_dir, eval_ids)
-    failures = check_gate(report, min_top1=opts.min_top1, max_ppl_increase=opts.max_ppl_increase)
-    report["gate"] = {"min_top1": opts.min_top1, "max_ppl_increase": opts.max_ppl_increase,
+    min_top1, max_ppl_increase = gate_thresholds(opts, model_dir)
+    failures = check_gate(report, min_top1=min_top1, max_ppl_increase=max_ppl_increase)
+    report["gate"] = {"min_top1": min_top1, "max_ppl_increase": max_ppl_increase,
                       "passed": not failures, "failures": failures}
     if failures:
         raise AccuracyGateError("accuracy gate failed: " + "; ".join(failures) +
                                 " (tune with --accuracy-gate MIN_TOP1,MAX_PPL_INCREASE or skip with --no-accuracy-gate)")
     return report
+
+
+def gate_thresholds(opts: BuildOptions, model_dir: Path) -> tuple[float, float]:
+    """The user's thresholds, else the embedded default model's own (see default_model.FP8_GATE), else
+    accuracy.DEFAULT_GATE."""
+    from nim_build.accuracy import DEFAULT_GATE
+    from nim_build.default_model import FP8_GATE, is_default_model, is_default_model_dir
+
+    own = FP8_GATE if is_default_model(opts.model) or is_default_model_dir(model_dir) else DEFAULT_GATE
+    return (own[0] if opts.min_top1 is None else opts.min_top1,
+            own[1] if opts.max_ppl_increase is None else opts.max_ppl_increase)
 
 
 def _input_hashes(model_dir: Path) -> dict[str, str]:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
+import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
@@ -94,3 +98,50 @@ def test_default_model_bf16_checkpoint_passes_the_gate(default_model_dir, smollm
     r = evaluate(default_model_dir, smollm2_bf16_checkpoint, token_batch(default_model_dir, 2, 64))
     assert r["top1_agreement"] >= 0.99 and abs(r["ppl_increase"]) < 1e-3 and r["max_abs_logit_error"] < 1e-2
     assert check_gate(r) == []
+
+
+@pytest.fixture(scope="module")
+def smollm2_fp8_build(default_model_dir, tmp_path_factory):
+    """`nim_build engine` on the default model with its own gate defaults (the full build: calibration, gate)."""
+    from nim_build.build import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("gate") / "smollm2-fp8"
+    summary = build(BuildOptions(model=str(default_model_dir), out=str(out), backend="reference", max_seq_len=512),
+                    progress=False)
+    return out, summary
+
+
+def test_default_model_fp8_build_passes_its_gate(smollm2_fp8_build):
+    from nim_build.default_model import FP8_GATE
+
+    out, summary = smollm2_fp8_build
+    acc = json.loads((out / "manifest.json").read_text())["accuracy"]
+    assert acc == summary["accuracy"]
+    assert acc["gate"] == {"min_top1": FP8_GATE[0], "max_ppl_increase": FP8_GATE[1], "passed": True, "failures": []}
+    assert FP8_GATE[0] <= acc["top1_agreement"] < 0.95 and 0 < acc["ppl_increase"] <= FP8_GATE[1]
+
+
+def test_default_model_gate_still_fails_a_wrong_scale(smollm2_fp8_build, default_model_dir, tmp_path):
+    """The relaxed thresholds are not blind: one layer's weight scale off by 2x fails them and is located."""
+    from nim_build.calib_data import token_batch
+    from nim_build.default_model import FP8_GATE
+
+    ckpt = tmp_path / "checkpoint"
+    shutil.copytree(smollm2_fp8_build[0] / "checkpoint", ckpt)
+    tensors = load_file(ckpt / "rank0.safetensors")
+    tensors["transformer.layers.10.mlp.fc.weights_scaling_factor"] *= 2
+    save_file(tensors, ckpt / "rank0.safetensors")
+    report = evaluate(default_model_dir, ckpt, token_batch(default_model_dir, 8, 128))
+    failures = check_gate(report, *FP8_GATE)
+    assert failures and "layer 10" in failures[-1]
+
+
+def test_gate_thresholds_per_model(default_model_dir, tmp_path):
+    from nim_build.accuracy import DEFAULT_GATE
+    from nim_build.build import BuildOptions, gate_thresholds
+    from nim_build.default_model import FP8_GATE
+
+    assert gate_thresholds(BuildOptions(model="default"), default_model_dir) == FP8_GATE
+    assert gate_thresholds(BuildOptions(model=str(default_model_dir)), default_model_dir) == FP8_GATE
+    assert gate_thresholds(BuildOptions(model="mistralai/Mistral-Nemo-Instruct-2407"), tmp_path) == DEFAULT_GATE
+    assert gate_thresholds(BuildOptions(model="default", min_top1=0.9, max_ppl_increase=0.05), tmp_path) == (0.9, 0.05)
