@@ -43,10 +43,12 @@ class RotaryTable:
 
     def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, 1, head_size] for positions [T]."""
-        while int(positions.max()) >= len(self.cos):
-            cos, sin = cos_sin(torch.arange(len(self.cos), len(self.cos) + self.BLOCK), self.inv, self.dtype)
-            self.cos = torch.cat([self.cos, cos.to(self.device)])
-            self.sin = torch.cat([self.sin, sin.to(self.device)])
+        have, need = len(self.cos), int(positions.max()) + 1
+        if need > have:
+            blocks = [cos_sin(torch.arange(b, b + self.BLOCK), self.inv, self.dtype)
+                      for b in range(have, need, self.BLOCK)]
+            self.cos = torch.cat([self.cos] + [c.to(self.device) for c, _ in blocks])
+            self.sin = torch.cat([self.sin] + [s.to(self.device) for _, s in blocks])
         positions = positions.to(self.device)
         return self.cos[positions], self.sin[positions]
 
