@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nim_build import TRTLLM_VERSION, __version__
+from nim_build import TOKENS_PER_BLOCK, TRTLLM_VERSION, __version__
 from nim_build.errors import AccuracyGateError, OutputExistsError, UserError
 from nim_build.manifest import CHECKPOINT_DIR, ENGINE_DIR, TOKENIZER_DIR, hash_files, hash_tree, write_manifest
 
@@ -76,8 +76,11 @@ def build(opts: BuildOptions, progress: bool = True) -> dict:
     out = Path(opts.out) if opts.out else default_out(opts.model)
     if out.exists() and not opts.force:
         raise OutputExistsError(f"{out} already exists; pass --force to replace it or choose another --out")
-    if opts.max_num_tokens < 1 or opts.max_batch_size < 1:
-        raise UserError("--max-batch-size and --max-num-tokens must be >= 1")
+    if opts.max_batch_size < 1:
+        raise UserError("--max-batch-size must be >= 1")
+    if opts.max_num_tokens < TOKENS_PER_BLOCK:
+        raise UserError(f"--max-num-tokens {opts.max_num_tokens} is less than one KV-cache block "
+                        f"({TOKENS_PER_BLOCK} tokens): no prompt could be scheduled")
 
     # Cheap checks first: a bad --tp or an unavailable backend fails before any download or conversion.
     resolved = resolve_model(opts.model, allow_pickle=opts.allow_pickle)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from nim_build import TRTLLM_VERSION
+from nim_build import TOKENS_PER_BLOCK, TRTLLM_VERSION
 from nim_build.errors import ConfigError, NimBuildError
 
 SUPPORTED_LINE = TRTLLM_VERSION.rsplit(".", 1)[0] + "."   # "1.2.": the last release line that builds engines
@@ -87,7 +87,7 @@ def probe() -> BackendProbe:
 
 
 def build_settings(*, max_batch_size: int, max_seq_len: int, max_input_len: int, max_num_tokens: int,
-                   quant_algo: str | None, kv_cache_quant_algo: str | None = None, tokens_per_block: int = 32) -> dict:
+                   quant_algo: str | None, kv_cache_quant_algo: str | None = None, tokens_per_block: int = TOKENS_PER_BLOCK) -> dict:
     """The BuildConfig / PluginConfig values, as JSON: what every rank is built with and what the manifest records."""
     if not 1 <= max_input_len <= max_seq_len:
         raise ConfigError(f"max_input_len {max_input_len} must be in 1..max_seq_len ({max_seq_len})")
@@ -116,7 +116,7 @@ def build_settings(*, max_batch_size: int, max_seq_len: int, max_input_len: int,
 
 
 def build_engine(checkpoint_dir, engine_dir, *, max_batch_size: int, max_seq_len: int, max_input_len: int,
-                 max_num_tokens: int, quant_algo: str | None, tokens_per_block: int = 32, workers: int = 1) -> dict:
+                 max_num_tokens: int, quant_algo: str | None, tokens_per_block: int = TOKENS_PER_BLOCK, workers: int = 1) -> dict:
     """Build one engine per rank of the checkpoint into engine_dir (the caller handles temp dir + rename).
 
     Returns {tensorrt_llm_version, world_size, workers, ranks, build_config} for the manifest."""

@@ -119,6 +119,12 @@ def test_impossible_kv_replication(tmp_path, capsys):
     assert_user_error(code, err, "cannot replicate num_key_value_heads=3 over --tp 4")
 
 
+def test_max_num_tokens_below_one_kv_block(tmp_path, tiny, capsys):
+    code, _, err = run_cli(capsys, "engine", str(tiny), "--out", str(tmp_path / "o"), "--max-num-tokens", "16")
+    assert_user_error(code, err, "--max-num-tokens 16 is less than one KV-cache block (32 tokens)")
+    assert not (tmp_path / "o").exists()
+
+
 def test_pickle_weights_refused_unless_opted_in(tmp_path, tiny, capsys):
     from safetensors.torch import load_file
 

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from nim_build import TOKENS_PER_BLOCK
 from nim_build.errors import UserError
 from nim_build.manifest import CHECKPOINT_DIR, load_manifest
 from nim_build.runtime.kv_cache import BlockAllocator, PagedKVCache
@@ -71,7 +72,7 @@ class _Request:
 class LLMEngine:
     def __init__(self, model: DecoderModel, *, max_seq_len: int, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                  max_num_tokens: int = DEFAULT_MAX_NUM_TOKENS, kv_cache_bytes: int | None = None,
-                 tokens_per_block: int = 32, end_id: int | None = None, pad_id: int | None = None):
+                 tokens_per_block: int = TOKENS_PER_BLOCK, end_id: int | None = None, pad_id: int | None = None):
         c = model.cfg
         self.model = model
         self.max_seq_len, self.max_batch_size, self.max_num_tokens = max_seq_len, max_batch_size, max_num_tokens
@@ -107,7 +108,7 @@ class LLMEngine:
     @classmethod
     def from_engine_dir(cls, engine_dir: str | Path, *, device: str = "auto", max_batch_size: int | None = None,
                         max_num_tokens: int | None = None, kv_cache_bytes: int | None = None,
-                        tokens_per_block: int = 32, compute_dtype: torch.dtype | None = None,
+                        tokens_per_block: int = TOKENS_PER_BLOCK, compute_dtype: torch.dtype | None = None,
                         fake_quant_activations: bool | None = None) -> "LLMEngine":
         """Serve ENGINE/checkpoint/ with limits from ENGINE/manifest.json (build section) unless given here."""
         manifest = load_manifest(engine_dir)
