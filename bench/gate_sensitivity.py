@@ -1,6 +1,8 @@
 """How far the accuracy gate's metrics move for FP8 rounding alone vs for real conversion errors, on the embedded
 default model: evaluates an FP8 build of SmolLM2-135M as built, then with one deliberate error at a time (a weight
-scale off by 2x, gate/up swapped, K/V swapped, ...), each against transformers' own forward pass.
+scale off by 2x, gate/up swapped, K/V swapped, ...), each against transformers' own forward pass. The last row is
+the independent baseline: nvidia-modelopt's own fake-quantized model (FP8_DEFAULT_CFG, calibrated on the same
+32x256 batch `nim_build engine` uses) on the same evaluation tokens.
 
     python bench/gate_sensitivity.py [--engine DIR]   # DIR: an FP8 reference engine of `default` (else built)
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -21,7 +24,7 @@ from safetensors.torch import load_file, save_file
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from nim_build.accuracy import evaluate  # noqa: E402
+from nim_build.accuracy import _accumulate, evaluate  # noqa: E402
 from nim_build.calib_data import token_batch  # noqa: E402
 from nim_build.default_model import materialize_default_model  # noqa: E402
 
@@ -61,6 +64,26 @@ CASES = [
 ]
 
 
+def modelopt_fake_quant(hf: Path, ids: torch.Tensor, eos: int) -> dict:
+    """Top-1 agreement, KL and perplexity increase of modelopt's fake-quantized FP8 model vs the float32 model,
+    computed exactly as the gate computes them."""
+    import copy
+
+    import modelopt.torch.quantization as mtq
+    from transformers import AutoModelForCausalLM
+
+    calib = token_batch(hf, 32, 256, separator_id=eos)
+    ref = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    fq = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    with torch.no_grad():
+        mtq.quantize(fq, copy.deepcopy(mtq.FP8_DEFAULT_CFG), forward_loop=lambda m: m(input_ids=calib))
+        a, b = ref(ids).logits, fq(ids).logits
+    acc = {"tokens": 0, "agree": 0, "kl": 0.0, "max_err": 0.0, "nll_hf": 0.0, "nll_q": 0.0, "targets": 0}
+    _accumulate(acc, a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), ids)
+    return {"top1_agreement": acc["agree"] / acc["tokens"], "mean_kl": acc["kl"] / acc["tokens"],
+            "ppl_increase": math.exp((acc["nll_q"] - acc["nll_hf"]) / acc["targets"]) - 1}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine", help="FP8 reference engine of the default model [default: build one]")
@@ -85,6 +108,9 @@ def main(argv=None) -> None:
                 save_file(tensors, ckpt / "rank0.safetensors")
             r = evaluate(hf, ckpt, ids)
             print(f"| {name} | {r['top1_agreement']:.3f} | {r['mean_kl']:.3f} | {r['ppl_increase']:+.1%} |", flush=True)
+        r = modelopt_fake_quant(hf, ids, eos)
+        print(f"| modelopt fake-quant (FP8_DEFAULT_CFG), not a checkpoint | {r['top1_agreement']:.3f} | "
+              f"{r['mean_kl']:.3f} | {r['ppl_increase']:+.1%} |")
 
 
 if __name__ == "__main__":

@@ -48,8 +48,8 @@ COMPLETE_MARKER = ".nim_build_complete"
 INSTALL_HINT = "pip install -e .[default-model]"
 # Accuracy-gate thresholds for FP8 builds of this model (min top-1 agreement, max perplexity increase). No
 # per-tensor FP8 checkpoint of a 135M model reaches the 7B-scale defaults (0.95, +3%): ours measures 0.82-0.83
-# / +10-11% on the built-in text, modelopt's own fake-quantized model 0.845 (tests/oracle/README.md), FP8
-# weights alone inside transformers 0.87-0.88. These still fail real conversion errors: one layer's weight scale
+# / +10-11% on the built-in text, modelopt's own fake-quantized model 0.829 (bench/gate_sensitivity.py), FP8
+# weights alone inside transformers 0.88. These still fail real conversion errors: one layer's weight scale
 # off by 2x gives 0.70 / +35%, gate and up swapped 0.53 / +75%, K and V swapped 0.11 (BENCHMARKS.md section 2).
 FP8_GATE = (0.80, 0.15)
 
