@@ -245,3 +245,41 @@ def test_batch_invariance_on_the_default_model(reference_engine_dir):
     assert got == ref
     assert_same_bits(logits, ref_logits)
     assert batched.stats()["max_seqs_in_step"] >= 3
+
+
+def test_failures_end_their_requests_with_an_error_and_free_their_blocks(model, monkeypatch):
+    """A failed forward pass fails that step's requests, a failed sampling only its request, a failed step in the
+    background loop everything running; the engine keeps serving and every block comes back."""
+    import nim_build.runtime.engine as engine_module
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    engine = make_engine(model)
+    events = []
+    engine.submit([5, 6, 7], SamplingParams(4), events.append)
+    with monkeypatch.context() as m:
+        m.setattr(model, "forward", boom)
+        engine.step()
+    assert [(ev.finish_reason, ev.error) for ev in events] == [("error", "RuntimeError: boom")]
+    assert engine.stats()["free_blocks"] == engine.stats()["total_blocks"]
+
+    sample = engine_module.sample
+    monkeypatch.setattr(engine_module, "sample", lambda logits, p, g: boom() if p.seed == 13 else sample(logits, p, g))
+    good, bad = [], []
+    engine.submit([5, 6, 7], SamplingParams(4), good.append)
+    engine.submit([8, 9], SamplingParams(4, temperature=1.0, seed=13), bad.append)
+    while not (good and good[-1].finished):
+        engine.step()
+    assert [ev.finish_reason for ev in bad] == ["error"] and good[-1].finish_reason == "length"
+    assert sum((ev.token_ids for ev in good), []) == alone(model, [([5, 6, 7], 4)])[0]
+    assert engine.stats()["free_blocks"] == engine.stats()["total_blocks"]
+
+    engine.start()
+    monkeypatch.setattr(engine, "_run", boom)
+    try:
+        with pytest.raises(RuntimeError, match="generation failed: RuntimeError: boom"):
+            engine.generate([5, 6, 7], SamplingParams(4))
+    finally:
+        engine.shutdown()
+    assert engine.stats()["free_blocks"] == engine.stats()["total_blocks"]
