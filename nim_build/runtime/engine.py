@@ -232,9 +232,7 @@ class LLMEngine:
             except Exception as e:  # never leave waiters hanging: fail what is running, keep the loop alive
                 log.exception("engine step failed")
                 with self._lock:
-                    for req in list(self._running):
-                        self._finish(req)
-                        self._events.append((req, req.event([], "error", f"{type(e).__name__}: {e}")))
+                    self._events += [self._fail(req, e) for req in list(self._running)]
 
     def _blocks_needed(self, prompt_len: int, params: SamplingParams) -> int:
         return math.ceil(min(prompt_len + params.max_new_tokens, self.max_seq_len) / self.tokens_per_block)
@@ -278,10 +276,7 @@ class LLMEngine:
         except Exception as e:  # fail this step's requests, keep serving
             log.exception("forward pass failed")
             with self._lock:
-                failed = [(req, req.event([], "error", f"{type(e).__name__}: {e}")) for req, _ in batch if not req.done]
-                for req, _ in failed:
-                    self._finish(req)
-            return failed
+                return [self._fail(req, e) for req, _ in batch if not req.done]
         now = time.monotonic()
         events = []
         with self._lock:
@@ -298,8 +293,7 @@ class LLMEngine:
                         ev = self._append(req, row, now)
                     except Exception as e:  # a sampling failure ends this request only
                         log.exception("request %d failed", req.id)
-                        self._finish(req)
-                        ev = req.event([], "error", f"{type(e).__name__}: {e}")
+                        ev = self._fail(req, e)[1]
                     if ev is not None:
                         events.append((req, ev))
         return events
@@ -339,6 +333,11 @@ class LLMEngine:
             self._running.remove(req)
         self.allocator.free(req.blocks)
         req.blocks = []
+
+    def _fail(self, req: _Request, error: Exception) -> tuple[_Request, TokenEvent]:
+        """Finish `req` because of `error`; its final event (caller holds the lock)."""
+        self._finish(req)
+        return req, req.event([], "error", f"{type(error).__name__}: {error}")
 
 
 def _held_back(generated: list[int], stop_words: list[list[int]]) -> int:
