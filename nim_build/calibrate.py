@@ -32,6 +32,11 @@ class LayerAmax:
     v: torch.Tensor = None          # v_proj output
 
 
+def read_layer(reader, family: F.Family, i: int) -> dict[str, torch.Tensor]:
+    """The HF weights of decoder layer i, by suffix (LAYER_WEIGHTS)."""
+    return {sfx: reader.get(family.layer(i, sfx)) for sfx in LAYER_WEIGHTS}
+
+
 def hf_config(model_dir: Path, spec: ModelSpec):
     """transformers config for the family, with RoPE taken from our parser (transformers 4.57 misreads the
     transformers-5 `rope_parameters` spelling and would silently calibrate with rope_theta=10000)."""
@@ -133,12 +138,11 @@ def reference_forward(model_dir: str | Path, ids: torch.Tensor) -> tuple[torch.T
     flat = lambda: runner.hidden[0].reshape(-1, spec.hidden_size).clone()  # noqa: E731
     hidden = [flat()]
     for i in range(spec.num_hidden_layers):
-        runner.run_layer(i, {sfx: reader.get(fam.layer(i, sfx)) for sfx in LAYER_WEIGHTS})
+        runner.run_layer(i, read_layer(reader, fam, i))
         hidden.append(flat())
     norm = getattr(runner.module, fam.norm_class)(spec.hidden_size, eps=spec.norm_epsilon)
     norm.weight.data = reader.get(fam.final_norm).float()
     hidden[-1] = norm(hidden[-1])
-    head = fam.embed if spec.tie_word_embeddings or fam.lm_head not in reader else fam.lm_head
-    logits = hidden[-1] @ reader.get(head).float().T
+    logits = hidden[-1] @ reader.get(fam.head_source(spec.tie_word_embeddings, reader)).float().T
     reader.close()
     return logits, hidden

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from nim_build import families as F
 from nim_build import quantize as Q
-from nim_build.calibrate import LAYER_WEIGHTS, TORCH_DTYPES, LayerAmax, LayerCalibrator
+from nim_build.calibrate import TORCH_DTYPES, LayerAmax, LayerCalibrator, read_layer
 from nim_build.errors import CheckpointError
 from nim_build.plan import ParallelPlan, make_plan
 from nim_build.safetensors_io import CheckpointReader, StreamingWriter, TensorSpec
@@ -191,7 +191,7 @@ class _Builder:
 
     def tail(self) -> list[Group]:
         s, fam, H = self.spec, self.family, self.spec.hidden_size
-        head_src = fam.embed if s.tie_word_embeddings or fam.lm_head not in self.reader else fam.lm_head
+        head_src = fam.head_source(s.tie_word_embeddings, self.reader)
         return [self._plain("transformer.ln_f.weight", lambda: self.reader.get(fam.final_norm), (H,), None),
                 self._plain("lm_head.weight", lambda: self._padded_vocab(head_src), (self.plan.padded_vocab_size, H), 0)]
 
@@ -244,14 +244,11 @@ class _LayerStream:
     def __init__(self, reader: CheckpointReader, family: F.Family, num_layers: int):
         self.reader, self.family, self.num_layers = reader, family, num_layers
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
-        self.next = self.pool.submit(self._load, 0) if num_layers else None
-
-    def _load(self, i: int) -> dict[str, torch.Tensor]:
-        return {sfx: self.reader.get(self.family.layer(i, sfx)) for sfx in LAYER_WEIGHTS}
+        self.next = self.pool.submit(read_layer, reader, family, 0) if num_layers else None
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         weights = self.next.result()
-        self.next = self.pool.submit(self._load, i + 1) if i + 1 < self.num_layers else None
+        self.next = self.pool.submit(read_layer, self.reader, self.family, i + 1) if i + 1 < self.num_layers else None
         return weights
 
     def close(self):

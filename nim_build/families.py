@@ -24,6 +24,10 @@ class Family:
     def layer(self, i: int, suffix: str) -> str:
         return self.layer_prefix.format(i=i) + suffix
 
+    def head_source(self, tie_word_embeddings: bool, names) -> str:
+        """The HF tensor the output projection comes from: the embedding when tied or when no lm_head is stored."""
+        return self.embed if tie_word_embeddings or self.lm_head not in names else self.lm_head
+
 
 LLAMA = Family("llama", "transformers.models.llama.modeling_llama", "LlamaDecoderLayer", "LlamaRotaryEmbedding",
                "LlamaRMSNorm", "LlamaConfig")
