@@ -26,6 +26,9 @@ import numpy as np
 from nim_build.errors import UserError
 
 META_FILE = "nim_build_tokenizer.json"  # kind / bos / end / pad ids and limits, written next to the tokenizer files
+# Where `nim_build repo` puts the tokenizer, relative to the repository root (inside a version folder, where
+# Triton looks for nothing); here so the python models can default to it without importing the generator.
+REPO_TOKENIZER_DIR = "preprocessing/1/tokenizer"
 KINDS = ("hf", "tekken")
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from nim_build.errors import UserError
-from nim_build.tokenizer import META_FILE, Tokenizer
+from nim_build.tokenizer import META_FILE, REPO_TOKENIZER_DIR, Tokenizer
 
 
 def parameters(model_config: dict) -> dict[str, str]:
@@ -29,7 +29,7 @@ def repo_path(args: dict, relative: str) -> Path:
 
 
 def load_tokenizer(args: dict, params: dict[str, str]) -> tuple[Tokenizer, dict]:
-    path = repo_path(args, params.get("tokenizer_dir") or "preprocessing/1/tokenizer")
+    path = repo_path(args, params.get("tokenizer_dir") or REPO_TOKENIZER_DIR)
     meta_file = path / META_FILE
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     return Tokenizer.from_dir(path, meta), meta

@@ -57,8 +57,7 @@ def _chat_flag(repo) -> str:
     """' --chat' when the served model has a chat template (an instruct model answers chats, not raw text)."""
     import json
 
-    from nim_build.tokenizer import META_FILE
-    from nim_build.triton.repo import TOKENIZER_SUBDIR
+    from nim_build.tokenizer import META_FILE, REPO_TOKENIZER_DIR
 
-    meta = repo / TOKENIZER_SUBDIR / META_FILE
+    meta = repo / REPO_TOKENIZER_DIR / META_FILE
     return " --chat" if meta.is_file() and json.loads(meta.read_text()).get("chat_template") else ""

@@ -32,13 +32,12 @@ from google.protobuf import text_format
 
 from nim_build.errors import OutputExistsError, UserError
 from nim_build.manifest import load_manifest
-from nim_build.tokenizer import META_FILE, meta_from_manifest
+from nim_build.tokenizer import META_FILE, REPO_TOKENIZER_DIR, meta_from_manifest
 
 MODELS = ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing", "tensorrt_llm_bls")
 SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
 SOURCES = Path(__file__).resolve().parents[2] / "triton_repo"
 SHARED_MODULES = ("triton_common.py",)  # copied next to every python model
-TOKENIZER_SUBDIR = "preprocessing/1/tokenizer"  # relative to the repository root
 
 
 @dataclass
@@ -204,7 +203,7 @@ def build_configs(manifest: dict, engine_dir: Path, opts: RepoOptions) -> dict[s
     mbs = opts.max_batch_size or engine_max_batch
     if not 1 <= mbs <= engine_max_batch:
         raise UserError(f"--max-batch-size {mbs} is outside 1..{engine_max_batch} (the engine's max batch size)")
-    tokenizer_dir = TOKENIZER_SUBDIR  # resolved against the repository root by the python models
+    tokenizer_dir = REPO_TOKENIZER_DIR  # resolved against the repository root by the python models
     configs = {}
 
     pre = _base("preprocessing", mbs, backend="python")
@@ -308,7 +307,7 @@ def generate_repo(engine_dir: str | os.PathLike, out: str | os.PathLike, opts: R
     tok_src = engine_dir / manifest["tokenizer"].get("dir", "tokenizer")
     if not tok_src.is_dir():
         raise UserError(f"{tok_src} not found: the engine directory has no tokenizer")
-    tok_dst = tmp / TOKENIZER_SUBDIR
+    tok_dst = tmp / REPO_TOKENIZER_DIR
     shutil.copytree(tok_src, tok_dst)
     meta = meta_from_manifest(manifest)
     (tok_dst / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")

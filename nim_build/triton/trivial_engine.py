@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nim_build import TOKENS_PER_BLOCK
 from nim_build.errors import UserError
 from nim_build.manifest import load_manifest
 
@@ -68,7 +69,7 @@ class TrivialEngine:
 
     @classmethod
     def from_engine_dir(cls, engine_dir, *, device="auto", max_batch_size=None, max_num_tokens=None,
-                        kv_cache_bytes=None, tokens_per_block=32, step_delay_s: float = 0.0) -> "TrivialEngine":
+                        kv_cache_bytes=None, tokens_per_block=TOKENS_PER_BLOCK, step_delay_s: float = 0.0) -> "TrivialEngine":
         m = load_manifest(Path(engine_dir))
         tok = m["tokenizer"]
         extra = Path(engine_dir) / "trivial_engine.json"
