@@ -32,6 +32,7 @@ def command(engine, prompt, chat, max_tokens, stream, temperature, top_k, top_p,
     params = SamplingParams(max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     decoder = tok.stream_decoder()
     out: list[int] = []
+    final: list = []
 
     def on_event(ev):
         out.extend(ev.token_ids)
@@ -42,7 +43,6 @@ def command(engine, prompt, chat, max_tokens, stream, temperature, top_k, top_p,
         if ev.finished:
             final.append(ev)
 
-    final: list = []
     t0 = time.monotonic()
     llm.submit(ids, params, on_event)
     while not final:
