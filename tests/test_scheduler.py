@@ -6,7 +6,11 @@ batch, which the tests check directly, not only through the greedy tokens."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 
@@ -283,3 +287,41 @@ def test_failures_end_their_requests_with_an_error_and_free_their_blocks(model, 
     finally:
         engine.shutdown()
     assert engine.stats()["free_blocks"] == engine.stats()["total_blocks"]
+
+
+ONE_TEAM_SCRIPT = """
+import json, os, sys, threading
+import torch
+from nim_build.runtime import LLMEngine, SamplingParams
+
+def native_threads():  # OS threads that are not Python threads: OpenMP workers
+    return len(os.listdir("/proc/self/task")) - threading.active_count()
+
+torch.set_num_threads(2)
+base = native_threads()
+engine = LLMEngine.from_engine_dir(sys.argv[1], max_batch_size=2)
+loaded = native_threads()
+engine.generate(list(range(100, 160)), SamplingParams(4))
+serving = native_threads()
+print(json.dumps([base, loaded, serving]))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in Linux's /proc")
+def test_loading_leaves_the_step_loop_the_only_openmp_team(reference_engine_dir):
+    """libgomp throttles every team once a process has more OpenMP threads than CPUs, which made background steps
+    1.7x slower (runtime/threads.py). In a fresh process with 2 torch threads: loading weights and allocating the
+    KV pool leave no OpenMP worker behind on the caller's thread; serving adds exactly the loop's one worker."""
+    out = subprocess.run([sys.executable, "-c", ONE_TEAM_SCRIPT, str(reference_engine_dir)], check=True,
+                         capture_output=True, text=True, timeout=300).stdout
+    base, loaded, serving = json.loads(out.strip().splitlines()[-1])
+    assert (loaded, serving) == (base, base + 1)
+
+
+def test_on_own_thread_returns_and_raises_like_a_call():
+    from nim_build.runtime.threads import on_own_thread
+
+    caller = threading.get_ident()
+    assert on_own_thread(lambda a, b=0: (a + b, threading.get_ident() != caller), 2, b=3) == (5, True)
+    with pytest.raises(UserError, match="bad"):
+        on_own_thread(lambda: (_ for _ in ()).throw(UserError("bad")))

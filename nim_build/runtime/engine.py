@@ -26,6 +26,7 @@ from nim_build.manifest import CHECKPOINT_DIR, load_manifest
 from nim_build.runtime.kv_cache import BlockAllocator, PagedKVCache
 from nim_build.runtime.model import DecoderModel, SeqChunk
 from nim_build.runtime.sampling import SamplingParams, mask_bad_words, sample
+from nim_build.runtime.threads import on_own_thread
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,9 @@ class LLMEngine:
         if num_blocks < 1:
             raise UserError(f"kv_cache_bytes={kv_cache_bytes} holds no KV block ({per_block} bytes each); give more")
         self.allocator = BlockAllocator(num_blocks)
-        self.cache = PagedKVCache(c.num_layers, num_blocks, tokens_per_block, c.num_kv_heads, c.head_size,
-                                  model.dtype, model.device, kv_scales)
+        # Zeroing the pool runs parallel: on a thread of its own, like the weights (see runtime/threads.py).
+        self.cache = on_own_thread(PagedKVCache, c.num_layers, num_blocks, tokens_per_block, c.num_kv_heads,
+                                   c.head_size, model.dtype, model.device, kv_scales)
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
         self._events: list[tuple[_Request, TokenEvent]] = []  # produced outside the loop (cancel), sent by it

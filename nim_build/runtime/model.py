@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from nim_build.runtime import fp8, rope
 from nim_build.runtime.checkpoint import Checkpoint, Layer, Linear, load_checkpoint
 from nim_build.runtime.kv_cache import PagedKVCache
+from nim_build.runtime.threads import on_own_thread
 
 ROW_TILE = 4  # CPU GEMM rows come out bit-identical for any row count that is a multiple of this
 ATTENTION_TILE = 32  # query tile without a KV cache (with one, the cache block size)
@@ -63,7 +64,8 @@ class DecoderModel:
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str | Path, **kw) -> "DecoderModel":
-        return cls(load_checkpoint(ckpt_dir), **kw)
+        # On a thread of its own, so that the caller's thread starts no OpenMP team (see runtime/threads.py).
+        return on_own_thread(lambda: cls(load_checkpoint(ckpt_dir), **kw))
 
     def _t(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, self.dtype)
