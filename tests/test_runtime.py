@@ -94,6 +94,33 @@ def test_paged_cache_and_chunks_give_the_full_forward_result(tiny_checkpoint):
     assert torch.allclose(torch.stack(rows), full[[9, 10, 19, 23]], atol=1e-5)
 
 
+def test_decode_attention_is_exact_and_batch_invariant(tiny_checkpoint):
+    """Decode tokens of all sequences attend together, split over their cache blocks (block size 4 here): each
+    sequence's logits equal its full forward pass without a cache (one softmax per row) and are the same bits alone
+    and in any batch; lengths cover one block, block boundaries and a prefill whose last tile has one query."""
+    _, ckpt = tiny_checkpoint("bf16", 1, **NEMO_SHAPE)
+    model = DecoderModel.from_checkpoint(ckpt)
+    c = model.cfg
+    cache = PagedKVCache(c.num_layers, 64, 4, c.num_kv_heads, c.head_size, model.dtype, model.device)
+    seqs = [IDS[:n] for n in (1, 4, 5, 8, 9, 23)]
+    tables = [list(range(60 - 8 * i, 52 - 8 * i, -1)) for i in range(len(seqs))]  # scattered, descending blocks
+    for ids, table in zip(seqs, tables):
+        if len(ids) > 1:  # the last tile of a 5- or 9-token prefill has one query: attended like a decode token
+            model.forward(ids[:-1], [SeqChunk(0, len(ids) - 1, table)], cache)
+
+    def decode(which):
+        return model.forward(torch.stack([seqs[i][-1] for i in which]),
+                             [SeqChunk(len(seqs[i]) - 1, 1, tables[i]) for i in which], cache).logits
+
+    alone = [decode([i])[0] for i in range(len(seqs))]
+    for i, ids in enumerate(seqs):
+        full = model.forward(ids, [SeqChunk(0, len(ids))], all_logits=True).logits[-1]
+        assert (alone[i] - full).abs().max() < 1e-5, i
+    for which in ([0, 1, 2, 3, 4, 5], [5, 0], [3, 1, 4], [2, 5, 1, 0]):
+        batch = decode(which)
+        assert all(torch.equal(batch[j], alone[i]) for j, i in enumerate(which)), which
+
+
 def test_missing_rank_file_is_a_clear_error(tiny_checkpoint, tmp_path):
     _, ckpt = tiny_checkpoint("bf16", 2, **NEMO_SHAPE)
     (tmp_path / "config.json").write_text((ckpt / "config.json").read_text())

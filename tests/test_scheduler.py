@@ -107,7 +107,7 @@ def test_small_kv_pool_queues_requests_and_all_finish(model):
     reqs = workload(8, seed=1)
     ref = alone(model, reqs)
     engine = make_engine(model, kv_cache_bytes=None)
-    per_block = engine.cache.k[0][: engine.tokens_per_block].nbytes * 2 * model.cfg.num_layers
+    per_block = engine.cache.k[0][0].nbytes * 2 * model.cfg.num_layers  # K and V of one block, every layer
     engine = make_engine(model, kv_cache_bytes=per_block * 18)  # 144 tokens: two or three requests at a time
     seen_waiting = []
     orig_step = engine.step
@@ -290,7 +290,7 @@ def test_failures_end_their_requests_with_an_error_and_free_their_blocks(model, 
 
 
 ONE_TEAM_SCRIPT = """
-import json, os, sys, threading
+import json, os, sys, threading, time
 import torch
 from nim_build.runtime import LLMEngine, SamplingParams
 
@@ -300,7 +300,11 @@ def native_threads():  # OS threads that are not Python threads: OpenMP workers
 torch.set_num_threads(2)
 base = native_threads()
 engine = LLMEngine.from_engine_dir(sys.argv[1], max_batch_size=2)
-loaded = native_threads()
+for _ in range(200):  # the loading thread's workers exit after it, asynchronously
+    loaded = native_threads()
+    if loaded == base:
+        break
+    time.sleep(0.05)
 engine.generate(list(range(100, 160)), SamplingParams(4))
 serving = native_threads()
 print(json.dumps([base, loaded, serving]))

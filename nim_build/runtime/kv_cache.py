@@ -27,9 +27,10 @@ class BlockAllocator:
 
 
 class PagedKVCache:
-    """K and V per layer as [num_blocks * block_size, kv_heads, head_size]; a token's slot is
-    block_table[pos // block_size] * block_size + pos % block_size. With FP8 scales (one per layer), entries are
-    stored as E4M3 of k / scale and read back as E4M3 * scale."""
+    """K and V per layer as [num_blocks, kv_heads, block_size, head_size]: a block holds each head's keys back to
+    back, so the blocks a sequence attends to are gathered in one index and used by the products as they are. A
+    token's slot is block_table[pos // block_size] * block_size + pos % block_size. With FP8 scales (one per
+    layer), entries are stored as E4M3 of k / scale and read back as E4M3 * scale."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_size: int,
                  dtype: torch.dtype, device: torch.device, fp8_scales: list[torch.Tensor] | None = None):
@@ -37,7 +38,7 @@ class PagedKVCache:
         self.dtype = dtype
         self.scales = None if fp8_scales is None else [s.to(device).reshape(1, 1, 1) for s in fp8_scales]
         store = torch.uint8 if fp8_scales is not None else dtype  # FP8 bytes (CPU indexing lacks float8 kernels)
-        shape = (num_blocks * block_size, kv_heads, head_size)
+        shape = (num_blocks, kv_heads, block_size, head_size)
         self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
 
@@ -51,15 +52,24 @@ class PagedKVCache:
         return (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(device)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [len(slots), kv_heads, head_size] at the slots."""
         if self.scales is not None:
             k = fp8.quantize(k, self.scales[layer]).view(torch.uint8)
             v = fp8.quantize(v, self.scales[layer]).view(torch.uint8)
-        self.k[layer].index_copy_(0, slots, k)
-        self.v[layer].index_copy_(0, slots, v)
+        where = (slots // self.block_size, slice(None), slots % self.block_size)
+        self.k[layer][where] = k
+        self.v[layer][where] = v
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.k[layer][slots], self.v[layer][slots]
-        if self.scales is not None:
-            s = self.scales[layer]
-            return ((k.view(fp8.FP8).float() * s).to(self.dtype), (v.view(fp8.FP8).float() * s).to(self.dtype))
-        return k, v
+        """K and V at the slots: [len(slots), kv_heads, head_size] each."""
+        where = (slots // self.block_size, slice(None), slots % self.block_size)
+        return self._values(layer, self.k[layer][where]), self._values(layer, self.v[layer][where])
+
+    def read_blocks(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of whole blocks: [len(blocks), kv_heads, block_size, head_size] each."""
+        return self._values(layer, self.k[layer][blocks]), self._values(layer, self.v[layer][blocks])
+
+    def _values(self, layer: int, stored: torch.Tensor) -> torch.Tensor:
+        if self.scales is None:
+            return stored
+        return (stored.view(fp8.FP8).float() * self.scales[layer]).to(self.dtype)

@@ -131,22 +131,53 @@ class DecoderModel:
         return ForwardOutput(logits, hidden)
 
     def _slots(self, chunks, cache) -> dict | None:
-        """Cache slots for this step, computed once for all layers: `write` [T] (every new token) and `read`
-        (positions 0..start+length of each chunk's sequence, chunk after chunk)."""
+        """What every layer's attention needs of the cache this step, computed once: `write` [T] (the slot of every
+        new token), `read` (positions 0..start+length of each chunk that has tiles of several queries, chunk after
+        chunk) and `single` (the one-query tiles: see `_single_query_attention`)."""
         if cache is None:
             if any(ch.start for ch in chunks):
                 raise ValueError("a chunk that continues a sequence (start > 0) needs a KV cache")
             return None
-        reads = [cache.slots(ch.block_table, 0, ch.start + ch.length, self.device) for ch in chunks]
-        return {"write": torch.cat([r[ch.start:] for r, ch in zip(reads, chunks)]), "read": torch.cat(reads)}
+        tile = cache.block_size
+        write, read, rows, tiles, row_of_tile, last_keys = [], [], [], [], [], []
+        lo = 0
+        for ch in chunks:
+            end = ch.start + ch.length
+            slots = cache.slots(ch.block_table, 0, end, self.device)
+            write.append(slots[ch.start:])
+            if ch.length > 1:  # starts on a block boundary (the scheduler's chunks do), so it has a tile of >= 2
+                read.append(slots)
+            if end % tile == 1 or ch.length == 1:  # its last tile has one query: position end - 1
+                rows.append(lo + ch.length - 1)
+                num_blocks = (end - 1) // tile + 1
+                tiles += ch.block_table[:num_blocks]
+                row_of_tile += [len(rows) - 1] * num_blocks
+                last_keys += [tile] * (num_blocks - 1) + [(end - 1) % tile + 1]
+            lo += ch.length
+        single = None
+        if rows:
+            num_tiles = torch.tensor(row_of_tile).bincount()
+            first = num_tiles.cumsum(0) - num_tiles
+            row_of_tile = torch.tensor(row_of_tile)
+            max_tiles = int(num_tiles.max())
+            single = {
+                "rows": torch.tensor(rows, device=self.device),
+                "blocks": torch.tensor(tiles, device=self.device),
+                "row_of_tile": row_of_tile.to(self.device),
+                "hidden": (torch.arange(tile)[None, :] >= torch.tensor(last_keys)[:, None])[:, None, :].to(self.device),
+                # tile i's place in a [rows, max_tiles] grid
+                "grid": (row_of_tile * max_tiles + torch.arange(len(tiles)) - first[row_of_tile]).to(self.device),
+                "max_tiles": max_tiles}
+        return {"write": torch.cat(write), "read": torch.cat(read) if read else None, "single": single}
 
     def _attention(self, layer, q, k, v, chunks, cache, slots) -> torch.Tensor:
         """q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads * D].
 
         Batch invariant: each sequence's queries are cut into tiles at fixed multiples of `tile` positions (a
-        decode token is a tile of its own), and each tile attends to its keys in a call of its own. A query's
-        result then depends only on its sequence, never on what else shares the step (one batched product over
-        sequences of different lengths would pad and re-block the sums, changing the last bits)."""
+        decode token is a tile of its own), and a tile's result depends only on its sequence, never on what else
+        shares the step (one product over sequences of different lengths would pad and re-block the sums, changing
+        the last bits). Tiles of several queries attend in a call of their own; with a cache, the one-query tiles
+        of all sequences (every decode token) attend together, block by block (`_single_query_attention`)."""
         kv_scale = self.layers[layer].kv_scale if self.kv_fp8 else None
         if cache is not None:
             cache.write(layer, slots["write"], k, v)
@@ -154,21 +185,58 @@ class DecoderModel:
             k, v = fp8.fake_quant(k, kv_scale), fp8.fake_quant(v, kv_scale)
         tile = cache.block_size if cache is not None else ATTENTION_TILE
         out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
-        if cache is not None:  # every sequence's keys and values, back to back, in one gather
-            k, v = cache.read(layer, slots["read"])
         q = q * self.scale  # once here rather than on every tile's scores
+        single = slots and slots["single"]
+        if single:
+            out[single["rows"]] = self._single_query_attention(layer, q[single["rows"]], cache, single)
+        if cache is not None:
+            if slots["read"] is None:
+                return out
+            k, v = cache.read(layer, slots["read"])  # the keys and values of every chunk read below, in one gather
         lo = kv_lo = 0
         for ch in chunks:
             begin, end = ch.start, ch.start + ch.length  # positions of this chunk's queries
+            if cache is not None and ch.length == 1:  # attended above
+                lo += 1
+                continue
             ks, vs = k[kv_lo:kv_lo + end], v[kv_lo:kv_lo + end]
             kv_lo += end
             while begin < end:
                 stop = min((begin // tile + 1) * tile, end)  # this tile's queries: positions begin..stop-1
-                rows = slice(lo + begin - ch.start, lo + stop - ch.start)
-                out[rows] = self._tile_attention(q[rows], ks[:stop], vs[:stop], begin)
+                if not (single and stop - begin == 1):
+                    rows = slice(lo + begin - ch.start, lo + stop - ch.start)
+                    out[rows] = self._tile_attention(q[rows], ks[:stop], vs[:stop], begin)
                 begin = stop
             lo += ch.length
         return out
+
+    def _single_query_attention(self, layer: int, q: torch.Tensor, cache: PagedKVCache, s: dict) -> torch.Tensor:
+        """One-query tiles of all sequences at once (q [R, heads, D], pre-scaled) -> [R, heads * D].
+
+        Split-K over the sequences' cache blocks, as decode kernels do: one product per (query, block) for all of
+        them, a softmax numerator and denominator per block, then the blocks' parts combined with their maxima
+        rescaled. Every block's work has the same shape whatever the batch, and the blocks of a query are summed in
+        block order over a grid padded with zeros, so each query's bits depend only on its own sequence."""
+        c = self.cfg
+        kvh, d, heads = c.num_kv_heads, c.head_size, c.num_heads
+        g = heads // kvh
+        kt, vt = cache.read_blocks(layer, s["blocks"])  # [P, kv_heads, block, D]
+        p, block = kt.shape[0], kt.shape[2]
+        kt, vt = kt.view(p * kvh, block, d), vt.view(p * kvh, block, d)
+        qt = q[s["row_of_tile"]].view(p * kvh, g, d)
+        scores = torch.bmm(qt, kt.transpose(1, 2)).view(p, heads, block).float()
+        scores = scores.masked_fill(s["hidden"], float("-inf"))
+        peak = scores.amax(-1, keepdim=True)  # [P, heads, 1]
+        e = torch.exp(scores - peak)
+        parts = torch.bmm(e.to(vt.dtype).view(p * kvh, g, block), vt)
+        rows, cols = q.shape[0], s["max_tiles"]
+        grid = s["grid"]
+        peaks = peak.new_full((rows * cols, heads), float("-inf")).index_copy_(0, grid, peak[..., 0]).view(rows, cols, heads)
+        sums = e.new_zeros(rows * cols, heads).index_copy_(0, grid, e.sum(-1)).view(rows, cols, heads)
+        outs = e.new_zeros(rows * cols, heads, d).index_copy_(0, grid, parts.view(p, heads, d).float())
+        w = torch.exp(peaks - peaks.amax(1, keepdim=True))  # each block's weight; 0 for the grid's padding
+        o = (w[..., None] * outs.view(rows, cols, heads, d)).sum(1) / (w * sums).sum(1)[..., None]
+        return o.to(q.dtype).reshape(rows, heads * d)
 
     def _tile_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int) -> torch.Tensor:
         """Causal attention of the (pre-scaled) queries at positions first.. (q [n, heads, D]) to keys 0..first+n-1
