@@ -106,8 +106,12 @@ def main(argv=None) -> None:
     ap.add_argument("--quant", default="bf16", choices=["bf16", "fp8"])
     ap.add_argument("--engine", help="an engine directory instead of the default model")
     ap.add_argument("--concurrency", default="1,4,16,64")
-    ap.add_argument("--requests-per-client", type=int, default=2, help="requests = max(8, this * concurrency)")
+    # Enough requests per client that the final drain (fewer than `c` requests left) is a small part of the run.
+    ap.add_argument("--requests-per-client", type=int, default=4, help="requests = max(8, this * concurrency)")
     ap.add_argument("--one-max", type=int, default=16, help="skip one-at-a-time above this concurrency (slow)")
+    ap.add_argument("--one-requests", type=int, default=16,
+                    help="one-at-a-time runs the workload's first N requests: strictly sequential, its tok/s does not "
+                         "depend on how many")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--prompt-len", default="16,128", help="min,max prompt tokens")
     ap.add_argument("--output-len", default="16,160", help="min,max output tokens")
@@ -124,7 +128,7 @@ def main(argv=None) -> None:
         for mode in ("one", "static", "inflight"):
             if mode == "one" and c > args.one_max:
                 continue
-            results[mode] = r = run(model, mode, reqs, c)
+            results[mode] = r = run(model, mode, reqs[:args.one_requests] if mode == "one" else reqs, c)
             print(f"c={c} {mode}: {r['tok_s']:.1f} tok/s, {r['tokens']} tokens in {r['wall_s']:.1f} s",
                   file=sys.stderr, flush=True)
         rows.append((c, results))
