@@ -2,7 +2,8 @@
 
 One forward pass serves every phase: a prefill chunk is `length` tokens starting at `start` (the number of tokens
 already in the cache), a decode step is a chunk of length 1. The linear layers run once over all tokens of all
-sequences (the shared work batching pays for); attention runs per sequence, tile by tile.
+sequences (the shared work batching pays for); attention runs tile by tile: prefill tiles per sequence, decode
+tokens of all sequences together.
 
 Batch invariance: a sequence's logits are the same bits whatever else shares its steps, so in-flight batching
 changes no result (greedy text served under load equals the text generated alone). Three things make it so: GEMM
