@@ -120,6 +120,16 @@ def test_decode_attention_is_exact_and_batch_invariant(tiny_checkpoint):
         batch = decode(which)
         assert all(torch.equal(batch[j], alone[i]) for j, i in enumerate(which)), which
 
+    # A chunk off the block grid (callers of forward() may cut anywhere) beside a decode token: its one-query tile
+    # at 11 is not its last and attends on its own, its last tile (16) with the decode token.
+    long, table = IDS[:17], list(range(7))
+    model.forward(long[:11], [SeqChunk(0, 11, table)], cache)
+    out = model.forward(torch.cat([long[11:], seqs[3][-1:]]), [SeqChunk(11, 6, table), SeqChunk(7, 1, tables[3])],
+                        cache, all_logits=True).logits
+    full = model.forward(long, [SeqChunk(0, 17)], all_logits=True).logits
+    assert (out[:6] - full[11:]).abs().max() < 1e-5
+    assert torch.equal(out[6], alone[3])
+
 
 def test_missing_rank_file_is_a_clear_error(tiny_checkpoint, tmp_path):
     _, ckpt = tiny_checkpoint("bf16", 2, **NEMO_SHAPE)

@@ -37,6 +37,12 @@ class SeqChunk:
     block_table: list[int] | None = None  # the sequence's cache blocks; None without a cache (start must be 0)
 
 
+def _one_query_tail(ch: SeqChunk, tile: int) -> bool:
+    """Whether the chunk's last tile holds one query (a decode token, or a prefill chunk that ends one token past a
+    tile boundary): with a cache, those of all sequences attend together."""
+    return ch.length == 1 or (ch.start + ch.length - 1) % tile == 0
+
+
 @dataclass
 class ForwardOutput:
     logits: torch.Tensor  # float32 [num_chunks, vocab] (last token of each chunk) or [tokens, vocab] with all_logits
@@ -148,7 +154,7 @@ class DecoderModel:
             write.append(slots[ch.start:])
             if ch.length > 1:  # starts on a block boundary (the scheduler's chunks do), so it has a tile of >= 2
                 read.append(slots)
-            if end % tile == 1 or ch.length == 1:  # its last tile has one query: position end - 1
+            if _one_query_tail(ch, tile):  # position end - 1
                 rows.append(lo + ch.length - 1)
                 num_blocks = (end - 1) // tile + 1
                 tiles += ch.block_table[:num_blocks]
@@ -204,7 +210,7 @@ class DecoderModel:
             kv_lo += end
             while begin < end:
                 stop = min((begin // tile + 1) * tile, end)  # this tile's queries: positions begin..stop-1
-                if not (single and stop - begin == 1):
+                if not (cache is not None and stop == end and _one_query_tail(ch, tile)):  # else attended above
                     rows = slice(lo + begin - ch.start, lo + stop - ch.start)
                     out[rows] = self._tile_attention(q[rows], ks[:stop], vs[:stop], begin)
                 begin = stop
