@@ -5,7 +5,8 @@ model, one token per request per in-flight step), so what is measured is the Tri
 engine. Throughput is reported per CPU-second of the model's own stub process (psutil), i.e. tokens/s per core,
 which stays meaningful on a busy machine; wall-clock rates are printed too.
 
-    python bench/serving.py [--engine-dir DIR] [--requests 400] [--concurrency 16] [--json]
+    python bench/serving.py [--engine-dir DIR] [--requests 400] [--concurrency 16] [--streams 32] [--step-ms 4]
+                            [--json]
 
 Measures:
   library         nim_build.tokenizer alone: encode and one-token-at-a-time streaming decode, per CPU-second
@@ -13,7 +14,8 @@ Measures:
   postprocessing  streamed tokens detokenized per CPU-second, stateful streaming detokenization, responses of
                   1 token (every step of a stream) and of 16 tokens (non-streaming-sized)
   ensemble        32 streams through the whole ensemble, the engine stepping every 4 ms (one token per
-                  stream per step, 8k tokens/s offered): tokens/s delivered, pre+post tokens per CPU-second
+                  stream per step, 8k tokens/s offered; --streams, --step-ms): tokens/s delivered, pre+post and
+                  post alone tokens per CPU-second
   latency         one-shot request latency p50/p99 through `ensemble` vs `tensorrt_llm` directly (same ids);
                   the difference is what preprocessing + postprocessing + ensemble scheduling add
 """
@@ -166,7 +168,7 @@ def bench_ensemble_stream(server, n_streams, max_tokens):
 
     pre, post = stub_of(server, "preprocessing"), stub_of(server, "postprocessing")
     llm = stub_of(server, "tensorrt_llm")
-    c0, l0 = cpu_s(pre) + cpu_s(post), cpu_s(llm)
+    c0, l0, p0 = cpu_s(pre) + cpu_s(post), cpu_s(llm), cpu_s(post)
     t0 = time.perf_counter()
 
     def one(_):
@@ -181,6 +183,7 @@ def bench_ensemble_stream(server, n_streams, max_tokens):
     tokens = n_streams * max_tokens
     return {"streams": n_streams, "max_tokens": max_tokens, "responses": chunks, "tokens_per_s_wall": tokens / wall,
             "pre_post_tokens_per_cpu_s": tokens / max(cpu, 1e-3),
+            "post_tokens_per_cpu_s": tokens / max(cpu_s(post) - p0, 1e-3),
             "tensorrt_llm_stub_tokens_per_cpu_s": tokens / max(cpu_s(llm) - l0, 1e-3)}
 
 
@@ -257,6 +260,8 @@ def main(argv=None) -> int:
     ap.add_argument("--engine-dir", type=Path, help="take the tokenizer from this engine [default: the default model]")
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--streams", type=int, default=32, help="ensemble streams of the paced run")
+    ap.add_argument("--step-ms", type=float, default=STEP_DELAY_S * 1e3, help="the paced trivial engine's step time")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -271,13 +276,13 @@ def main(argv=None) -> int:
                   "library": bench_library(tok)}
         # Unpaced engine: per-model costs and the ensemble's added latency. Paced engine: streaming.
         for paced in (False, True):
-            (eng / "trivial_engine.json").write_text(json.dumps({"step_delay_s": STEP_DELAY_S if paced else 0.0}))
+            (eng / "trivial_engine.json").write_text(json.dumps({"step_delay_s": args.step_ms / 1e3 if paced else 0.0}))
             repo = generate_repo(eng, root / f"repo-{paced}",
                                  RepoOptions(engine_class="nim_build.triton.trivial_engine:TrivialEngine"))
             with _server(repo) as server:
                 try:
                     if paced:
-                        report["ensemble_stream"] = bench_ensemble_stream(server, 32, 128)
+                        report["ensemble_stream"] = bench_ensemble_stream(server, args.streams, 128)
                         continue
                     bench_preprocessing(server, tok, 20, 2)  # warm up
                     bench_postprocessing(server, tok, 20, 2, 1)
