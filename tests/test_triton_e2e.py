@@ -210,21 +210,22 @@ def _start_long_stream(served, model, request_id):
     return c, total_blocks
 
 
-def test_disconnect_mid_stream_cancels(triton_serve, reference):
-    """tensorrt_llm_bls sees its client go and stops its tensorrt_llm request: the KV blocks come back."""
-    c, total_blocks = _start_long_stream(triton_serve, "tensorrt_llm_bls", "gone-bls")
+@pytest.mark.parametrize("model", ENTRY_POINTS)
+def test_disconnect_mid_stream_cancels(triton_serve, reference, model):
+    """The client goes away mid-stream and its tensorrt_llm request stops: the KV blocks come back. BLS sees the
+    cancellation itself; in the ensemble, postprocessing gets the next step marked cancelled and sends `stop`."""
+    c, total_blocks = _start_long_stream(triton_serve, model, f"gone-{model}")
     c.stop_stream(cancel_requests=True)  # the client goes away mid-stream
     c.close()
     stats = _wait_idle(triton_serve, total_blocks)
     assert stats["active"] == 0 and stats["free_blocks"] == total_blocks, stats
-    ok = client(triton_serve, "grpc", "tensorrt_llm_bls").generate(
-        GenerateRequest(prompt=PROMPTS[2], max_tokens=MAX_TOKENS))
+    ok = client(triton_serve, "grpc", model).generate(GenerateRequest(prompt=PROMPTS[2], max_tokens=MAX_TOKENS))
     assert ok.text == reference[PROMPTS[2]]
 
 
 def test_stop_request_cancels_ensemble_stream(triton_serve, reference):
-    """Triton 2.51 does not forward a client's cancellation into an ensemble's steps; a `stop` request to
-    tensorrt_llm with the ensemble request's id (the TensorRT-LLM backend convention) cancels it."""
+    """A `stop` request to tensorrt_llm with the ensemble request's id (the TensorRT-LLM backend convention)
+    cancels the stream while its client stays."""
     c, total_blocks = _start_long_stream(triton_serve, "ensemble", "stop-me")
     result, error = _raw_grpc(triton_serve, "tensorrt_llm", {}, request_id="stop-me",
                               dtypes={"input_lengths": (("INT32", np.int32), 1),

@@ -64,7 +64,8 @@ UPSTREAM_KEYS = {
                          "multimodal_encoders_name"},
 }
 OUR_ADDITIONS = {("ensemble", "messages"), ("tensorrt_llm_bls", "messages"), ("preprocessing", "MESSAGES"),
-                 ("tensorrt_llm_bls", "#tokenizer_dir"), ("tensorrt_llm", "#nim_build_engine")}
+                 ("tensorrt_llm_bls", "#tokenizer_dir"), ("tensorrt_llm", "#nim_build_engine"),
+                 ("postprocessing", "#tensorrt_llm_model_name")}  # where cancelled ensemble streams send `stop`
 
 
 def _engine_dir(root: Path, backend: str, tokenizer_dir: Path, max_batch_size: int = 16) -> Path:
@@ -175,9 +176,11 @@ def test_reference_backend_is_python_with_same_interface(tmp_path, tekken_tok):
     assert a.model_transaction_policy.decoupled and b.model_transaction_policy.decoupled
     assert a.parameters["gpt_model_path"].string_value == str((tmp_path / "engine-reference").resolve())
     assert (ref / "tensorrt_llm" / "1" / "model.py").is_file()
-    # streaming state lives in postprocessing: one instance, in order
+    # streaming state lives in postprocessing: one instance, in order, and no dynamic batcher (it would drop the
+    # cancelled steps postprocessing turns into a `stop` for tensorrt_llm)
     post = read_config(ref / "postprocessing" / "config.pbtxt")
-    assert post.instance_group[0].count == 1 and post.dynamic_batching.preserve_ordering
+    assert post.instance_group[0].count == 1 and not post.HasField("dynamic_batching")
+    assert post.parameters["tensorrt_llm_model_name"].string_value == "tensorrt_llm"
 
 
 def test_bad_options(tmp_path, tekken_tok):

@@ -111,3 +111,14 @@ def error(message: str):
 
 def tensor(name: str, value, dtype) -> "pb_utils.Tensor":
     return pb_utils.Tensor(name, np.asarray(value, dtype=dtype))
+
+
+def stop_llm_request(llm_model: str, request_id: str) -> None:
+    """Cancel the tensorrt_llm request with this id: a `stop` request (TensorRT-LLM backend convention; the
+    reference model honours it too), waited for."""
+    stop = pb_utils.InferenceRequest(model_name=llm_model, request_id=request_id, requested_output_names=[],
+                                     inputs=[tensor("input_lengths", [[1]], np.int32),
+                                             tensor("request_output_len", [[1]], np.int32),
+                                             tensor("stop", [[True]], np.bool_)])
+    for _ in stop.exec(decoupled=True):
+        pass

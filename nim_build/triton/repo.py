@@ -216,10 +216,14 @@ def build_configs(manifest: dict, engine_dir: Path, opts: RepoOptions) -> dict[s
     post = _base("postprocessing", mbs, backend="python")
     _add_io(post, POST_INPUTS, POST_OUTPUTS)
     # In a streaming ensemble every partial response of a request goes through postprocessing, which keeps
-    # the request's incremental detokenizer: one instance, responses in order.
-    post.dynamic_batching.preserve_ordering = True
-    _instances(post, 1 if opts.decoupled else opts.instances)
-    _params(post, {"tokenizer_dir": tokenizer_dir, "skip_special_tokens": True})
+    # the request's incremental detokenizer: one instance, in order (no dynamic batcher: it would also drop the
+    # cancelled steps that postprocessing turns into a `stop` for tensorrt_llm).
+    if opts.decoupled:
+        _instances(post, 1)
+    else:
+        post.dynamic_batching.preserve_ordering = True
+        _instances(post, opts.instances)
+    _params(post, {"tokenizer_dir": tokenizer_dir, "skip_special_tokens": True, "tensorrt_llm_model_name": "tensorrt_llm"})
     configs["postprocessing"] = post
 
     llm = _base("tensorrt_llm", mbs, backend="tensorrtllm" if backend == "trtllm" else "python")

@@ -4,8 +4,13 @@ In a streaming ensemble each partial response of `tensorrt_llm` (only the new to
 request. The ensemble gives every step the client's request id, so the detokenizer state of a stream is kept
 per request id: pieces never end inside a UTF-8 character and spaces are neither dropped nor doubled. This
 needs a unique request id per streaming request (`nim_build infer` sets one) and a single postprocessing
-instance (the generator configures one, with preserve_ordering). Requests without an id are decoded on their
-own, which is exact for one-shot responses. Idle stream states are dropped after `STATE_TTL_S`.
+instance (the generator configures one, in order). Requests without an id are decoded on their own, which is
+exact for one-shot responses. Idle stream states are dropped after `STATE_TTL_S`.
+
+Cancellation: Triton 2.51 does not cancel an ensemble's running `tensorrt_llm` step when its client goes away,
+but the steps it schedules after that arrive here marked cancelled (this model has no dynamic batcher, which would
+drop them unseen). The first one sends `tensorrt_llm` a `stop` request with the stream's id, so the engine ends the
+request and frees its KV blocks one token after the client left.
 """
 
 import json
@@ -24,6 +29,7 @@ class TritonPythonModel:
     def initialize(self, args):
         params = tc.parameters(json.loads(args["model_config"]))
         self.tok, _ = tc.load_tokenizer(args, params)
+        self.llm = params.get("tensorrt_llm_model_name") or "tensorrt_llm"
         self.states: OrderedDict[str, tuple[object, float]] = OrderedDict()
         self.lock = threading.Lock()
 
@@ -39,6 +45,9 @@ class TritonPythonModel:
                 tokens = tokens[:, None, :]
             lengths = lengths.reshape(tokens.shape[0], tokens.shape[1])
             key = request.request_id()
+            if key and request.is_cancelled():
+                responses.append(self._cancel(key))
+                continue
             texts = []
             for b in range(tokens.shape[0]):
                 row = []
@@ -53,6 +62,13 @@ class TritonPythonModel:
                 output_tensors=[tc.pb_utils.Tensor("OUTPUT", np.array(texts, dtype=np.object_))]))
         self._expire(now)
         return responses
+
+    def _cancel(self, key: str):
+        with self.lock:
+            streaming = self.states.pop(key, None) is not None
+        if streaming:  # once per stream: later steps of it find no state
+            tc.stop_llm_request(self.llm, key)
+        return tc.error("the request was cancelled")
 
     def _stream_piece(self, key: str, ids: list[int], now: float) -> str:
         with self.lock:

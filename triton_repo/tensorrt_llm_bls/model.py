@@ -74,7 +74,7 @@ class TritonPythonModel:
     def _iterate(self, responses, decoder, request, inner_id=""):
         for response in responses:
             if request.is_cancelled():
-                self._stop(inner_id)
+                tc.stop_llm_request(self.llm, inner_id)
                 return
             if response.has_error():
                 raise UserError(response.error().message())
@@ -83,15 +83,6 @@ class TritonPythonModel:
                 continue
             length = pb_utils.get_output_tensor_by_name(response, "sequence_length").as_numpy().reshape(-1)[0]
             yield decoder.step(out.as_numpy().reshape(-1)[: int(length)].tolist())
-
-    def _stop(self, inner_id):
-        """Cancel our tensorrt_llm request: a `stop` request with its id (TensorRT-LLM backend convention)."""
-        stop = pb_utils.InferenceRequest(model_name=self.llm, request_id=inner_id, requested_output_names=[],
-                                         inputs=[tc.tensor("input_lengths", [[1]], np.int32),
-                                                 tc.tensor("request_output_len", [[1]], np.int32),
-                                                 tc.tensor("stop", [[True]], np.bool_)])
-        for _ in stop.exec(decoupled=True):
-            pass
 
     def _consume(self, response, decoder, pieces):
         for piece in self._iterate([response], decoder, _NeverCancelled()):
