@@ -223,7 +223,8 @@ def build_configs(manifest: dict, engine_dir: Path, opts: RepoOptions) -> dict[s
     else:
         post.dynamic_batching.preserve_ordering = True
         _instances(post, opts.instances)
-    _params(post, {"tokenizer_dir": tokenizer_dir, "skip_special_tokens": True, "tensorrt_llm_model_name": "tensorrt_llm"})
+    _params(post, {"tokenizer_dir": tokenizer_dir, "skip_special_tokens": True,
+                   "tensorrt_llm_model_name": "tensorrt_llm"})
     configs["postprocessing"] = post
 
     llm = _base("tensorrt_llm", mbs, backend="tensorrtllm" if backend == "trtllm" else "python")

@@ -31,6 +31,7 @@ class TritonPythonModel:
         self.tok, _ = tc.load_tokenizer(args, params)
         self.llm = params.get("tensorrt_llm_model_name") or "tensorrt_llm"
         self.states: OrderedDict[str, tuple[object, float]] = OrderedDict()
+        self.cancelled: OrderedDict[str, None] = OrderedDict()  # request ids already stopped, oldest first
         self.lock = threading.Lock()
 
     def execute(self, requests):
@@ -65,8 +66,12 @@ class TritonPythonModel:
 
     def _cancel(self, key: str):
         with self.lock:
-            streaming = self.states.pop(key, None) is not None
-        if streaming:  # once per stream: later steps of it find no state
+            self.states.pop(key, None)
+            first = key not in self.cancelled
+            self.cancelled[key] = None
+            while len(self.cancelled) > MAX_STATES:
+                self.cancelled.popitem(last=False)
+        if first:  # once per stream (its later steps arrive cancelled too)
             tc.stop_llm_request(self.llm, key)
         return tc.error("the request was cancelled")
 
