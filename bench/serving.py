@@ -163,7 +163,8 @@ def bench_postprocessing(server, tok, n, concurrency, chunk):
 
 
 def bench_ensemble_stream(server, n_streams, max_tokens):
-    """Streaming through the ensemble; the engine steps every STEP_DELAY_S, so responses carry one token."""
+    """Streaming through the ensemble; the paced engine steps every --step-ms, so responses carry one token unless
+    the tensorrt_llm model falls behind and merges them."""
     from nim_build.triton.client import Client, GenerateRequest
 
     pre, post = stub_of(server, "preprocessing"), stub_of(server, "postprocessing")

@@ -56,18 +56,22 @@ class PagedKVCache:
         if self.scales is not None:
             k = fp8.quantize(k, self.scales[layer]).view(torch.uint8)
             v = fp8.quantize(v, self.scales[layer]).view(torch.uint8)
-        where = (slots // self.block_size, slice(None), slots % self.block_size)
+        where = self._where(slots)
         self.k[layer][where] = k
         self.v[layer][where] = v
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V at the slots: [len(slots), kv_heads, head_size] each."""
-        where = (slots // self.block_size, slice(None), slots % self.block_size)
+        where = self._where(slots)
         return self._values(layer, self.k[layer][where]), self._values(layer, self.v[layer][where])
 
     def read_blocks(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of whole blocks: [len(blocks), kv_heads, block_size, head_size] each."""
         return self._values(layer, self.k[layer][blocks]), self._values(layer, self.v[layer][blocks])
+
+    def _where(self, slots: torch.Tensor) -> tuple:
+        """Index of the slots' entries: [len(slots), kv_heads, head_size] out of [blocks, kv_heads, block, head]."""
+        return slots // self.block_size, slice(None), slots % self.block_size
 
     def _values(self, layer: int, stored: torch.Tensor) -> torch.Tensor:
         if self.scales is None:

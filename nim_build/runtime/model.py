@@ -150,10 +150,12 @@ class DecoderModel:
         lo = 0
         for ch in chunks:
             end = ch.start + ch.length
-            slots = cache.slots(ch.block_table, 0, end, self.device)
-            write.append(slots[ch.start:])
-            if ch.length > 1:  # starts on a block boundary (the scheduler's chunks do), so it has a tile of >= 2
+            if ch.length > 1:  # every tile but a one-query last one attends below, to keys 0..end-1
+                slots = cache.slots(ch.block_table, 0, end, self.device)
                 read.append(slots)
+                write.append(slots[ch.start:])
+            else:  # a decode token: its own slot is all this step writes or reads by slot
+                write.append(cache.slots(ch.block_table, ch.start, end, self.device))
             if _one_query_tail(ch, tile):  # position end - 1
                 rows.append(lo + ch.length - 1)
                 num_blocks = (end - 1) // tile + 1
@@ -163,9 +165,9 @@ class DecoderModel:
             lo += ch.length
         single = None
         if rows:
-            num_tiles = torch.tensor(row_of_tile).bincount()
-            first = num_tiles.cumsum(0) - num_tiles
             row_of_tile = torch.tensor(row_of_tile)
+            num_tiles = row_of_tile.bincount()
+            first = num_tiles.cumsum(0) - num_tiles
             max_tiles = int(num_tiles.max())
             single = {
                 "rows": torch.tensor(rows, device=self.device),
@@ -238,7 +240,8 @@ class DecoderModel:
         parts = torch.bmm(e.to(vt.dtype).view(p * kvh, g, block), vt)
         rows, cols = q.shape[0], s["max_tiles"]
         grid = s["grid"]
-        peaks = peak.new_full((rows * cols, heads), float("-inf")).index_copy_(0, grid, peak[..., 0]).view(rows, cols, heads)
+        peaks = peak.new_full((rows * cols, heads), float("-inf")).index_copy_(0, grid, peak[..., 0])
+        peaks = peaks.view(rows, cols, heads)
         sums = e.new_zeros(rows * cols, heads).index_copy_(0, grid, e.sum(-1)).view(rows, cols, heads)
         outs = e.new_zeros(rows * cols, heads, d).index_copy_(0, grid, parts.view(p, heads, d).float())
         w = torch.exp(peaks - peaks.amax(1, keepdim=True))  # each block's weight; 0 for the grid's padding
