@@ -1,12 +1,14 @@
 """Serving-path benchmark: what preprocessing and postprocessing sustain per instance, and the ensemble's overhead.
 
 A real Triton server runs the generated repository with a trivial engine (nim_build.triton.trivial_engine: no
-model, one token per request per in-flight step), so what is measured is the Triton python models around the
-engine. Throughput is reported per CPU-second of the model's own stub process (psutil), i.e. tokens/s per core,
-which stays meaningful on a busy machine; wall-clock rates are printed too.
+model, one token per request per in-flight step), so what is measured is the Triton models around the engine.
+Throughput is reported per CPU-second of the model itself, i.e. tokens/s per core, which stays meaningful on a
+busy machine: a python model's stub process, or the thread that runs the native postprocessing inside
+tritonserver (named nim_detokenize); "with_server" adds the tritonserver process. Wall-clock rates are printed too.
+Every measurement runs for the native postprocessing and for the python one, side by side.
 
     python bench/serving.py [--engine-dir DIR] [--requests 400] [--concurrency 16] [--streams 32] [--step-ms 4]
-                            [--json]
+                            [--postprocessing native,python] [--json]
 
 Measures:
   library         nim_build.tokenizer alone: encode and one-token-at-a-time streaming decode, per CPU-second
@@ -75,6 +77,50 @@ def stub_of(server, model: str) -> psutil.Process:
 def cpu_s(proc: psutil.Process) -> float:
     t = proc.cpu_times()
     return t.user + t.system
+
+
+def _run_time(task: Path) -> float:
+    try:
+        return int((task / "schedstat").read_text().split()[0]) / 1e9
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0  # a thread that just ended
+
+
+class CpuMeter:
+    """CPU seconds of one model so far, and of the model together with the tritonserver process (`total`).
+
+    A python model's own time is its stub process's CPU (/proc/.../schedstat: nanoseconds; psutil counts 10 ms
+    ticks). The native postprocessing runs on a tritonserver thread (named nim_detokenize), which also runs
+    Triton's own path for each response it sends (the ensemble's next step, the gRPC stream): its own time is
+    Triton's `compute_infer` statistic, which detokenizer.cc ends before sending; `thread` is the whole thread.
+    """
+
+    def __init__(self, server, model: str):
+        self.server, self.model, self.url = psutil.Process(server.proc.pid), model, server.grpc_url
+        try:
+            self.stub = stub_of(server, model)
+        except RuntimeError:
+            self.stub = None
+
+    def own(self) -> float:
+        if self.stub is not None:
+            return sum(_run_time(task) for task in Path(f"/proc/{self.stub.pid}/task").iterdir())
+        import tritonclient.grpc as grpcclient
+
+        with grpcclient.InferenceServerClient(self.url) as c:
+            stats = c.get_inference_statistics(self.model, as_json=True)["model_stats"][0]["inference_stats"]
+        return int(stats.get("compute_infer", {}).get("ns", 0)) / 1e9
+
+    def thread(self) -> float:
+        if self.stub is not None:
+            return self.own()
+        for task in Path(f"/proc/{self.server.pid}/task").iterdir():
+            if (task / "comm").read_text().strip() == "nim_detokenize":
+                return _run_time(task)
+        return 0.0  # no request has run yet
+
+    def total(self) -> float:
+        return cpu_s(self.server) + (cpu_s(self.stub) if self.stub is not None else 0.0)
 
 
 def unary_many(url, model, make_inputs, n, concurrency, request_id=None):
@@ -151,15 +197,15 @@ def bench_postprocessing(server, tok, n, concurrency, chunk):
         ln.set_data_from_numpy(np.array([[chunk]], dtype=np.int32))
         return [t, ln]
 
-    stub, srv = stub_of(server, "postprocessing"), psutil.Process(server.proc.pid)
-    c0, s0 = cpu_s(stub), cpu_s(srv)
+    meter = CpuMeter(server, "postprocessing")
+    c0, h0, t0 = meter.own(), meter.thread(), meter.total()
     wall = unary_many(server.grpc_url, "postprocessing", inputs, n, concurrency,
                       request_id=lambda i: f"bench-{chunk}-{i % streams}")
-    cpu = max(cpu_s(stub) - c0, 1e-3)  # psutil's clock ticks are 10 ms
-    both = cpu + cpu_s(srv) - s0
-    return {"requests": n, "tokens_per_response": chunk, "tokens_per_s_wall": n * chunk / wall,
-            "tokens_per_cpu_s": n * chunk / cpu, "tokens_per_cpu_s_with_server": n * chunk / both,
-            "responses_per_cpu_s": n / cpu}
+    tokens = n * chunk
+    return {"requests": n, "tokens_per_response": chunk, "tokens_per_s_wall": tokens / wall,
+            "tokens_per_cpu_s": tokens / max(meter.own() - c0, 1e-6),
+            "tokens_per_thread_cpu_s": tokens / max(meter.thread() - h0, 1e-6),
+            "tokens_per_cpu_s_with_server": tokens / max(meter.total() - t0, 1e-3)}
 
 
 def bench_ensemble_stream(server, n_streams, max_tokens):
@@ -167,9 +213,9 @@ def bench_ensemble_stream(server, n_streams, max_tokens):
     the tensorrt_llm model falls behind and merges them."""
     from nim_build.triton.client import Client, GenerateRequest
 
-    pre, post = stub_of(server, "preprocessing"), stub_of(server, "postprocessing")
+    pre, post = stub_of(server, "preprocessing"), CpuMeter(server, "postprocessing")
     llm = stub_of(server, "tensorrt_llm")
-    c0, l0, p0 = cpu_s(pre) + cpu_s(post), cpu_s(llm), cpu_s(post)
+    c0, l0, p0, h0 = cpu_s(pre) + post.own(), cpu_s(llm), post.own(), post.thread()
     t0 = time.perf_counter()
 
     def one(_):
@@ -180,11 +226,12 @@ def bench_ensemble_stream(server, n_streams, max_tokens):
     with ThreadPoolExecutor(n_streams) as pool:
         chunks = sum(pool.map(one, range(n_streams)))
     wall = time.perf_counter() - t0
-    cpu = cpu_s(pre) + cpu_s(post) - c0
+    cpu = cpu_s(pre) + post.own() - c0
     tokens = n_streams * max_tokens
     return {"streams": n_streams, "max_tokens": max_tokens, "responses": chunks, "tokens_per_s_wall": tokens / wall,
             "pre_post_tokens_per_cpu_s": tokens / max(cpu, 1e-3),
-            "post_tokens_per_cpu_s": tokens / max(cpu_s(post) - p0, 1e-3),
+            "post_tokens_per_cpu_s": tokens / max(post.own() - p0, 1e-3),
+            "post_tokens_per_thread_cpu_s": tokens / max(post.thread() - h0, 1e-3),
             "tensorrt_llm_stub_tokens_per_cpu_s": tokens / max(cpu_s(llm) - l0, 1e-3)}
 
 
@@ -263,6 +310,7 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--streams", type=int, default=32, help="ensemble streams of the paced run")
     ap.add_argument("--step-ms", type=float, default=STEP_DELAY_S * 1e3, help="the paced trivial engine's step time")
+    ap.add_argument("--postprocessing", default="native,python", help="postprocessing kinds to measure, in order")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -276,26 +324,31 @@ def main(argv=None) -> int:
         report = {"machine": {"cpus": psutil.cpu_count(), "load_avg_1m": psutil.getloadavg()[0]},
                   "library": bench_library(tok)}
         # Unpaced engine: per-model costs and the ensemble's added latency. Paced engine: streaming.
-        for paced in (False, True):
-            (eng / "trivial_engine.json").write_text(json.dumps({"step_delay_s": args.step_ms / 1e3 if paced else 0.0}))
-            repo = generate_repo(eng, root / f"repo-{paced}",
-                                 RepoOptions(engine_class="nim_build.triton.trivial_engine:TrivialEngine"))
-            with _server(repo) as server:
-                try:
-                    if paced:
-                        report["ensemble_stream"] = bench_ensemble_stream(server, args.streams, 128)
-                        continue
-                    bench_preprocessing(server, tok, 20, 2)  # warm up
-                    bench_postprocessing(server, tok, 20, 2, 1)
-                    report["preprocessing"] = bench_preprocessing(server, tok, args.requests, args.concurrency)
-                    report["postprocessing_stream_1"] = bench_postprocessing(server, tok, args.requests * 4,
-                                                                             args.concurrency, 1)
-                    report["postprocessing_16"] = bench_postprocessing(server, tok, args.requests,
-                                                                       args.concurrency, 16)
-                    report["latency"] = bench_latency(server, tok, max(50, args.requests // 4), 16)
-                except Exception:
-                    print(server.logs(60), file=sys.stderr)
-                    raise
+        for post in args.postprocessing.split(","):
+            for paced in (False, True):
+                step_s = args.step_ms / 1e3 if paced else 0.0
+                (eng / "trivial_engine.json").write_text(json.dumps({"step_delay_s": step_s}))
+                repo = generate_repo(eng, root / f"repo-{post}-{paced}", RepoOptions(
+                    engine_class="nim_build.triton.trivial_engine:TrivialEngine", postprocessing=post))
+                with _server(repo) as server:
+                    try:
+                        if paced:
+                            bench_ensemble_stream(server, 4, 8)  # warm up (names the native thread)
+                            report[f"ensemble_stream[{post}]"] = bench_ensemble_stream(server, args.streams, 128)
+                            continue
+                        bench_preprocessing(server, tok, 20, 2)  # warm up
+                        bench_postprocessing(server, tok, 20, 2, 1)
+                        if post == args.postprocessing.split(",")[0]:  # the same python model either way
+                            report["preprocessing"] = bench_preprocessing(server, tok, args.requests,
+                                                                          args.concurrency)
+                        report[f"postprocessing_stream_1[{post}]"] = bench_postprocessing(
+                            server, tok, args.requests * 8, args.concurrency, 1)
+                        report[f"postprocessing_16[{post}]"] = bench_postprocessing(
+                            server, tok, args.requests, args.concurrency, 16)
+                        report[f"latency[{post}]"] = bench_latency(server, tok, max(50, args.requests // 4), 16)
+                    except Exception:
+                        print(server.logs(60), file=sys.stderr)
+                        raise
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if args.json:

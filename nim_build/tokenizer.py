@@ -17,6 +17,8 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import random
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -104,6 +106,31 @@ class Tokenizer:
         from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 
         return self._tk.decode(ids, special_token_policy=SpecialTokenPolicy.KEEP)
+
+    def byte_pieces(self) -> tuple[list[bytes], bool] | None:
+        """What a decode concatenates, when the decoder is that simple: the bytes of every token id (none for
+        special tokens) and whether the decoded text drops its leading space (sentencepiece). Checked against
+        this tokenizer's own decode of every token and of sample sequences; None for any other decoder.
+        The native postprocessing backend decodes with this table."""
+        if self.kind == "tekken":
+            return list(self._pieces), False  # decode() is this concatenation by definition
+        derived = _hf_byte_pieces(self._tk, json.loads((self.path / "tokenizer.json").read_text()).get("decoder"))
+        if derived is None:
+            return None
+        pieces, strip = derived
+
+        def lossy(ids: list[int]) -> str:
+            data = b"".join(pieces[i] for i in ids)
+            return (data[1:] if strip and data.startswith(b" ") else data).decode("utf-8", errors="replace")
+
+        samples = [[i] for i in range(len(pieces))]
+        samples += [self.encode(t, add_special_tokens=False) for t in _PIECE_CHECK_TEXTS]
+        rng = random.Random(0)
+        samples += [[rng.randrange(len(pieces)) for _ in range(64)] for _ in range(64)]
+        decoded = self._tk.decode_batch(samples, skip_special_tokens=True)
+        if any(lossy(ids) != text for ids, text in zip(samples, decoded)):
+            return None
+        return pieces, strip
 
     def stream_decoder(self) -> "StreamDecoder":
         """A new incremental decoder for one sequence of generated ids."""
@@ -224,6 +251,68 @@ class _ByteStreamDecoder(StreamDecoder):
 
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)
+
+
+_PIECE_CHECK_TEXTS = (" Hello world", "  two  spaces\tand\ttabs\n", "中文分词 한국어 مرحبا 🙂👍🏽", "x = f(y)  # ok")
+_SP_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's bytes_to_unicode, inverted: the printable character that stands for each byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _hf_byte_pieces(tk, decoder: dict | None) -> tuple[list[bytes], bool] | None:
+    """Candidate byte pieces for the decoders of byte-level BPE (GPT-2, Llama 3, Mistral NeMo's tokenizer.json)
+    and of sentencepiece conversions (Llama 2 / Mistral 7B: Replace("▁", " "), ByteFallback, Fuse, Strip; or
+    Metaspace); Tokenizer.byte_pieces checks them. None for any other decoder."""
+    kind = (decoder or {}).get("type")
+    steps = [d.get("type") for d in decoder.get("decoders", [])] if kind == "Sequence" else []
+    strip = False
+    if kind == "ByteLevel":
+        table = _byte_level_decoder()
+
+        def piece(token: str) -> bytes:
+            if all(c in table for c in token):
+                return bytes(table[c] for c in token)
+            return token.encode("utf-8")  # added tokens outside the byte alphabet decode as their text
+    elif kind == "Metaspace" or (kind == "Sequence" and set(steps) <= {"Replace", "ByteFallback", "Fuse", "Strip"}):
+        if kind == "Metaspace":
+            replacement = decoder.get("replacement", "▁")
+            strip = decoder.get("prepend_scheme", "always") != "never" and decoder.get("add_prefix_space", True)
+        else:
+            replaces = [d for d in decoder["decoders"] if d["type"] == "Replace"]
+            if len(replaces) != 1 or replaces[0].get("content") != " ":
+                return None
+            replacement = replaces[0]["pattern"].get("String")
+            strips = [d for d in decoder["decoders"] if d["type"] == "Strip"]
+            if strips and (strips[0].get("content") != " " or strips[0].get("start") != 1 or strips[0].get("stop")):
+                return None
+            strip = bool(strips)
+        if not replacement:
+            return None
+        byte_fallback = "ByteFallback" in steps  # a bare Metaspace decoder prints <0x..> tokens as they are
+
+        def piece(token: str) -> bytes:
+            m = _SP_BYTE.fullmatch(token) if byte_fallback else None
+            return bytes([int(m.group(1), 16)]) if m else token.replace(replacement, " ").encode("utf-8")
+    else:
+        return None
+    special = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}
+    n = tk.get_vocab_size(with_added_tokens=True)
+    tokens = [tk.id_to_token(i) for i in range(n)]
+    if any(t is None for t in tokens):
+        return None  # holes in the id space
+    return [b"" if i in special else piece(t) for i, t in enumerate(tokens)], strip
 
 
 def meta_from_manifest(manifest: dict[str, Any]) -> dict[str, Any]:

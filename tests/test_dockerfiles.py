@@ -6,6 +6,7 @@ No Docker engine runs on these machines: the images are linted and inspected her
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import shutil
 import subprocess
@@ -119,3 +120,32 @@ def test_docs_say_images_were_not_built_here():
     for path in DOCKERFILES.values():
         assert "Not built on the project's machines" in path.read_text()
     assert "not built" in (REPO / "helm" / "nim-llm" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", list(DOCKERFILES))
+def test_native_stage_builds_what_repo_looks_for(name, tmp_path, monkeypatch):
+    """The `native` build stage, replayed here: only the files it copies, its RUN command; the library lands
+    where `nim_build repo` in the final image looks (NIM_BUILD_NATIVE_DIR, one folder per source)."""
+    ins = _instructions(DOCKERFILES[name])
+    stage = ins[[i for i, (w, a) in enumerate(ins) if w == "FROM" and a.endswith("AS native")][0] + 1:]
+    stage = stage[: [w for w, _ in stage].index("FROM")]
+    src, out = tmp_path / "src", tmp_path / "native"
+    for word, args in stage:
+        if word == "COPY":
+            *sources, dest = args.split()
+            for s in sources:
+                target = src / dest / Path(s).name if dest.endswith("/") else src / dest
+                target.parent.mkdir(parents=True, exist_ok=True)
+                (shutil.copytree if (REPO / s).is_dir() else shutil.copy)(REPO / s, target)
+        elif word == "RUN":
+            command = args.replace("NIM_BUILD_NATIVE_DIR=/native", f"NIM_BUILD_NATIVE_DIR={out}")
+            command = command.replace("python ", f"{sys.executable} ", 1)
+            subprocess.run(command, shell=True, cwd=src, check=True, env={"PATH": os.environ["PATH"]})
+    final = [a for w, a in ins if w == "COPY" and a.startswith("--from=native")]
+    assert final == ["--from=native /native /opt/nim_build/native"]
+    assert ("ENV", "NIM_BUILD_NATIVE_DIR=/opt/nim_build/native") in ins
+    from nim_build import native
+
+    monkeypatch.setenv("NIM_BUILD_NATIVE_DIR", str(out))
+    monkeypatch.setenv("CXX", "/nonexistent")  # found, not rebuilt
+    assert native.build_detokenizer().parent.parent == out

@@ -123,8 +123,14 @@ def test_configs_parse_and_match_upstream(engine, tmp_path):
     assert (repo / "preprocessing" / "1" / "tokenizer" / "tekken.json").is_file()
     meta = json.loads((repo / "preprocessing" / "1" / "tokenizer" / "nim_build_tokenizer.json").read_text())
     assert (meta["kind"], meta["end_id"], meta["pad_id"], meta["max_seq_len"]) == ("tekken", 2, 11, 1024)
-    for model in ("preprocessing", "postprocessing", "tensorrt_llm_bls"):
+    for model in ("preprocessing", "tensorrt_llm_bls"):
         assert (repo / model / "1" / "model.py").is_file() and (repo / model / "1" / "triton_common.py").is_file()
+    # postprocessing is the native backend by default (tests/test_native_postprocessing.py), python on request
+    assert read_config(repo / "postprocessing" / "config.pbtxt").backend == "nim_detokenizer"
+    assert (repo / "postprocessing" / "1" / "detokenizer.bin").is_file()
+    py = generate_repo(engine, tmp_path / "py", RepoOptions(postprocessing="python"))
+    assert read_config(py / "postprocessing" / "config.pbtxt").backend == "python"
+    assert (py / "postprocessing" / "1" / "model.py").is_file()
 
 
 def test_ensemble_wiring(engine, tmp_path):

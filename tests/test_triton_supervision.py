@@ -14,8 +14,8 @@ import psutil
 
 def test_dead_stub_makes_serve_exit_nonzero(triton_serve):
     stubs = [p for p in psutil.Process(triton_serve.proc.pid).children(recursive=True)
-             if "triton_python_backend_stub" in p.name() and any("postprocessing" in a for a in p.cmdline())]
-    assert stubs, "no postprocessing stub found"
+             if "triton_python_backend_stub" in p.name() and any("preprocessing" in a for a in p.cmdline())]
+    assert stubs, "no preprocessing stub found"
     stubs[0].kill()
     time.sleep(1)
     # Triton itself still says ready...

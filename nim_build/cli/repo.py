@@ -20,6 +20,10 @@ import click
 @click.option("--enable-chunked-context", is_flag=True)
 @click.option("--batch-scheduler-policy", type=click.Choice(["guaranteed_no_evict", "max_utilization"]),
               default="guaranteed_no_evict", show_default=True)
+@click.option("--postprocessing", type=click.Choice(["auto", "native", "python"]), default="auto", show_default=True,
+              help="How postprocessing detokenizes: native (a C++ Triton backend, compiled on first use; a few us "
+                   "per streamed token), python (the python backend: tens of us), auto (native when the "
+                   "tokenizer and a C++ compiler allow).")
 @click.option("--force", is_flag=True, help="Replace an existing repository.")
 def command(engine_dir, out, force, **opts):
     """Write a Triton model repository (ensemble, preprocessing, tensorrt_llm, postprocessing, tensorrt_llm_bls)

@@ -4,7 +4,7 @@
       ensemble/config.pbtxt + 1/            preprocessing -> tensorrt_llm -> postprocessing
       preprocessing/config.pbtxt, 1/model.py, 1/tokenizer/   (the engine's tokenizer, copied)
       tensorrt_llm/config.pbtxt [+ 1/model.py for the reference backend]
-      postprocessing/config.pbtxt, 1/model.py
+      postprocessing/config.pbtxt, 1/libtriton_nim_detokenizer.so + 1/detokenizer.bin   (native; or 1/model.py)
       tensorrt_llm_bls/config.pbtxt, 1/model.py
 
 Configs are `ModelConfig` protobuf messages written with text_format, so they are valid by construction.
@@ -18,6 +18,12 @@ directory by absolute path (`gpt_model_path`): the engine is big and lives on th
 volume, and the repository is small and cheap to generate, so it is generated on the node (Helm: next to the
 engine, or in an emptyDir at pod start) with the path the volume is mounted at.
 Python model sources come from the top-level `triton_repo/` folder and are copied as they are.
+
+`postprocessing` runs natively by default (nim_build/native: the C++ backend `nim_detokenizer`, with a token
+table checked against the tokenizer here): Triton's python backend costs tens of microseconds per request, and a
+streaming ensemble sends postprocessing one request per generated token. Tokenizers whose decoder is not a
+concatenation of byte pieces, or a machine without a C++ compiler, get the python model (same inputs, outputs
+and text).
 """
 
 from __future__ import annotations
@@ -25,17 +31,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from google.protobuf import text_format
 
 from nim_build.errors import OutputExistsError, UserError
 from nim_build.manifest import load_manifest
-from nim_build.tokenizer import META_FILE, REPO_TOKENIZER_DIR, meta_from_manifest
+from nim_build import native
+from nim_build.tokenizer import META_FILE, REPO_TOKENIZER_DIR, Tokenizer, meta_from_manifest
 
 MODELS = ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing", "tensorrt_llm_bls")
 SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
+POSTPROCESSING = ("auto", "native", "python")
 SOURCES = Path(__file__).resolve().parents[2] / "triton_repo"
 SHARED_MODULES = ("triton_common.py",)  # copied next to every python model
 
@@ -52,6 +61,7 @@ class RepoOptions:
     batch_scheduler_policy: str = "guaranteed_no_evict"
     max_queue_delay_microseconds: int = 0
     exclude_input_in_output: bool = True
+    postprocessing: str = "auto"  # "native" (C++ backend), "python", or "auto": native when possible
     # reference backend only: "module:Class" of the engine the python tensorrt_llm model runs
     # (default nim_build.runtime:LLMEngine; benchmarks use nim_build.triton.trivial_engine:TrivialEngine)
     engine_class: str | None = None
@@ -213,7 +223,7 @@ def build_configs(manifest: dict, engine_dir: Path, opts: RepoOptions) -> dict[s
     _params(pre, {"tokenizer_dir": tokenizer_dir, "add_special_tokens": True})
     configs["preprocessing"] = pre
 
-    post = _base("postprocessing", mbs, backend="python")
+    post = _base("postprocessing", mbs, backend=native.BACKEND if opts.postprocessing == "native" else "python")
     _add_io(post, POST_INPUTS, POST_OUTPUTS)
     # In a streaming ensemble every partial response of a request goes through postprocessing, which keeps
     # the request's incremental detokenizer: one instance, in order (no dynamic batcher: it would also drop the
@@ -223,8 +233,11 @@ def build_configs(manifest: dict, engine_dir: Path, opts: RepoOptions) -> dict[s
     else:
         post.dynamic_batching.preserve_ordering = True
         _instances(post, opts.instances)
-    _params(post, {"tokenizer_dir": tokenizer_dir, "skip_special_tokens": True,
-                   "tensorrt_llm_model_name": "tensorrt_llm"})
+    if opts.postprocessing == "native":  # the tokenizer is compiled into 1/detokenizer.bin
+        _params(post, {"tensorrt_llm_model_name": "tensorrt_llm"})
+    else:
+        _params(post, {"tokenizer_dir": tokenizer_dir, "skip_special_tokens": True,
+                       "tensorrt_llm_model_name": "tensorrt_llm"})
     configs["postprocessing"] = post
 
     llm = _base("tensorrt_llm", mbs, backend="tensorrtllm" if backend == "trtllm" else "python")
@@ -274,6 +287,29 @@ def build_configs(manifest: dict, engine_dir: Path, opts: RepoOptions) -> dict[s
     return configs
 
 
+def _native_postprocessing(mode: str, tok_dir: Path, meta: dict) -> tuple[Path, list[bytes], bool] | None:
+    """(library, token pieces, strip leading space) for the native postprocessing, or None for the python one."""
+    if mode not in POSTPROCESSING:
+        raise UserError(f"--postprocessing must be one of {', '.join(POSTPROCESSING)}, got {mode!r}")
+    if mode == "python":
+        return None
+    table = Tokenizer.from_dir(tok_dir, meta).byte_pieces()
+    if table is None:
+        reason = "this tokenizer's decoder is not a concatenation of token bytes"
+        if mode == "native":
+            raise UserError(f"--postprocessing native: {reason}; use --postprocessing python")
+        print(f"note: postprocessing runs in python: {reason}", file=sys.stderr)
+        return None
+    try:
+        library = native.build_detokenizer()
+    except native.NativeBuildError as e:
+        if mode == "native":
+            raise
+        print(f"note: postprocessing runs in python: {e}", file=sys.stderr)
+        return None
+    return library, *table
+
+
 def write_config(cfg, path: Path) -> None:
     path.write_text(text_format.MessageToString(cfg))
 
@@ -295,6 +331,12 @@ def generate_repo(engine_dir: str | os.PathLike, out: str | os.PathLike, opts: R
             raise OutputExistsError(f"{out} exists and is not empty; pass --force to replace it")
     if not SOURCES.is_dir():
         raise UserError(f"the python model sources are missing ({SOURCES}); reinstall nim_build from a checkout")
+    tok_src = engine_dir / manifest["tokenizer"].get("dir", "tokenizer")
+    if not tok_src.is_dir():
+        raise UserError(f"{tok_src} not found: the engine directory has no tokenizer")
+    meta = meta_from_manifest(manifest)
+    native_post = _native_postprocessing(opts.postprocessing, tok_src, meta)
+    opts = replace(opts, postprocessing="native" if native_post else "python")
     configs = build_configs(manifest, engine_dir, opts)
 
     tmp = out.with_name(out.name + ".tmp")
@@ -309,12 +351,12 @@ def generate_repo(engine_dir: str | os.PathLike, out: str | os.PathLike, opts: R
             for mod in SHARED_MODULES:
                 shutil.copy(SOURCES / mod, mdir / "1" / mod)
 
-    tok_src = engine_dir / manifest["tokenizer"].get("dir", "tokenizer")
-    if not tok_src.is_dir():
-        raise UserError(f"{tok_src} not found: the engine directory has no tokenizer")
+    if native_post:
+        library, pieces, strip = native_post
+        shutil.copy(library, tmp / "postprocessing" / "1" / native.LIBRARY)
+        native.write_table(tmp / "postprocessing" / "1" / native.TABLE_FILE, pieces, strip)
     tok_dst = tmp / REPO_TOKENIZER_DIR
     shutil.copytree(tok_src, tok_dst)
-    meta = meta_from_manifest(manifest)
     (tok_dst / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     if out.exists():
