@@ -17,7 +17,7 @@ Measures:
                   1 token (every step of a stream) and of 16 tokens (non-streaming-sized)
   ensemble        32 streams through the whole ensemble, the engine stepping every 4 ms (one token per
                   stream per step, 8k tokens/s offered; --streams, --step-ms): tokens/s delivered, pre+post and
-                  post alone tokens per CPU-second
+                  post alone tokens per CPU-second, and per CPU-second of the whole server (all processes)
   latency         one-shot request latency p50/p99 through `ensemble` vs `tensorrt_llm` directly (same ids);
                   the difference is what preprocessing + postprocessing + ensemble scheduling add
 """
@@ -215,7 +215,9 @@ def bench_ensemble_stream(server, n_streams, max_tokens):
 
     pre, post = stub_of(server, "preprocessing"), CpuMeter(server, "postprocessing")
     llm = stub_of(server, "tensorrt_llm")
+    everything = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]
     c0, l0, p0, h0 = cpu_s(pre) + post.own(), cpu_s(llm), post.own(), post.thread()
+    e0 = sum(cpu_s(p) for p in everything)
     t0 = time.perf_counter()
 
     def one(_):
@@ -232,7 +234,8 @@ def bench_ensemble_stream(server, n_streams, max_tokens):
             "pre_post_tokens_per_cpu_s": tokens / max(cpu, 1e-3),
             "post_tokens_per_cpu_s": tokens / max(post.own() - p0, 1e-3),
             "post_tokens_per_thread_cpu_s": tokens / max(post.thread() - h0, 1e-3),
-            "tensorrt_llm_stub_tokens_per_cpu_s": tokens / max(cpu_s(llm) - l0, 1e-3)}
+            "tensorrt_llm_stub_tokens_per_cpu_s": tokens / max(cpu_s(llm) - l0, 1e-3),
+            "server_tokens_per_cpu_s": tokens / max(sum(cpu_s(p) for p in everything) - e0, 1e-3)}
 
 
 def _stream_latency(url, model, inputs, n):
