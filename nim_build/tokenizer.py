@@ -18,7 +18,6 @@ import codecs
 import json
 import os
 import random
-import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -254,7 +253,6 @@ class _ByteStreamDecoder(StreamDecoder):
 
 
 _PIECE_CHECK_TEXTS = (" Hello world", "  two  spaces\tand\ttabs\n", "中文分词 한국어 مرحبا 🙂👍🏽", "x = f(y)  # ok")
-_SP_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _byte_level_decoder() -> dict[str, int]:
@@ -272,9 +270,10 @@ def _byte_level_decoder() -> dict[str, int]:
 
 
 def _hf_byte_pieces(tk, decoder: dict | None) -> tuple[list[bytes], bool] | None:
-    """Candidate byte pieces for the decoders of byte-level BPE (GPT-2, Llama 3, Mistral NeMo's tokenizer.json)
-    and of sentencepiece conversions (Llama 2 / Mistral 7B: Replace("▁", " "), ByteFallback, Fuse, Strip; or
-    Metaspace); Tokenizer.byte_pieces checks them. None for any other decoder."""
+    """Candidate byte pieces for byte-level BPE decoders (GPT-2, Llama 3, Mistral NeMo's tokenizer.json) and for
+    sentencepiece decoders without byte fallback (Metaspace, or Replace("▁", " ") [+ Fuse, Strip]); Tokenizer.
+    byte_pieces checks them. None for any other decoder, ByteFallback included: it decodes a malformed run of
+    <0x..> tokens as one U+FFFD per token, which no byte table reproduces (Llama 2, Mistral 7B)."""
     kind = (decoder or {}).get("type")
     steps = [d.get("type") for d in decoder.get("decoders", [])] if kind == "Sequence" else []
     strip = False
@@ -285,7 +284,7 @@ def _hf_byte_pieces(tk, decoder: dict | None) -> tuple[list[bytes], bool] | None
             if all(c in table for c in token):
                 return bytes(table[c] for c in token)
             return token.encode("utf-8")  # added tokens outside the byte alphabet decode as their text
-    elif kind == "Metaspace" or (kind == "Sequence" and set(steps) <= {"Replace", "ByteFallback", "Fuse", "Strip"}):
+    elif kind == "Metaspace" or (kind == "Sequence" and set(steps) <= {"Replace", "Fuse", "Strip"}):
         if kind == "Metaspace":
             replacement = decoder.get("replacement", "▁")
             strip = decoder.get("prepend_scheme", "always") != "never" and decoder.get("add_prefix_space", True)
@@ -300,11 +299,9 @@ def _hf_byte_pieces(tk, decoder: dict | None) -> tuple[list[bytes], bool] | None
             strip = bool(strips)
         if not replacement:
             return None
-        byte_fallback = "ByteFallback" in steps  # a bare Metaspace decoder prints <0x..> tokens as they are
 
         def piece(token: str) -> bytes:
-            m = _SP_BYTE.fullmatch(token) if byte_fallback else None
-            return bytes([int(m.group(1), 16)]) if m else token.replace(replacement, " ").encode("utf-8")
+            return token.replace(replacement, " ").encode("utf-8")
     else:
         return None
     special = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,18 @@ class ServedRepo:
         self._log_file.close()
 
 
+@contextlib.contextmanager
+def serving(repo: Path, engine_dir: Path, log: Path):
+    """A ready ServedRepo, stopped afterwards; the test fails if the Triton server crashed."""
+    served = ServedRepo(repo, engine_dir, log)
+    try:
+        served.wait_ready()
+        yield served
+    finally:
+        served.stop()
+    assert "Signal (11)" not in served.output(), "the Triton server crashed:\n" + served.output()[-4000:]
+
+
 @pytest.fixture(scope="session")
 def triton_serve(reference_engine_dir, tmp_path_factory):
     """`nim_build repo` + `nim_build serve` on the reference engine: one real Triton server for the session."""
@@ -108,13 +121,8 @@ def triton_serve(reference_engine_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("triton")
     repo = generate_repo(reference_engine_dir, root / "repo")
-    served = ServedRepo(repo, reference_engine_dir, root / "serve.log")
-    try:
-        served.wait_ready()
+    with serving(repo, reference_engine_dir, root / "serve.log") as served:
         yield served
-    finally:
-        served.stop()
-    assert "Signal (11)" not in served.output(), "the Triton server crashed:\n" + served.output()[-4000:]
 
 
 # --- reference runtime (tests/test_runtime*.py, tests/test_scheduler.py, tests/test_accuracy.py) --------------

@@ -2,9 +2,9 @@
 
 Compared with two independent references: the tokenizer library's own one-shot decode (HF `tokenizers`,
 mistral-common's Tekken), and the python postprocessing model served beside it on the same requests, for
-byte-level BPE (the default model, SmolLM2) and Tekken. A sentencepiece-style tokenizer (Llama 2 / Mistral 7B
-decoder: Replace("▁", " "), ByteFallback, Fuse, Strip), built here with the tokenizers library, checks that
-decoders the table cannot reproduce exactly get the python model.
+byte-level BPE (the default model, SmolLM2), Tekken, and a sentencepiece-style Metaspace tokenizer built here
+with the tokenizers library (its decode drops the leading space). A Llama-2-style one (Replace("▁", " "),
+ByteFallback, Fuse, Strip) checks that decoders a byte table cannot reproduce get the python model.
 """
 
 from __future__ import annotations
@@ -28,26 +28,51 @@ TEXTS = ["北京大学 한국어 مرحبا 🙂👍🏽\tdef f(x):\n\treturn x 
 TRIVIAL = "nim_build.triton.trivial_engine:TrivialEngine"
 
 
-def sentencepiece_dir(out: Path) -> Path:
-    """A Llama-2-style tokenizer.json (what transformers' LlamaConverter writes), with a small vocabulary: most
+KINDS = ("hf", "tekken", "metaspace")
+
+
+def _sentencepiece_vocab(byte_tokens: bool) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    if byte_tokens:
+        vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    for piece in list("▁abcdefghijklmnopqrstuvwxyz,.") + ["▁t", "he", "▁the", "▁c", "at", "▁cat"]:
+        vocab.setdefault(piece, len(vocab))
+    return vocab, [("▁", "t"), ("h", "e"), ("▁t", "he"), ("▁", "c"), ("a", "t"), ("▁c", "at")]
+
+
+def _save(tk, out: Path, bos_id: int, end_id: int) -> Path:
+    tk.add_special_tokens(["<unk>", "<s>", "</s>"])
+    out.mkdir(parents=True)
+    tk.save(str(out / "tokenizer.json"))
+    (out / META_FILE).write_text(json.dumps({"kind": "hf", "bos_id": bos_id, "end_id": end_id, "pad_id": None}))
+    return out
+
+
+def llama2_dir(out: Path) -> Path:
+    """What transformers' LlamaConverter writes for Llama 2 / Mistral 7B, with a small vocabulary: most
     characters fall back to <0x..> byte tokens."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, normalizers
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
-    for piece in list("▁abcdefghijklmnopqrstuvwxyz,.") + ["▁t", "he", "▁the", "▁c", "at", "▁cat"]:
-        vocab.setdefault(piece, len(vocab))
-    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("▁", "c"), ("a", "t"), ("▁c", "at")]
+    vocab, merges = _sentencepiece_vocab(byte_tokens=True)
     tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                     decoders.Strip(" ", 1, 0)])
-    tk.add_special_tokens(["<unk>", "<s>", "</s>"])
-    out.mkdir(parents=True)
-    tk.save(str(out / "tokenizer.json"))
-    (out / META_FILE).write_text(json.dumps({"kind": "hf", "bos_id": 1, "end_id": 2, "pad_id": None}))
-    return out
+    return _save(tk, out, 1, 2)
+
+
+def metaspace_dir(out: Path) -> Path:
+    """A sentencepiece-style tokenizer with the Metaspace pre-tokenizer and decoder (prepend_scheme "first":
+    a decode drops the space the first token starts with); characters outside its vocabulary are <unk>."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    vocab, merges = _sentencepiece_vocab(byte_tokens=False)
+    tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    return _save(tk, out, 1, 2)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +89,8 @@ def tokenizer_dirs(default_model_dir, tmp_path_factory) -> dict[str, Path]:
     tekken.mkdir()
     shutil.copy(Path(mistral_common.__file__).parent / "data" / "tekken_240718.json", tekken / "tekken.json")
     (tekken / META_FILE).write_text(json.dumps({"kind": "tekken", "bos_id": 1, "end_id": 2, "pad_id": 11}))
-    return {"hf": hf, "tekken": tekken, "sp": sentencepiece_dir(root / "sp")}
+    return {"hf": hf, "tekken": tekken, "metaspace": metaspace_dir(root / "metaspace"),
+            "llama2": llama2_dir(root / "llama2")}
 
 
 def _engine(root: Path, tok_dir: Path) -> Path:
@@ -79,25 +105,30 @@ def _engine(root: Path, tok_dir: Path) -> Path:
 
 
 def test_byte_pieces_match_each_tokenizer(tokenizer_dirs):
-    for kind in ("hf", "tekken"):
+    for kind, strip in (("hf", False), ("tekken", False), ("metaspace", True)):
         tok = Tokenizer.from_dir(tokenizer_dirs[kind])
-        pieces, strip = tok.byte_pieces()
-        assert len(pieces) == tok.vocab_size and strip is False, kind
+        pieces, got_strip = tok.byte_pieces()
+        assert len(pieces) == tok.vocab_size and got_strip is strip, kind
         for text in TEXTS:
             ids = tok.encode(text, add_special_tokens=True)
-            assert b"".join(pieces[i] for i in ids).decode("utf-8") == tok.decode(ids), (kind, text)
+            data = b"".join(pieces[i] for i in ids)
+            data = data[1:] if strip and data.startswith(b" ") else data
+            assert data.decode("utf-8") == tok.decode(ids), (kind, text)
         assert pieces[tok.end_id] == b""  # special tokens decode to nothing
+    meta = Tokenizer.from_dir(tokenizer_dirs["metaspace"])
+    the, cat = meta._tk.token_to_id("▁the"), meta._tk.token_to_id("▁cat")
+    assert meta.decode([the, cat]) == "the cat" and meta.decode([cat, the]) == "cat the"  # the first space goes
 
 
-def test_sentencepiece_byte_fallback_is_not_a_byte_table(tokenizer_dirs, tmp_path):
+def test_byte_fallback_is_not_a_byte_table(tokenizer_dirs, tmp_path):
     """HF's ByteFallback decodes a malformed run of <0x..> tokens as one U+FFFD per token (not per maximal
-    invalid subpart, as UTF-8 decoding does): well-formed text matches the table, random ids do not, so the
-    check refuses it and such models (Llama 2, Mistral 7B) get the python postprocessing."""
-    tok = Tokenizer.from_dir(tokenizer_dirs["sp"])
+    invalid subpart, as UTF-8 decoding does), so such models (Llama 2, Mistral 7B) get the python postprocessing."""
+    tok = Tokenizer.from_dir(tokenizer_dirs["llama2"])
     ids = tok.encode(TEXTS[0], add_special_tokens=True)
     assert ids.count(3 + 0xF0) >= 2 and tok.decode(ids) == TEXTS[0]  # emoji as byte tokens, round trip
+    assert tok.decode([3 + 0xE4, 3 + 0xB8, 3 + 0x41]) == "\ufffd" * 3  # UTF-8 decoding would give "\ufffdA"
     assert tok.byte_pieces() is None
-    repo = generate_repo(_engine(tmp_path, tokenizer_dirs["sp"]), tmp_path / "repo")
+    repo = generate_repo(_engine(tmp_path, tokenizer_dirs["llama2"]), tmp_path / "repo")
     assert read_config(repo / "postprocessing" / "config.pbtxt").backend == "python"
 
 
@@ -139,12 +170,12 @@ def test_missing_compiler_is_one_clear_line(tokenizer_dirs, tmp_path, monkeypatc
 @pytest.fixture(scope="module")
 def served(tokenizer_dirs, tmp_path_factory):
     """One server: the full repository of a trivial engine with the default model's tokenizer, plus a native and
-    a python postprocessing model per tokenizer (post_<hf|tekken>_<native|python>)."""
-    from conftest import ServedRepo
+    a python postprocessing model per tokenizer (post_<kind>_<native|python>)."""
+    from conftest import serving
 
     root = tmp_path_factory.mktemp("native-post")
     repo = generate_repo(_engine(root, tokenizer_dirs["hf"]), root / "repo", RepoOptions(engine_class=TRIVIAL))
-    for kind in ("hf", "tekken"):
+    for kind in KINDS:
         tok_dir = tokenizer_dirs[kind]
         for impl in ("native", "python"):
             src = generate_repo(_engine(root / f"{kind}-{impl}", tok_dir), root / f"{kind}-{impl}" / "repo",
@@ -157,13 +188,8 @@ def served(tokenizer_dirs, tmp_path_factory):
                 shutil.copytree(tok_dir, repo / name / "1" / "tokenizer")
                 cfg.parameters["tokenizer_dir"].string_value = f"{name}/1/tokenizer"
             write_config(cfg, repo / name / "config.pbtxt")
-    server = ServedRepo(repo, root, root / "serve.log")
-    try:
-        server.wait_ready()
+    with serving(repo, root, root / "serve.log") as server:
         yield server
-    finally:
-        server.stop()
-    assert "Signal (11)" not in server.output(), server.output()[-4000:]
 
 
 def _post(client, model, rows: list[list[int]], request_id: str = "") -> list[str]:
@@ -181,7 +207,7 @@ def _post(client, model, rows: list[list[int]], request_id: str = "") -> list[st
     return [v.decode("utf-8") for v in out.reshape(-1)]
 
 
-@pytest.mark.parametrize("kind", ["hf", "tekken"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_streams_equal_the_one_shot_decode_and_the_python_model(served, tokenizer_dirs, kind):
     """One token per request, as a streaming ensemble sends them: each piece is whole characters, and the
     concatenation is the tokenizer's decode, for the native model and the python one alike."""
@@ -202,7 +228,7 @@ def test_streams_equal_the_one_shot_decode_and_the_python_model(served, tokenize
         c.close()
 
 
-@pytest.mark.parametrize("kind", ["hf", "tekken"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_any_ids_decode_like_the_tokenizer(served, tokenizer_dirs, kind):
     """Random ids (broken UTF-8 included, every U+FFFD where the tokenizer puts one): one-shot batched requests
     equal the tokenizer's decode exactly; a stream equals it up to the incomplete character it holds back."""
@@ -212,7 +238,7 @@ def test_any_ids_decode_like_the_tokenizer(served, tokenizer_dirs, kind):
     rng = random.Random(kind)
     # byte-ish tokens make broken UTF-8 likely: the tokens whose piece is not valid UTF-8 on its own
     pieces, _ = tok.byte_pieces()
-    broken = [i for i, p in enumerate(pieces) if p and not _valid(p)][:2000]
+    broken = [i for i, p in enumerate(pieces) if p and not _valid(p)][:2000] or range(tok.vocab_size)
     rows = [[rng.choice(broken if rng.random() < 0.5 else range(tok.vocab_size)) for _ in range(rng.randrange(0, 24))]
             for _ in range(8)]
     c = grpcclient.InferenceServerClient(served.grpc_url)
