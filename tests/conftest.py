@@ -102,6 +102,25 @@ class ServedRepo:
         self._log_file.close()
 
 
+def tokenizer_engine_dir(root: Path, tok_dir: Path) -> Path:
+    """An engine directory with only a tokenizer and a manifest: what the trivial engine
+    (nim_build.triton.trivial_engine) serves, for tests of everything around the engine."""
+    import json
+    import shutil
+
+    from nim_build.manifest import write_manifest
+    from nim_build.tokenizer import META_FILE, Tokenizer
+
+    meta = json.loads((tok_dir / META_FILE).read_text())
+    eng = root / f"engine-{tok_dir.name}"
+    shutil.copytree(tok_dir, eng / "tokenizer")
+    write_manifest(eng, {"name": tok_dir.name, "backend": "reference",
+                         "spec": {"vocab_size": Tokenizer.from_dir(tok_dir).vocab_size},
+                         "build": {"max_batch_size": 8, "max_seq_len": 512, "world_size": 1},
+                         "tokenizer": {"dir": "tokenizer", **meta}})
+    return eng
+
+
 @contextlib.contextmanager
 def serving(repo: Path, engine_dir: Path, log: Path):
     """A ready ServedRepo, stopped afterwards; the test fails if the Triton server crashed."""

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import tokenizer_engine_dir
 from nim_build import native
 from nim_build.errors import UserError
-from nim_build.manifest import write_manifest
 from nim_build.tokenizer import META_FILE, Tokenizer
 from nim_build.triton.repo import RepoOptions, generate_repo, read_config, write_config
 
@@ -93,17 +93,6 @@ def tokenizer_dirs(default_model_dir, tmp_path_factory) -> dict[str, Path]:
             "llama2": llama2_dir(root / "llama2")}
 
 
-def _engine(root: Path, tok_dir: Path) -> Path:
-    meta = json.loads((tok_dir / META_FILE).read_text())
-    eng = root / f"engine-{tok_dir.name}"
-    shutil.copytree(tok_dir, eng / "tokenizer")
-    tok = Tokenizer.from_dir(tok_dir)
-    write_manifest(eng, {"name": tok_dir.name, "backend": "reference", "spec": {"vocab_size": tok.vocab_size},
-                         "build": {"max_batch_size": 8, "max_seq_len": 512, "world_size": 1},
-                         "tokenizer": {"dir": "tokenizer", **meta}})
-    return eng
-
-
 def test_byte_pieces_match_each_tokenizer(tokenizer_dirs):
     for kind, strip in (("hf", False), ("tekken", False), ("metaspace", True)):
         tok = Tokenizer.from_dir(tokenizer_dirs[kind])
@@ -128,7 +117,7 @@ def test_byte_fallback_is_not_a_byte_table(tokenizer_dirs, tmp_path):
     assert ids.count(3 + 0xF0) >= 2 and tok.decode(ids) == TEXTS[0]  # emoji as byte tokens, round trip
     assert tok.decode([3 + 0xE4, 3 + 0xB8, 3 + 0x41]) == "\ufffd" * 3  # UTF-8 decoding would give "\ufffdA"
     assert tok.byte_pieces() is None
-    repo = generate_repo(_engine(tmp_path, tokenizer_dirs["llama2"]), tmp_path / "repo")
+    repo = generate_repo(tokenizer_engine_dir(tmp_path, tokenizer_dirs["llama2"]), tmp_path / "repo")
     assert read_config(repo / "postprocessing" / "config.pbtxt").backend == "python"
 
 
@@ -146,13 +135,13 @@ def test_other_decoders_get_the_python_postprocessing(tokenizer_dirs, tmp_path, 
     tk.save(str(wp / "tokenizer.json"))
     (wp / META_FILE).write_text(json.dumps({"kind": "hf", "bos_id": None, "end_id": 1, "pad_id": None}))
     assert Tokenizer.from_dir(wp).byte_pieces() is None
-    eng = _engine(tmp_path, wp)
+    eng = tokenizer_engine_dir(tmp_path, wp)
     with pytest.raises(UserError, match="--postprocessing python"):
         generate_repo(eng, tmp_path / "r1", RepoOptions(postprocessing="native"))
     repo = generate_repo(eng, tmp_path / "r2")
     assert read_config(repo / "postprocessing" / "config.pbtxt").backend == "python"
     assert "postprocessing runs in python" in capsys.readouterr().err
-    repo = generate_repo(_engine(tmp_path, tokenizer_dirs["hf"]), tmp_path / "r3")
+    repo = generate_repo(tokenizer_engine_dir(tmp_path, tokenizer_dirs["hf"]), tmp_path / "r3")
     assert read_config(repo / "postprocessing" / "config.pbtxt").backend == native.BACKEND
     assert {p.name for p in (repo / "postprocessing" / "1").iterdir()} == {native.LIBRARY, native.TABLE_FILE}
 
@@ -160,7 +149,7 @@ def test_other_decoders_get_the_python_postprocessing(tokenizer_dirs, tmp_path, 
 def test_missing_compiler_is_one_clear_line(tokenizer_dirs, tmp_path, monkeypatch):
     monkeypatch.setenv("NIM_BUILD_NATIVE_DIR", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    eng = _engine(tmp_path, tokenizer_dirs["hf"])
+    eng = tokenizer_engine_dir(tmp_path, tokenizer_dirs["hf"])
     with pytest.raises(UserError) as e:
         generate_repo(eng, tmp_path / "r", RepoOptions(postprocessing="native"))
     assert "\n" not in str(e.value) and "--postprocessing python" in str(e.value)
@@ -174,11 +163,13 @@ def served(tokenizer_dirs, tmp_path_factory):
     from conftest import serving
 
     root = tmp_path_factory.mktemp("native-post")
-    repo = generate_repo(_engine(root, tokenizer_dirs["hf"]), root / "repo", RepoOptions(engine_class=TRIVIAL))
+    repo = generate_repo(tokenizer_engine_dir(root, tokenizer_dirs["hf"]), root / "repo",
+                         RepoOptions(engine_class=TRIVIAL))
     for kind in KINDS:
         tok_dir = tokenizer_dirs[kind]
         for impl in ("native", "python"):
-            src = generate_repo(_engine(root / f"{kind}-{impl}", tok_dir), root / f"{kind}-{impl}" / "repo",
+            work = root / f"{kind}-{impl}"
+            src = generate_repo(tokenizer_engine_dir(work, tok_dir), work / "repo",
                                 RepoOptions(postprocessing=impl, engine_class=TRIVIAL))
             name = f"post_{kind}_{impl}"
             shutil.copytree(src / "postprocessing", repo / name)

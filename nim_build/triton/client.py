@@ -164,7 +164,9 @@ class Client:
             finished = True
             raise InferenceError(f"{self.model} at {self.url}: {_message(e)}") from None
         finally:
-            client.stop_stream(cancel_requests=True)
+            # Cancel only an unfinished stream: cancelling one that already had its final response leaves Triton
+            # 2.51 holding the model, which then cannot unload at shutdown (tests/test_serve.py).
+            client.stop_stream(cancel_requests=not finished)
             if not finished and self.model != "tensorrt_llm_bls":
                 # Interrupted or timed out: Triton 2.51 does not forward the stream's cancellation into an
                 # ensemble's steps, so stop our tensorrt_llm request by its id (TensorRT-LLM backend convention).
