@@ -146,6 +146,22 @@ def test_other_decoders_get_the_python_postprocessing(tokenizer_dirs, tmp_path, 
     assert {p.name for p in (repo / "postprocessing" / "1").iterdir()} == {native.LIBRARY, native.TABLE_FILE}
 
 
+def test_unwritable_cache_falls_back_or_is_one_clear_line(tokenizer_dirs, tmp_path, monkeypatch, capsys):
+    """An image's prebuilt library folder is read-only for the pod's user: a build that cannot write its cache
+    falls back to python (auto) or says what to do (native); never a traceback. (A folder under a regular file
+    is unwritable even for root, who runs these tests.)"""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("NIM_BUILD_NATIVE_DIR", str(blocker / "native"))
+    eng = tokenizer_engine_dir(tmp_path, tokenizer_dirs["hf"])
+    with pytest.raises(UserError, match="NIM_BUILD_NATIVE_DIR") as e:
+        generate_repo(eng, tmp_path / "r1", RepoOptions(postprocessing="native"))
+    assert "\n" not in str(e.value)
+    repo = generate_repo(eng, tmp_path / "r2")
+    assert read_config(repo / "postprocessing" / "config.pbtxt").backend == "python"
+    assert "NIM_BUILD_NATIVE_DIR" in capsys.readouterr().err
+
+
 def test_missing_compiler_is_one_clear_line(tokenizer_dirs, tmp_path, monkeypatch):
     monkeypatch.setenv("NIM_BUILD_NATIVE_DIR", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))

@@ -47,7 +47,11 @@ def build_detokenizer() -> Path:
     if not cxx:
         raise NativeBuildError("no C++ compiler to build the native postprocessing backend: install g++ (or set "
                                "CXX), or pass --postprocessing python")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only cache (an image's, under another user)
+        raise NativeBuildError(f"cannot write the native postprocessing backend to {out.parent} ({e.strerror}): set "
+                               "NIM_BUILD_NATIVE_DIR to a writable folder, or pass --postprocessing python") from None
     tmp = out.with_name(f".{LIBRARY}.{os.getpid()}.tmp")
     try:
         proc = subprocess.run([*shlex.split(cxx), *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True)
