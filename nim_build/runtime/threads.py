@@ -10,7 +10,7 @@ step of 16 sequences; bmm 12 -> 70 us, softmax 5 -> 67 us). Loading on a thread 
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -18,17 +18,5 @@ T = TypeVar("T")
 
 def on_own_thread(fn: Callable[..., T], *args, **kwargs) -> T:
     """fn(*args, **kwargs) on a new thread that ends when it returns; its result or exception is the caller's."""
-    result: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            result["value"] = fn(*args, **kwargs)
-        except BaseException as e:  # re-raised in the caller, with its traceback
-            result["error"] = e
-
-    thread = threading.Thread(target=run, name=f"nim_build-{getattr(fn, '__name__', 'load')}", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["value"]  # type: ignore[return-value]
+    with ThreadPoolExecutor(1, thread_name_prefix="nim_build-load") as pool:  # leaving it joins the thread
+        return pool.submit(fn, *args, **kwargs).result()
