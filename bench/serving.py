@@ -45,26 +45,24 @@ TEXT = ("The quick brown fox jumps over the lazy dog. 中文分词测试：我�
 
 def trivial_engine_dir(root: Path, source: Path | None) -> Path:
     """An engine directory for the trivial engine: a manifest and the tokenizer (of `source` or the default model)."""
-    from nim_build.manifest import load_manifest, write_manifest
+    from nim_build.manifest import load_manifest
+    from nim_build.triton.trivial_engine import write_engine_dir
 
     eng = root / "trivial-engine"
     if source is not None:
         manifest = load_manifest(source)
-        shutil.copytree(source / manifest["tokenizer"].get("dir", "tokenizer"), eng / "tokenizer")
-        tok, vocab = manifest["tokenizer"], manifest["spec"]["vocab_size"]
-    else:
-        from nim_build.default_model import materialize_default_model
+        return write_engine_dir(eng, source / manifest["tokenizer"].get("dir", "tokenizer"), manifest["tokenizer"],
+                                manifest["spec"]["vocab_size"])
+    from nim_build.default_model import materialize_default_model
 
-        model = materialize_default_model()
-        (eng / "tokenizer").mkdir(parents=True)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-            if (model / name).is_file():
-                shutil.copy(model / name, eng / "tokenizer" / name)
-        tok = {"dir": "tokenizer", "kind": "hf", "bos_id": 1, "end_id": 2, "pad_id": 2, "chat_template": True}
-        vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    write_manifest(eng, {"name": "trivial", "backend": "reference", "spec": {"vocab_size": vocab},
-                         "build": {"max_batch_size": 64, "max_seq_len": 4096, "world_size": 1}, "tokenizer": tok})
-    return eng
+    model = materialize_default_model()
+    tok_dir = root / "default-tokenizer"
+    tok_dir.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (model / name).is_file():
+            shutil.copy(model / name, tok_dir / name)
+    tok = {"kind": "hf", "bos_id": 1, "end_id": 2, "pad_id": 2, "chat_template": True}
+    return write_engine_dir(eng, tok_dir, tok, json.loads((model / "config.json").read_text())["vocab_size"])
 
 
 def stub_of(server, model: str) -> psutil.Process:

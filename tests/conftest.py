@@ -103,22 +103,15 @@ class ServedRepo:
 
 
 def tokenizer_engine_dir(root: Path, tok_dir: Path) -> Path:
-    """An engine directory with only a tokenizer and a manifest: what the trivial engine
-    (nim_build.triton.trivial_engine) serves, for tests of everything around the engine."""
+    """An engine directory with only the tokenizer of `tok_dir` (and its nim_build_tokenizer.json) and a manifest:
+    what the trivial engine (nim_build.triton.trivial_engine) serves, for tests of everything around the engine."""
     import json
-    import shutil
 
-    from nim_build.manifest import write_manifest
     from nim_build.tokenizer import META_FILE, Tokenizer
+    from nim_build.triton.trivial_engine import write_engine_dir
 
-    meta = json.loads((tok_dir / META_FILE).read_text())
-    eng = root / f"engine-{tok_dir.name}"
-    shutil.copytree(tok_dir, eng / "tokenizer")
-    write_manifest(eng, {"name": tok_dir.name, "backend": "reference",
-                         "spec": {"vocab_size": Tokenizer.from_dir(tok_dir).vocab_size},
-                         "build": {"max_batch_size": 8, "max_seq_len": 512, "world_size": 1},
-                         "tokenizer": {"dir": "tokenizer", **meta}})
-    return eng
+    return write_engine_dir(root / f"engine-{tok_dir.name}", tok_dir, json.loads((tok_dir / META_FILE).read_text()),
+                            Tokenizer.from_dir(tok_dir).vocab_size, max_batch_size=8, max_seq_len=512)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import threading
 import time
 from collections import deque
@@ -21,7 +22,18 @@ from pathlib import Path
 
 from nim_build import TOKENS_PER_BLOCK
 from nim_build.errors import UserError
-from nim_build.manifest import load_manifest
+from nim_build.manifest import load_manifest, write_manifest
+
+
+def write_engine_dir(out: Path, tokenizer_dir: Path, tokenizer: dict, vocab_size: int, *, max_batch_size: int = 64,
+                     max_seq_len: int = 4096) -> Path:
+    """An engine directory this engine serves: a copy of the tokenizer folder and a manifest, no weights.
+    `tokenizer` is the manifest's tokenizer section (kind, bos / end / pad ids, chat_template)."""
+    shutil.copytree(tokenizer_dir, out / "tokenizer")
+    write_manifest(out, {"name": out.name, "backend": "reference", "spec": {"vocab_size": vocab_size},
+                         "build": {"max_batch_size": max_batch_size, "max_seq_len": max_seq_len, "world_size": 1},
+                         "tokenizer": {**tokenizer, "dir": "tokenizer"}})
+    return out
 
 
 @dataclass
