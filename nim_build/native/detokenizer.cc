@@ -156,11 +156,12 @@ uint64_t NowNs() {
              std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-void Log(TRITONSERVER_LogLevel level, const std::string& msg) {
-  if (TRITONSERVER_Error* err = TRITONSERVER_LogMessage(level, __FILE__, __LINE__, msg.c_str())) {
+void LogAt(TRITONSERVER_LogLevel level, int line, const std::string& msg) {
+  if (TRITONSERVER_Error* err = TRITONSERVER_LogMessage(level, __FILE__, line, msg.c_str())) {
     TRITONSERVER_ErrorDelete(err);
   }
 }
+#define LOG(level, msg) LogAt(level, __LINE__, msg)  // Triton's log shows the caller's line
 
 TRITONSERVER_Error* Error(TRITONSERVER_Error_Code code, const std::string& msg) {
   return TRITONSERVER_ErrorNew(code, msg.c_str());
@@ -384,7 +385,7 @@ void SendStop(ModelState* state, const std::string& id) {
   }
   if (!err) err = TRITONSERVER_ServerInferAsync(state->server, request, nullptr);
   if (err) {
-    Log(LOG_ERROR, "could not stop " + state->llm_model + " request '" + id + "': " + TRITONSERVER_ErrorMessage(err));
+    LOG(LOG_ERROR, "could not stop " + state->llm_model + " request '" + id + "': " + TRITONSERVER_ErrorMessage(err));
     TRITONSERVER_ErrorDelete(err);
     if (request) TRITONSERVER_InferenceRequestDelete(request);
   }
@@ -511,7 +512,7 @@ TRITONSERVER_Error* TRITONBACKEND_ModelInitialize(TRITONBACKEND_Model* model) {
     delete state;
     return err;
   }
-  Log(LOG_INFO, "nim_detokenizer: " + std::to_string(state->offsets.size() - 1) + " token pieces, stops go to " +
+  LOG(LOG_INFO, "nim_detokenizer: " + std::to_string(state->offsets.size() - 1) + " token pieces, stops go to " +
                     state->llm_model);
   return nullptr;
 }
@@ -566,7 +567,7 @@ TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(TRITONBACKEND_ModelInstan
     const uint64_t compute_end = NowNs();
     if (!rerr) rerr = TRITONBACKEND_ResponseSend(response, RESPONSE_COMPLETE_FINAL, err);
     if (rerr) {
-      Log(LOG_ERROR, std::string("nim_detokenizer: cannot respond: ") + TRITONSERVER_ErrorMessage(rerr));
+      LOG(LOG_ERROR, std::string("nim_detokenizer: cannot respond: ") + TRITONSERVER_ErrorMessage(rerr));
       TRITONSERVER_ErrorDelete(rerr);
     }
     TRITONSERVER_Error* serr = TRITONBACKEND_ModelInstanceReportStatistics(instance, request, err == nullptr, req_start,
@@ -580,9 +581,8 @@ TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(TRITONBACKEND_ModelInstan
     std::lock_guard<std::mutex> lock(state->mu);
     state->Sweep(end);
   }
-  if (TRITONSERVER_Error* e = TRITONBACKEND_ModelInstanceReportBatchStatistics(instance, count, start, start, end, end)) {
-    TRITONSERVER_ErrorDelete(e);
-  }
+  TRITONSERVER_Error* e = TRITONBACKEND_ModelInstanceReportBatchStatistics(instance, count, start, start, end, end);
+  if (e) TRITONSERVER_ErrorDelete(e);
   return nullptr;
 }
 

@@ -233,11 +233,10 @@ def build_configs(manifest: dict, engine_dir: Path, opts: RepoOptions) -> dict[s
     else:
         post.dynamic_batching.preserve_ordering = True
         _instances(post, opts.instances)
-    if opts.postprocessing == "native":  # the tokenizer is compiled into 1/detokenizer.bin
-        _params(post, {"tensorrt_llm_model_name": "tensorrt_llm"})
-    else:
-        _params(post, {"tokenizer_dir": tokenizer_dir, "skip_special_tokens": True,
-                       "tensorrt_llm_model_name": "tensorrt_llm"})
+    post_params: dict[str, object] = {"tensorrt_llm_model_name": "tensorrt_llm"}
+    if opts.postprocessing != "native":  # native: the tokenizer is compiled into 1/detokenizer.bin
+        post_params.update(tokenizer_dir=tokenizer_dir, skip_special_tokens=True)
+    _params(post, post_params)
     configs["postprocessing"] = post
 
     llm = _base("tensorrt_llm", mbs, backend="tensorrtllm" if backend == "trtllm" else "python")
