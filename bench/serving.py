@@ -168,11 +168,11 @@ def bench_preprocessing(server, tok, n, concurrency):
         m.set_data_from_numpy(np.array([[16]], dtype=np.int32))
         return [q, m]
 
-    stub, srv = stub_of(server, "preprocessing"), psutil.Process(server.proc.pid)
-    c0, s0 = cpu_s(stub), cpu_s(srv)
+    meter = CpuMeter(server, "preprocessing")
+    c0, t0 = meter.own(), meter.total()
     wall = unary_many(server.grpc_url, "preprocessing", inputs, n, concurrency)
-    cpu = max(cpu_s(stub) - c0, 1e-3)  # psutil's clock ticks are 10 ms
-    both = cpu + cpu_s(srv) - s0
+    cpu = max(meter.own() - c0, 1e-6)
+    both = max(meter.total() - t0, 1e-3)
     return {"requests": n, "tokens_per_request": n_tokens, "tokens_per_s_wall": n * n_tokens / wall,
             "tokens_per_cpu_s": n * n_tokens / cpu, "tokens_per_cpu_s_with_server": n * n_tokens / both,
             "requests_per_cpu_s": n / cpu}
@@ -211,10 +211,9 @@ def bench_ensemble_stream(server, n_streams, max_tokens):
     the tensorrt_llm model falls behind and merges them."""
     from nim_build.triton.client import Client, GenerateRequest
 
-    pre, post = stub_of(server, "preprocessing"), CpuMeter(server, "postprocessing")
-    llm = stub_of(server, "tensorrt_llm")
+    pre, post, llm = (CpuMeter(server, m) for m in ("preprocessing", "postprocessing", "tensorrt_llm"))
     everything = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]
-    c0, l0, p0, h0 = cpu_s(pre) + post.own(), cpu_s(llm), post.own(), post.thread()
+    c0, l0, p0, h0 = pre.own() + post.own(), llm.own(), post.own(), post.thread()
     e0 = sum(cpu_s(p) for p in everything)
     t0 = time.perf_counter()
 
@@ -226,13 +225,13 @@ def bench_ensemble_stream(server, n_streams, max_tokens):
     with ThreadPoolExecutor(n_streams) as pool:
         chunks = sum(pool.map(one, range(n_streams)))
     wall = time.perf_counter() - t0
-    cpu = cpu_s(pre) + post.own() - c0
+    cpu = pre.own() + post.own() - c0
     tokens = n_streams * max_tokens
     return {"streams": n_streams, "max_tokens": max_tokens, "responses": chunks, "tokens_per_s_wall": tokens / wall,
             "pre_post_tokens_per_cpu_s": tokens / max(cpu, 1e-3),
             "post_tokens_per_cpu_s": tokens / max(post.own() - p0, 1e-3),
             "post_tokens_per_thread_cpu_s": tokens / max(post.thread() - h0, 1e-3),
-            "tensorrt_llm_stub_tokens_per_cpu_s": tokens / max(cpu_s(llm) - l0, 1e-3),
+            "tensorrt_llm_stub_tokens_per_cpu_s": tokens / max(llm.own() - l0, 1e-3),
             "server_tokens_per_cpu_s": tokens / max(sum(cpu_s(p) for p in everything) - e0, 1e-3)}
 
 
