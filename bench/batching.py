@@ -36,9 +36,9 @@ from nim_build.runtime import DecoderModel, LLMEngine, SamplingParams  # noqa: E
 def checkpoint(quant: str, engine: str | None) -> Path:
     if engine:
         return Path(engine) / "checkpoint"
-    from nim_build.calib_data import token_batch
-    from nim_build.convert import convert_checkpoint
-    from nim_build.default_model import materialize_default_model
+    from nim_build.builder.calib_data import token_batch
+    from nim_build.builder.convert import convert_checkpoint
+    from nim_build.builder.default_model import materialize_default_model
 
     model_dir = materialize_default_model(REPO / ".cache" / "test-models")
     out = REPO / ".cache" / "bench" / f"smollm2-{quant}-checkpoint"

@@ -24,9 +24,9 @@ from safetensors.torch import load_file, save_file
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from nim_build.accuracy import _accumulate, evaluate  # noqa: E402
-from nim_build.calib_data import token_batch  # noqa: E402
-from nim_build.default_model import materialize_default_model  # noqa: E402
+from nim_build.builder.accuracy import _accumulate, evaluate  # noqa: E402
+from nim_build.builder.calib_data import token_batch  # noqa: E402
+from nim_build.builder.default_model import materialize_default_model  # noqa: E402
 
 LAYER = "transformer.layers.{}."
 

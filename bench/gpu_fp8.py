@@ -45,7 +45,7 @@ def require_fp8_gpu() -> torch.device:
 def check_logits(dev: torch.device) -> list[str]:
     from tiny_models import make_calib_ids, make_tiny_model
 
-    from nim_build.convert import convert_checkpoint
+    from nim_build.builder.convert import convert_checkpoint
     from nim_build.runtime import DecoderModel, SeqChunk
 
     rows = []

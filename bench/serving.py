@@ -1,6 +1,6 @@
 """Serving-path benchmark: what preprocessing and postprocessing sustain per instance, and the ensemble's overhead.
 
-A real Triton server runs the generated repository with a trivial engine (nim_build.triton.trivial_engine: no
+A real Triton server runs the generated repository with a trivial engine (nim_build.testing.trivial_engine: no
 model, one token per request per in-flight step), so what is measured is the Triton models around the engine.
 Throughput is reported per CPU-second of the model itself, i.e. tokens/s per core, which stays meaningful on a
 busy machine: a python model's stub process, or the thread that runs the native postprocessing inside
@@ -11,7 +11,7 @@ Every measurement runs for the native postprocessing and for the python one, sid
                             [--postprocessing native,python] [--json]
 
 Measures:
-  library         nim_build.tokenizer alone: encode and one-token-at-a-time streaming decode, per CPU-second
+  library         nim_build.serving.tokenizer alone: encode and one-token-at-a-time streaming decode, per CPU-second
   preprocessing   prompt tokens encoded per CPU-second (multilingual ~300-token prompts, unary gRPC)
   postprocessing  streamed tokens detokenized per CPU-second, stateful streaming detokenization, responses of
                   1 token (every step of a stream) and of 16 tokens (non-streaming-sized)
@@ -45,15 +45,15 @@ TEXT = ("The quick brown fox jumps over the lazy dog. 中文分词测试：我�
 
 def trivial_engine_dir(root: Path, source: Path | None) -> Path:
     """An engine directory for the trivial engine: a manifest and the tokenizer (of `source` or the default model)."""
-    from nim_build.manifest import load_manifest
-    from nim_build.triton.trivial_engine import write_engine_dir
+    from nim_build.builder.manifest import load_manifest
+    from nim_build.testing.trivial_engine import write_engine_dir
 
     eng = root / "trivial-engine"
     if source is not None:
         manifest = load_manifest(source)
         return write_engine_dir(eng, source / manifest["tokenizer"].get("dir", "tokenizer"), manifest["tokenizer"],
                                 manifest["spec"]["vocab_size"])
-    from nim_build.default_model import materialize_default_model
+    from nim_build.builder.default_model import materialize_default_model
 
     model = materialize_default_model()
     tok_dir = root / "default-tokenizer"
@@ -209,7 +209,7 @@ def bench_postprocessing(server, tok, n, concurrency, chunk):
 def bench_ensemble_stream(server, n_streams, max_tokens):
     """Streaming through the ensemble; the paced engine steps every --step-ms, so responses carry one token unless
     the tensorrt_llm model falls behind and merges them."""
-    from nim_build.triton.client import Client, GenerateRequest
+    from nim_build.serving.client import Client, GenerateRequest
 
     pre, post, llm = (CpuMeter(server, m) for m in ("preprocessing", "postprocessing", "tensorrt_llm"))
     everything = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]
@@ -257,7 +257,7 @@ def _stream_latency(url, model, inputs, n):
 def bench_latency(server, tok, n, max_tokens):
     import tritonclient.grpc as grpcclient
 
-    from nim_build.triton.client import grpc_inputs
+    from nim_build.serving.client import grpc_inputs
 
     ids = tok.encode(TEXT)
 
@@ -290,7 +290,7 @@ def bench_latency(server, tok, n, max_tokens):
 def _server(repo):
     import socket
 
-    from nim_build.triton.server import TritonServer
+    from nim_build.serving.server import TritonServer
 
     ports = []
     socks = [socket.socket() for _ in range(3)]
@@ -314,8 +314,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
-    from nim_build.tokenizer import Tokenizer
-    from nim_build.triton.repo import RepoOptions, generate_repo
+    from nim_build.serving.tokenizer import Tokenizer
+    from nim_build.serving.repo import RepoOptions, generate_repo
 
     root = Path(tempfile.mkdtemp(prefix="bench_serving_"))
     try:
@@ -329,7 +329,7 @@ def main(argv=None) -> int:
                 step_s = args.step_ms / 1e3 if paced else 0.0
                 (eng / "trivial_engine.json").write_text(json.dumps({"step_delay_s": step_s}))
                 repo = generate_repo(eng, root / f"repo-{post}-{paced}", RepoOptions(
-                    engine_class="nim_build.triton.trivial_engine:TrivialEngine", postprocessing=post))
+                    engine_class="nim_build.testing.trivial_engine:TrivialEngine", postprocessing=post))
                 with _server(repo) as server:
                     try:
                         if paced:

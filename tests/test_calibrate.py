@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from nim_build.calibrate import LAYER_WEIGHTS, LayerCalibrator
-from nim_build.safetensors_io import CheckpointReader
-from nim_build.spec import load_spec
+from nim_build.builder.calibrate import LAYER_WEIGHTS, LayerCalibrator
+from nim_build.builder.safetensors_io import CheckpointReader
+from nim_build.builder.spec import load_spec
 from tiny_models import llama3_scaling, make_tiny_model
 
 
@@ -60,7 +60,7 @@ def test_layerwise_amax_equals_full_model_hooks(tmp_path, monkeypatch, arch, sca
 
 def test_layerwise_reference_forward_equals_transformers(tmp_path):
     """The accuracy gate's reference (one decoder layer in memory at a time) is transformers' forward, bit for bit."""
-    from nim_build.calibrate import reference_forward
+    from nim_build.builder.calibrate import reference_forward
 
     model_dir = make_tiny_model(tmp_path / "hf", arch="LlamaForCausalLM", rope_scaling=llama3_scaling(),
                                 tie_word_embeddings=True, hidden_size=80, num_heads=4, num_kv_heads=2, head_dim=16)

@@ -1,6 +1,6 @@
 """`nim_build chart` (values from a build manifest) and `nim_build cache-engine` (the chart's init step).
 
-Most engine directories here are minimal (a manifest written with nim_build.manifest.write_manifest and a few
+Most engine directories here are minimal (a manifest written with nim_build.builder.manifest.write_manifest and a few
 bytes standing for the engine), so GPU builds can be described; one test uses a real build of the embedded model.
 """
 
@@ -15,12 +15,12 @@ import yaml
 
 from helm_tools import by_kind, one, render, validate
 from nim_build import __version__
-from nim_build.cache import (EngineRequest, detect_gpu_arch, engine_key, ensure_engine, local_fingerprint,
+from nim_build.deploy.cache import (EngineRequest, detect_gpu_arch, engine_key, ensure_engine, local_fingerprint,
                              resolve_revision, tensorrt_llm_version)
-from nim_build.chart import chart_values
+from nim_build.deploy.chart import chart_values
 from nim_build.cli import main
 from nim_build.errors import UserError
-from nim_build.manifest import MANIFEST, write_manifest
+from nim_build.builder.manifest import MANIFEST, write_manifest
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 H100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "arch": "sm90"}

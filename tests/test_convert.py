@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nim_build.convert import convert_checkpoint
-from nim_build.quantize import dequantize
+from nim_build.builder.convert import convert_checkpoint
+from nim_build.builder.quantize import dequantize
 from tiny_models import make_tiny_model
 
 # NeMo-like: head_dim 16 != hidden/heads 20; 2 KV heads (replicated at tp 4); odd vocab (lm_head padding).

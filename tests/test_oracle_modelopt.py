@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nim_build.convert import convert_checkpoint
+from nim_build.builder.convert import convert_checkpoint
 from tiny_models import llama3_scaling, make_calib_ids, make_tiny_model
 
 ORACLE = Path(__file__).parent / "oracle" / "modelopt_export.py"

@@ -10,7 +10,7 @@ import transformers
 from tiny_models import llama3_scaling
 
 from nim_build.errors import CheckpointError, UserError
-from nim_build.manifest import write_manifest
+from nim_build.builder.manifest import write_manifest
 from nim_build.runtime import DecoderModel, LLMEngine, SamplingParams, SeqChunk
 from nim_build.runtime.checkpoint import load_checkpoint
 from nim_build.runtime.kv_cache import PagedKVCache

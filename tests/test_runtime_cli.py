@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from nim_build.cli.run import command
-from nim_build.manifest import write_manifest
+from nim_build.builder.manifest import write_manifest
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from nim_build.errors import UserError
-from nim_build.manifest import CHECKPOINT_DIR
+from nim_build.builder.manifest import CHECKPOINT_DIR
 from nim_build.runtime import DecoderModel, LLMEngine, SamplingParams
 from nim_build.runtime.kv_cache import PagedKVCache
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_ports
-from nim_build.triton.server import ServerError, TritonServer
+from nim_build.serving.server import ServerError, TritonServer
 
 IDENTITY_CONFIG = """name: "{name}"
 backend: "python"
@@ -121,7 +121,7 @@ def test_world_size_runs_one_process_per_rank_under_mpirun(tmp_path, monkeypatch
     """TP engines: mpirun, rank 0 serves every model, other ranks only tensorrt_llm, own shm prefix each."""
     import json
 
-    from nim_build.triton.server import engine_world_size
+    from nim_build.serving.server import engine_world_size
 
     repo = _repo(tmp_path)
     llm = repo / "tensorrt_llm"
@@ -179,16 +179,16 @@ def test_stops_in_time_after_many_client_streams(default_model_dir, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     from conftest import serving, tokenizer_engine_dir
-    from nim_build.tokenizer import META_FILE
-    from nim_build.triton.client import Client, GenerateRequest
-    from nim_build.triton.repo import RepoOptions, generate_repo
+    from nim_build.serving.tokenizer import META_FILE
+    from nim_build.serving.client import Client, GenerateRequest
+    from nim_build.serving.repo import RepoOptions, generate_repo
 
     tok = tmp_path / "tokenizer"
     tok.mkdir()
     shutil.copy(default_model_dir / "tokenizer.json", tok / "tokenizer.json")
     (tok / META_FILE).write_text(json.dumps({"kind": "hf", "bos_id": 1, "end_id": 2, "pad_id": None}))
     repo = generate_repo(tokenizer_engine_dir(tmp_path, tok), tmp_path / "repo",
-                         RepoOptions(engine_class="nim_build.triton.trivial_engine:TrivialEngine"))
+                         RepoOptions(engine_class="nim_build.testing.trivial_engine:TrivialEngine"))
     with serving(repo, tmp_path, tmp_path / "serve.log") as served:
         for model in ("ensemble", "tensorrt_llm_bls"):
             def one(i, model=model):

@@ -3,8 +3,8 @@
 import pytest
 
 from nim_build.errors import ConfigError
-from nim_build.plan import make_plan
-from nim_build.spec import parse_config
+from nim_build.builder.plan import make_plan
+from nim_build.builder.spec import parse_config
 
 NEMO = {  # the real Mistral-Nemo-Instruct-2407 config.json (abridged to what we read)
     "architectures": ["MistralForCausalLM"], "hidden_size": 5120, "head_dim": 128, "intermediate_size": 14336,

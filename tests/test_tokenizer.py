@@ -1,4 +1,4 @@
-"""nim_build.tokenizer: encode/decode, chat rendering, word lists and streaming detokenization (no server)."""
+"""nim_build.serving.tokenizer: encode/decode, chat rendering, word lists and streaming detokenization (no server)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from nim_build.errors import UserError
-from nim_build.tokenizer import META_FILE, Tokenizer, from_word_list_format, to_word_list_format
+from nim_build.serving.tokenizer import META_FILE, Tokenizer, from_word_list_format, to_word_list_format
 
 MULTILINGUAL = [
     "The capital of France is Paris.  Two  spaces, then\nnewline.",

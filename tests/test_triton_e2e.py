@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from nim_build.triton.client import Client, GenerateRequest, InferenceError, grpc_inputs
+from nim_build.serving.client import Client, GenerateRequest, InferenceError, grpc_inputs
 
 # The reference runtime is batch invariant (nim_build/runtime/model.py): served greedy text equals the text
 # generated alone, whatever shares its steps (health probes, concurrent requests).
@@ -25,7 +25,7 @@ ENTRY_POINTS = ("ensemble", "tensorrt_llm_bls")
 def reference(triton_serve):
     """What the runtime generates for each prompt (greedy), decoded: what `nim_build run` prints."""
     from nim_build.runtime import LLMEngine, SamplingParams
-    from nim_build.tokenizer import Tokenizer
+    from nim_build.serving.tokenizer import Tokenizer
 
     tok = Tokenizer.from_engine_dir(triton_serve.engine_dir)
     engine = LLMEngine.from_engine_dir(triton_serve.engine_dir, max_batch_size=4)
@@ -264,7 +264,7 @@ def test_postprocessing_streams_split_characters_exactly(triton_serve):
     and no piece carries a broken character."""
     import tritonclient.grpc as grpcclient
 
-    from nim_build.tokenizer import Tokenizer
+    from nim_build.serving.tokenizer import Tokenizer
 
     tok = Tokenizer.from_engine_dir(triton_serve.engine_dir)
     text = "北京大学 한국어 مرحبا 🙂👍🏽\tdef f(x):\n\treturn x"

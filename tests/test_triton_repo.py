@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from nim_build.cli.repo import command as repo_command
 from nim_build.errors import OutputExistsError, UserError
-from nim_build.manifest import write_manifest
-from nim_build.triton.repo import MODELS, RepoOptions, generate_repo, read_config
+from nim_build.builder.manifest import write_manifest
+from nim_build.serving.repo import MODELS, RepoOptions, generate_repo, read_config
 
 # Upstream facts (tensorrtllm_backend all_models/inflight_batcher_llm/*/config.pbtxt, May 2025), for the inputs and
 # outputs this project serves: name -> (data type, dims, optional, reshaped to a scalar).

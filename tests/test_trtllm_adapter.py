@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from nim_build import TRTLLM_IMAGE, backend, trtllm_adapter
+from nim_build import TRTLLM_IMAGE
+from nim_build.builder import backends
+from nim_build.builder import trtllm_adapter
 from nim_build.errors import BackendUnavailableError, ConfigError, NimBuildError
 
 FAKE = Path(__file__).parent / "fake_tensorrt_llm"
@@ -206,13 +208,13 @@ IN_IMAGE = (f'docker run --rm --gpus all -v "$PWD":/work -w /work {TRTLLM_IMAGE}
 
 
 def test_reference_is_taken_as_asked():
-    assert backend.choose_backend("reference", "fp8", probe=_probe(False)) == \
+    assert backends.choose_backend("reference", "fp8", probe=_probe(False)) == \
         ("reference", "requested with --backend reference")
 
 
 def test_trtllm_without_tensorrt_llm_names_the_image_and_the_command():
     with pytest.raises(BackendUnavailableError) as e:
-        backend.choose_backend("trtllm", "fp8", argv=ARGV, probe=_probe(False, None, "TensorRT-LLM is not installed"))
+        backends.choose_backend("trtllm", "fp8", argv=ARGV, probe=_probe(False, None, "TensorRT-LLM is not installed"))
     assert str(e.value) == (
         f"--backend trtllm cannot build here: TensorRT-LLM is not installed. Build the engine in {TRTLLM_IMAGE} "
         f"on a GPU of compute capability >= 8.9: {IN_IMAGE}")
@@ -222,34 +224,34 @@ def test_trtllm_without_tensorrt_llm_names_the_image_and_the_command():
 def test_trtllm_fp8_on_compute_capability_8_0_is_refused():
     with pytest.raises(BackendUnavailableError, match=r"fp8 needs a GPU of compute capability >= 8\.9 .*"
                                                       r"NVIDIA A100-SXM4-80GB has 8\.0\. Build the engine in "):
-        backend.choose_backend("trtllm", "fp8", argv=ARGV, probe=_probe(True, A100))
+        backends.choose_backend("trtllm", "fp8", argv=ARGV, probe=_probe(True, A100))
     with pytest.raises(BackendUnavailableError, match="fp8-pc-pt needs"):
-        backend.choose_backend("trtllm", "fp8-pc-pt", argv=ARGV, probe=_probe(True, A100))
+        backends.choose_backend("trtllm", "fp8-pc-pt", argv=ARGV, probe=_probe(True, A100))
 
 
 def test_trtllm_bf16_runs_on_compute_capability_8_0():
-    assert backend.choose_backend("trtllm", "bf16", probe=_probe(True, A100)) == (
+    assert backends.choose_backend("trtllm", "bf16", probe=_probe(True, A100)) == (
         "trtllm", "requested with --backend trtllm: TensorRT-LLM 1.2.1 on NVIDIA A100-SXM4-80GB "
                   "(compute capability 8.0)")
 
 
 def test_auto_chooses_trtllm_when_it_can_and_says_why():
-    assert backend.choose_backend("auto", "fp8", probe=_probe(True, H100)) == (
+    assert backends.choose_backend("auto", "fp8", probe=_probe(True, H100)) == (
         "trtllm", "auto: TensorRT-LLM 1.2.1 on NVIDIA H100 80GB HBM3 (compute capability 9.0) can build the engine")
 
 
 def test_auto_falls_back_to_reference_and_says_why():
-    name, reason = backend.choose_backend("auto", "fp8", argv=ARGV,
+    name, reason = backends.choose_backend("auto", "fp8", argv=ARGV,
                                           probe=_probe(False, None, "TensorRT-LLM is not installed"))
     assert name == "reference"
     assert reason == ("auto: TensorRT-LLM is not installed, so nim_build's PyTorch runtime serves the checkpoint; "
                       f"for a TensorRT engine run this on a GPU of compute capability >= 8.9: {IN_IMAGE}")
-    name, reason = backend.choose_backend("auto", "fp8", argv=ARGV, probe=_probe(True, A100))
+    name, reason = backends.choose_backend("auto", "fp8", argv=ARGV, probe=_probe(True, A100))
     assert name == "reference" and reason.startswith("auto: fp8 needs a GPU of compute capability >= 8.9")
 
 
 def test_auto_uses_the_real_probe_by_default(no_trtllm):
-    assert backend.choose_backend("auto", "fp8", argv=ARGV)[0] == "reference"
+    assert backends.choose_backend("auto", "fp8", argv=ARGV)[0] == "reference"
 
 
 @pytest.mark.parametrize("argv, tail", [
@@ -258,12 +260,12 @@ def test_auto_uses_the_real_probe_by_default(no_trtllm):
     (["engine", "org/My Model", "--out", "o"], "nim_build engine 'org/My Model' --out o --backend trtllm"),
 ])
 def test_trtllm_command_reproduces_the_users_command(argv, tail):
-    assert backend.trtllm_command(argv).endswith(f"{TRTLLM_IMAGE} {tail}")
+    assert backends.trtllm_command(argv).endswith(f"{TRTLLM_IMAGE} {tail}")
 
 
 def test_unknown_backend_is_a_config_error():
     with pytest.raises(ConfigError):
-        backend.choose_backend("vllm", "fp8")
+        backends.choose_backend("vllm", "fp8")
 
 
 def test_cli_backend_trtllm_without_tensorrt_llm_exits_2(no_trtllm, tmp_path, monkeypatch, capsys):

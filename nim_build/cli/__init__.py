@@ -25,16 +25,12 @@ class LazyGroup(click.Group):
     """Imports a command's module only when it runs, so `nim_build --help` stays fast (no torch import)."""
 
     def list_commands(self, ctx):
-        return [name for name in COMMANDS if _module_exists(COMMANDS[name])]
+        return list(COMMANDS)
 
     def get_command(self, ctx, name):
-        if name not in COMMANDS or not _module_exists(COMMANDS[name]):
+        if name not in COMMANDS:
             return None
         return importlib.import_module(f"nim_build.cli.{COMMANDS[name]}").command
-
-
-def _module_exists(mod: str) -> bool:
-    return importlib.util.find_spec(f"nim_build.cli.{mod}") is not None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -28,7 +28,7 @@ def command(model, cache_dir, revision, quant, tp, backend, max_batch_size, max_
       engine_dir="$(nim_build cache-engine MODEL --cache-dir /opt/nim/cache --tp 2)"
       nim_build repo "$engine_dir" --out /tmp/nim/repo
     """
-    from nim_build.cache import EngineRequest, ensure_engine
+    from nim_build.deploy.cache import EngineRequest, ensure_engine
 
     req = EngineRequest(model=model, revision=revision, quant=quant, tp=int(tp), backend=backend,
                         max_batch_size=max_batch_size, max_seq_len=max_seq_len)

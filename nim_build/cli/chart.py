@@ -19,7 +19,7 @@ def command(engine_dir, out, force):
       nim_build chart engines/nemo --out values.yaml
       helm install nemo helm/nim-llm -f values.yaml
     """
-    from nim_build.chart import write_values
+    from nim_build.deploy.chart import write_values
 
     path, notes = write_values(engine_dir, out, force=force)
     for note in notes:

@@ -12,7 +12,7 @@ import yaml
 
 from nim_build.errors import UserError
 
-YAML_KEYS = {f.name for f in dataclasses.fields(__import__("nim_build.build", fromlist=["BuildOptions"]).BuildOptions)} - {"argv"}
+YAML_KEYS = {f.name for f in dataclasses.fields(__import__("nim_build.builder.pipeline", fromlist=["BuildOptions"]).BuildOptions)} - {"argv"}
 
 
 def _load_yaml(path: str) -> dict:
@@ -86,7 +86,7 @@ def command(ctx, model, config_file, gate, no_accuracy_gate, as_json, **flags):
     Writes OUT/checkpoint (TensorRT-LLM checkpoint), OUT/engine (trtllm backend), OUT/tokenizer and, last,
     OUT/manifest.json. Exit codes: 0 ok, 2 bad input, 3 accuracy gate failed, 1 internal error.
     """
-    from nim_build.build import BuildOptions, build
+    from nim_build.builder.pipeline import BuildOptions, build
 
     values = _load_yaml(config_file) if config_file else {}
     for key, value in flags.items():  # flags given on the command line win over the YAML file

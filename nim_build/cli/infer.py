@@ -30,7 +30,7 @@ from nim_build.errors import UserError
 def command(url, protocol, model, prompt, messages_file, chat, stream, max_tokens, temperature, top_k, top_p, seed, stop,
             timeout, as_json):
     """Send a prompt (or a chat) to the served model and print the generated text."""
-    from nim_build.triton.client import Client, GenerateRequest
+    from nim_build.serving.client import Client, GenerateRequest
 
     if (prompt is None) == (messages_file is None):
         raise UserError("give exactly one of --prompt or --messages")

@@ -28,7 +28,7 @@ import click
 def command(engine_dir, out, force, **opts):
     """Write a Triton model repository (ensemble, preprocessing, tensorrt_llm, postprocessing, tensorrt_llm_bls)
     for ENGINE_DIR. Serve it with `nim_build serve OUT`."""
-    from nim_build.triton.repo import RepoOptions, generate_repo
+    from nim_build.serving.repo import RepoOptions, generate_repo
 
     path = generate_repo(engine_dir, out, RepoOptions(**opts), force=force)
     click.echo(f"wrote {path}")

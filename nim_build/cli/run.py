@@ -24,7 +24,7 @@ import click
 def command(engine, prompt, chat, max_tokens, stream, temperature, top_k, top_p, seed, device, as_json):
     """Generate text for PROMPT with the engine directory ENGINE (its checkpoint/ and tokenizer/)."""
     from nim_build.runtime import LLMEngine, SamplingParams
-    from nim_build.tokenizer import Tokenizer
+    from nim_build.serving.tokenizer import Tokenizer
 
     tok = Tokenizer.from_engine_dir(engine)
     ids = tok.encode_chat([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt)

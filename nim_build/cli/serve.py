@@ -24,8 +24,8 @@ import click
 @click.option("--quiet", is_flag=True, help="Do not echo Triton's log to stderr.")
 def command(repo, host, http_port, grpc_port, metrics_port, startup_timeout, health_interval, exit_timeout, quiet):
     """Serve REPO (from `nim_build repo`) with Triton; exits non-zero when a model stops answering."""
-    from nim_build.triton.server import ServerError, TritonServer, supervise
-    from nim_build.triton.client import health_probe
+    from nim_build.serving.server import ServerError, TritonServer, supervise
+    from nim_build.serving.client import health_probe
 
     server = TritonServer(repo, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                           exit_timeout_s=exit_timeout, echo=None if quiet else sys.stderr)
@@ -57,7 +57,7 @@ def _chat_flag(repo) -> str:
     """' --chat' when the served model has a chat template (an instruct model answers chats, not raw text)."""
     import json
 
-    from nim_build.tokenizer import META_FILE, REPO_TOKENIZER_DIR
+    from nim_build.serving.tokenizer import META_FILE, REPO_TOKENIZER_DIR
 
     meta = repo / REPO_TOKENIZER_DIR / META_FILE
     return " --chat" if meta.is_file() and json.loads(meta.read_text()).get("chat_template") else ""

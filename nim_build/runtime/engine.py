@@ -22,7 +22,7 @@ import torch
 
 from nim_build import TOKENS_PER_BLOCK
 from nim_build.errors import UserError
-from nim_build.manifest import CHECKPOINT_DIR, load_manifest
+from nim_build.builder.manifest import CHECKPOINT_DIR, load_manifest
 from nim_build.runtime.kv_cache import BlockAllocator, PagedKVCache
 from nim_build.runtime.model import DecoderModel, SeqChunk
 from nim_build.runtime.sampling import SamplingParams, mask_bad_words, sample

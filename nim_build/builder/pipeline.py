@@ -17,7 +17,7 @@ from pathlib import Path
 
 from nim_build import TOKENS_PER_BLOCK, TRTLLM_VERSION, __version__
 from nim_build.errors import AccuracyGateError, OutputExistsError, UserError
-from nim_build.manifest import CHECKPOINT_DIR, ENGINE_DIR, TOKENIZER_DIR, hash_files, hash_tree, write_manifest
+from nim_build.builder.manifest import CHECKPOINT_DIR, ENGINE_DIR, TOKENIZER_DIR, hash_files, hash_tree, write_manifest
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tekken.json",
                    "tokenizer.model", "generation_config.json", "chat_template.jinja", "chat_template.json")
@@ -65,11 +65,11 @@ def default_out(model: str) -> Path:
 
 
 def build(opts: BuildOptions, progress: bool = True) -> dict:
-    from nim_build.backend import choose_backend
-    from nim_build.convert import check_checkpoint
-    from nim_build.plan import make_plan
-    from nim_build.resolve import resolve_model
-    from nim_build.spec import load_spec
+    from nim_build.builder.backends import choose_backend
+    from nim_build.builder.convert import check_checkpoint
+    from nim_build.builder.plan import make_plan
+    from nim_build.builder.resolve import resolve_model
+    from nim_build.builder.spec import load_spec
 
     t0 = time.monotonic()
     timings = {}
@@ -118,8 +118,8 @@ def build(opts: BuildOptions, progress: bool = True) -> dict:
 def _build_into(tmp, opts, resolved, spec, plan, backend, max_seq_len, timings, t0, progress) -> dict:
     import torch
 
-    from nim_build.calib_data import token_batch
-    from nim_build.convert import convert_checkpoint
+    from nim_build.builder.calib_data import token_batch
+    from nim_build.builder.convert import convert_checkpoint
 
     ckpt = tmp / CHECKPOINT_DIR
     ckpt.mkdir()
@@ -151,7 +151,7 @@ def _build_into(tmp, opts, resolved, spec, plan, backend, max_seq_len, timings, 
     build_config = None
     engine_version = None
     if backend == "trtllm":
-        from nim_build import trtllm_adapter
+        from nim_build.builder import trtllm_adapter
 
         t = time.monotonic()
         build_config = trtllm_adapter.build_engine(
@@ -202,8 +202,8 @@ def _build_into(tmp, opts, resolved, spec, plan, backend, max_seq_len, timings, 
 
 
 def _accuracy_gate(opts, model_dir, engine_dir, tok_dir, spec) -> dict:
-    from nim_build.accuracy import check_gate, evaluate
-    from nim_build.calib_data import token_batch
+    from nim_build.builder.accuracy import check_gate, evaluate
+    from nim_build.builder.calib_data import token_batch
 
     eval_ids = token_batch(tok_dir, 8, 128, opts.eval_data, separator_id=_first_id(spec.eos_token_id))
     report = evaluate(model_dir, engine_dir, eval_ids)
@@ -220,8 +220,8 @@ def _accuracy_gate(opts, model_dir, engine_dir, tok_dir, spec) -> dict:
 def gate_thresholds(opts: BuildOptions, model_dir: Path) -> tuple[float, float]:
     """The user's thresholds, else the embedded default model's own (see default_model.FP8_GATE), else
     accuracy.DEFAULT_GATE."""
-    from nim_build.accuracy import DEFAULT_GATE
-    from nim_build.default_model import FP8_GATE, is_default_model, is_default_model_dir
+    from nim_build.builder.accuracy import DEFAULT_GATE
+    from nim_build.builder.default_model import FP8_GATE, is_default_model, is_default_model_dir
 
     own = FP8_GATE if is_default_model(opts.model) or is_default_model_dir(model_dir) else DEFAULT_GATE
     return (own[0] if opts.min_top1 is None else opts.min_top1,

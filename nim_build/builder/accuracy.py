@@ -17,7 +17,7 @@ from typing import Iterable
 
 import torch
 
-from nim_build.manifest import CHECKPOINT_DIR
+from nim_build.builder.manifest import CHECKPOINT_DIR
 
 def evaluate(hf_model_dir: str | Path, engine_or_checkpoint_dir: str | Path, token_batches: Iterable,
              *, fake_quant_activations: bool | None = None) -> dict:
@@ -26,7 +26,7 @@ def evaluate(hf_model_dir: str | Path, engine_or_checkpoint_dir: str | Path, tok
     tokens, top1_agreement, mean_kl (KL(HF || ours) per token, nats), max_abs_logit_error,
     ppl_reference, ppl_quantized, ppl_increase (relative), layer_rel_error ([embeddings, layer 0 .. last layer
     after the final norm]: ||h_ours - h_hf|| / ||h_hf|| over all tokens)."""
-    from nim_build.calibrate import reference_forward
+    from nim_build.builder.calibrate import reference_forward
     from nim_build.runtime.model import DecoderModel, SeqChunk
 
     ckpt = Path(engine_or_checkpoint_dir)

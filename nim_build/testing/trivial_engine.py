@@ -5,7 +5,7 @@ one token per request per step, with the same in-flight batching loop shape as t
 thread admits waiting requests up to max_batch_size and emits one TokenEvent per active request per step.
 With no model cost, what a benchmark measures is the Triton models around it (tokenization, detokenization,
 response plumbing). Select it in a repository with the tensorrt_llm parameter
-nim_build_engine = "nim_build.triton.trivial_engine:TrivialEngine". A `trivial_engine.json` file in the
+nim_build_engine = "nim_build.testing.trivial_engine:TrivialEngine". A `trivial_engine.json` file in the
 engine directory ({"step_delay_s": 0.005}) makes every step last that long, like a model would.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from nim_build import TOKENS_PER_BLOCK
 from nim_build.errors import UserError
-from nim_build.manifest import load_manifest, write_manifest
+from nim_build.builder.manifest import load_manifest, write_manifest
 
 
 def write_engine_dir(out: Path, tokenizer_dir: Path, tokenizer: dict, vocab_size: int, *, max_batch_size: int = 64,

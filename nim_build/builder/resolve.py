@@ -28,7 +28,7 @@ class ResolvedModel:
 
 def resolve_model(model: str, allow_pickle: bool = False) -> ResolvedModel:
     if model in DEFAULT_ALIASES:
-        from nim_build.default_model import materialize_default_model
+        from nim_build.builder.default_model import materialize_default_model
 
         return ResolvedModel(model, Path(materialize_default_model()), None)
     path = Path(model).expanduser()

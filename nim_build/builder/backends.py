@@ -48,7 +48,7 @@ def choose_backend(requested: str, quant: str, *, argv: Sequence[str] | None = N
     if requested == "reference":
         return "reference", "requested with --backend reference"
     if probe is None:
-        from nim_build.trtllm_adapter import probe
+        from nim_build.builder.trtllm_adapter import probe
     found = probe()
     problem = _problem(found, quant)
     if problem is None:

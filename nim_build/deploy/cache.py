@@ -33,8 +33,8 @@ from typing import Callable
 
 from nim_build import __version__
 from nim_build.errors import UserError
-from nim_build.manifest import MANIFEST
-from nim_build.resolve import DEFAULT_ALIASES
+from nim_build.builder.manifest import MANIFEST
+from nim_build.builder.resolve import DEFAULT_ALIASES
 
 KEY_FORMAT = 1
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")

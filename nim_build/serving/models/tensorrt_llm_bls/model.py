@@ -15,7 +15,7 @@ import numpy as np
 import triton_common as tc
 
 from nim_build.errors import UserError
-from nim_build.tokenizer import to_word_list_format
+from nim_build.serving.tokenizer import to_word_list_format
 
 pb_utils = tc.pb_utils
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL

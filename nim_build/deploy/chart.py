@@ -24,8 +24,8 @@ import yaml
 
 from nim_build import __version__
 from nim_build.errors import OutputExistsError, UserError
-from nim_build.manifest import load_manifest
-from nim_build.resolve import DEFAULT_ALIASES
+from nim_build.builder.manifest import load_manifest
+from nim_build.builder.resolve import DEFAULT_ALIASES
 
 GIB = 1 << 30
 # Values of the node label nvidia.com/gpu.product (GPU feature discovery: the nvidia-smi name, spaces -> "-")

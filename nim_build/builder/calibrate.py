@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from nim_build import families as F
-from nim_build.spec import ModelSpec
+from nim_build.builder import families as F
+from nim_build.builder.spec import ModelSpec
 
 # HF weight suffixes of one decoder layer
 LAYER_WEIGHTS = (F.INPUT_NORM, F.Q, F.K, F.V, F.O, F.POST_NORM, F.GATE, F.UP, F.DOWN)
@@ -127,8 +127,8 @@ def reference_forward(model_dir: str | Path, ids: torch.Tensor) -> tuple[torch.T
 
     Returns (logits [n * seq, vocab], hidden states as output_hidden_states=True gives them: the embeddings, the
     output of every layer but the last, and the last one after the final norm; each [n * seq, hidden])."""
-    from nim_build.safetensors_io import CheckpointReader
-    from nim_build.spec import load_spec
+    from nim_build.builder.safetensors_io import CheckpointReader
+    from nim_build.builder.spec import load_spec
 
     spec = load_spec(model_dir)
     reader = CheckpointReader(model_dir)

@@ -17,9 +17,9 @@ looks for nothing), so the CPU-side models need nothing but the repository. `ten
 directory by absolute path (`gpt_model_path`): the engine is big and lives on the serving node's model-cache
 volume, and the repository is small and cheap to generate, so it is generated on the node (Helm: next to the
 engine, or in an emptyDir at pod start) with the path the volume is mounted at.
-Python model sources come from the top-level `triton_repo/` folder and are copied as they are.
+Python model sources are package data (nim_build/serving/models/) and are copied as they are.
 
-`postprocessing` runs natively by default (nim_build/native: the C++ backend `nim_detokenizer`, with a token
+`postprocessing` runs natively by default (nim_build/serving/native: the C++ backend `nim_detokenizer`, with a token
 table checked against the tokenizer here): Triton's python backend costs tens of microseconds per request, and a
 streaming ensemble sends postprocessing one request per generated token. Tokenizers whose decoder is not a
 concatenation of byte pieces, or a machine without a C++ compiler, get the python model (same inputs, outputs
@@ -38,14 +38,14 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from nim_build.errors import OutputExistsError, UserError
-from nim_build.manifest import load_manifest
-from nim_build import native
-from nim_build.tokenizer import META_FILE, REPO_TOKENIZER_DIR, Tokenizer, meta_from_manifest
+from nim_build.builder.manifest import load_manifest
+from nim_build.serving import native
+from nim_build.serving.tokenizer import META_FILE, REPO_TOKENIZER_DIR, Tokenizer, meta_from_manifest
 
 MODELS = ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing", "tensorrt_llm_bls")
 SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
 POSTPROCESSING = ("auto", "native", "python")
-SOURCES = Path(__file__).resolve().parents[2] / "triton_repo"
+SOURCES = Path(__file__).resolve().with_name("models")  # package data: python model sources
 SHARED_MODULES = ("triton_common.py",)  # copied next to every python model
 
 
@@ -63,7 +63,7 @@ class RepoOptions:
     exclude_input_in_output: bool = True
     postprocessing: str = "auto"  # "native" (C++ backend), "python", or "auto": native when possible
     # reference backend only: "module:Class" of the engine the python tensorrt_llm model runs
-    # (default nim_build.runtime:LLMEngine; benchmarks use nim_build.triton.trivial_engine:TrivialEngine)
+    # (default nim_build.runtime:LLMEngine; benchmarks use nim_build.testing.trivial_engine:TrivialEngine)
     engine_class: str | None = None
 
 
@@ -328,8 +328,6 @@ def generate_repo(engine_dir: str | os.PathLike, out: str | os.PathLike, opts: R
     if out.exists() and any(out.iterdir()):
         if not force:
             raise OutputExistsError(f"{out} exists and is not empty; pass --force to replace it")
-    if not SOURCES.is_dir():
-        raise UserError(f"the python model sources are missing ({SOURCES}); reinstall nim_build from a checkout")
     tok_src = engine_dir / manifest["tokenizer"].get("dir", "tokenizer")
     if not tok_src.is_dir():
         raise UserError(f"{tok_src} not found: the engine directory has no tokenizer")

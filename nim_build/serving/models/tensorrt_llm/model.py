@@ -154,7 +154,7 @@ class TritonPythonModel:
             value = tc.first(request, name)
             if value is not None:
                 kwargs[key] = cast(value)
-        from nim_build.tokenizer import from_word_list_format
+        from nim_build.serving.tokenizer import from_word_list_format
 
         for name, key in (("stop_words_list", "stop_words"), ("bad_words_list", "bad_words")):
             arr = tc.array(request, name)

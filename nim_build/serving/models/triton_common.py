@@ -9,7 +9,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from nim_build.errors import UserError
-from nim_build.tokenizer import META_FILE, REPO_TOKENIZER_DIR, Tokenizer
+from nim_build.serving.tokenizer import META_FILE, REPO_TOKENIZER_DIR, Tokenizer
 
 
 def parameters(model_config: dict) -> dict[str, str]:

@@ -85,7 +85,7 @@ class Tokenizer:
 
     @classmethod
     def from_engine_dir(cls, engine_dir: str | os.PathLike) -> "Tokenizer":
-        from nim_build.manifest import load_manifest
+        from nim_build.builder.manifest import load_manifest
 
         manifest = load_manifest(engine_dir)
         return cls.from_dir(Path(engine_dir) / manifest["tokenizer"].get("dir", "tokenizer"), meta_from_manifest(manifest))

@@ -11,7 +11,7 @@ import numpy as np
 import triton_common as tc
 
 from nim_build.errors import UserError
-from nim_build.tokenizer import to_word_list_format
+from nim_build.serving.tokenizer import to_word_list_format
 
 
 class TritonPythonModel:

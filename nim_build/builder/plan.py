@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from nim_build.errors import ConfigError
-from nim_build.quantize import QUANT_ALGOS
-from nim_build.spec import ModelSpec
+from nim_build.builder.quantize import QUANT_ALGOS
+from nim_build.builder.spec import ModelSpec
 
 SUPPORTED_TP = (1, 2, 4, 8)
 KV_CACHE_CHOICES = ("auto", "fp8")

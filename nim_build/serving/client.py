@@ -239,7 +239,7 @@ def health_probe(grpc_url: str, repo, timeout_s: float = 30.0) -> Callable[[], N
     """
     from pathlib import Path
 
-    from nim_build.triton.repo import read_config
+    from nim_build.serving.repo import read_config
 
     entry_points, models = [], []
     for cfg_path in sorted(Path(repo).glob("*/config.pbtxt")):

@@ -19,13 +19,13 @@ from typing import Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from nim_build import families as F
-from nim_build import quantize as Q
-from nim_build.calibrate import TORCH_DTYPES, LayerAmax, LayerCalibrator, read_layer
+from nim_build.builder import families as F
+from nim_build.builder import quantize as Q
+from nim_build.builder.calibrate import TORCH_DTYPES, LayerAmax, LayerCalibrator, read_layer
 from nim_build.errors import CheckpointError
-from nim_build.plan import ParallelPlan, make_plan
-from nim_build.safetensors_io import CheckpointReader, StreamingWriter, TensorSpec
-from nim_build.spec import ModelSpec, load_spec
+from nim_build.builder.plan import ParallelPlan, make_plan
+from nim_build.builder.safetensors_io import CheckpointReader, StreamingWriter, TensorSpec
+from nim_build.builder.spec import ModelSpec, load_spec
 
 FP8 = torch.float8_e4m3fn
 F32 = torch.float32

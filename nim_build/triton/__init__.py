@@ -1,1 +1,0 @@
-"""Triton serving: model repository generator (repo), server lifecycle (server) and client (client)."""
