@@ -39,13 +39,16 @@ def checkpoint(quant: str, engine: str | None) -> Path:
     from nim_build.builder.calib_data import token_batch
     from nim_build.builder.convert import convert_checkpoint
     from nim_build.builder.default_model import materialize_default_model
+    from nim_build.builder.plan import make_plan
+    from nim_build.builder.source import open_source
 
     model_dir = materialize_default_model(REPO / ".cache" / "test-models")
     out = REPO / ".cache" / "bench" / f"smollm2-{quant}-checkpoint"
     if not (out / "config.json").is_file():
         out.mkdir(parents=True, exist_ok=True)
-        calib = token_batch(model_dir, 16, 256) if quant == "fp8" else None
-        convert_checkpoint(model_dir, out, quant=quant, calib_ids=calib)
+        source = open_source(model_dir)
+        calib = token_batch(source.tokenizer, 16, 256) if quant == "fp8" else None
+        convert_checkpoint(source, out, make_plan(source.spec, 1), quant=quant, calib_ids=calib)
     return out
 
 

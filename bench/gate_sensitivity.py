@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from nim_build.builder.accuracy import _accumulate, evaluate  # noqa: E402
 from nim_build.builder.calib_data import token_batch  # noqa: E402
+from nim_build.builder.source import open_source  # noqa: E402
 from nim_build.builder.default_model import materialize_default_model  # noqa: E402
 
 LAYER = "transformer.layers.{}."
@@ -72,7 +73,7 @@ def modelopt_fake_quant(hf: Path, ids: torch.Tensor, eos: int) -> dict:
     import modelopt.torch.quantization as mtq
     from transformers import AutoModelForCausalLM
 
-    calib = token_batch(hf, 32, 256, separator_id=eos)
+    calib = token_batch(open_source(hf).tokenizer, 32, 256, separator_id=eos)
     ref = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     fq = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -96,7 +97,8 @@ def main(argv=None) -> None:
                             "reference", "--no-accuracy-gate", "--max-seq-len", "512", "--out", str(engine)],
                            check=True)
         eos = json.loads((hf / "config.json").read_text())["eos_token_id"]
-        ids = token_batch(hf, 8, 128, separator_id=eos)  # the gate's own evaluation batch
+        source = open_source(hf)
+        ids = token_batch(source.tokenizer, 8, 128, separator_id=eos)  # the gate's own evaluation batch
         print("| checkpoint | top-1 agreement | mean KL | perplexity increase |\n|---|---|---|---|")
         for name, mutate in CASES:
             ckpt = Path(tmp) / "checkpoint"
@@ -106,7 +108,7 @@ def main(argv=None) -> None:
                 tensors = load_file(ckpt / "rank0.safetensors")
                 mutate(tensors)
                 save_file(tensors, ckpt / "rank0.safetensors")
-            r = evaluate(hf, ckpt, ids)
+            r = evaluate(source, ckpt, ids)
             print(f"| {name} | {r['top1_agreement']:.3f} | {r['mean_kl']:.3f} | {r['ppl_increase']:+.1%} |", flush=True)
         r = modelopt_fake_quant(hf, ids, eos)
         print(f"| modelopt fake-quant (FP8_DEFAULT_CFG), not a checkpoint | {r['top1_agreement']:.3f} | "

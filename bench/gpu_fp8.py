@@ -43,9 +43,8 @@ def require_fp8_gpu() -> torch.device:
 
 
 def check_logits(dev: torch.device) -> list[str]:
-    from tiny_models import make_calib_ids, make_tiny_model
+    from tiny_models import convert, make_calib_ids, make_tiny_model
 
-    from nim_build.builder.convert import convert_checkpoint
     from nim_build.runtime import DecoderModel, SeqChunk
 
     rows = []
@@ -56,7 +55,7 @@ def check_logits(dev: torch.device) -> list[str]:
         for quant in ("fp8", "fp8-pc-pt"):
             ckpt = Path(tmp) / quant
             ckpt.mkdir()
-            convert_checkpoint(hf, ckpt, quant=quant, calib_ids=ids)
+            convert(hf, ckpt, quant=quant, calib_ids=ids)
             chunks = [SeqChunk(0, ids.shape[1])] * ids.shape[0]
             cpu = DecoderModel.from_checkpoint(ckpt, device="cpu").forward(ids.reshape(-1), chunks, all_logits=True)
             gpu_model = DecoderModel.from_checkpoint(ckpt, device=dev)

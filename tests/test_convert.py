@@ -7,9 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nim_build.builder.convert import convert_checkpoint
 from nim_build.builder.quantize import dequantize
-from tiny_models import make_tiny_model
+from tiny_models import convert, make_tiny_model
 
 # NeMo-like: head_dim 16 != hidden/heads 20; 2 KV heads (replicated at tp 4); odd vocab (lm_head padding).
 SHAPE = dict(hidden_size=80, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=96, vocab_size=250)
@@ -71,7 +70,7 @@ def test_dequantized_checkpoint_reproduces_hf_weights(tmp_path, quant, tp):
     out = tmp_path / "ckpt"
     out.mkdir()
     calib = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
-    convert_checkpoint(model, out, quant=quant, tp=tp, calib_ids=calib)
+    convert(model, out, quant=quant, tp=tp, calib_ids=calib)
     cfg = json.loads((out / "config.json").read_text())
     merged, ranks = merged_hf_weights(out, cfg)
     hf = {k: v.float() for k, v in load_file(str(model / "model.safetensors")).items()}
@@ -96,7 +95,7 @@ def test_config_json_fields(tmp_path):
     model = make_tiny_model(tmp_path / "hf", spelling="tf5", **SHAPE)
     out = tmp_path / "ckpt"
     out.mkdir()
-    convert_checkpoint(model, out, quant="fp8", kv_cache="fp8", tp=2,
+    convert(model, out, quant="fp8", kv_cache="fp8", tp=2,
                        calib_ids=torch.randint(0, 250, (2, 16)))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["rotary_base"] == 1e6 and cfg["head_size"] == 16 and cfg["hidden_size"] == 80

@@ -72,11 +72,16 @@ def test_module_cli_prints_path(default_model_dir):
 
 
 def test_aliases_and_default_cache_dir(monkeypatch, tmp_path):
-    assert dm.is_default_model("default") and dm.is_default_model("SmolLM2-135M-Instruct")
+    assert dm.is_default_model("default")
+    # its name is a path or a hub id like any other: the one alias is `default` (resolve and the gate agree)
+    assert not dm.is_default_model("SmolLM2-135M-Instruct")
     assert not dm.is_default_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     monkeypatch.setenv("NIM_BUILD_CACHE", str(tmp_path))
     assert dm.default_cache_dir() == tmp_path / "default-models"
     monkeypatch.delenv("NIM_BUILD_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert dm.default_cache_dir() == tmp_path / "xdg" / "nim_build" / "default-models"
+    monkeypatch.delenv("XDG_CACHE_HOME")
     assert dm.default_cache_dir() == Path.home() / ".cache" / "nim_build" / "default-models"
 
 

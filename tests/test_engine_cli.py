@@ -121,7 +121,7 @@ def test_impossible_kv_replication(tmp_path, capsys):
 
 def test_max_num_tokens_below_one_kv_block(tmp_path, tiny, capsys):
     code, _, err = run_cli(capsys, "engine", str(tiny), "--out", str(tmp_path / "o"), "--max-num-tokens", "16")
-    assert_user_error(code, err, "--max-num-tokens 16 is less than one KV-cache block (32 tokens)")
+    assert_user_error(code, err, "max_num_tokens 16 is less than one KV-cache block (32 tokens)")
     assert not (tmp_path / "o").exists()
 
 

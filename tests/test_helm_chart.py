@@ -134,9 +134,9 @@ def test_render_validates_and_is_secure(case, rendered):
     else:
         assert "nodeAffinity" not in pod.get("affinity", {})
     assert main["args"][:2] == ["serve", "$(NIM_REPO_DIR)"]
-    assert "--tp" in init["args"][0] and "nim_build cache-engine" in init["args"][0]
+    assert "nim_build cache-engine" in init["args"][0] and '"$@"' in init["args"][0]
+    assert init["args"][init["args"].index("--tp") + 1] == str(tp)  # the script's "$@": the engine values
     env = {e["name"]: e for e in init["env"]}
-    assert env["NIM_TP"]["value"] == str(tp)
 
     # ports and probes
     ports = values["service"]["ports"]
@@ -235,19 +235,21 @@ def test_init_script_runs_cache_engine_then_repo(rendered, tmp_path):
                     '[ "$1" = cache-engine ] && [ -n "$SHIM_FAIL" ] && exit 2\n'
                     '[ "$1" = cache-engine ] && echo "/opt/nim/cache/engines/x y--key"\nexit 0\n')
     shim.chmod(0o755)
-    proc = subprocess.run(["/bin/sh", "-ec", init["args"][0]], capture_output=True, text=True, timeout=30,
+    proc = subprocess.run(["/bin/sh", "-ec", *init["args"]], capture_output=True, text=True, timeout=30,
                           env={**env, "PATH": f"{shim.parent}:/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     calls = [line.rstrip("|").split("|") for line in log.read_text().splitlines()]
     assert calls == [
         ["cache-engine", "mistralai/Mistral-Nemo-Instruct-2407", "--revision", "main", "--cache-dir", "/opt/nim/cache",
-         "--quant", "fp8", "--tp", "2", "--backend", "auto", "--max-batch-size", "64", "--max-seq-len", "8192"],
+         "--accuracy-gate", "--no-allow-pickle", "--backend", "auto", "--calib-samples", "32", "--calib-seq-len",
+         "256", "--kv-cache", "auto", "--max-batch-size", "64", "--max-num-tokens", "8192", "--quant", "fp8",
+         "--tp", "2", "--workers", "1"],
         ["repo", "/opt/nim/cache/engines/x y--key", "--out", str(tmp_path / "repo")],
     ]
     assert not (tmp_path / "repo").exists()
 
     log.unlink()  # a failed build fails the init container (Kubernetes retries it) and writes no repository
-    proc = subprocess.run(["/bin/sh", "-ec", init["args"][0]], capture_output=True, text=True, timeout=30,
+    proc = subprocess.run(["/bin/sh", "-ec", *init["args"]], capture_output=True, text=True, timeout=30,
                           env={**env, "PATH": f"{shim.parent}:/usr/bin:/bin", "SHIM_FAIL": "1"})
     assert proc.returncode != 0 and [line.split("|")[0] for line in log.read_text().splitlines()] == ["cache-engine"]
 

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from nim_build.cli.infer import command as infer_command
 from nim_build.errors import UserError
-from nim_build.serving.client import Client, GenerateRequest, InferenceError, grpc_inputs
+from nim_build.errors import InferenceError
+from nim_build.serving.client import Client, GenerateRequest, grpc_inputs
 
 
 def test_fields_map_to_ensemble_inputs():

@@ -14,8 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nim_build.builder.convert import convert_checkpoint
-from tiny_models import llama3_scaling, make_calib_ids, make_tiny_model
+from tiny_models import convert, llama3_scaling, make_calib_ids, make_tiny_model
 
 ORACLE = Path(__file__).parent / "oracle" / "modelopt_export.py"
 NEMO_LIKE = dict(hidden_size=80, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=96)
@@ -45,7 +44,7 @@ def run_oracle(model_dir: Path, ids: np.ndarray, tp: int, kv: bool, out: Path) -
 
 def ours(model_dir: Path, ids: np.ndarray, tp: int, kv: bool, out: Path) -> Path:
     out.mkdir()
-    convert_checkpoint(model_dir, out, quant="fp8", kv_cache="fp8" if kv else "auto", tp=tp,
+    convert(model_dir, out, quant="fp8", kv_cache="fp8" if kv else "auto", tp=tp,
                        calib_ids=torch.from_numpy(ids))
     return out
 

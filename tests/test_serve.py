@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import free_ports
-from nim_build.serving.server import ServerError, TritonServer
+from nim_build.errors import ServerSetupError, ServingError
+from nim_build.serving.server import TritonServer
 
 IDENTITY_CONFIG = """name: "{name}"
 backend: "python"
@@ -23,21 +24,24 @@ input [{{ name: "IN" data_type: TYPE_STRING dims: [1] }}]
 output [{{ name: "OUT" data_type: TYPE_STRING dims: [1] }}]
 instance_group [{{ count: 1 kind: KIND_CPU }}]
 """
-IDENTITY_MODEL = """import triton_python_backend_utils as pb_utils
+IDENTITY_MODEL = """import time
+import triton_python_backend_utils as pb_utils
 class TritonPythonModel:
     def initialize(self, args):
         {init}
+    def finalize(self):
+        {finalize}
     def execute(self, requests):
         return [pb_utils.InferenceResponse([pb_utils.Tensor("OUT", pb_utils.get_input_tensor_by_name(r, "IN")
                 .as_numpy())]) for r in requests]
 """
 
 
-def _repo(root: Path, init: str = "pass") -> Path:
+def _repo(root: Path, init: str = "pass", finalize: str = "pass") -> Path:
     model = root / "repo" / "ident"
     (model / "1").mkdir(parents=True)
     (model / "config.pbtxt").write_text(IDENTITY_CONFIG.format(name="ident"))
-    (model / "1" / "model.py").write_text(IDENTITY_MODEL.format(init=init))
+    (model / "1" / "model.py").write_text(IDENTITY_MODEL.format(init=init, finalize=finalize))
     return root / "repo"
 
 
@@ -67,7 +71,7 @@ def test_repository_that_does_not_load_shows_tritons_reason(tmp_path):
     server = _server(_repo(tmp_path, init="raise ValueError('tokenizer directory missing')"))
     server.start()
     try:
-        with pytest.raises(ServerError, match="tokenizer directory missing") as e:
+        with pytest.raises(ServingError, match="tokenizer directory missing") as e:
             server.wait_ready(60)
         assert "\n" not in str(e.value)
     finally:
@@ -82,13 +86,13 @@ def test_busy_port(tmp_path):
         http, metrics = free_ports(2)
         server = TritonServer(_repo(tmp_path), host="127.0.0.1", http_port=http, grpc_port=port,
                               metrics_port=metrics)
-        with pytest.raises(ServerError, match=f"port {port} is already in use.*--grpc-port"):
+        with pytest.raises(ServerSetupError, match=f"port {port} is already in use.*--grpc-port"):
             server.start()
     assert server.proc is None
 
 
 def test_not_a_repository(tmp_path):
-    with pytest.raises(ServerError, match="not a Triton model repository"):
+    with pytest.raises(ServerSetupError, match="not a Triton model repository"):
         TritonServer(tmp_path)
 
 
@@ -200,3 +204,69 @@ def test_stops_in_time_after_many_client_streams(default_model_dir, tmp_path):
     assert served.proc.returncode == 0
     assert "Exit timeout expired" not in served.output() and "stopped (Triton exit code 0)" in served.output(), \
         served.output()[-3000:]
+
+
+# --- every way `nim_build serve` ends stops everything it started --------------------------------------------
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("ending", ["sigterm", "stub-hangs-at-exit", "triton-crashes", "triton-hangs"])
+def test_serve_leaves_no_process_and_no_shared_memory(tmp_path, ending):
+    """Whatever way serve exits, no process it started survives and /dev/shm holds none of its python stubs'
+    regions; serve's exit code is 0 only for a clean stop, 4 (serving failed: not 2) otherwise.
+    sigterm: a clean stop. stub-hangs-at-exit: a model's finalize never returns, Triton gives up after
+    --exit-timeout and exits non-zero, leaving the stub behind. triton-crashes: Triton is killed under serve.
+    triton-hangs: Triton stops responding (SIGSTOP), so serve kills it after --exit-timeout + 10 s."""
+    import signal
+
+    import psutil
+
+    repo = _repo(tmp_path, finalize="import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(120)" if ending == "stub-hangs-at-exit" else "pass")
+    http, grpc, metrics = free_ports(3)
+    log = tmp_path / "serve.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "nim_build", "serve", str(repo), "--host", "127.0.0.1",
+                                 "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+                                 "--exit-timeout", "5" if ending == "sigterm" else "1", "--health-interval", "0.5"],
+                                stdout=f, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: "ready:" in log.read_text() or proc.poll() is not None, 60, "serve to be ready")
+        started = psutil.Process(proc.pid).children(recursive=True)
+        triton = next(p for p in started if p.name() == "tritonserver")
+        assert any("triton_python_backend_stub" in p.name() for p in started)
+        shm = f"nimb{proc.pid}s"
+        assert list(Path("/dev/shm").glob(shm + "*")), "the python stub made no shared-memory region"
+        if ending == "triton-crashes":
+            triton.kill()
+        elif ending == "triton-hangs":
+            triton.send_signal(signal.SIGSTOP)
+            proc.send_signal(signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"left running: {alive}"
+    assert not list(Path("/dev/shm").glob(shm + "*"))
+    last = out.strip().splitlines()[-1]
+    if ending == "sigterm":
+        assert code == 0 and last == "stopped (Triton exit code 0)", out[-2000:]
+        return
+    assert code == 4, out[-2000:]
+    assert "Traceback" not in out
+    expected = {"stub-hangs-at-exit": "Error: Triton exited with code 1 when asked to stop",
+                "triton-crashes": "Error: Triton stopped serving: Triton exited with code -9",
+                "triton-hangs": "Error: Triton did not stop within --exit-timeout 1 s and was killed"}[ending]
+    assert last.startswith(expected), last
+    if ending == "stub-hangs-at-exit":
+        assert "Exit timeout expired" in last  # the reason, picked from Triton's log

@@ -65,13 +65,13 @@ def test_unsupported_values_name_what_is_supported(change, match):
 
 @pytest.mark.parametrize("tp, kv, repl, vocab", [(1, 8, 1, 131072), (2, 4, 1, 131072), (8, 1, 1, 131072)])
 def test_plan_nemo(tp, kv, repl, vocab):
-    p = make_plan(parse_config(NEMO), tp, "fp8", "fp8")
+    p = make_plan(parse_config(NEMO), tp)
     assert (p.kv_heads_per_rank, p.kv_replication, p.padded_vocab_size) == (kv, repl, vocab)
 
 
 def test_plan_replicates_kv_heads_and_pads_vocab():
     s = parse_config(dict(NEMO, num_key_value_heads=2, vocab_size=131071))
-    p = make_plan(s, 8, "fp8", "auto")
+    p = make_plan(s, 8)
     assert (p.kv_heads_per_rank, p.kv_replication, p.padded_vocab_size) == (1, 4, 131072)
 
 
@@ -84,9 +84,11 @@ def test_plan_replicates_kv_heads_and_pads_vocab():
 ])
 def test_plan_rejects_bad_tp(change, tp, match):
     with pytest.raises(ConfigError, match=match):
-        make_plan(parse_config(dict(NEMO, **change)), tp, "fp8", "auto")
+        make_plan(parse_config(dict(NEMO, **change)), tp)
 
 
 def test_kv_cache_fp8_needs_fp8_weights():
-    with pytest.raises(ConfigError, match="needs --quant fp8"):
-        make_plan(parse_config(NEMO), 1, "bf16", "fp8")
+    from nim_build.options import BuildOptions
+
+    with pytest.raises(ConfigError, match="needs quant fp8"):
+        BuildOptions(model="m", quant="bf16", kv_cache="fp8")

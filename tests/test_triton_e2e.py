@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from nim_build.serving.client import Client, GenerateRequest, InferenceError, grpc_inputs
+from nim_build.errors import InferenceError
+from nim_build.serving.client import Client, GenerateRequest, grpc_inputs
 
 # The reference runtime is batch invariant (nim_build/runtime/model.py): served greedy text equals the text
 # generated alone, whatever shares its steps (health probes, concurrent requests).

@@ -11,6 +11,7 @@ import pytest
 
 from nim_build import TRTLLM_IMAGE
 from nim_build.builder import backends
+from nim_build.cli._errors import exit_code
 from nim_build.builder import trtllm_adapter
 from nim_build.errors import BackendUnavailableError, ConfigError, NimBuildError
 
@@ -218,7 +219,7 @@ def test_trtllm_without_tensorrt_llm_names_the_image_and_the_command():
     assert str(e.value) == (
         f"--backend trtllm cannot build here: TensorRT-LLM is not installed. Build the engine in {TRTLLM_IMAGE} "
         f"on a GPU of compute capability >= 8.9: {IN_IMAGE}")
-    assert "\n" not in str(e.value) and e.value.exit_code == 2
+    assert "\n" not in str(e.value) and exit_code(e.value) == 2
 
 
 def test_trtllm_fp8_on_compute_capability_8_0_is_refused():

@@ -163,3 +163,18 @@ def make_calib_ids(vocab_size: int = 256, n: int = 4, seq: int = 32, seed: int =
     import numpy as np
 
     return np.random.default_rng(seed).integers(0, vocab_size, size=(n, seq), dtype=np.int64)
+
+
+def convert(model_dir, out_dir, *, quant: str = "bf16", tp: int = 1, kv_cache: str = "auto", calib_ids=None,
+            **kwargs) -> dict:
+    """nim_build's streamed converter on model_dir, opened and planned as `nim_build engine` does it."""
+    from nim_build.builder.convert import convert_checkpoint
+    from nim_build.builder.plan import make_plan
+    from nim_build.builder.source import open_source
+
+    source = open_source(model_dir)
+    try:
+        return convert_checkpoint(source, out_dir, make_plan(source.spec, tp), quant=quant, kv_cache=kv_cache,
+                                  calib_ids=calib_ids, **kwargs)
+    finally:
+        source.close()

@@ -18,10 +18,12 @@ from typing import Iterable
 import torch
 
 from nim_build.builder.manifest import CHECKPOINT_DIR
+from nim_build.builder.source import SourceModel
 
-def evaluate(hf_model_dir: str | Path, engine_or_checkpoint_dir: str | Path, token_batches: Iterable,
+
+def evaluate(source: SourceModel, engine_or_checkpoint_dir: str | Path, token_batches: Iterable,
              *, fake_quant_activations: bool | None = None) -> dict:
-    """Compare the HF model with the checkpoint on token_batches (each [batch, seq] ids, a list of id lists or one
+    """Compare the HF model (source) with the checkpoint on token_batches (each [batch, seq] ids, a list of id lists or one
     id list). Returns a JSON-ready report:
     tokens, top1_agreement, mean_kl (KL(HF || ours) per token, nats), max_abs_logit_error,
     ppl_reference, ppl_quantized, ppl_increase (relative), layer_rel_error ([embeddings, layer 0 .. last layer
@@ -36,7 +38,7 @@ def evaluate(hf_model_dir: str | Path, engine_or_checkpoint_dir: str | Path, tok
     acc = {"tokens": 0, "agree": 0, "kl": 0.0, "max_err": 0.0, "nll_hf": 0.0, "nll_q": 0.0, "targets": 0}
     diff2 = ref2 = None
     for batch in _batches(token_batches):
-        ref_logits, hs_ref = reference_forward(hf_model_dir, batch)
+        ref_logits, hs_ref = reference_forward(source, batch)
         with torch.inference_mode():
             o = ours.forward(batch.reshape(-1), [SeqChunk(0, batch.shape[1])] * batch.shape[0], all_logits=True,
                              output_hidden_states=True)

@@ -9,9 +9,7 @@ from typing import Callable, Sequence
 
 from nim_build import TRTLLM_IMAGE
 from nim_build.errors import BackendUnavailableError, ConfigError
-
-BACKENDS = ("auto", "trtllm", "reference")
-FP8_QUANTS = ("fp8", "fp8-pc-pt")
+from nim_build.options import BACKENDS, FP8_QUANTS
 
 
 def trtllm_command(argv: Sequence[str] | None) -> str:

@@ -24,23 +24,7 @@ def load_texts(path: str | Path | None = None) -> list[str]:
     return texts
 
 
-def load_encoder(tokenizer_dir: str | Path):
-    """A `str -> list[int]` encoder from tokenizer.json, or Mistral's tekken.json via mistral-common."""
-    d = Path(tokenizer_dir)
-    if (d / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(d / "tokenizer.json"))
-        return lambda text: tok.encode(text, add_special_tokens=False).ids
-    if (d / "tekken.json").is_file():
-        from mistral_common.tokens.tokenizers.tekken import Tekkenizer
-
-        tek = Tekkenizer.from_file(str(d / "tekken.json"))
-        return lambda text: tek.encode(text, bos=False, eos=False)
-    raise UserError(f"{d} has neither tokenizer.json nor tekken.json; calibration needs the model's tokenizer")
-
-
-def token_batch(tokenizer_dir: str | Path, num_samples: int, seq_len: int, path: str | Path | None = None,
+def token_batch(tokenizer, num_samples: int, seq_len: int, path: str | Path | None = None,
                 separator_id: int | None = None) -> torch.Tensor:
     """Concatenate the encoded texts and cut them into num_samples rows of seq_len tokens.
 
@@ -48,10 +32,9 @@ def token_batch(tokenizer_dir: str | Path, num_samples: int, seq_len: int, path:
     """
     if num_samples < 1 or seq_len < 2:
         raise UserError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
-    encode = load_encoder(tokenizer_dir)
     stream: list[int] = []
     for text in load_texts(path):
-        stream.extend(encode(text))
+        stream.extend(tokenizer.encode(text, add_special_tokens=False))
         if separator_id is not None:
             stream.append(separator_id)
     if len(stream) < seq_len:

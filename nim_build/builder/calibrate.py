@@ -8,18 +8,16 @@ activations are exactly what the HF model computes (in the checkpoint's dtype, l
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from nim_build.builder import families as F
-from nim_build.builder.spec import ModelSpec
+from nim_build.builder.source import SourceModel
+from nim_build.formats import torch_dtype
 
 # HF weight suffixes of one decoder layer
 LAYER_WEIGHTS = (F.INPUT_NORM, F.Q, F.K, F.V, F.O, F.POST_NORM, F.GATE, F.UP, F.DOWN)
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -37,12 +35,12 @@ def read_layer(reader, family: F.Family, i: int) -> dict[str, torch.Tensor]:
     return {sfx: reader.get(family.layer(i, sfx)) for sfx in LAYER_WEIGHTS}
 
 
-def hf_config(model_dir: Path, spec: ModelSpec):
+def hf_config(source: SourceModel):
     """transformers config for the family, with RoPE taken from our parser (transformers 4.57 misreads the
     transformers-5 `rope_parameters` spelling and would silently calibrate with rope_theta=10000)."""
-    family = F.family_for(spec.architecture)
+    spec, family = source.spec, source.family
     mod = importlib.import_module(family.hf_module.replace("modeling_", "configuration_"))
-    raw = json.loads((Path(model_dir) / "config.json").read_text())
+    raw = dict(source.config)
     raw.pop("rope_parameters", None)
     raw.pop("dtype", None)
     raw["rope_theta"] = spec.rotary_base
@@ -73,16 +71,16 @@ class LayerCalibrator:
     The accuracy gate uses the same class, in float32, as its layer-by-layer reference forward pass.
     """
 
-    def __init__(self, model_dir: str | Path, spec: ModelSpec, embedding: torch.Tensor, calib_ids: torch.Tensor,
-                 want_kv: bool, batch_size: int = 8, dtype: torch.dtype | None = None):
-        self.family = F.family_for(spec.architecture)
+    def __init__(self, source: SourceModel, calib_ids: torch.Tensor, want_kv: bool, batch_size: int = 8,
+                 dtype: torch.dtype | None = None):
+        self.family = source.family
         self.module = importlib.import_module(self.family.hf_module)
-        self.spec, self.want_kv = spec, want_kv
-        self.dtype = dtype or TORCH_DTYPES[spec.dtype]
-        self.cfg = hf_config(Path(model_dir), spec)
+        self.spec, self.want_kv = source.spec, want_kv
+        self.dtype = dtype or torch_dtype(self.spec.dtype)
+        self.cfg = hf_config(source)
         n, seq = calib_ids.shape
         self.position_ids = torch.arange(seq).unsqueeze(0)
-        embedding = embedding.to(self.dtype)
+        embedding = source.reader.get(self.family.embed).to(self.dtype)  # dropped once the batch is embedded
         self.hidden = [embedding[calib_ids[b:b + batch_size]] for b in range(0, n, batch_size)]
         rotary = getattr(self.module, self.family.rotary_class)(self.cfg)
         self.pos = rotary(self.hidden[0], self.position_ids)
@@ -122,19 +120,13 @@ class LayerCalibrator:
 
 
 @torch.inference_mode()
-def reference_forward(model_dir: str | Path, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def reference_forward(source: SourceModel, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """transformers' forward pass in float32, computed one decoder layer at a time (memory: one layer).
 
     Returns (logits [n * seq, vocab], hidden states as output_hidden_states=True gives them: the embeddings, the
     output of every layer but the last, and the last one after the final norm; each [n * seq, hidden])."""
-    from nim_build.builder.safetensors_io import CheckpointReader
-    from nim_build.builder.spec import load_spec
-
-    spec = load_spec(model_dir)
-    reader = CheckpointReader(model_dir)
-    fam = F.family_for(spec.architecture)
-    runner = LayerCalibrator(model_dir, spec, reader.get(fam.embed), ids, want_kv=False,
-                             batch_size=ids.shape[0], dtype=torch.float32)
+    spec, fam, reader = source.spec, source.family, source.reader
+    runner = LayerCalibrator(source, ids, want_kv=False, batch_size=ids.shape[0], dtype=torch.float32)
     flat = lambda: runner.hidden[0].reshape(-1, spec.hidden_size).clone()  # noqa: E731
     hidden = [flat()]
     for i in range(spec.num_hidden_layers):
@@ -144,5 +136,4 @@ def reference_forward(model_dir: str | Path, ids: torch.Tensor) -> tuple[torch.T
     norm.weight.data = reader.get(fam.final_norm).float()
     hidden[-1] = norm(hidden[-1])
     logits = hidden[-1] @ reader.get(fam.head_source(spec.tie_word_embeddings, reader)).float().T
-    reader.close()
     return logits, hidden

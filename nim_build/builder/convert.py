@@ -1,4 +1,4 @@
-"""Stream an HF llama/mistral checkpoint into a TensorRT-LLM checkpoint (FORMATS.md §1), tensor by tensor.
+"""Stream an HF llama/mistral checkpoint into a TensorRT-LLM checkpoint (docs/FORMATS.md), tensor by tensor.
 
 Stages: plan every output tensor from the spec (no weights read) -> one pass over the weights, layer by layer:
 read the layer (the next one is read ahead), run the calibration activations through it (FP8 only), then for each
@@ -21,14 +21,18 @@ from tqdm import tqdm
 
 from nim_build.builder import families as F
 from nim_build.builder import quantize as Q
-from nim_build.builder.calibrate import TORCH_DTYPES, LayerAmax, LayerCalibrator, read_layer
-from nim_build.errors import CheckpointError
-from nim_build.builder.plan import ParallelPlan, make_plan
+from nim_build.builder.calibrate import LayerAmax, LayerCalibrator, read_layer
+from nim_build.builder.plan import ParallelPlan
 from nim_build.builder.safetensors_io import CheckpointReader, StreamingWriter, TensorSpec
-from nim_build.builder.spec import ModelSpec, load_spec
+from nim_build.builder.source import SourceModel
+from nim_build.builder.spec import ModelSpec
+from nim_build.formats import torch_dtype
+from nim_build.options import QUANT_ALGOS
 
 FP8 = torch.float8_e4m3fn
 F32 = torch.float32
+# Bumped whenever the checkpoint this module writes changes for the same inputs and options: engine caches key on it.
+CONVERTER_VERSION = 1
 
 
 @dataclass
@@ -41,7 +45,7 @@ class Group:
 
 def trtllm_config(spec: ModelSpec, plan: ParallelPlan, quant: str, kv_cache: str, dtype: str) -> dict:
     """config.json of the TensorRT-LLM checkpoint."""
-    quant_algo = Q.QUANT_ALGOS[quant]
+    quant_algo = QUANT_ALGOS[quant]
     cfg = {
         "producer": {"name": "nim_build"},
         "architecture": spec.architecture,
@@ -91,12 +95,11 @@ def _replicate_kv(t: torch.Tensor, spec: ModelSpec, plan: ParallelPlan) -> torch
 class _Builder:
     """Knows every output tensor: its per-rank shape and how to compute it."""
 
-    def __init__(self, spec: ModelSpec, plan: ParallelPlan, quant: str, kv_cache: str, dtype: str,
-                 reader: CheckpointReader):
-        self.spec, self.plan, self.quant, self.kv_cache = spec, plan, quant, kv_cache
-        self.dtype = TORCH_DTYPES[dtype]
-        self.reader = reader
-        self.family = F.family_for(spec.architecture)
+    def __init__(self, source: SourceModel, plan: ParallelPlan, quant: str, kv_cache: str, dtype: str):
+        self.spec, self.plan, self.quant, self.kv_cache = source.spec, plan, quant, kv_cache
+        self.dtype = torch_dtype(dtype)
+        self.reader = source.reader
+        self.family = source.family
         self.tp = plan.tp
         self.layer_weights: dict[str, torch.Tensor] = {}  # HF suffix -> tensor of the layer being written
         self.layer_amax: LayerAmax | None = None           # its calibration (FP8)
@@ -129,7 +132,7 @@ class _Builder:
         names = out_prefixes or [prefix]
         rows, cols = shape
         per_rank = (rows // self.tp, cols) if dim == 0 else (rows, cols // self.tp)
-        quant_algo = Q.QUANT_ALGOS[self.quant]
+        quant_algo = QUANT_ALGOS[self.quant]
         specs = [[] for _ in range(self.tp)]
         for r in range(self.tp):
             for n in names:
@@ -255,8 +258,8 @@ class _LayerStream:
         self.pool.shutdown(cancel_futures=True)
 
 
-def convert_checkpoint(model_dir: str | Path, out_dir: str | Path, *, quant: str = "fp8", kv_cache: str = "auto",
-                       tp: int = 1, calib_ids: torch.Tensor | None = None, dtype: str | None = None,
+def convert_checkpoint(source: SourceModel, out_dir: str | Path, plan: ParallelPlan, *, quant: str = "fp8",
+                       kv_cache: str = "auto", calib_ids: torch.Tensor | None = None, dtype: str | None = None,
                        progress: bool = False) -> dict:
     """Write a TensorRT-LLM checkpoint (config.json + rank{r}.safetensors) into out_dir (which must exist).
 
@@ -264,21 +267,19 @@ def convert_checkpoint(model_dir: str | Path, out_dir: str | Path, *, quant: str
     calibration batch (FP8), quantized, split and written while the next group is computed.
     calib_ids: int64 [n, seq] calibration batch, required for --quant fp8. Returns a small report.
     """
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    spec = load_spec(model_dir)
-    plan = make_plan(spec, tp, quant, kv_cache)
-    reader = check_checkpoint(model_dir, spec)
+    out_dir = Path(out_dir)
+    spec, tp = source.spec, plan.tp
     dtype = dtype or ("float16" if quant == "fp16" else "bfloat16" if quant == "bf16" else spec.dtype)
     if quant == "fp8" and calib_ids is None:
         raise ValueError("FP8 conversion needs a calibration batch (calib_ids)")
-    builder = _Builder(spec, plan, quant, kv_cache, dtype, reader)
+    builder = _Builder(source, plan, quant, kv_cache, dtype)
     layers = [builder.layer(i) for i in range(spec.num_hidden_layers)]
     head, tail = builder.head(), builder.tail()
     all_groups = head + [g for gs in layers for g in gs] + tail
     rank_specs = [[t for g in all_groups for t in g.specs[r]] for r in range(tp)]
     writers = [StreamingWriter(out_dir / f"rank{r}.safetensors", rank_specs[r]) for r in range(tp)]
     total = sum(t.nbytes for specs in rank_specs for t in specs)
-    stream = _LayerStream(reader, builder.family, spec.num_hidden_layers)
+    stream = _LayerStream(source.reader, source.family, spec.num_hidden_layers)
     write_pool = ThreadPoolExecutor(1, thread_name_prefix="write")
     pending = None
     calib_s = 0.0
@@ -295,8 +296,7 @@ def convert_checkpoint(model_dir: str | Path, out_dir: str | Path, *, quant: str
     try:
         calibrator = None
         if quant == "fp8":  # embeds the batch and drops the table before the head group reads it again
-            calibrator = LayerCalibrator(model_dir, spec, reader.get(builder.family.embed), calib_ids,
-                                         want_kv=kv_cache == "fp8")
+            calibrator = LayerCalibrator(source, calib_ids, want_kv=kv_cache == "fp8")
         for g in head:
             write(g)
         pending.result()  # the embedding (the largest tensor) is on disk before the first layer is read
@@ -318,10 +318,9 @@ def convert_checkpoint(model_dir: str | Path, out_dir: str | Path, *, quant: str
         bar.close()
         stream.close()
         write_pool.shutdown()
-        reader.close()
     config = trtllm_config(spec, plan, quant, kv_cache, dtype)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return {"spec": spec, "plan": plan, "config": config, "bytes_written": total, "calibrate_s": calib_s}
+    return {"config": config, "bytes_written": total, "calibrate_s": calib_s}
 
 
 def _write_ranks(writers: list[StreamingWriter], tensors: list[dict[str, torch.Tensor]], bar) -> None:
@@ -329,26 +328,3 @@ def _write_ranks(writers: list[StreamingWriter], tensors: list[dict[str, torch.T
         for name, t in named.items():
             writers[r].write(name, t)
             bar.update(t.numel() * t.element_size())
-
-
-def check_checkpoint(model_dir: Path, spec: ModelSpec) -> CheckpointReader:
-    """Fail before any work if a shard is missing or truncated, or a tensor is missing or misshapen."""
-    reader = CheckpointReader(model_dir)
-    fam = F.family_for(spec.architecture)
-    H, I = spec.hidden_size, spec.intermediate_size
-    expected = {fam.embed: [spec.vocab_size, H], fam.final_norm: [H]}
-    if not spec.tie_word_embeddings and fam.lm_head in reader:
-        expected[fam.lm_head] = [spec.vocab_size, H]
-    for i in range(spec.num_hidden_layers):
-        expected.update({
-            fam.layer(i, F.Q): [spec.q_size, H], fam.layer(i, F.K): [spec.kv_size, H],
-            fam.layer(i, F.V): [spec.kv_size, H], fam.layer(i, F.O): [H, spec.q_size],
-            fam.layer(i, F.GATE): [I, H], fam.layer(i, F.UP): [I, H], fam.layer(i, F.DOWN): [H, I],
-            fam.layer(i, F.INPUT_NORM): [H], fam.layer(i, F.POST_NORM): [H],
-        })
-    for name, shape in expected.items():
-        got = reader.shape(name)
-        if list(got) != shape:
-            raise CheckpointError(f"tensor {name} has shape {got}, config.json implies {shape}; "
-                                  "the config and the weights do not belong together")
-    return reader

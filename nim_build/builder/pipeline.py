@@ -1,4 +1,12 @@
-"""`nim_build engine`: resolve -> plan -> calibrate + convert (streamed) -> accuracy gate -> engine -> manifest.
+"""`nim_build engine`: the build pipeline, one stage after the other, each handed what the earlier ones found.
+
+    resolve   MODEL -> a local directory (hub download, the embedded default, pickle refused)   resolve.py
+    open      config.json, family, weights and tokenizer, opened and checked once             source.py
+    plan      tensor-parallel split; max_seq_len; the engine backend                          plan.py, backends.py
+    convert   calibrate + quantize + write the TensorRT-LLM checkpoint, one pass, streamed    convert.py
+    accuracy  the checkpoint against transformers' own forward pass (FP8)                     accuracy.py
+    engine    TensorRT-LLM engine (trtllm backend only)                                       trtllm_adapter.py
+    manifest  written last                                                                    manifest.py
 
 Everything is written into a temporary sibling of the output directory, which is renamed into place when
 complete; manifest.json is its last file. A build killed at any point (SIGKILL included) leaves at most a
@@ -14,41 +22,26 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
-from nim_build import TOKENS_PER_BLOCK, TRTLLM_VERSION, __version__
-from nim_build.errors import AccuracyGateError, OutputExistsError, UserError
+from nim_build import TRTLLM_VERSION, __version__
 from nim_build.builder.manifest import CHECKPOINT_DIR, ENGINE_DIR, TOKENIZER_DIR, hash_files, hash_tree, write_manifest
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tekken.json",
-                   "tokenizer.model", "generation_config.json", "chat_template.jinja", "chat_template.json")
-DEFAULT_MAX_SEQ_LEN = 8192
+from nim_build.errors import AccuracyGateError, OutputExistsError, UserError
+from nim_build.options import DEFAULT_MAX_SEQ_LEN, FP8_QUANTS, BuildOptions
 
 
 @dataclass
-class BuildOptions:
-    """Every knob of `nim_build engine`; the YAML config takes the same keys (dashes or underscores)."""
+class _Build:
+    """What the stages hand down: decided once, read by every later stage."""
 
-    model: str
-    out: str | None = None
-    quant: str = "fp8"
-    kv_cache: str = "auto"
-    tp: int = 1
-    backend: str = "auto"
-    max_batch_size: int = 64
-    max_seq_len: int | None = None      # default: min(max_position_embeddings, 8192)
-    max_num_tokens: int = 8192
-    calib_data: str | None = None
-    calib_samples: int = 32
-    calib_seq_len: int = 256
-    eval_data: str | None = None
-    accuracy_gate: bool = True
-    min_top1: float | None = None          # gate thresholds; default: gate_thresholds()
-    max_ppl_increase: float | None = None
-    force: bool = False
-    allow_pickle: bool = False
-    workers: int = 1
-    name: str | None = None
-    argv: list[str] = field(default_factory=list)   # the user's command line, for messages
+    opts: BuildOptions
+    resolved: object    # resolve.ResolvedModel
+    source: object      # source.SourceModel
+    plan: object        # plan.ParallelPlan
+    backend: str
+    max_seq_len: int
+    t0: float
+    timings: dict = field(default_factory=dict)
 
 
 def _peak_rss() -> int:
@@ -60,104 +53,112 @@ def _log(msg: str) -> None:
 
 
 def default_out(model: str) -> Path:
-    name = Path(model.split("@")[0]).name if model != "default" else "SmolLM2-135M-Instruct"
-    return Path("engines") / name
+    from nim_build.builder.default_model import DEFAULT_MODEL, is_default_model
+
+    return Path("engines") / (DEFAULT_MODEL if is_default_model(model) else Path(model.split("@")[0]).name)
 
 
-def build(opts: BuildOptions, progress: bool = True) -> dict:
+def build(opts: BuildOptions, progress: bool = True, argv: Sequence[str] | None = None) -> dict:
+    """Build opts.out (default engines/<model name>); returns the summary `nim_build engine` prints.
+    argv: the user's command line after `nim_build`, reproduced in messages that suggest another command."""
     from nim_build.builder.backends import choose_backend
-    from nim_build.builder.convert import check_checkpoint
     from nim_build.builder.plan import make_plan
     from nim_build.builder.resolve import resolve_model
-    from nim_build.builder.spec import load_spec
+    from nim_build.builder.source import open_source
 
     t0 = time.monotonic()
-    timings = {}
     out = Path(opts.out) if opts.out else default_out(opts.model)
     if out.exists() and not opts.force:
         raise OutputExistsError(f"{out} already exists; pass --force to replace it or choose another --out")
-    if opts.max_batch_size < 1:
-        raise UserError("--max-batch-size must be >= 1")
-    if opts.max_num_tokens < TOKENS_PER_BLOCK:
-        raise UserError(f"--max-num-tokens {opts.max_num_tokens} is less than one KV-cache block "
-                        f"({TOKENS_PER_BLOCK} tokens): no prompt could be scheduled")
 
     # Cheap checks first: a bad --tp or an unavailable backend fails before any download or conversion.
     resolved = resolve_model(opts.model, allow_pickle=opts.allow_pickle)
-    timings["resolve"] = time.monotonic() - t0
-    spec = load_spec(resolved.local_dir)
-    plan = make_plan(spec, opts.tp, opts.quant, opts.kv_cache)
-    max_seq_len = opts.max_seq_len or min(spec.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-    if max_seq_len > spec.max_position_embeddings or max_seq_len < 2:
-        raise UserError(f"--max-seq-len {max_seq_len} is outside 2..{spec.max_position_embeddings} "
-                        "(max_position_embeddings of the model)")
-    if opts.max_seq_len is None and spec.max_position_embeddings > DEFAULT_MAX_SEQ_LEN:
-        _log(f"note: max_seq_len defaults to {max_seq_len}; the model supports {spec.max_position_embeddings}: "
-             "pass --max-seq-len to build for longer contexts")
-    backend, reason = choose_backend(opts.backend, opts.quant, argv=opts.argv)
-    check_checkpoint(resolved.local_dir, spec)
-    if opts.quant == "fp8" and not any((resolved.local_dir / f).is_file() for f in ("tokenizer.json", "tekken.json")):
-        raise UserError(f"{resolved.local_dir} has neither tokenizer.json nor tekken.json, which FP8 calibration "
-                        "needs; add the model's tokenizer or build with --quant fp8-pc-pt (no calibration)")
-    _log(f"backend: {backend} ({reason})")
-
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    _remove_stale_partials(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir()
+    resolve_s = time.monotonic() - t0
+    source = open_source(resolved.local_dir)
     try:
-        summary = _build_into(tmp, opts, resolved, spec, plan, backend, max_seq_len, timings, t0, progress)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        spec = source.spec
+        plan = make_plan(spec, opts.tp)
+        max_seq_len = opts.max_seq_len or min(spec.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+        if max_seq_len > spec.max_position_embeddings:
+            raise UserError(f"--max-seq-len {max_seq_len} is outside 2..{spec.max_position_embeddings} "
+                            "(max_position_embeddings of the model)")
+        if opts.max_seq_len is None and spec.max_position_embeddings > DEFAULT_MAX_SEQ_LEN:
+            _log(f"note: max_seq_len defaults to {max_seq_len}; the model supports {spec.max_position_embeddings}: "
+                 "pass --max-seq-len to build for longer contexts")
+        backend, reason = choose_backend(opts.backend, opts.quant, argv=argv)
+        if source.tokenizer is None and opts.quant == "fp8":
+            raise UserError(f"{resolved.local_dir} has neither tokenizer.json nor tekken.json, which FP8 calibration "
+                            "needs; add the model's tokenizer or build with --quant fp8-pc-pt (no calibration)")
+        if source.tokenizer is None and opts.quant in FP8_QUANTS and opts.accuracy_gate:
+            raise UserError(f"{resolved.local_dir} has neither tokenizer.json nor tekken.json, which the accuracy "
+                            "gate needs for its evaluation text; add the model's tokenizer or pass --no-accuracy-gate")
+        _log(f"backend: {backend} ({reason})")
+        run = _Build(opts, resolved, source, plan, backend, max_seq_len, t0, {"resolve": resolve_s})
+
+        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+        _remove_stale_partials(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        try:
+            summary = _build_into(tmp, run, name=opts.name or out.name, progress=progress)
+            _replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        source.close()
     summary["out"] = str(out)
     return summary
 
 
-def _build_into(tmp, opts, resolved, spec, plan, backend, max_seq_len, timings, t0, progress) -> dict:
+def _build_into(tmp: Path, run: _Build, *, name: str, progress: bool) -> dict:
     import torch
+    import transformers
 
     from nim_build.builder.calib_data import token_batch
-    from nim_build.builder.convert import convert_checkpoint
+    from nim_build.builder.convert import CONVERTER_VERSION, convert_checkpoint
+    from nim_build.builder.resolve import input_files
+    from nim_build.serving.tokenizer import TOKENIZER_FILES
 
+    opts, source, spec, timings = run.opts, run.source, run.source.spec, run.timings
     ckpt = tmp / CHECKPOINT_DIR
     ckpt.mkdir()
     tok_dir = tmp / TOKENIZER_DIR
     tok_dir.mkdir()
     for f in TOKENIZER_FILES:
-        if (resolved.local_dir / f).is_file():
-            shutil.copy2(resolved.local_dir / f, tok_dir / f)
+        if (source.dir / f).is_file():
+            shutil.copy2(source.dir / f, tok_dir / f)
 
     t = time.monotonic()
     calib_ids = None
     if opts.quant == "fp8":
-        calib_ids = token_batch(tok_dir, opts.calib_samples, opts.calib_seq_len, opts.calib_data,
-                                separator_id=_first_id(spec.eos_token_id))
+        calib_ids = token_batch(source.tokenizer, opts.calib_samples, opts.calib_seq_len, opts.calib_data,
+                                separator_id=source.tokenizer_meta["end_id"])
         if int(calib_ids.max()) >= spec.vocab_size:
-            raise UserError(f"the tokenizer in {resolved.local_dir} produces token id {int(calib_ids.max())}, beyond "
+            raise UserError(f"the tokenizer in {source.dir} produces token id {int(calib_ids.max())}, beyond "
                             f"the model's vocab_size {spec.vocab_size}: the tokenizer does not belong to this model")
-    report = convert_checkpoint(resolved.local_dir, ckpt, quant=opts.quant, kv_cache=opts.kv_cache, tp=opts.tp,
+    report = convert_checkpoint(source, ckpt, run.plan, quant=opts.quant, kv_cache=opts.kv_cache,
                                 calib_ids=calib_ids, progress=progress)
     timings["calibrate"] = report["calibrate_s"]  # interleaved with conversion: one pass over the weights
     timings["convert"] = time.monotonic() - t - report["calibrate_s"]
+    quantization = report["config"]["quantization"]
 
     accuracy = None
-    if opts.quant in ("fp8", "fp8-pc-pt") and opts.accuracy_gate:
+    if opts.quant in FP8_QUANTS and opts.accuracy_gate:
         t = time.monotonic()
-        accuracy = _accuracy_gate(opts, resolved.local_dir, tmp, tok_dir, spec)
+        accuracy = _accuracy_gate(opts, source, tmp)
         timings["accuracy"] = time.monotonic() - t
 
     build_config = None
     engine_version = None
-    if backend == "trtllm":
+    if run.backend == "trtllm":
         from nim_build.builder import trtllm_adapter
 
         t = time.monotonic()
         build_config = trtllm_adapter.build_engine(
-            ckpt, tmp / ENGINE_DIR, max_batch_size=opts.max_batch_size, max_seq_len=max_seq_len,
-            max_input_len=max_seq_len, max_num_tokens=opts.max_num_tokens,
-            quant_algo=report["config"]["quantization"]["quant_algo"], workers=opts.workers)
+            ckpt, tmp / ENGINE_DIR, max_batch_size=opts.max_batch_size, max_seq_len=run.max_seq_len,
+            max_input_len=run.max_seq_len, max_num_tokens=opts.max_num_tokens,
+            quant_algo=quantization["quant_algo"], workers=opts.workers)
         engine_version = trtllm_adapter.probe().version
         timings["engine"] = time.monotonic() - t
 
@@ -166,26 +167,27 @@ def _build_into(tmp, opts, resolved, spec, plan, backend, max_seq_len, timings, 
         cc = torch.cuda.get_device_capability()
         gpu = {"name": torch.cuda.get_device_name(), "compute_capability": f"{cc[0]}.{cc[1]}",
                "arch": f"sm{cc[0]}{cc[1]}"}
-    timings["total"] = time.monotonic() - t0
-    import transformers
-
+    timings["total"] = time.monotonic() - run.t0
+    calibrated = calib_ids is not None
     manifest = {
-        "name": opts.name or (Path(opts.out).name if opts.out else default_out(opts.model).name),
-        "backend": backend,
-        "model": {"source": resolved.source, "revision": resolved.revision, "local_dir": str(resolved.local_dir),
-                  "architecture": spec.architecture, "input_files": _input_hashes(resolved.local_dir)},
+        "name": name,
+        "backend": run.backend,
+        "model": {"source": run.resolved.source, "revision": run.resolved.revision, "local_dir": str(source.dir),
+                  "architecture": spec.architecture,
+                  "input_files": hash_files(source.dir, input_files(source.dir))},
         "spec": spec.to_dict(),
         "build": {
-            "quant": opts.quant, "quant_algo": report["config"]["quantization"]["quant_algo"],
-            "kv_cache": opts.kv_cache, "kv_cache_quant_algo": report["config"]["quantization"]["kv_cache_quant_algo"],
+            "options": opts.portable(), "converter_version": CONVERTER_VERSION,
+            "quant": opts.quant, "quant_algo": quantization["quant_algo"],
+            "kv_cache": opts.kv_cache, "kv_cache_quant_algo": quantization["kv_cache_quant_algo"],
             "tp": opts.tp, "pp": 1, "world_size": opts.tp, "max_batch_size": opts.max_batch_size,
-            "max_seq_len": max_seq_len, "max_input_len": max_seq_len, "max_num_tokens": opts.max_num_tokens,
-            "calib_samples": opts.calib_samples if calib_ids is not None else None,
-            "calib_seq_len": opts.calib_seq_len if calib_ids is not None else None,
-            "calib_data": opts.calib_data or ("built-in" if calib_ids is not None else None),
-            "parallel_plan": plan.to_dict(), "trtllm_build_config": build_config,
+            "max_seq_len": run.max_seq_len, "max_input_len": run.max_seq_len, "max_num_tokens": opts.max_num_tokens,
+            "calib_samples": opts.calib_samples if calibrated else None,
+            "calib_seq_len": opts.calib_seq_len if calibrated else None,
+            "calib_data": opts.calib_data or ("built-in" if calibrated else None),
+            "parallel_plan": run.plan.to_dict(), "trtllm_build_config": build_config,
         },
-        "tokenizer": _tokenizer_info(tok_dir, spec),
+        "tokenizer": {"dir": TOKENIZER_DIR, **(source.tokenizer_meta or {"kind": None})},
         "versions": {"nim_build": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "tensorrt_llm_target": TRTLLM_VERSION, "tensorrt_llm": engine_version},
         "gpu": gpu,
@@ -196,24 +198,24 @@ def _build_into(tmp, opts, resolved, spec, plan, backend, max_seq_len, timings, 
     }
     write_manifest(tmp, manifest)
     size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
-    return {"name": manifest["name"], "backend": backend, "quant": opts.quant, "tp": opts.tp,
+    return {"name": name, "backend": run.backend, "quant": opts.quant, "tp": opts.tp,
             "size_bytes": size, "checkpoint_bytes": report["bytes_written"], "time_s": round(timings["total"], 2),
-            "peak_rss_bytes": manifest["peak_rss_bytes"], "accuracy": accuracy, "max_seq_len": max_seq_len}
+            "peak_rss_bytes": manifest["peak_rss_bytes"], "accuracy": accuracy, "max_seq_len": run.max_seq_len}
 
 
-def _accuracy_gate(opts, model_dir, engine_dir, tok_dir, spec) -> dict:
+def _accuracy_gate(opts: BuildOptions, source, engine_dir: Path) -> dict:
     from nim_build.builder.accuracy import check_gate, evaluate
     from nim_build.builder.calib_data import token_batch
 
-    eval_ids = token_batch(tok_dir, 8, 128, opts.eval_data, separator_id=_first_id(spec.eos_token_id))
-    report = evaluate(model_dir, engine_dir, eval_ids)
-    min_top1, max_ppl_increase = gate_thresholds(opts, model_dir)
+    eval_ids = token_batch(source.tokenizer, 8, 128, opts.eval_data, separator_id=source.tokenizer_meta["end_id"])
+    report = evaluate(source, engine_dir, eval_ids)
+    min_top1, max_ppl_increase = gate_thresholds(opts, source.dir)
     failures = check_gate(report, min_top1=min_top1, max_ppl_increase=max_ppl_increase)
     report["gate"] = {"min_top1": min_top1, "max_ppl_increase": max_ppl_increase,
                       "passed": not failures, "failures": failures}
     if failures:
         raise AccuracyGateError("accuracy gate failed: " + "; ".join(failures) +
-                                " (tune with --accuracy-gate MIN_TOP1,MAX_PPL_INCREASE or skip with --no-accuracy-gate)")
+                                " (tune with --min-top1 and --max-ppl-increase, or skip with --no-accuracy-gate)")
     return report
 
 
@@ -226,38 +228,6 @@ def gate_thresholds(opts: BuildOptions, model_dir: Path) -> tuple[float, float]:
     own = FP8_GATE if is_default_model(opts.model) or is_default_model_dir(model_dir) else DEFAULT_GATE
     return (own[0] if opts.min_top1 is None else opts.min_top1,
             own[1] if opts.max_ppl_increase is None else opts.max_ppl_increase)
-
-
-def _input_hashes(model_dir: Path) -> dict[str, str]:
-    """sha256 of every file the build read: config, weights (+ index) and tokenizer files."""
-    names = ["config.json", "model.safetensors.index.json", *TOKENIZER_FILES]
-    files = [model_dir / n for n in names] + sorted(model_dir.glob("*.safetensors"))
-    return hash_files(model_dir, [f for f in files if f.is_file()])
-
-
-def _first_id(x):
-    return x[0] if isinstance(x, list) else x
-
-
-def _tokenizer_info(tok_dir: Path, spec) -> dict:
-    import json
-
-    kind = "hf" if (tok_dir / "tokenizer.json").is_file() else "tekken" if (tok_dir / "tekken.json").is_file() else None
-    end_id = _first_id(spec.eos_token_id)
-    bos_id, pad_id = spec.bos_token_id, spec.pad_token_id
-    gen = tok_dir / "generation_config.json"
-    if gen.is_file():
-        g = json.loads(gen.read_text())
-        end_id = _first_id(g.get("eos_token_id", end_id))
-        bos_id = g.get("bos_token_id", bos_id)
-        pad_id = g.get("pad_token_id", pad_id)
-    chat = False
-    cfg = tok_dir / "tokenizer_config.json"
-    if cfg.is_file():
-        chat = bool(json.loads(cfg.read_text()).get("chat_template"))
-    chat = chat or (tok_dir / "chat_template.jinja").is_file() or kind == "tekken"
-    return {"dir": TOKENIZER_DIR, "kind": kind, "bos_id": bos_id, "end_id": end_id,
-            "pad_id": pad_id if pad_id is not None else end_id, "chat_template": chat}
 
 
 def _remove_stale_partials(out: Path) -> None:

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from nim_build.errors import ConfigError
-from nim_build.builder.quantize import QUANT_ALGOS
 from nim_build.builder.spec import ModelSpec
-
-SUPPORTED_TP = (1, 2, 4, 8)
-KV_CACHE_CHOICES = ("auto", "fp8")
+from nim_build.errors import ConfigError
+from nim_build.options import TP_SIZES
 
 
 @dataclass(frozen=True)
@@ -23,15 +20,10 @@ class ParallelPlan:
         return asdict(self)
 
 
-def make_plan(spec: ModelSpec, tp: int, quant: str, kv_cache: str) -> ParallelPlan:
-    if quant not in QUANT_ALGOS:
-        raise ConfigError(f"--quant {quant!r} is not supported; choose one of {', '.join(QUANT_ALGOS)}")
-    if kv_cache not in KV_CACHE_CHOICES:
-        raise ConfigError(f"--kv-cache {kv_cache!r} is not supported; choose one of {', '.join(KV_CACHE_CHOICES)}")
-    if kv_cache == "fp8" and quant != "fp8":
-        raise ConfigError("--kv-cache fp8 needs --quant fp8 (its scales come from the same calibration)")
-    if tp not in SUPPORTED_TP:
-        raise ConfigError(f"--tp {tp} is not supported; choose one of {', '.join(map(str, SUPPORTED_TP))}")
+def make_plan(spec: ModelSpec, tp: int) -> ParallelPlan:
+    """How the model splits over tp ranks (--quant and --kv-cache are checked with the other options)."""
+    if tp not in TP_SIZES:
+        raise ConfigError(f"--tp {tp} is not supported; choose one of {', '.join(map(str, TP_SIZES))}")
     nh, nkv = spec.num_attention_heads, spec.num_key_value_heads
     if nh % tp:
         raise ConfigError(f"--tp {tp} does not divide num_attention_heads={nh}; choose a tp that divides {nh}")

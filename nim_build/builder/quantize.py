@@ -11,7 +11,6 @@ import torch
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 CHUNK = 1 << 18  # elements per float32 block: fits in L2, ~4x faster than converting a whole tensor at once
-QUANT_ALGOS = {"fp8": "FP8", "fp8-pc-pt": "FP8_PER_CHANNEL_PER_TOKEN", "bf16": None, "fp16": None}
 
 
 def amax(t: torch.Tensor) -> torch.Tensor:

@@ -7,16 +7,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from nim_build.builder.default_model import is_default_model
+from nim_build.builder.safetensors_io import INDEX_FILE
 from nim_build.errors import CheckpointError, UserError
+from nim_build.serving.tokenizer import TOKENIZER_FILES
 
 # Everything a build needs and nothing more (no *.bin, no consolidated.safetensors duplicates, no *.gguf).
-HUB_PATTERNS = [
-    "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tekken.json", "tokenizer.model",
-    "chat_template.jinja", "chat_template.json",
-]
+WEIGHT_PATTERNS = ["model*.safetensors", INDEX_FILE]
+HUB_PATTERNS = ["config.json", *WEIGHT_PATTERNS, *TOKENIZER_FILES]
 PICKLE_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
-DEFAULT_ALIASES = ("default",)
 
 
 @dataclass(frozen=True)
@@ -27,7 +26,7 @@ class ResolvedModel:
 
 
 def resolve_model(model: str, allow_pickle: bool = False) -> ResolvedModel:
-    if model in DEFAULT_ALIASES:
+    if is_default_model(model):
         from nim_build.builder.default_model import materialize_default_model
 
         return ResolvedModel(model, Path(materialize_default_model()), None)
@@ -103,3 +102,9 @@ def _pickle_to_safetensors(model_dir: Path, bins: list[Path]) -> Path:
             shutil.copy2(f, tmp / f.name)
     os.replace(tmp, out)
     return out
+
+
+def input_files(model_dir: Path) -> list[Path]:
+    """Every file a build of model_dir reads: config, weights (+ index) and tokenizer files, sorted."""
+    names = ["config.json", INDEX_FILE, *TOKENIZER_FILES]
+    return sorted({model_dir / n for n in names if (model_dir / n).is_file()} | set(model_dir.glob("*.safetensors")))

@@ -6,12 +6,11 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nim_build.builder.families import FAMILIES
 from nim_build.errors import CheckpointError, ConfigError
+from nim_build.formats import DTYPE_SPELLINGS, DTYPES, ROPE_TYPES
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-SUPPORTED_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32", "bf16": "bfloat16",
-                    "fp16": "float16", "half": "float16", "float": "float32"}
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 SUPPORTED_ACTS = ("silu", "swish")
 
 
@@ -47,15 +46,22 @@ class ModelSpec:
         return asdict(self)
 
 
-def load_spec(model_dir: str | Path) -> ModelSpec:
+def load_config(model_dir: str | Path) -> dict:
+    """config.json of a model directory, as its producer wrote it."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{model_dir} has no config.json; point MODEL at a Hugging Face model directory or hub id")
     try:
         cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-download the model") from None
-    return parse_config(cfg, source=str(path))
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} is not a JSON object; re-download the model")
+    return cfg
+
+
+def load_spec(model_dir: str | Path) -> ModelSpec:
+    return parse_config(load_config(model_dir), source=str(Path(model_dir) / "config.json"))
 
 
 def _need(cfg: dict, key: str, source: str):
@@ -77,9 +83,9 @@ def _rope(cfg: dict, source: str) -> tuple[float, dict | None]:
         scaling = dict(scaling)
         rtype = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
         scaling.pop("type", None)
-        if rtype not in SUPPORTED_ROPE_TYPES:
+        if rtype not in ROPE_TYPES:
             raise ConfigError(f"{source}: rope scaling type {rtype!r} is not supported; supported: "
-                              f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+                              f"{', '.join(ROPE_TYPES)}")
         scaling = None if rtype == "default" else {"type": rtype, **scaling}
         if scaling is not None and "factor" not in scaling:
             raise ConfigError(f"{source}: rope scaling of type {rtype!r} needs a 'factor'")
@@ -99,9 +105,9 @@ def parse_config(cfg: dict, source: str = "config.json") -> ModelSpec:
         if cfg.get(flag):
             raise ConfigError(f"{source}: {flag}=true is not supported (llama/mistral without biases only)")
     dtype_raw = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
-    dtype = SUPPORTED_DTYPES.get(str(dtype_raw).replace("torch.", ""))
+    dtype = DTYPE_SPELLINGS.get(str(dtype_raw).replace("torch.", ""))
     if dtype is None:
-        raise ConfigError(f"{source}: dtype {dtype_raw!r} is not supported; supported: bfloat16, float16, float32")
+        raise ConfigError(f"{source}: dtype {dtype_raw!r} is not supported; supported: {', '.join(DTYPES)}")
     hidden = int(_need(cfg, "hidden_size", source))
     heads = int(_need(cfg, "num_attention_heads", source))
     kv_heads = int(cfg.get("num_key_value_heads") or heads)

@@ -36,10 +36,10 @@ from pathlib import Path
 
 from nim_build import TOKENS_PER_BLOCK, TRTLLM_VERSION
 from nim_build.errors import ConfigError, NimBuildError
+from nim_build.options import FP8_QUANT_ALGOS
 
 SUPPORTED_LINE = TRTLLM_VERSION.rsplit(".", 1)[0] + "."   # "1.2.": the last release line that builds engines
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)                      # Ada, Hopper, Blackwell
-FP8_QUANT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import sys
 import click
 
 from nim_build import __version__
+from nim_build.cli import _errors
 from nim_build.errors import NimBuildError
 
 # command name -> module under nim_build.cli exposing a click command named `command`.
@@ -48,22 +49,27 @@ def cli():
 
 
 def main(argv=None):
-    """Entry point: user errors -> one line on stderr and exit 2; internal errors -> traceback and exit 1."""
+    """Entry point: errors of nim_build -> one line on stderr and the exit code of cli/_errors.py's table; any other
+    exception is an internal error (traceback, exit 1)."""
     try:
         args = list(sys.argv[1:] if argv is None else argv)
-        cli.main(args=args, standalone_mode=False, obj={"argv": args})
+        cli.main(args=args, prog_name="nim_build", standalone_mode=False, obj={"argv": args})
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)
+    except click.UsageError as e:  # bad flags and arguments: one line, and where to read about them
+        where = f" (`{e.ctx.command_path} --help` lists them)" if e.ctx is not None else ""
+        click.echo(f"Error: {e.format_message()}{where}", err=True)
+        sys.exit(_errors.EXIT_USAGE)
     except click.ClickException as e:
         e.show()
-        sys.exit(2 if e.exit_code in (1, 2) else e.exit_code)
+        sys.exit(_errors.EXIT_USAGE if e.exit_code in (1, 2) else e.exit_code)
     except NimBuildError as e:
         if os.environ.get("NIM_BUILD_DEBUG"):
             raise
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(e.exit_code)
+        click.echo(_errors.message(e), err=True)
+        sys.exit(_errors.exit_code(e))
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)
-    sys.exit(0)
+    sys.exit(_errors.EXIT_OK)

@@ -19,13 +19,13 @@ from nim_build.errors import UserError
               help="Chat request JSON: a list of messages, or {\"messages\": [...], \"tools\": [...]} ('-' for stdin).")
 @click.option("--chat", is_flag=True, help="Send --prompt as a user message, rendered with the chat template.")
 @click.option("--stream", is_flag=True, help="Print tokens as they arrive.")
-@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--temperature", type=float)
 @click.option("--top-k", type=int)
 @click.option("--top-p", type=float)
 @click.option("--seed", type=int)
 @click.option("--stop", multiple=True, help="Stop word (repeatable).")
-@click.option("--timeout", type=float, default=300, show_default=True, help="Seconds to wait for the answer.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300, show_default=True, help="Seconds to wait for the answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full response as JSON.")
 def command(url, protocol, model, prompt, messages_file, chat, stream, max_tokens, temperature, top_k, top_p, seed, stop,
             timeout, as_json):

@@ -8,12 +8,14 @@ import time
 
 import click
 
+from nim_build.errors import NimBuildError
+
 
 @click.command("run")
 @click.argument("engine", type=click.Path(exists=True, file_okay=False))
 @click.option("--prompt", required=True, help="Prompt text.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt as a user message with the model's chat template.")
-@click.option("--max-tokens", type=int, default=64, show_default=True, help="Most tokens to generate.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Most tokens to generate.")
 @click.option("--stream", is_flag=True, help="Print the text as it is generated.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
@@ -49,7 +51,7 @@ def command(engine, prompt, chat, max_tokens, stream, temperature, top_k, top_p,
         llm.step()
     ev = final[0]
     if ev.finish_reason == "error":
-        raise click.ClickException(f"generation failed: {ev.error}")
+        raise NimBuildError(f"generation failed: {ev.error}")  # a fault of the runtime, not of the input
     text = tok.decode(out)
     if as_json:
         first = None if ev.first_token is None else ev.first_token - ev.arrival

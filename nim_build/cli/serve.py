@@ -24,8 +24,9 @@ import click
 @click.option("--quiet", is_flag=True, help="Do not echo Triton's log to stderr.")
 def command(repo, host, http_port, grpc_port, metrics_port, startup_timeout, health_interval, exit_timeout, quiet):
     """Serve REPO (from `nim_build repo`) with Triton; exits non-zero when a model stops answering."""
-    from nim_build.serving.server import ServerError, TritonServer, supervise
+    from nim_build.errors import ServingError
     from nim_build.serving.client import health_probe
+    from nim_build.serving.server import TritonServer, supervise
 
     server = TritonServer(repo, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                           exit_timeout_s=exit_timeout, echo=None if quiet else sys.stderr)
@@ -49,7 +50,11 @@ def command(repo, host, http_port, grpc_port, metrics_port, startup_timeout, hea
         for sig, handler in signals.items():
             signal.signal(sig, handler)
     if reason is not None:
-        raise ServerError(f"Triton stopped serving: {reason}")
+        raise ServingError(f"Triton stopped serving: {reason}")
+    if server.killed:
+        raise ServingError(f"Triton did not stop within --exit-timeout {exit_timeout} s and was killed")
+    if code != 0:
+        raise ServingError(f"Triton exited with code {code} when asked to stop: {server.failure_reason()}")
     click.echo(f"stopped (Triton exit code {code})", err=True)
 
 

@@ -4,12 +4,15 @@ TensorRT engines only run on the GPU compute capability and the TensorRT-LLM ver
 Helm chart's init container calls ``nim_build cache-engine`` on a shared cache volume. Layout of CACHE_DIR::
 
     hf/                         huggingface_hub cache (HF_HUB_CACHE of the build: safetensors, config, tokenizer)
+    hashes.json                 sha256 of local input files, by path + size + mtime + inode
     engines/<slug>--<key>/      complete engine directories (``nim_build engine`` output, with manifest.json)
     engines/.tmp-<key>-*/       builds in progress, private to one builder
     locks/<key>.lock            flock held while a key is being built
 
-The key is content-addressed: sha256 over the model (id + resolved commit, or a local directory's fingerprint),
-the build settings, the GPU compute capability and the TensorRT-LLM version. Replicas starting together take the
+The key is content-addressed: sha256 over the model (id + resolved commit, or the sha256 of every input file of a
+local directory), the build options that change the engine (nim_build.options.cache_key_fields), the converter's
+format version, the GPU compute capability and the TensorRT-LLM version. A local file's hash is remembered in
+hashes.json by path, size, mtime and inode, so a warm start does not read a 24 GB checkpoint again. Replicas starting together take the
 lock one after the other; the first builds into a private temporary directory and renames it into place when
 complete, the others find the finished directory. Even where the filesystem ignores locks, the rename is atomic
 and the first complete directory wins, so no reader ever sees a partial engine.
@@ -26,31 +29,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from nim_build import __version__
+from nim_build import __version__, options
+from nim_build.builder.default_model import is_default_model
+from nim_build.builder.manifest import MANIFEST, sha256_file
 from nim_build.errors import UserError
-from nim_build.builder.manifest import MANIFEST
-from nim_build.builder.resolve import DEFAULT_ALIASES
+from nim_build.options import BuildOptions
 
-KEY_FORMAT = 1
+KEY_FORMAT = 2
+HASHES_FILE = "hashes.json"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
-
-
-@dataclass(frozen=True)
-class EngineRequest:
-    """What to build: the arguments of ``nim_build engine`` that change the engine."""
-
-    model: str
-    revision: str = "main"
-    quant: str = "fp8"
-    tp: int = 1
-    backend: str = "auto"
-    max_batch_size: int = 64
-    max_seq_len: int = 8192
 
 
 def detect_gpu_arch() -> str:
@@ -79,17 +70,37 @@ def tensorrt_llm_version() -> str | None:
         return None
 
 
-def local_fingerprint(model_dir: Path) -> str:
-    """Identity of a local checkpoint directory: its config.json content plus every file's name and size."""
-    h = hashlib.sha256()
-    config = model_dir / "config.json"
-    if not config.is_file():
+def local_fingerprint(model_dir: Path, hashes_file: Path | None = None) -> str:
+    """Identity of a local checkpoint directory: the sha256 of every file a build reads (config, weights,
+    tokenizer), each hashed once and remembered in hashes_file by path, size, mtime and inode."""
+    from nim_build.builder.resolve import input_files
+
+    if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir} has no config.json: give a Hugging Face checkpoint directory or a hub id")
-    h.update(config.read_bytes())
-    for p in sorted(model_dir.rglob("*")):
-        if p.is_file():
-            h.update(f"{p.relative_to(model_dir).as_posix()}\0{p.stat().st_size}\n".encode())
+    memo = _read_json(hashes_file) if hashes_file else {}
+    h = hashlib.sha256()
+    changed = False
+    for path in input_files(model_dir):
+        st = path.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        entry = memo.get(str(path))
+        if not entry or entry["stamp"] != stamp:
+            memo[str(path)] = entry = {"stamp": stamp, "sha256": sha256_file(path)}
+            changed = True
+        h.update(f"{path.relative_to(model_dir).as_posix()}\0{entry['sha256']}\n".encode())
+    if hashes_file and changed:
+        tmp = hashes_file.with_name(f".{hashes_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo, indent=1) + "\n")
+        os.replace(tmp, hashes_file)  # a concurrent writer may win: its entries are as valid as ours
     return "local-" + h.hexdigest()[:40]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def resolve_revision(model: str, revision: str, hf_cache: Path) -> str:
@@ -117,26 +128,32 @@ def resolve_revision(model: str, revision: str, hf_cache: Path) -> str:
                         "pin model.revision to a commit and pre-populate the cache for air-gapped use") from None
 
 
-def engine_key(req: EngineRequest, gpu_arch: str, trtllm: str | None) -> str:
+def engine_key(model: str, identity: str, opts: BuildOptions, gpu_arch: str, trtllm: str | None) -> str:
     """Content address of an engine: sha256 (first 20 hex digits) over everything the engine depends on.
 
-    req must be resolved: req.revision a hub commit or a local directory's fingerprint.
-    """
-    fields = {**asdict(req), "gpu_arch": gpu_arch, "tensorrt_llm": trtllm, "key_format": KEY_FORMAT}
+    identity: a hub commit, a local directory's fingerprint, or the embedded model's version."""
+    from nim_build.builder.convert import CONVERTER_VERSION
+
+    fields = {"model": model, "identity": identity, "options": options.cache_key_fields(opts),
+              "gpu_arch": gpu_arch, "tensorrt_llm": trtllm, "converter": CONVERTER_VERSION, "key_format": KEY_FORMAT}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _slug(req: EngineRequest, gpu_arch: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(req.model.rstrip("/")).name) or "model"
-    return f"{name}-{req.quant}-tp{req.tp}-{gpu_arch}"
+def _slug(model: str, opts: BuildOptions, gpu_arch: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name) or "model"
+    return f"{name}-{opts.quant}-tp{opts.tp}-{gpu_arch}"
 
 
-def run_engine_build(model: str, out: Path, req: EngineRequest, hf_cache: Path) -> None:
+def engine_argv(model: str, out: Path, opts: BuildOptions) -> list[str]:
+    """The `nim_build engine` command line (after `nim_build`) that builds opts into out."""
+    return ["engine", model, "--out", str(out), *options.to_argv(opts)]
+
+
+def run_engine_build(model: str, out: Path, opts: BuildOptions, hf_cache: Path) -> None:
     """Build with ``nim_build engine`` in a child process that downloads into hf_cache (its output goes to stderr)."""
-    cmd = [sys.executable, "-m", "nim_build", "engine", model, "--out", str(out),
-           "--quant", req.quant, "--tp", str(req.tp), "--backend", req.backend,
-           "--max-batch-size", str(req.max_batch_size), "--max-seq-len", str(req.max_seq_len)]
-    _log(f"running: nim_build {' '.join(cmd[3:])}")
+    argv = engine_argv(model, out, opts)
+    _log(f"running: nim_build {' '.join(argv)}")
+    cmd = [sys.executable, "-m", "nim_build", *argv]
     rc = subprocess.run(cmd, stdout=sys.stderr, env={**os.environ, "HF_HUB_CACHE": str(hf_cache)}).returncode
     if rc != 0:
         raise UserError(f"`nim_build engine` failed with exit code {rc} (its log is above); "
@@ -145,35 +162,38 @@ def run_engine_build(model: str, out: Path, req: EngineRequest, hf_cache: Path) 
 
 def ensure_engine(
     cache_dir: str | os.PathLike,
-    req: EngineRequest,
+    opts: BuildOptions,
+    revision: str = "main",
     *,
     gpu_arch: str | None = None,
     trtllm: str | None = None,
-    build: Callable[[str, Path, EngineRequest, Path], None] = run_engine_build,
+    build: Callable[[str, Path, BuildOptions, Path], None] = run_engine_build,
 ) -> Path:
-    """Return the cache's engine directory for req on this node, building it first when the cache lacks it.
+    """Return the cache's engine directory for opts on this node, building it first when the cache lacks it.
 
-    gpu_arch and trtllm default to what this machine has. build(model, out_dir, req, hf_cache) must create
-    out_dir as a complete engine directory (with manifest.json); model is what ``nim_build engine`` takes: a
-    local directory, ``default``, or ``org/name@commit``.
+    opts.model is a hub id (`org/name[@revision]`, revision defaulting to `revision`), a local directory or
+    `default`. gpu_arch and trtllm default to what this machine has. build(model, out_dir, opts, hf_cache) must
+    create out_dir as a complete engine directory (with manifest.json); model is what ``nim_build engine`` takes:
+    a local directory, ``default``, or ``org/name@commit``.
     """
     cache = Path(cache_dir)
     gpu_arch = gpu_arch or detect_gpu_arch()
     trtllm = trtllm if trtllm is not None else tensorrt_llm_version()
     hf_cache = cache / "hf"
-    repo_id, _, at_revision = req.model.partition("@")
-    local = Path(req.model).expanduser()
-    if req.model in DEFAULT_ALIASES:  # the bundled default model: fixed by the nim_build version
-        identity, model = f"default-{__version__}", req.model
-    elif local.is_dir():
-        identity, model = local_fingerprint(local.resolve()), str(local.resolve())
+    repo_id, _, at_revision = opts.model.partition("@")
+    local = Path(opts.model).expanduser()
+    if is_default_model(opts.model):  # the bundled default model: fixed by the nim_build version
+        identity, model = f"default-{__version__}", opts.model
+    elif local.is_dir():  # its content is its identity, wherever it lies
+        cache.mkdir(parents=True, exist_ok=True)
+        identity, model = local_fingerprint(local.resolve(), cache / HASHES_FILE), str(local.resolve())
+        repo_id = "local"
     else:
-        identity = resolve_revision(repo_id, at_revision or req.revision, hf_cache)
+        identity = resolve_revision(repo_id, at_revision or revision, hf_cache)
         model = f"{repo_id}@{identity}"
-    req = replace(req, model=repo_id, revision=identity)
-    key = engine_key(req, gpu_arch, trtllm)
+    key = engine_key(repo_id, identity, opts, gpu_arch, trtllm)
     engines = cache / "engines"
-    target = engines / f"{_slug(req, gpu_arch)}--{key}"
+    target = engines / f"{_slug(model.partition('@')[0], opts, gpu_arch)}--{key}"
     if (target / MANIFEST).is_file():
         _log(f"engine found in the cache: {target}")
         return target
@@ -200,7 +220,7 @@ def ensure_engine(
             out = tmp / target.name
             _log(f"no engine for this GPU ({gpu_arch}) and TensorRT-LLM ({trtllm or 'not installed'}); "
                  f"building {target.name}")
-            build(model, out, req, hf_cache)
+            build(model, out, opts.replace(model=model), hf_cache)
             if not (out / MANIFEST).is_file():
                 raise UserError(f"the engine build left no {MANIFEST} in {out}; the cache was left unchanged")
             try:

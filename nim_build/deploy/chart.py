@@ -5,8 +5,9 @@ The values file sets what a build measured or decided and leaves the rest to the
 
 - model.id / model.revision: what the build resolved (hub id + commit; the bundled `default` model; a local
   checkpoint must first be copied into the model cache volume, under models/<name>).
-- engine.*: backend, quantization, tensor-parallel size and limits; the chart rebuilds the engine on the node
-  that serves it (engines are tied to the GPU architecture and the TensorRT-LLM version) unless its cache has one.
+- engine.*: every portable build option of the build (nim_build.options.to_chart), so the init container's
+  `nim_build cache-engine` runs the same build on the node that serves it (engines are tied to the GPU
+  architecture and the TensorRT-LLM version) unless its cache has one.
 - gpu: GPU count = tp; nodes restricted to the GPU products of the build GPU's compute capability; a reference
   engine built without a GPU runs on CPU (gpu.enabled false, the `-cpu` image).
 - resources: memory for the larger of the build's peak RSS and loading the engine, plus /dev/shm.
@@ -22,10 +23,10 @@ from pathlib import Path
 
 import yaml
 
-from nim_build import __version__
-from nim_build.errors import OutputExistsError, UserError
+from nim_build import __version__, options
+from nim_build.builder.default_model import is_default_model
 from nim_build.builder.manifest import load_manifest
-from nim_build.builder.resolve import DEFAULT_ALIASES
+from nim_build.errors import ConfigError, OutputExistsError, UserError
 
 GIB = 1 << 30
 # Values of the node label nvidia.com/gpu.product (GPU feature discovery: the nvidia-smi name, spaces -> "-")
@@ -36,7 +37,6 @@ GPU_PRODUCTS = {
             "NVIDIA-GH200-480GB"],
     "10.0": ["NVIDIA-B200", "NVIDIA-GB200"],
 }
-ALLOWED_TP = (1, 2, 4, 8)
 MODELS_SUBDIR = "models"
 CACHE_MOUNT = "/opt/nim/cache"  # the chart's persistence.mountPath default
 STARTUP_PERIOD_S = 10
@@ -71,7 +71,7 @@ def _model_values(manifest: dict) -> tuple[dict, str | None]:
     """model.* values, and a note for the user when the checkpoint must be copied into the cache."""
     source = str(_field(manifest, "model", "source"))
     revision = manifest["model"].get("revision")
-    if source in DEFAULT_ALIASES:
+    if is_default_model(source):
         return {"id": source, "revision": "main"}, None
     if revision:  # a hub model: the build recorded its commit
         return {"id": source.partition("@")[0], "revision": revision}, None
@@ -87,21 +87,19 @@ def chart_values(engine_dir: str | os.PathLike) -> tuple[dict, list[str]]:
     engine_dir = Path(engine_dir)
     manifest = load_manifest(engine_dir)
     backend = _field(manifest, "backend")
-    build = _field(manifest, "build")
-    tp = int(_field(manifest, "build", "tp"))
-    if tp not in ALLOWED_TP:
-        raise UserError(f"tensor-parallel size {tp} is not one the chart serves ({', '.join(map(str, ALLOWED_TP))})")
+    try:
+        opts = options.BuildOptions(model=str(_field(manifest, "model", "source")),
+                                    **_field(manifest, "build", "options"))
+    except (ConfigError, TypeError) as e:
+        raise UserError(f"the manifest's build options are not this nim_build's ({e}); rebuild the engine") from None
+    tp = opts.tp
     gpu = manifest.get("gpu")
     notes = []
     model, note = _model_values(manifest)
     if note:
         notes.append(note)
-
-    values: dict = {"model": model, "engine": {
-        "backend": backend, "quant": _field(manifest, "build", "quant"), "tensorParallelSize": tp,
-        "maxBatchSize": int(_field(manifest, "build", "max_batch_size")),
-        "maxSeqLen": int(_field(manifest, "build", "max_seq_len")),
-    }}
+    # The chart builds what this build built: its options, with the backend it ended up with (not `auto`).
+    values: dict = {"model": model, "engine": options.to_chart(opts.replace(backend=backend))}
     if gpu:
         values["gpu"] = {"enabled": True, "products": gpu_products(gpu)}
     elif backend == "reference":

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from nim_build import formats
 from nim_build.errors import CheckpointError, ConfigError
+from nim_build.formats import KV_CACHE_QUANT_ALGO_NAMES, QUANT_ALGO_NAMES
 
 FP8 = torch.float8_e4m3fn
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-QUANT_ALGOS = (None, "FP8", "FP8_PER_CHANNEL_PER_TOKEN")
-ROPE_TYPES = (None, "default", "linear", "llama3")
+QUANT_ALGOS = (None, *QUANT_ALGO_NAMES)
+ROPE_TYPES = (None, *formats.ROPE_TYPES)
 
 
 @dataclass
@@ -52,11 +53,11 @@ class ModelConfig:
         if mapping.get("pp_size", 1) != 1:
             raise ConfigError("pipeline-parallel checkpoints (pp_size > 1) are not supported by the reference runtime; "
                               "convert with pp=1")
-        if d.get("dtype", "bfloat16") not in DTYPES:
-            raise ConfigError(f"checkpoint dtype {d.get('dtype')!r} not in {sorted(DTYPES)}")
+        if d.get("dtype", "bfloat16") not in formats.DTYPES:
+            raise ConfigError(f"checkpoint dtype {d.get('dtype')!r} not in {', '.join(formats.DTYPES)}")
         if quant.get("quant_algo") not in QUANT_ALGOS:
             raise ConfigError(f"quant_algo {quant.get('quant_algo')!r} is not supported; supported: {QUANT_ALGOS}")
-        if quant.get("kv_cache_quant_algo") not in (None, "FP8"):
+        if quant.get("kv_cache_quant_algo") not in (None, *KV_CACHE_QUANT_ALGO_NAMES):
             raise ConfigError(f"kv_cache_quant_algo {quant.get('kv_cache_quant_algo')!r} is not supported; use FP8 or null")
         scaling = d.get("rotary_scaling")
         rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
@@ -65,7 +66,7 @@ class ModelConfig:
         heads = d["num_attention_heads"]
         return cls(
             architecture=d.get("architecture", "LlamaForCausalLM"),
-            dtype=DTYPES[d.get("dtype", "bfloat16")],
+            dtype=formats.torch_dtype(d.get("dtype", "bfloat16")),
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
             num_layers=d["num_hidden_layers"],

@@ -20,14 +20,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from nim_build.errors import UserError
+from nim_build.errors import InferenceError, UserError
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
-
-
-class InferenceError(UserError, RuntimeError):
-    """The server answered with an error, or could not be reached."""
 
 
 @dataclass

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
-from nim_build.errors import OutputExistsError, UserError
+from nim_build.errors import NativeBuildError, OutputExistsError, UserError
 from nim_build.builder.manifest import load_manifest
 from nim_build.serving import native
 from nim_build.serving.tokenizer import META_FILE, REPO_TOKENIZER_DIR, Tokenizer, meta_from_manifest
@@ -301,7 +301,7 @@ def _native_postprocessing(mode: str, tok_dir: Path, meta: dict) -> tuple[Path, 
         return None
     try:
         library = native.build_detokenizer()
-    except native.NativeBuildError as e:
+    except NativeBuildError as e:
         if mode == "native":
             raise
         print(f"note: postprocessing runs in python: {e}", file=sys.stderr)

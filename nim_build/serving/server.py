@@ -14,6 +14,7 @@ every model, the other ranks load only `tensorrt_llm`; each has its own python-b
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import shutil
@@ -30,14 +31,12 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, TextIO
 
-from nim_build.errors import UserError
+from nim_build.errors import ServerSetupError, ServingError
 
 NGC_BINARY = "/opt/tritonserver/bin/tritonserver"
+SHM_DIR = "/dev/shm"
+_SERVERS = itertools.count()
 NGC_BACKENDS = "/opt/tritonserver/backends"
-
-
-class ServerError(UserError, RuntimeError):
-    """The server could not start, did not become ready, or stopped answering."""
 
 
 def find_tritonserver() -> Path:
@@ -45,14 +44,14 @@ def find_tritonserver() -> Path:
     env = os.environ.get("TRITONSERVER")
     if env:
         if not os.access(env, os.X_OK):
-            raise ServerError(f"TRITONSERVER={env} is not an executable file; point it at a tritonserver binary")
+            raise ServerSetupError(f"TRITONSERVER={env} is not an executable file; point it at a tritonserver binary")
         return Path(env)
     if os.access(NGC_BINARY, os.X_OK):
         return Path(NGC_BINARY)
     bundled = _pytriton_root()
     if bundled is not None and os.access(bundled / "bin" / "tritonserver", os.X_OK):
         return bundled / "bin" / "tritonserver"
-    raise ServerError("no tritonserver found: set TRITONSERVER, use nvcr.io/nvidia/tritonserver:*-trtllm-python-py3, "
+    raise ServerSetupError("no tritonserver found: set TRITONSERVER, use nvcr.io/nvidia/tritonserver:*-trtllm-python-py3, "
                       "or `pip install nvidia-pytriton==0.7.0` for the CPU server")
 
 
@@ -87,7 +86,7 @@ def engine_world_size(repo: Path) -> int:
         return 1
     engine_cfg = Path(cfg.parameters["gpt_model_path"].string_value) / "config.json"
     if not engine_cfg.is_file():
-        raise ServerError(f"{engine_cfg} not found: the repository's gpt_model_path does not hold an engine")
+        raise ServerSetupError(f"{engine_cfg} not found: the repository's gpt_model_path does not hold an engine")
     mapping = json.loads(engine_cfg.read_text()).get("pretrained_config", {}).get("mapping", {})
     return int(mapping.get("world_size", 1))
 
@@ -101,7 +100,7 @@ class TritonServer:
                  extra_args: tuple[str, ...] = ()):
         self.repo = Path(repo).resolve()
         if not (self.repo.is_dir() and any(self.repo.glob("*/config.pbtxt"))):
-            raise ServerError(f"{repo} is not a Triton model repository (no */config.pbtxt); "
+            raise ServerSetupError(f"{repo} is not a Triton model repository (no */config.pbtxt); "
                               f"generate one with `nim_build repo ENGINE_DIR --out {repo}`")
         self.host = host
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
@@ -114,6 +113,8 @@ class TritonServer:
         self._lines: collections.deque[str] = collections.deque(maxlen=400)
         self._pump: threading.Thread | None = None
         self._workdir: str | None = None
+        self.shm_prefix = f"nimb{os.getpid()}s{next(_SERVERS)}"  # python-backend regions in /dev/shm: ours only
+        self.killed = False  # the server overstayed stop()'s timeout and was killed
 
     # -- addresses -----------------------------------------------------------------------------------------
     @property
@@ -138,7 +139,7 @@ class TritonServer:
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         stub = bundled / "python_backend_stubs" / version / "triton_python_backend_stub"
         if not stub.is_file():
-            raise ServerError(f"nvidia-pytriton has no python backend stub for Python {version}")
+            raise ServerSetupError(f"nvidia-pytriton has no python backend stub for Python {version}")
         out = Path(self._workdir) / "backends" / "python"
         out.mkdir(parents=True, exist_ok=True)
         for src in (bundled / "backends" / "python" / "libtriton_python.so",
@@ -164,7 +165,7 @@ class TritonServer:
                 f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
                 f"--metrics-port={self.metrics_port}", "--allow-gpu-metrics=false",
                 f"--exit-timeout-secs={self.exit_timeout_s}", "--disable-auto-complete-config",
-                f"--backend-config=python,shm-region-prefix-name=nimb{os.getpid()}r{rank}_"]
+                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}r{rank}_"]
         if rank > 0:
             args += ["--model-control-mode=explicit", "--load-model=tensorrt_llm"]
         return args + list(self.extra_args)
@@ -174,7 +175,7 @@ class TritonServer:
             return self.rank_args(binary, backends, 0)
         mpirun = shutil.which("mpirun")
         if mpirun is None:
-            raise ServerError(f"the engine has world size {self.world_size}: mpirun is needed and not on PATH")
+            raise ServerSetupError(f"the engine has world size {self.world_size}: mpirun is needed and not on PATH")
         cmd = [mpirun, "--allow-run-as-root"]
         for rank in range(self.world_size):
             cmd += ["-n", "1", *self.rank_args(binary, backends, rank), ":"]
@@ -186,7 +187,7 @@ class TritonServer:
         for flag, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port),
                            ("--metrics-port", self.metrics_port)):
             if port_in_use(self.host, port):
-                raise ServerError(f"port {port} is already in use on {self.host or '0.0.0.0'}; "
+                raise ServerSetupError(f"port {port} is already in use on {self.host or '0.0.0.0'}; "
                                   f"stop what listens there or pick another with {flag}")
         self._workdir = tempfile.mkdtemp(prefix="nim_build_triton_")
         backends = self._backend_dir(binary)
@@ -223,51 +224,50 @@ class TritonServer:
             if not self.running():
                 if self._pump is not None:
                     self._pump.join(timeout=5)
-                raise ServerError(f"Triton exited (code {self.proc.returncode}) before it was ready: "
+                raise ServingError(f"Triton exited (code {self.proc.returncode}) before it was ready: "
                                   f"{self.failure_reason()}")
             if self.ready():
                 return
             time.sleep(0.25)
         reason = self.failure_reason()
         self.stop()
-        raise ServerError(f"Triton was not ready after {timeout_s:.0f} s (last log line: {reason}); "
+        raise ServingError(f"Triton was not ready after {timeout_s:.0f} s (last log line: {reason}); "
                           "see its log above, or raise --startup-timeout")
 
     def failure_reason(self) -> str:
         """The most telling error line of the log, in one line."""
-        # Without a GPU every start logs "unable to create stream for ensemble: CUDA driver ...": harmless.
-        lines = [ln for ln in self._lines if "unable to create stream for ensemble" not in ln]
-        for marker in ("failed to load", "Internal: ", "Invalid argument", "Unavailable", "error:", "E1", "E0"):
+        # Without a GPU every start logs these errors: harmless.
+        harmless = ("unable to create stream for ensemble", "CudaDriverHelper has not been initialized")
+        lines = [ln for ln in self._lines if not any(h in ln for h in harmless)]
+        for marker in ("failed to load", "failed to stop", "Internal: ", "Invalid argument", "Unavailable", "error:",
+                       "E1", "E0"):
             for line in lines:
                 if marker in line:
                     return " ".join(line.split())[:600]
         return " ".join(lines[-1].split())[:600] if lines else "no output"
 
     def stop(self, timeout_s: float | None = None) -> int | None:
-        """terminate -> wait -> kill the whole process group; returns the exit code."""
+        """Stop Triton and everything it started; returns Triton's exit code (negative: killed by that signal).
+
+        SIGTERM to the server only (mpirun forwards it to the ranks): its python stubs, in its process group, must
+        stay alive while it unloads them. Whatever way the server ended (here, by a crash, or killed when it
+        overstays timeout_s), the rest of its process group is then terminated -> waited for -> killed, and the
+        shared-memory regions its python stubs leave in /dev/shm are removed. `killed` says whether the server
+        itself had to be killed."""
         if self.proc is None:
             return None
         timeout_s = timeout_s if timeout_s is not None else self.exit_timeout_s + 10
         if self.proc.poll() is None:
-            # SIGTERM to the server only (mpirun forwards it to the ranks): its python stubs, in the same process
-            # group, must stay alive while it unloads them; the group is killed only when it overstays.
-            try:
-                os.kill(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            _signal(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                self.killed = True
+                _signal(-self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
-        else:
-            try:  # the server is gone; make sure no stub of its group lingers
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        _stop_group(self.proc.pid)
+        for region in Path(SHM_DIR).glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
         if self._pump is not None:
             self._pump.join(timeout=5)
         if self._workdir:
@@ -286,6 +286,37 @@ class TritonServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _signal(pid: int, sig: int) -> bool:
+    """os.kill (a negative pid: the process group); False when no such process is left."""
+    try:
+        if pid < 0:
+            os.killpg(-pid, sig)
+        else:
+            os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a pid reused by another user's process: not ours
+        return False
+
+
+def _stop_group(pgid: int, grace_s: float = 5.0) -> None:
+    """Terminate -> wait -> kill what is left of a process group (children reparented to us are reaped)."""
+    deadline = time.monotonic() + grace_s
+    sig = signal.SIGTERM
+    while _signal(-pgid, sig):
+        try:  # when we are PID 1 (a container) or a subreaper, orphaned stubs are our children: reap them
+            while os.waitpid(-pgid, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            pass
+        if time.monotonic() > deadline:
+            if sig == signal.SIGKILL:
+                return  # only zombies that are not ours to reap are left
+            sig, deadline = signal.SIGKILL, time.monotonic() + 2.0
+        time.sleep(0.05)
 
 
 def supervise(server: TritonServer, probe: Callable[[], None], interval_s: float = 10.0,

@@ -31,6 +31,58 @@ META_FILE = "nim_build_tokenizer.json"  # kind / bos / end / pad ids and limits,
 # Triton looks for nothing); here so the python models can default to it without importing the generator.
 REPO_TOKENIZER_DIR = "preprocessing/1/tokenizer"
 KINDS = ("hf", "tekken")
+# Every file a tokenizer (and its chat template and special ids) may need: what a build copies and downloads.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tekken.json",
+                   "tokenizer.model", "generation_config.json", "chat_template.jinja", "chat_template.json")
+TEKKEN_END_ID = 2  # </s> in every Tekken vocabulary
+
+
+def tokenizer_kind(path: str | os.PathLike) -> str | None:
+    """"tekken" when the directory has tekken.json (mistral-common renders Mistral's chats and tool calls as the
+    model was trained), else "hf" for a tokenizer.json, else None."""
+    path = Path(path)
+    if (path / "tekken.json").is_file():
+        return "tekken"
+    return "hf" if (path / "tokenizer.json").is_file() else None
+
+
+def detect_meta(path: str | os.PathLike, *, bos_id: int | None = None, end_id: int | list | None = None,
+                pad_id: int | None = None) -> dict[str, Any] | None:
+    """What serving needs to know of the tokenizer in path: kind, bos / end / pad ids and whether it has a chat
+    template; None without tokenizer files. The given ids (the model config's) give way to generation_config.json;
+    an end id found nowhere else comes from config.json in path, then tokenizer_config.json's eos token."""
+    path = Path(path)
+    kind = tokenizer_kind(path)
+    if kind is None:
+        return None
+    gen = _json(path / "generation_config.json")
+    bos_id = gen.get("bos_token_id", bos_id)
+    end_id = _first(gen.get("eos_token_id", end_id))
+    pad_id = gen.get("pad_token_id", pad_id)
+    tok_cfg = _json(path / "tokenizer_config.json")
+    if end_id is None:
+        end_id = _first(_json(path / "config.json").get("eos_token_id"))
+    if end_id is None:
+        eos = tok_cfg.get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        end_id = next((int(i) for i, t in (tok_cfg.get("added_tokens_decoder") or {}).items()
+                       if t.get("content") == eos), None)
+    if end_id is None and kind == "tekken":
+        end_id = TEKKEN_END_ID
+    if end_id is None:
+        raise UserError(f"cannot tell the end-of-sequence id of the tokenizer in {path}: add eos_token_id to its "
+                        "generation_config.json")
+    chat = bool(tok_cfg.get("chat_template")) or (path / "chat_template.jinja").is_file() or kind == "tekken"
+    return {"kind": kind, "bos_id": bos_id, "end_id": int(end_id), "pad_id": end_id if pad_id is None else pad_id,
+            "chat_template": chat}
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _first(x):
+    return x[0] if isinstance(x, list) and x else x
 
 
 class Tokenizer:
@@ -71,15 +123,14 @@ class Tokenizer:
         """Load from a tokenizer directory; ids come from `meta` or the directory's nim_build_tokenizer.json."""
         path = Path(path)
         if meta is None:
-            meta_path = path / META_FILE
-            meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        kind = meta.get("kind") or ("tekken" if (path / "tekken.json").is_file() else "hf")
+            meta = _json(path / META_FILE)
+        kind = meta.get("kind") or tokenizer_kind(path) or "hf"
         wanted = path / ("tekken.json" if kind == "tekken" else "tokenizer.json")
         if not wanted.is_file():
             raise UserError(f"{wanted} not found: the tokenizer directory {path} has no {kind} tokenizer")
         end_id = meta.get("end_id")
         if end_id is None:
-            end_id = _guess_end_id(path, kind)
+            end_id = detect_meta(path)["end_id"]
         return cls(kind, path, bos_id=meta.get("bos_id"), end_id=end_id, pad_id=meta.get("pad_id"),
                    max_seq_len=meta.get("max_seq_len"))
 
@@ -325,25 +376,3 @@ def meta_from_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
         "max_seq_len": build.get("max_seq_len"),
         "max_batch_size": build.get("max_batch_size"),
     }
-
-
-def _guess_end_id(path: Path, kind: str) -> int:
-    if kind == "tekken":
-        return 2
-    for name in ("generation_config.json", "config.json"):
-        f = path / name
-        if f.is_file():
-            eos = json.loads(f.read_text()).get("eos_token_id")
-            if isinstance(eos, list) and eos:
-                return int(eos[0])
-            if isinstance(eos, int):
-                return eos
-    cfg = path / "tokenizer_config.json"
-    if cfg.is_file():
-        data = json.loads(cfg.read_text())
-        eos = data.get("eos_token")
-        eos = eos.get("content") if isinstance(eos, dict) else eos
-        for tid, tok in (data.get("added_tokens_decoder") or {}).items():
-            if tok.get("content") == eos:
-                return int(tid)
-    raise UserError(f"cannot tell the end-of-sequence id of the tokenizer in {path}; record it in the manifest")

@@ -62,29 +62,21 @@ spec:
       image: {{ include "nim-llm.image" . | quote }}
       imagePullPolicy: {{ .Values.image.pullPolicy }}
       command: ["/bin/sh", "-ec"]
+      # The script's arguments ("$@") are the engine values as build flags (templates/_engine.tpl).
       args:
         - |
           engine_dir="$(nim_build cache-engine "$NIM_MODEL" --revision "$NIM_MODEL_REVISION" \
-            --cache-dir "$NIM_CACHE_DIR" --quant "$NIM_QUANT" --tp "$NIM_TP" --backend "$NIM_BACKEND" \
-            --max-batch-size "$NIM_MAX_BATCH_SIZE" --max-seq-len "$NIM_MAX_SEQ_LEN")"
+            --cache-dir "$NIM_CACHE_DIR" "$@")"
           rm -rf "$NIM_REPO_DIR"
           nim_build repo "$engine_dir" --out "$NIM_REPO_DIR"
+        - nim_build
+        {{- include "nim-llm.engineArgs" . | trim | nindent 8 }}
       env:
         {{- include "nim-llm.commonEnv" . | nindent 8 }}
         - name: NIM_MODEL
           value: {{ .Values.model.id | quote }}
         - name: NIM_MODEL_REVISION
           value: {{ .Values.model.revision | quote }}
-        - name: NIM_QUANT
-          value: {{ .Values.engine.quant | quote }}
-        - name: NIM_TP
-          value: {{ .Values.engine.tensorParallelSize | quote }}
-        - name: NIM_BACKEND
-          value: {{ .Values.engine.backend | quote }}
-        - name: NIM_MAX_BATCH_SIZE
-          value: {{ .Values.engine.maxBatchSize | quote }}
-        - name: NIM_MAX_SEQ_LEN
-          value: {{ .Values.engine.maxSeqLen | quote }}
         {{- if .Values.huggingface.offline }}
         - name: HF_HUB_OFFLINE
           value: "1"

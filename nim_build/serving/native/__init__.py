@@ -3,7 +3,8 @@
 `nim_build repo` puts the compiled library and the table of its tokenizer into the repository's
 `postprocessing/1/` folder; Triton loads a backend from the model's version folder, so the repository needs
 nothing installed in the server's backend directory. The library is built with the machine's C++ compiler
-($CXX, else c++ / g++) into $NIM_BUILD_NATIVE_DIR (default ~/.cache/nim_build/native), one build per source.
+($CXX, else c++ / g++) into nim_build.paths.native_dir() ($NIM_BUILD_NATIVE_DIR, default ~/.cache/nim_build/native),
+one build per source.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import struct
 import subprocess
 from pathlib import Path
 
-from nim_build.errors import UserError
+from nim_build import paths
+from nim_build.errors import NativeBuildError
 
 BACKEND = "nim_detokenizer"
 LIBRARY = f"libtriton_{BACKEND}.so"
@@ -26,21 +28,12 @@ FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-Wall"]
 _MAGIC = b"NIMDTOK1"
 
 
-class NativeBuildError(UserError):
-    pass
-
-
-def library_dir() -> Path:
-    if os.environ.get("NIM_BUILD_NATIVE_DIR"):
-        return Path(os.environ["NIM_BUILD_NATIVE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nim_build" / "native"
-
 
 def build_detokenizer() -> Path:
     """The compiled backend library: from the cache, or compiled now (about 2 s) and cached."""
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    out = library_dir() / digest / LIBRARY
+    out = paths.native_dir() / digest / LIBRARY
     if out.is_file():
         return out
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
