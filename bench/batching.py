@@ -54,8 +54,10 @@ def checkpoint(quant: str, engine: str | None) -> Path:
 
 def workload(n: int, vocab: int, seed: int, prompt_len=(16, 128), output_len=(16, 160)) -> list[tuple[list[int], int]]:
     rng = random.Random(seed)
-    return [([rng.randrange(10, vocab) for _ in range(rng.randint(*prompt_len))], rng.randint(*output_len))
-            for _ in range(n)]
+    return [
+        ([rng.randrange(10, vocab) for _ in range(rng.randint(*prompt_len))], rng.randint(*output_len))
+        for _ in range(n)
+    ]
 
 
 def run(model, mode: str, reqs, c: int) -> dict:
@@ -98,10 +100,16 @@ def run(model, mode: str, reqs, c: int) -> dict:
     engine.shutdown()
     ttft = [f - a for a, f, _, _ in timings]
     itl = [(last - f) / (n - 1) for _, f, last, n in timings if n > 1]
-    return {"requests": len(reqs), "tokens": sum(t[3] for t in timings), "wall_s": wall,
-            "tok_s": sum(t[3] for t in timings) / wall, "ttft_mean": statistics.mean(ttft),
-            "ttft_p50": statistics.median(ttft), "itl_mean": statistics.mean(itl),
-            "max_seqs_in_step": engine.stats()["max_seqs_in_step"]}
+    return {
+        "requests": len(reqs),
+        "tokens": sum(t[3] for t in timings),
+        "wall_s": wall,
+        "tok_s": sum(t[3] for t in timings) / wall,
+        "ttft_mean": statistics.mean(ttft),
+        "ttft_p50": statistics.median(ttft),
+        "itl_mean": statistics.mean(itl),
+        "max_seqs_in_step": engine.stats()["max_seqs_in_step"],
+    }
 
 
 def main(argv=None) -> None:
@@ -112,9 +120,13 @@ def main(argv=None) -> None:
     # Enough requests per client that the final drain (fewer than `c` requests left) is a small part of the run.
     ap.add_argument("--requests-per-client", type=int, default=4, help="requests = max(8, this * concurrency)")
     ap.add_argument("--one-max", type=int, default=16, help="skip one-at-a-time above this concurrency (slow)")
-    ap.add_argument("--one-requests", type=int, default=16,
-                    help="one-at-a-time runs the workload's first N requests: strictly sequential, its tok/s does not "
-                         "depend on how many")
+    ap.add_argument(
+        "--one-requests",
+        type=int,
+        default=16,
+        help="one-at-a-time runs the workload's first N requests: strictly sequential, its tok/s does not "
+        "depend on how many",
+    )
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--prompt-len", default="16,128", help="min,max prompt tokens")
     ap.add_argument("--output-len", default="16,160", help="min,max output tokens")
@@ -125,29 +137,43 @@ def main(argv=None) -> None:
     engine_name = args.engine or f"SmolLM2-135M-Instruct {args.quant} checkpoint"
     rows = []
     for c in [int(x) for x in args.concurrency.split(",")]:
-        reqs = workload(max(8, args.requests_per_client * c), model.cfg.vocab_size, args.seed + c,
-                        tuple(map(int, args.prompt_len.split(","))), tuple(map(int, args.output_len.split(","))))
+        reqs = workload(
+            max(8, args.requests_per_client * c),
+            model.cfg.vocab_size,
+            args.seed + c,
+            tuple(map(int, args.prompt_len.split(","))),
+            tuple(map(int, args.output_len.split(","))),
+        )
         results = {}
         for mode in ("one", "static", "inflight"):
             if mode == "one" and c > args.one_max:
                 continue
-            results[mode] = r = run(model, mode, reqs[:args.one_requests] if mode == "one" else reqs, c)
-            print(f"c={c} {mode}: {r['tok_s']:.1f} tok/s, {r['tokens']} tokens in {r['wall_s']:.1f} s",
-                  file=sys.stderr, flush=True)
+            results[mode] = r = run(model, mode, reqs[: args.one_requests] if mode == "one" else reqs, c)
+            print(
+                f"c={c} {mode}: {r['tok_s']:.1f} tok/s, {r['tokens']} tokens in {r['wall_s']:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
         rows.append((c, results))
-    print(f"\n`python bench/batching.py {' '.join(argv if argv is not None else sys.argv[1:])}` — {engine_name}, "
-          f"CPU float32 compute, {args.threads} threads, prompts {args.prompt_len.replace(',', '-')} / outputs "
-          f"{args.output_len.replace(',', '-')} tokens\n")
-    print("| concurrency | mode | requests | output tok/s | TTFT mean (ms) | TTFT p50 (ms) | ITL mean (ms) | "
-          "max seqs/step | vs one-at-a-time | vs static |")
+    print(
+        f"\n`python bench/batching.py {' '.join(argv if argv is not None else sys.argv[1:])}` — {engine_name}, "
+        f"CPU float32 compute, {args.threads} threads, prompts {args.prompt_len.replace(',', '-')} / outputs "
+        f"{args.output_len.replace(',', '-')} tokens\n"
+    )
+    print(
+        "| concurrency | mode | requests | output tok/s | TTFT mean (ms) | TTFT p50 (ms) | ITL mean (ms) | "
+        "max seqs/step | vs one-at-a-time | vs static |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for c, results in rows:
         for mode, r in results.items():
             vs_one = f"{r['tok_s'] / results['one']['tok_s']:.2f}x" if "one" in results else "—"
             vs_static = f"{r['tok_s'] / results['static']['tok_s']:.2f}x"
-            print(f"| {c} | {mode} | {r['requests']} | {r['tok_s']:.1f} | {r['ttft_mean'] * 1e3:.0f} | "
-                  f"{r['ttft_p50'] * 1e3:.0f} | {r['itl_mean'] * 1e3:.1f} | {r['max_seqs_in_step']} | {vs_one} | "
-                  f"{vs_static} |")
+            print(
+                f"| {c} | {mode} | {r['requests']} | {r['tok_s']:.1f} | {r['ttft_mean'] * 1e3:.0f} | "
+                f"{r['ttft_p50'] * 1e3:.0f} | {r['itl_mean'] * 1e3:.1f} | {r['max_seqs_in_step']} | {vs_one} | "
+                f"{vs_static} |"
+            )
 
 
 if __name__ == "__main__":

@@ -26,10 +26,28 @@ import torch
 from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parent.parent
-NEMO = dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-            intermediate_size=14336, vocab_size=131072, max_position_embeddings=1024000, rope_theta=1e6)
-ONE_B = dict(hidden_size=2048, num_hidden_layers=14, num_attention_heads=16, num_key_value_heads=4, head_dim=128,
-             intermediate_size=8192, vocab_size=131072, max_position_embeddings=8192, rope_theta=5e5)  # Tekken vocab
+NEMO = dict(
+    hidden_size=5120,
+    num_hidden_layers=40,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    intermediate_size=14336,
+    vocab_size=131072,
+    max_position_embeddings=1024000,
+    rope_theta=1e6,
+)
+ONE_B = dict(
+    hidden_size=2048,
+    num_hidden_layers=14,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=128,
+    intermediate_size=8192,
+    vocab_size=131072,
+    max_position_embeddings=8192,
+    rope_theta=5e5,
+)  # Tekken vocab
 
 
 def write_synthetic(out: Path, shape: dict, arch: str, shards: int) -> int:
@@ -40,11 +58,19 @@ def write_synthetic(out: Path, shape: dict, arch: str, shards: int) -> int:
     names = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
     for i in range(shape["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        names.update({p + "self_attn.q_proj.weight": (q, H), p + "self_attn.k_proj.weight": (kv, H),
-                      p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, q),
-                      p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H),
-                      p + "mlp.down_proj.weight": (H, I), p + "input_layernorm.weight": (H,),
-                      p + "post_attention_layernorm.weight": (H,)})
+        names.update(
+            {
+                p + "self_attn.q_proj.weight": (q, H),
+                p + "self_attn.k_proj.weight": (kv, H),
+                p + "self_attn.v_proj.weight": (kv, H),
+                p + "self_attn.o_proj.weight": (H, q),
+                p + "mlp.gate_proj.weight": (I, H),
+                p + "mlp.up_proj.weight": (I, H),
+                p + "mlp.down_proj.weight": (H, I),
+                p + "input_layernorm.weight": (H,),
+                p + "post_attention_layernorm.weight": (H,),
+            }
+        )
     order = list(names)
     per = -(-len(order) // shards)
     g = torch.Generator().manual_seed(0)
@@ -52,7 +78,7 @@ def write_synthetic(out: Path, shape: dict, arch: str, shards: int) -> int:
     for s in range(shards):
         fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         tensors = {}
-        for n in order[s * per:(s + 1) * per]:
+        for n in order[s * per : (s + 1) * per]:
             shp = names[n]
             t = (torch.ones(shp) if len(shp) == 1 else torch.randn(shp, generator=g) * 0.02).to(torch.bfloat16)
             tensors[n] = t
@@ -60,11 +86,20 @@ def write_synthetic(out: Path, shape: dict, arch: str, shards: int) -> int:
             total += t.numel() * 2
         save_file(tensors, out / fname)
         del tensors
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                  "weight_map": weight_map}))
-    cfg = {"architectures": [arch], "model_type": "mistral" if arch.startswith("Mistral") else "llama",
-           "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False,
-           "bos_token_id": 1, "eos_token_id": 2, **shape}
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
+    cfg = {
+        "architectures": [arch],
+        "model_type": "mistral" if arch.startswith("Mistral") else "llama",
+        "torch_dtype": "bfloat16",
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        **shape,
+    }
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     import mistral_common
 
@@ -107,17 +142,44 @@ def dd_baseline(inputs: list[Path], out_bytes: int, scratch: Path) -> tuple[floa
         subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=16M", "status=none"], check=True)
     read_s = time.monotonic() - t
     t = time.monotonic()
-    subprocess.run(["dd", "if=/dev/zero", f"of={scratch}", "bs=16M", f"count={-(-out_bytes // (16 << 20))}",
-                    "conv=fsync", "status=none"], check=True)
+    subprocess.run(
+        [
+            "dd",
+            "if=/dev/zero",
+            f"of={scratch}",
+            "bs=16M",
+            f"count={-(-out_bytes // (16 << 20))}",
+            "conv=fsync",
+            "status=none",
+        ],
+        check=True,
+    )
     write_s = time.monotonic() - t
     scratch.unlink()
     return read_s, write_s
 
 
 def engine_cmd(model: Path, out: Path, samples: int, seq: int, quant: str = "fp8") -> list[str]:
-    return [sys.executable, "-m", "nim_build", "engine", str(model), "--out", str(out), "--quant", quant,
-            "--backend", "reference", "--no-accuracy-gate", "--calib-samples", str(samples),
-            "--calib-seq-len", str(seq), "--force", "--json"]
+    return [
+        sys.executable,
+        "-m",
+        "nim_build",
+        "engine",
+        str(model),
+        "--out",
+        str(out),
+        "--quant",
+        quant,
+        "--backend",
+        "reference",
+        "--no-accuracy-gate",
+        "--calib-samples",
+        str(samples),
+        "--calib-seq-len",
+        str(seq),
+        "--force",
+        "--json",
+    ]
 
 
 def bench_nemo(work: Path, samples: int, seq: int) -> dict:
@@ -133,18 +195,28 @@ def bench_nemo(work: Path, samples: int, seq: int) -> dict:
         t = json.loads((out / "manifest.json").read_text())["timings_s"]
         out_bytes = sum(f.stat().st_size for f in (out / "checkpoint").glob("*.safetensors"))
         shutil.rmtree(out)
-        rows[quant] = {"wall_s": round(wall, 1), "calibrate_s": round(t.get("calibrate", 0.0), 1),
-                       "convert_s": round(t["convert"], 1), "peak_rss_GiB": round(rss / 2**30, 2),
-                       "MBps_wall": round((in_bytes + out_bytes) / wall / 1e6),
-                       "MBps_convert": round((in_bytes + out_bytes) / t["convert"] / 1e6), "out_bytes": out_bytes}
+        rows[quant] = {
+            "wall_s": round(wall, 1),
+            "calibrate_s": round(t.get("calibrate", 0.0), 1),
+            "convert_s": round(t["convert"], 1),
+            "peak_rss_GiB": round(rss / 2**30, 2),
+            "MBps_wall": round((in_bytes + out_bytes) / wall / 1e6),
+            "MBps_convert": round((in_bytes + out_bytes) / t["convert"] / 1e6),
+            "out_bytes": out_bytes,
+        }
     read_s, write_s = dd_baseline(inputs, rows["fp8"]["out_bytes"], work / "dd.scratch")
     dd = (in_bytes + rows["fp8"]["out_bytes"]) / (read_s + write_s) / 1e6
     for r in rows.values():
         r["dd_MBps"] = round(dd)
         r["convert_vs_dd"] = round(r["MBps_convert"] / dd, 2)
         r["wall_vs_dd"] = round(r["MBps_wall"] / dd, 2)
-    return {"input_bytes": in_bytes, "calib": f"{samples}x{seq}", "dd_read_s": round(read_s, 1),
-            "dd_write_s": round(write_s, 1), **{f"{q}": r for q, r in rows.items()}}
+    return {
+        "input_bytes": in_bytes,
+        "calib": f"{samples}x{seq}",
+        "dd_read_s": round(read_s, 1),
+        "dd_write_s": round(write_s, 1),
+        **{f"{q}": r for q, r in rows.items()},
+    }
 
 
 def bench_1b(work: Path, samples: int, seq: int) -> dict:
@@ -157,12 +229,32 @@ def bench_1b(work: Path, samples: int, seq: int) -> dict:
     # nim_build reads its batch from the text; the modelopt path gets random ids of the same shape: the work
     # (one forward over samples x seq tokens) is the same.
     ours_s, ours_rss, _ = timed(engine_cmd(model, work / "ours", samples, seq), stdout=subprocess.DEVNULL)
-    mo_s, mo_rss, _ = timed([sys.executable, str(REPO / "tests/oracle/modelopt_export.py"), "--model", str(model),
-                             "--calib-ids", str(work / "calib.npy"), "--tp", "1", "--out", str(work / "modelopt"),
-                             "--threads", str(os.cpu_count())], stdout=subprocess.DEVNULL)
-    return {"nim_build_s": round(ours_s, 1), "modelopt_s": round(mo_s, 1), "time_ratio": round(mo_s / ours_s, 2),
-            "nim_build_peak_rss_GiB": round(ours_rss / 2**30, 2), "modelopt_peak_rss_GiB": round(mo_rss / 2**30, 2),
-            "rss_ratio": round(mo_rss / ours_rss, 2), "calib": f"{samples}x{seq}"}
+    mo_s, mo_rss, _ = timed(
+        [
+            sys.executable,
+            str(REPO / "tests/oracle/modelopt_export.py"),
+            "--model",
+            str(model),
+            "--calib-ids",
+            str(work / "calib.npy"),
+            "--tp",
+            "1",
+            "--out",
+            str(work / "modelopt"),
+            "--threads",
+            str(os.cpu_count()),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    return {
+        "nim_build_s": round(ours_s, 1),
+        "modelopt_s": round(mo_s, 1),
+        "time_ratio": round(mo_s / ours_s, 2),
+        "nim_build_peak_rss_GiB": round(ours_rss / 2**30, 2),
+        "modelopt_peak_rss_GiB": round(mo_rss / 2**30, 2),
+        "rss_ratio": round(mo_rss / ours_rss, 2),
+        "calib": f"{samples}x{seq}",
+    }
 
 
 def main():
@@ -185,7 +277,7 @@ def main():
     result = fn(args.workdir, args.calib_samples, args.calib_seq_len)
     print(json.dumps(result, indent=2))
     if not args.keep:  # only what this benchmark wrote
-        for d in (["nemo-synthetic"] if args.which == "nemo" else ["llama-1b-synthetic", "ours", "modelopt"]):
+        for d in ["nemo-synthetic"] if args.which == "nemo" else ["llama-1b-synthetic", "ours", "modelopt"]:
             shutil.rmtree(args.workdir / d, ignore_errors=True)
 
 

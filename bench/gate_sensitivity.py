@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO))
 
 from nim_build.builder.accuracy import _accumulate, evaluate  # noqa: E402
 from nim_build.builder.calib_data import token_batch  # noqa: E402
-from nim_build.builder.source import open_source  # noqa: E402
 from nim_build.builder.default_model import materialize_default_model  # noqa: E402
+from nim_build.builder.source import open_source  # noqa: E402
 
 LAYER = "transformer.layers.{}."
 
@@ -35,6 +35,7 @@ LAYER = "transformer.layers.{}."
 def scaled(name: str, factor: float):
     def mutate(t):
         t[name] = t[name] * factor
+
     return mutate
 
 
@@ -42,6 +43,7 @@ def swap_gate_up(layer: int):
     def mutate(t):
         p = LAYER.format(layer) + "mlp."
         t[p + "fc.weight"], t[p + "gate.weight"] = t[p + "gate.weight"].clone(), t[p + "fc.weight"].clone()
+
     return mutate
 
 
@@ -49,7 +51,8 @@ def swap_k_v(layer: int, q_rows: int = 576, kv_rows: int = 192):
     def mutate(t):
         name = LAYER.format(layer) + "attention.qkv.weight"
         w = t[name]
-        t[name] = torch.cat([w[:q_rows], w[q_rows + kv_rows:], w[q_rows:q_rows + kv_rows]])
+        t[name] = torch.cat([w[:q_rows], w[q_rows + kv_rows :], w[q_rows : q_rows + kv_rows]])
+
     return mutate
 
 
@@ -81,8 +84,11 @@ def modelopt_fake_quant(hf: Path, ids: torch.Tensor, eos: int) -> dict:
         a, b = ref(ids).logits, fq(ids).logits
     acc = {"tokens": 0, "agree": 0, "kl": 0.0, "max_err": 0.0, "nll_hf": 0.0, "nll_q": 0.0, "targets": 0}
     _accumulate(acc, a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), ids)
-    return {"top1_agreement": acc["agree"] / acc["tokens"], "mean_kl": acc["kl"] / acc["tokens"],
-            "ppl_increase": math.exp((acc["nll_q"] - acc["nll_hf"]) / acc["targets"]) - 1}
+    return {
+        "top1_agreement": acc["agree"] / acc["tokens"],
+        "mean_kl": acc["kl"] / acc["tokens"],
+        "ppl_increase": math.exp((acc["nll_q"] - acc["nll_hf"]) / acc["targets"]) - 1,
+    }
 
 
 def main(argv=None) -> None:
@@ -93,9 +99,25 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         engine = Path(args.engine) if args.engine else Path(tmp) / "engine"
         if not args.engine:
-            subprocess.run([sys.executable, "-m", "nim_build", "engine", "default", "--quant", "fp8", "--backend",
-                            "reference", "--no-accuracy-gate", "--max-seq-len", "512", "--out", str(engine)],
-                           check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "nim_build",
+                    "engine",
+                    "default",
+                    "--quant",
+                    "fp8",
+                    "--backend",
+                    "reference",
+                    "--no-accuracy-gate",
+                    "--max-seq-len",
+                    "512",
+                    "--out",
+                    str(engine),
+                ],
+                check=True,
+            )
         eos = json.loads((hf / "config.json").read_text())["eos_token_id"]
         source = open_source(hf)
         ids = token_batch(source.tokenizer, 8, 128, separator_id=eos)  # the gate's own evaluation batch
@@ -111,8 +133,10 @@ def main(argv=None) -> None:
             r = evaluate(source, ckpt, ids)
             print(f"| {name} | {r['top1_agreement']:.3f} | {r['mean_kl']:.3f} | {r['ppl_increase']:+.1%} |", flush=True)
         r = modelopt_fake_quant(hf, ids, eos)
-        print(f"| modelopt fake-quant (FP8_DEFAULT_CFG), not a checkpoint | {r['top1_agreement']:.3f} | "
-              f"{r['mean_kl']:.3f} | {r['ppl_increase']:+.1%} |")
+        print(
+            f"| modelopt fake-quant (FP8_DEFAULT_CFG), not a checkpoint | {r['top1_agreement']:.3f} | "
+            f"{r['mean_kl']:.3f} | {r['ppl_increase']:+.1%} |"
+        )
 
 
 if __name__ == "__main__":

@@ -32,13 +32,17 @@ def refuse(msg: str) -> None:
 
 def require_fp8_gpu() -> torch.device:
     if not torch.cuda.is_available():
-        refuse("no CUDA GPU visible to torch (torch.cuda.is_available() is False); "
-                 "run this on a machine with an FP8 GPU (compute capability >= 8.9, e.g. H100)")
+        refuse(
+            "no CUDA GPU visible to torch (torch.cuda.is_available() is False); "
+            "run this on a machine with an FP8 GPU (compute capability >= 8.9, e.g. H100)"
+        )
     dev = torch.device("cuda")
     cc = torch.cuda.get_device_capability(dev)
     if cc < (8, 9):
-        refuse(f"{torch.cuda.get_device_name(dev)} has compute capability {cc[0]}.{cc[1]}; native FP8 "
-                 "GEMMs need >= 8.9 (Ada, Hopper, Blackwell)")
+        refuse(
+            f"{torch.cuda.get_device_name(dev)} has compute capability {cc[0]}.{cc[1]}; native FP8 "
+            "GEMMs need >= 8.9 (Ada, Hopper, Blackwell)"
+        )
     return dev
 
 
@@ -49,8 +53,16 @@ def check_logits(dev: torch.device) -> list[str]:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        hf = make_tiny_model(Path(tmp) / "hf", hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2,
-                             head_dim=128, intermediate_size=1536, vocab_size=1024)
+        hf = make_tiny_model(
+            Path(tmp) / "hf",
+            hidden_size=512,
+            num_layers=4,
+            num_heads=8,
+            num_kv_heads=2,
+            head_dim=128,
+            intermediate_size=1536,
+            vocab_size=1024,
+        )
         ids = torch.as_tensor(make_calib_ids(1024, n=2, seq=64, seed=1))
         for quant in ("fp8", "fp8-pc-pt"):
             ckpt = Path(tmp) / quant
@@ -80,12 +92,18 @@ def time_gemms(dev: torch.device, tokens: list[int], iters: int) -> list[str]:
             pad = (-m) % 16
             x8 = torch.nn.functional.pad(x, (0, 0, 0, pad)).to(torch.float8_e4m3fn)
             one = torch.ones((), device=dev)
-            t_bf16 = _time(lambda: x @ w.t(), iters)
-            t_fp8 = _time(lambda: torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=w_scale,
-                                                   out_dtype=torch.bfloat16), iters)
+            t_bf16 = _time(lambda x=x, w=w: x @ w.t(), iters)
+            t_fp8 = _time(
+                lambda x8=x8, w8=w8, one=one, s=w_scale: torch._scaled_mm(
+                    x8, w8.t(), scale_a=one, scale_b=s, out_dtype=torch.bfloat16
+                ),
+                iters,
+            )
             flops = 2 * m * n * k
-            rows.append(f"| {name} [{n}x{k}] | {m} | {t_bf16 * 1e3:.3f} | {t_fp8 * 1e3:.3f} | "
-                        f"{flops / t_bf16 / 1e12:.0f} | {flops / t_fp8 / 1e12:.0f} | {t_bf16 / t_fp8:.2f}x |")
+            rows.append(
+                f"| {name} [{n}x{k}] | {m} | {t_bf16 * 1e3:.3f} | {t_fp8 * 1e3:.3f} | "
+                f"{flops / t_bf16 / 1e12:.0f} | {flops / t_fp8 / 1e12:.0f} | {t_bf16 / t_fp8:.2f}x |"
+            )
     return rows
 
 
@@ -108,12 +126,15 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=50)
     args = ap.parse_args(argv)
     dev = require_fp8_gpu()
-    print(f"`python bench/gpu_fp8.py {' '.join(argv if argv is not None else sys.argv[1:])}` on "
-          f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}\n")
+    print(
+        f"`python bench/gpu_fp8.py {' '.join(argv if argv is not None else sys.argv[1:])}` on "
+        f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}\n"
+    )
     print("| checkpoint | native vs CPU: max rel logit error | top-1 agreement | |\n|---|---|---|---|")
     rows = check_logits(dev)
     print("\n".join(rows))
-    print("\n| layer | tokens | bf16 (ms) | FP8 (ms) | bf16 TFLOPS | FP8 TFLOPS | FP8 speedup |\n|---|---|---|---|---|---|---|")
+    print("\n| layer | tokens | bf16 (ms) | FP8 (ms) | bf16 TFLOPS | FP8 TFLOPS | FP8 speedup |")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(time_gemms(dev, [int(t) for t in args.tokens.split(",")], args.iters)))
     if any("MISMATCH" in r for r in rows):
         sys.exit(1)

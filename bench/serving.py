@@ -39,8 +39,10 @@ import numpy as np
 import psutil
 
 STEP_DELAY_S = 0.004  # the trivial engine's step time: 250 steps/s, one token per stream per step
-TEXT = ("The quick brown fox jumps over the lazy dog. 中文分词测试：我们今天去北京大学参观。 "
-        "한국어 텍스트입니다, 안녕하세요! مرحبا بالعالم، هذا نص عربي. Emoji 🙂👍🏽 and code:\n\tdef f(x): return x * 2\n")
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. 中文分词测试：我们今天去北京大学参观。 "
+    "한국어 텍스트입니다, 안녕하세요! مرحبا بالعالم، هذا نص عربي. Emoji 🙂👍🏽 and code:\n\tdef f(x): return x * 2\n"
+)
 
 
 def trivial_engine_dir(root: Path, source: Path | None) -> Path:
@@ -51,8 +53,12 @@ def trivial_engine_dir(root: Path, source: Path | None) -> Path:
     eng = root / "trivial-engine"
     if source is not None:
         manifest = load_manifest(source)
-        return write_engine_dir(eng, source / manifest["tokenizer"].get("dir", "tokenizer"), manifest["tokenizer"],
-                                manifest["spec"]["vocab_size"])
+        return write_engine_dir(
+            eng,
+            source / manifest["tokenizer"].get("dir", "tokenizer"),
+            manifest["tokenizer"],
+            manifest["spec"]["vocab_size"],
+        )
     from nim_build.builder.default_model import materialize_default_model
 
     model = materialize_default_model()
@@ -173,9 +179,14 @@ def bench_preprocessing(server, tok, n, concurrency):
     wall = unary_many(server.grpc_url, "preprocessing", inputs, n, concurrency)
     cpu = max(meter.own() - c0, 1e-6)
     both = max(meter.total() - t0, 1e-3)
-    return {"requests": n, "tokens_per_request": n_tokens, "tokens_per_s_wall": n * n_tokens / wall,
-            "tokens_per_cpu_s": n * n_tokens / cpu, "tokens_per_cpu_s_with_server": n * n_tokens / both,
-            "requests_per_cpu_s": n / cpu}
+    return {
+        "requests": n,
+        "tokens_per_request": n_tokens,
+        "tokens_per_s_wall": n * n_tokens / wall,
+        "tokens_per_cpu_s": n * n_tokens / cpu,
+        "tokens_per_cpu_s_with_server": n * n_tokens / both,
+        "requests_per_cpu_s": n / cpu,
+    }
 
 
 def bench_postprocessing(server, tok, n, concurrency, chunk):
@@ -186,7 +197,7 @@ def bench_postprocessing(server, tok, n, concurrency, chunk):
     streams = concurrency
 
     def inputs(i):
-        s, k = i % streams, i // streams
+        k = i // streams
         start = (k * chunk) % (len(ids) - chunk)
         toks = np.array([[ids[start : start + chunk]]], dtype=np.int32)
         t = grpcclient.InferInput("TOKENS_BATCH", list(toks.shape), "INT32")
@@ -197,13 +208,18 @@ def bench_postprocessing(server, tok, n, concurrency, chunk):
 
     meter = CpuMeter(server, "postprocessing")
     c0, h0, t0 = meter.own(), meter.thread(), meter.total()
-    wall = unary_many(server.grpc_url, "postprocessing", inputs, n, concurrency,
-                      request_id=lambda i: f"bench-{chunk}-{i % streams}")
+    wall = unary_many(
+        server.grpc_url, "postprocessing", inputs, n, concurrency, request_id=lambda i: f"bench-{chunk}-{i % streams}"
+    )
     tokens = n * chunk
-    return {"requests": n, "tokens_per_response": chunk, "tokens_per_s_wall": tokens / wall,
-            "tokens_per_cpu_s": tokens / max(meter.own() - c0, 1e-6),
-            "tokens_per_thread_cpu_s": tokens / max(meter.thread() - h0, 1e-6),
-            "tokens_per_cpu_s_with_server": tokens / max(meter.total() - t0, 1e-3)}
+    return {
+        "requests": n,
+        "tokens_per_response": chunk,
+        "tokens_per_s_wall": tokens / wall,
+        "tokens_per_cpu_s": tokens / max(meter.own() - c0, 1e-6),
+        "tokens_per_thread_cpu_s": tokens / max(meter.thread() - h0, 1e-6),
+        "tokens_per_cpu_s_with_server": tokens / max(meter.total() - t0, 1e-3),
+    }
 
 
 def bench_ensemble_stream(server, n_streams, max_tokens):
@@ -219,7 +235,8 @@ def bench_ensemble_stream(server, n_streams, max_tokens):
 
     def one(_):
         r = Client(server.grpc_url, "grpc", "ensemble").generate(
-            GenerateRequest(prompt=TEXT, max_tokens=max_tokens, stream=True))
+            GenerateRequest(prompt=TEXT, max_tokens=max_tokens, stream=True)
+        )
         return len(r.chunks)
 
     with ThreadPoolExecutor(n_streams) as pool:
@@ -227,12 +244,17 @@ def bench_ensemble_stream(server, n_streams, max_tokens):
     wall = time.perf_counter() - t0
     cpu = pre.own() + post.own() - c0
     tokens = n_streams * max_tokens
-    return {"streams": n_streams, "max_tokens": max_tokens, "responses": chunks, "tokens_per_s_wall": tokens / wall,
-            "pre_post_tokens_per_cpu_s": tokens / max(cpu, 1e-3),
-            "post_tokens_per_cpu_s": tokens / max(post.own() - p0, 1e-3),
-            "post_tokens_per_thread_cpu_s": tokens / max(post.thread() - h0, 1e-3),
-            "tensorrt_llm_stub_tokens_per_cpu_s": tokens / max(llm.own() - l0, 1e-3),
-            "server_tokens_per_cpu_s": tokens / max(sum(cpu_s(p) for p in everything) - e0, 1e-3)}
+    return {
+        "streams": n_streams,
+        "max_tokens": max_tokens,
+        "responses": chunks,
+        "tokens_per_s_wall": tokens / wall,
+        "pre_post_tokens_per_cpu_s": tokens / max(cpu, 1e-3),
+        "post_tokens_per_cpu_s": tokens / max(post.own() - p0, 1e-3),
+        "post_tokens_per_thread_cpu_s": tokens / max(post.thread() - h0, 1e-3),
+        "tensorrt_llm_stub_tokens_per_cpu_s": tokens / max(llm.own() - l0, 1e-3),
+        "server_tokens_per_cpu_s": tokens / max(sum(cpu_s(p) for p in everything) - e0, 1e-3),
+    }
 
 
 def _stream_latency(url, model, inputs, n):
@@ -263,9 +285,11 @@ def bench_latency(server, tok, n, max_tokens):
 
     def llm_inputs():
         out = []
-        for name, arr, dt in (("input_ids", np.array([ids], dtype=np.int32), "INT32"),
-                              ("input_lengths", np.array([[len(ids)]], dtype=np.int32), "INT32"),
-                              ("request_output_len", np.array([[max_tokens]], dtype=np.int32), "INT32")):
+        for name, arr, dt in (
+            ("input_ids", np.array([ids], dtype=np.int32), "INT32"),
+            ("input_lengths", np.array([[len(ids)]], dtype=np.int32), "INT32"),
+            ("request_output_len", np.array([[max_tokens]], dtype=np.int32), "INT32"),
+        ):
             x = grpcclient.InferInput(name, list(arr.shape), dt)
             x.set_data_from_numpy(arr)
             out.append(x)
@@ -280,11 +304,14 @@ def bench_latency(server, tok, n, max_tokens):
     def pct(xs, q):
         return 1000 * float(np.percentile(xs, q))
 
-    return {"requests": n, "max_tokens": max_tokens,
-            "tensorrt_llm_ms": {"p50": pct(direct, 50), "p99": pct(direct, 99)},
-            "ensemble_ms": {"p50": pct(ens, 50), "p99": pct(ens, 99)},
-            "added_ms": {"p50": pct(ens, 50) - pct(direct, 50), "p99": pct(ens, 99) - pct(direct, 99)},
-            "mean_added_ms": 1000 * (statistics.mean(ens) - statistics.mean(direct))}
+    return {
+        "requests": n,
+        "max_tokens": max_tokens,
+        "tensorrt_llm_ms": {"p50": pct(direct, 50), "p99": pct(direct, 99)},
+        "ensemble_ms": {"p50": pct(ens, 50), "p99": pct(ens, 99)},
+        "added_ms": {"p50": pct(ens, 50) - pct(direct, 50), "p99": pct(ens, 99) - pct(direct, 99)},
+        "mean_added_ms": 1000 * (statistics.mean(ens) - statistics.mean(direct)),
+    }
 
 
 def _server(repo):
@@ -299,8 +326,9 @@ def _server(repo):
         ports.append(sock.getsockname()[1])
     for sock in socks:
         sock.close()
-    return TritonServer(repo, host="127.0.0.1", http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2],
-                        exit_timeout_s=3)
+    return TritonServer(
+        repo, host="127.0.0.1", http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2], exit_timeout_s=3
+    )
 
 
 def main(argv=None) -> int:
@@ -314,22 +342,27 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
-    from nim_build.serving.tokenizer import Tokenizer
     from nim_build.serving.repo import RepoOptions, generate_repo
+    from nim_build.serving.tokenizer import Tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="bench_serving_"))
     try:
         eng = trivial_engine_dir(root, args.engine_dir)
         tok = Tokenizer.from_engine_dir(eng)
-        report = {"machine": {"cpus": psutil.cpu_count(), "load_avg_1m": psutil.getloadavg()[0]},
-                  "library": bench_library(tok)}
+        report = {
+            "machine": {"cpus": psutil.cpu_count(), "load_avg_1m": psutil.getloadavg()[0]},
+            "library": bench_library(tok),
+        }
         # Unpaced engine: per-model costs and the ensemble's added latency. Paced engine: streaming.
         for post in args.postprocessing.split(","):
             for paced in (False, True):
                 step_s = args.step_ms / 1e3 if paced else 0.0
                 (eng / "trivial_engine.json").write_text(json.dumps({"step_delay_s": step_s}))
-                repo = generate_repo(eng, root / f"repo-{post}-{paced}", RepoOptions(
-                    engine_class="nim_build.testing.trivial_engine:TrivialEngine", postprocessing=post))
+                repo = generate_repo(
+                    eng,
+                    root / f"repo-{post}-{paced}",
+                    RepoOptions(engine_class="nim_build.testing.trivial_engine:TrivialEngine", postprocessing=post),
+                )
                 with _server(repo) as server:
                     try:
                         if paced:
@@ -339,12 +372,13 @@ def main(argv=None) -> int:
                         bench_preprocessing(server, tok, 20, 2)  # warm up
                         bench_postprocessing(server, tok, 20, 2, 1)
                         if post == args.postprocessing.split(",")[0]:  # the same python model either way
-                            report["preprocessing"] = bench_preprocessing(server, tok, args.requests,
-                                                                          args.concurrency)
+                            report["preprocessing"] = bench_preprocessing(server, tok, args.requests, args.concurrency)
                         report[f"postprocessing_stream_1[{post}]"] = bench_postprocessing(
-                            server, tok, args.requests * 8, args.concurrency, 1)
+                            server, tok, args.requests * 8, args.concurrency, 1
+                        )
                         report[f"postprocessing_16[{post}]"] = bench_postprocessing(
-                            server, tok, args.requests, args.concurrency, 16)
+                            server, tok, args.requests, args.concurrency, 16
+                        )
                         report[f"latency[{post}]"] = bench_latency(server, tok, max(50, args.requests // 4), 16)
                     except Exception:
                         print(server.logs(60), file=sys.stderr)

@@ -28,9 +28,26 @@ WORDS = "the of and to in is was for on that with as by at from his her an are t
 def default_engine() -> Path:
     out = REPO / ".cache" / "bench" / "smollm2-bf16-reference-engine"
     if not (out / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "nim_build", "engine", "default", "--out", str(out), "--backend",
-                        "reference", "--quant", "bf16", "--no-accuracy-gate", "--max-seq-len", "1024", "--force"],
-                       check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "nim_build",
+                "engine",
+                "default",
+                "--out",
+                str(out),
+                "--backend",
+                "reference",
+                "--quant",
+                "bf16",
+                "--no-accuracy-gate",
+                "--max-seq-len",
+                "1024",
+                "--force",
+            ],
+            check=True,
+        )
     return out
 
 
@@ -43,22 +60,26 @@ def main(argv=None) -> None:
 
     from serving import _server
 
-    from nim_build.serving.tokenizer import Tokenizer
     from nim_build.serving.client import Client, GenerateRequest
     from nim_build.serving.repo import generate_repo
+    from nim_build.serving.tokenizer import Tokenizer
 
     engine = args.engine or default_engine()
     tok = Tokenizer.from_engine_dir(engine)
     rng = random.Random(0)
-    work = [(" ".join(rng.choice(WORDS) for _ in range(rng.randint(16, 100))), rng.randint(32, 95))
-            for _ in range(args.requests)]
+    work = [
+        (" ".join(rng.choice(WORDS) for _ in range(rng.randint(16, 100))), rng.randint(32, 95))
+        for _ in range(args.requests)
+    ]
     with tempfile.TemporaryDirectory(prefix="bench_serving_engine_") as tmp:
         repo = generate_repo(engine, Path(tmp) / "repo")
         with _server(repo) as server:
+
             def one(i):
                 prompt, n = work[i]
                 r = Client(server.grpc_url, "grpc", "ensemble").generate(
-                    GenerateRequest(prompt=prompt, max_tokens=n, stream=True))
+                    GenerateRequest(prompt=prompt, max_tokens=n, stream=True)
+                )
                 return len(tok.encode(r.text, add_special_tokens=False)), len(r.chunks), r.time_to_first_chunk_s
 
             one(0)  # warm up
@@ -68,9 +89,11 @@ def main(argv=None) -> None:
             wall = time.perf_counter() - t0
     tokens, responses = sum(r[0] for r in results), sum(r[1] for r in results)
     ttft = [r[2] for r in results if r[2] is not None]
-    print(f"{engine.name}: {args.requests} requests at concurrency {args.concurrency} in {wall:.1f} s: "
-          f"{tokens / wall:.1f} output tok/s, {responses / wall:.1f} responses/s, time to first chunk mean "
-          f"{1e3 * statistics.mean(ttft):.0f} ms, p50 {1e3 * statistics.median(ttft):.0f} ms")
+    print(
+        f"{engine.name}: {args.requests} requests at concurrency {args.concurrency} in {wall:.1f} s: "
+        f"{tokens / wall:.1f} output tok/s, {responses / wall:.1f} responses/s, time to first chunk mean "
+        f"{1e3 * statistics.mean(ttft):.0f} ms, p50 {1e3 * statistics.median(ttft):.0f} ms"
+    )
 
 
 if __name__ == "__main__":

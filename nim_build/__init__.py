@@ -7,3 +7,6 @@ TRTLLM_VERSION = "1.2.1"
 TRTLLM_IMAGE = "nvcr.io/nvidia/tritonserver:25.12-trtllm-python-py3"
 # KV-cache block size (TensorRT-LLM's default), used by the engine build and the reference runtime alike.
 TOKENS_PER_BLOCK = 32
+# TensorRT-LLM's kv_cache_free_gpu_mem_fraction default: the share of the memory left after loading the weights that
+# the KV cache may take (the repository's parameter, the reference runtime's default, the chart's sizing).
+KV_CACHE_FREE_MEM_FRACTION = 0.9

@@ -19,17 +19,19 @@ _V1_UNLIMITED = 1 << 60  # cgroup v1 writes a huge number (PAGE_COUNTER_MAX page
 
 @dataclass(frozen=True)
 class Memory:
-    available: int          # bytes this process can still allocate
-    limit: int | None       # the cgroup's limit, None without one
-    used: int | None        # the cgroup's current usage, None without a limit
-    host_available: int     # the host's available memory
+    available: int  # bytes this process can still allocate
+    limit: int | None  # the cgroup's limit, None without one
+    used: int | None  # the cgroup's current usage, None without a limit
+    host_available: int  # the host's available memory
 
     def describe(self) -> str:
         gib = 1 << 30
         if self.limit is None:
             return f"{self.available / gib:.1f} GiB available on the host (no container memory limit)"
-        return (f"{self.available / gib:.1f} GiB available: container memory limit {self.limit / gib:.1f} GiB, "
-                f"{self.used / gib:.1f} GiB used")
+        return (
+            f"{self.available / gib:.1f} GiB available: container memory limit {self.limit / gib:.1f} GiB, "
+            f"{self.used / gib:.1f} GiB used"
+        )
 
 
 def _cgroup_dirs(root: Path, proc_cgroup: Path, controller: str) -> list[Path]:

@@ -19,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from nim_build import TOKENS_PER_BLOCK
 from nim_build.errors import ConfigError
@@ -35,59 +36,132 @@ BACKENDS = ("auto", "trtllm", "reference")
 DEFAULT_MAX_SEQ_LEN = 8192  # the max_seq_len default: min(the model's max_position_embeddings, this)
 
 
-def _opt(help: str, *, choices: tuple | None = None, min: float | None = None, max: float | None = None,
-         local: bool = False, key: bool = True, path: str | None = None, short: str | None = None,
-         chart: str | None = None, argument: bool = False) -> dict:
+def _opt(
+    help: str,
+    *,
+    choices: tuple | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    local: bool = False,
+    key: bool = True,
+    path: str | None = None,
+    short: str | None = None,
+    chart: str | None = None,
+    argument: bool = False,
+) -> dict:
     """Field metadata. local: not carried to the cache or the chart. key: part of the engine cache's key (a
     portable option that does not change the engine, like workers, is not). path: "file" / "dir" for paths.
     chart: the chart's key when it is not the camelCase of the name. argument: a positional argument."""
-    return {"help": help, "choices": choices, "min": min, "max": max, "local": local, "key": key and not local,
-            "path": path, "short": short, "chart": chart, "argument": argument}
+    return {
+        "help": help,
+        "choices": choices,
+        "min": min,
+        "max": max,
+        "local": local,
+        "key": key and not local,
+        "path": path,
+        "short": short,
+        "chart": chart,
+        "argument": argument,
+    }
 
 
 @dataclass(frozen=True)
 class BuildOptions:
     """What `nim_build engine` builds. Constructing one validates every value (type, choices, range, combination)."""
 
-    model: str = field(metadata=_opt(
-        "A local HF checkpoint, a hub id org/name[@revision], or `default` (the embedded model).", argument=True))
-    out: str | None = field(default=None, metadata=_opt(
-        "Output directory [default: engines/<model name>].", local=True, path="dir", short="-o"))
-    name: str | None = field(default=None, metadata=_opt(
-        "Engine name recorded in the manifest [default: the output directory's name].", local=True))
-    quant: str = field(default="fp8", metadata=_opt(
-        "fp8: per-tensor FP8 weights and activations from calibration (modelopt-exact). fp8-pc-pt: per-channel "
-        "weights, per-token activations, no calibration. bf16/fp16: no quantization.", choices=tuple(QUANT_ALGOS)))
-    kv_cache: str = field(default="auto", metadata=_opt(
-        "fp8: FP8 KV cache with calibrated scales (halves KV memory; needs --quant fp8). auto: the model dtype.",
-        choices=KV_CACHES))
-    tp: int = field(default=1, metadata=_opt(
-        "Tensor-parallel size: GPUs per replica.", choices=TP_SIZES, chart="tensorParallelSize"))
-    backend: str = field(default="auto", metadata=_opt(
-        "trtllm: a TensorRT-LLM 1.2 engine (GPU; compute capability >= 8.9 for FP8). reference: the checkpoint "
-        "served by nim_build's PyTorch runtime (CPU or GPU). auto: trtllm when it can build here.", choices=BACKENDS))
-    max_batch_size: int = field(default=64, metadata=_opt(
-        "Most sequences in flight at once.", min=1, max=4096))
-    max_seq_len: int | None = field(default=None, metadata=_opt(
-        f"Prompt + output tokens [default: min(the model's max_position_embeddings, {DEFAULT_MAX_SEQ_LEN})].",
-        min=2, max=1 << 20))
-    max_num_tokens: int = field(default=8192, metadata=_opt(
-        "Tokens per in-flight batching step (prefill chunks + decodes); at least one KV-cache block.", min=1))
-    calib_data: str | None = field(default=None, metadata=_opt(
-        "Calibration text, one sample per line [default: a built-in multilingual set].", local=True, path="file"))
+    model: str = field(
+        metadata=_opt(
+            "A local HF checkpoint, a hub id org/name[@revision], or `default` (the embedded model).", argument=True
+        )
+    )
+    out: str | None = field(
+        default=None,
+        metadata=_opt("Output directory [default: engines/<model name>].", local=True, path="dir", short="-o"),
+    )
+    name: str | None = field(
+        default=None,
+        metadata=_opt("Engine name recorded in the manifest [default: the output directory's name].", local=True),
+    )
+    quant: str = field(
+        default="fp8",
+        metadata=_opt(
+            "fp8: per-tensor FP8 weights and activations from calibration (modelopt-exact). fp8-pc-pt: per-channel "
+            "weights, per-token activations, no calibration. bf16/fp16: no quantization.",
+            choices=tuple(QUANT_ALGOS),
+        ),
+    )
+    kv_cache: str = field(
+        default="auto",
+        metadata=_opt(
+            "fp8: FP8 KV cache with calibrated scales (halves KV memory; needs --quant fp8). auto: the model dtype.",
+            choices=KV_CACHES,
+        ),
+    )
+    tp: int = field(
+        default=1,
+        metadata=_opt("Tensor-parallel size: GPUs per replica.", choices=TP_SIZES, chart="tensorParallelSize"),
+    )
+    backend: str = field(
+        default="auto",
+        metadata=_opt(
+            "trtllm: a TensorRT-LLM 1.2 engine (GPU; compute capability >= 8.9 for FP8). reference: the checkpoint "
+            "served by nim_build's PyTorch runtime (CPU or GPU). auto: trtllm when it can build here.",
+            choices=BACKENDS,
+        ),
+    )
+    max_batch_size: int = field(default=64, metadata=_opt("Most sequences in flight at once.", min=1, max=4096))
+    max_seq_len: int | None = field(
+        default=None,
+        metadata=_opt(
+            f"Prompt + output tokens [default: min(the model's max_position_embeddings, {DEFAULT_MAX_SEQ_LEN})].",
+            min=2,
+            max=1 << 20,
+        ),
+    )
+    max_num_tokens: int = field(
+        default=8192,
+        metadata=_opt(
+            "Tokens per in-flight batching step (prefill chunks + decodes); at least one KV-cache block.", min=1
+        ),
+    )
+    calib_data: str | None = field(
+        default=None,
+        metadata=_opt(
+            "Calibration text, one sample per line [default: a built-in multilingual set].", local=True, path="file"
+        ),
+    )
     calib_samples: int = field(default=32, metadata=_opt("Calibration samples (fp8).", min=1))
     calib_seq_len: int = field(default=256, metadata=_opt("Tokens per calibration sample (fp8).", min=2))
-    eval_data: str | None = field(default=None, metadata=_opt(
-        "Evaluation text for the accuracy gate, one per line [default: built-in].", local=True, path="file"))
-    accuracy_gate: bool = field(default=True, metadata=_opt(
-        "Compare the quantized checkpoint with the HF model's own forward pass; fail (exit 3) when it drifts."))
-    min_top1: float | None = field(default=None, metadata=_opt(
-        "Gate: least top-1 agreement with the HF model [default: 0.95; 0.80 for the embedded 135M model].",
-        min=0, max=1))
-    max_ppl_increase: float | None = field(default=None, metadata=_opt(
-        "Gate: largest relative perplexity increase [default: 0.03; 0.15 for the embedded 135M model].", min=0))
-    allow_pickle: bool = field(default=False, metadata=_opt(
-        "Accept pytorch_model*.bin weights (loading pickle can run code)."))
+    eval_data: str | None = field(
+        default=None,
+        metadata=_opt(
+            "Evaluation text for the accuracy gate, one per line [default: built-in].", local=True, path="file"
+        ),
+    )
+    accuracy_gate: bool = field(
+        default=True,
+        metadata=_opt(
+            "Compare the quantized checkpoint with the HF model's own forward pass; fail (exit 3) when it drifts."
+        ),
+    )
+    min_top1: float | None = field(
+        default=None,
+        metadata=_opt(
+            "Gate: least top-1 agreement with the HF model [default: 0.95; 0.80 for the embedded 135M model].",
+            min=0,
+            max=1,
+        ),
+    )
+    max_ppl_increase: float | None = field(
+        default=None,
+        metadata=_opt(
+            "Gate: largest relative perplexity increase [default: 0.03; 0.15 for the embedded 135M model].", min=0
+        ),
+    )
+    allow_pickle: bool = field(
+        default=False, metadata=_opt("Accept pytorch_model*.bin weights (loading pickle can run code).")
+    )
     workers: int = field(default=1, metadata=_opt("Parallel per-rank engine builds.", min=1, key=False))
     force: bool = field(default=False, metadata=_opt("Replace an existing output directory.", local=True))
 
@@ -95,13 +169,17 @@ class BuildOptions:
         for f in dataclasses.fields(self):
             _check(f, getattr(self, f.name))
         if self.kv_cache == "fp8" and self.quant != "fp8":
-            raise ConfigError("kv_cache fp8 needs quant fp8 (its scales come from the same calibration); "
-                              "pass --quant fp8 or --kv-cache auto")
+            raise ConfigError(
+                "kv_cache fp8 needs quant fp8 (its scales come from the same calibration); "
+                "pass --quant fp8 or --kv-cache auto"
+            )
         if self.max_num_tokens < TOKENS_PER_BLOCK:
-            raise ConfigError(f"max_num_tokens {self.max_num_tokens} is less than one KV-cache block "
-                              f"({TOKENS_PER_BLOCK} tokens): no prompt could be scheduled")
+            raise ConfigError(
+                f"max_num_tokens {self.max_num_tokens} is less than one KV-cache block "
+                f"({TOKENS_PER_BLOCK} tokens): no prompt could be scheduled"
+            )
 
-    def replace(self, **changes) -> "BuildOptions":
+    def replace(self, **changes) -> BuildOptions:
         return dataclasses.replace(self, **changes)
 
     def portable(self) -> dict[str, Any]:
@@ -181,6 +259,7 @@ def from_mapping(data: Any, source: str | None = None) -> BuildOptions:
 
 # -- command line ------------------------------------------------------------------------------------------------
 
+
 def flag(f: dataclasses.Field) -> str:
     return "--" + f.name.replace("_", "-")
 
@@ -252,6 +331,7 @@ def cache_key_fields(opts: BuildOptions) -> dict[str, Any]:
 
 
 # -- Helm chart --------------------------------------------------------------------------------------------------
+
 
 def chart_key(f: dataclasses.Field) -> str:
     first, *rest = f.name.split("_")

@@ -22,4 +22,6 @@ def default_models_dir() -> Path:
 
 
 def native_dir() -> Path:
-    return Path(os.environ["NIM_BUILD_NATIVE_DIR"]) if os.environ.get("NIM_BUILD_NATIVE_DIR") else cache_root() / "native"
+    return (
+        Path(os.environ["NIM_BUILD_NATIVE_DIR"]) if os.environ.get("NIM_BUILD_NATIVE_DIR") else cache_root() / "native"
+    )

@@ -21,21 +21,26 @@ REPO = Path(__file__).resolve().parent.parent
 # Gitignored; survives between test sessions so expensive artifacts are built once per checkout.
 TEST_CACHE = REPO / ".cache"
 SCRATCH = Path(tempfile.mkdtemp(prefix="nim_build_tests_"))  # this session's caches, removed at its end
-os.environ.update({
-    "HF_HOME": str(SCRATCH / "hf"),  # huggingface_hub reads it at import: set before anything imports it
-    "TORCH_HOME": str(SCRATCH / "torch"),
-    "XDG_CACHE_HOME": str(SCRATCH / "xdg"),
-    "NIM_BUILD_NATIVE_DIR": str(SCRATCH / "native"),
-    "NIM_BUILD_CACHE": str(TEST_CACHE / "nim_build"),  # the default model, materialized once per checkout
-    "PIP_CACHE_DIR": str(TEST_CACHE / "pip"),  # what scripts/setup.sh filled
-})
+os.environ.update(
+    {
+        "HF_HOME": str(SCRATCH / "hf"),  # huggingface_hub reads it at import: set before anything imports it
+        "TORCH_HOME": str(SCRATCH / "torch"),
+        "XDG_CACHE_HOME": str(SCRATCH / "xdg"),
+        "NIM_BUILD_NATIVE_DIR": str(SCRATCH / "native"),
+        "NIM_BUILD_CACHE": str(TEST_CACHE / "nim_build"),  # the default model, materialized once per checkout
+        "PIP_CACHE_DIR": str(TEST_CACHE / "pip"),  # what scripts/setup.sh filled
+    }
+)
 USER_CACHE = Path.home() / ".cache"
 SERVER_PROCESSES = ("tritonserver", "triton_python_backend_stub")
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:
-    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*") if p.is_file()} \
-        if root.is_dir() else {}
+    return (
+        {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*") if p.is_file()}
+        if root.is_dir()
+        else {}
+    )
 
 
 def _servers() -> set[int]:
@@ -75,6 +80,7 @@ def default_model_dir() -> Path:
 
 # --- Triton serving (tests/test_triton_*.py, tests/test_serve*.py) --------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def reference_engine_dir(default_model_dir, tmp_path_factory) -> Path:
     """The default model as an FP8 reference engine (max_seq_len 512, max batch 32), built by the real converter
@@ -83,8 +89,18 @@ def reference_engine_dir(default_model_dir, tmp_path_factory) -> Path:
     from nim_build.options import BuildOptions
 
     out = tmp_path_factory.mktemp("engines") / "smollm2-fp8"
-    build(BuildOptions(model=str(default_model_dir), out=str(out), backend="reference", accuracy_gate=False,
-                       calib_samples=4, max_seq_len=512, max_batch_size=32), progress=False)
+    build(
+        BuildOptions(
+            model=str(default_model_dir),
+            out=str(out),
+            backend="reference",
+            accuracy_gate=False,
+            calib_samples=4,
+            max_seq_len=512,
+            max_batch_size=32,
+        ),
+        progress=False,
+    )
     return out
 
 
@@ -114,10 +130,29 @@ class ServedRepo:
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self._log_file = open(log, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nim_build", "serve", str(repo), "--host", "127.0.0.1",
-             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-             "--metrics-port", str(self.metrics_port), "--health-interval", "2", "--exit-timeout", "5"],
-            stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "nim_build",
+                "serve",
+                str(repo),
+                "--host",
+                "127.0.0.1",
+                "--http-port",
+                str(self.http_port),
+                "--grpc-port",
+                str(self.grpc_port),
+                "--metrics-port",
+                str(self.metrics_port),
+                "--health-interval",
+                "2",
+                "--exit-timeout",
+                "5",
+            ],
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -139,8 +174,10 @@ class ServedRepo:
         import urllib.request
 
         text = urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
-        return {m.group(1): float(m.group(2))
-                for m in re.finditer(r'^nim_build_engine\{stat="(\w+)"\} ([0-9.e+-]+)$', text, re.M)}
+        return {
+            m.group(1): float(m.group(2))
+            for m in re.finditer(r'^nim_build_engine\{stat="(\w+)"\} ([0-9.e+-]+)$', text, re.M)
+        }
 
     def stop(self) -> None:
         import signal
@@ -164,8 +201,14 @@ def tokenizer_engine_dir(root: Path, tok_dir: Path) -> Path:
     from nim_build.serving.tokenizer import META_FILE, Tokenizer
     from nim_build.testing.trivial_engine import write_engine_dir
 
-    return write_engine_dir(root / f"engine-{tok_dir.name}", tok_dir, json.loads((tok_dir / META_FILE).read_text()),
-                            Tokenizer.from_dir(tok_dir).vocab_size, max_batch_size=8, max_seq_len=512)
+    return write_engine_dir(
+        root / f"engine-{tok_dir.name}",
+        tok_dir,
+        json.loads((tok_dir / META_FILE).read_text()),
+        Tokenizer.from_dir(tok_dir).vocab_size,
+        max_batch_size=8,
+        max_seq_len=512,
+    )
 
 
 @contextlib.contextmanager
@@ -193,15 +236,15 @@ def triton_serve(reference_engine_dir, tmp_path_factory):
 
 # --- reference runtime (tests/test_runtime*.py, tests/test_scheduler.py, tests/test_accuracy.py) --------------
 
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Factory: tiny_checkpoint(quant="bf16", tp=1, kv_cache="auto", **make_tiny_model kwargs) -> (hf_dir, ckpt_dir).
 
-    A tiny random HF model and its TensorRT-LLM checkpoint written by nim_build.builder.convert; cached for the session."""
+    A tiny random HF model and its TensorRT-LLM checkpoint written by nim_build.builder.convert; cached for the
+    session."""
     import torch
-    from tiny_models import make_calib_ids, make_tiny_model
-
-    from tiny_models import convert
+    from tiny_models import convert, make_calib_ids, make_tiny_model
 
     root, made = tmp_path_factory.mktemp("tiny_ckpt"), {}
 

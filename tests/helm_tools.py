@@ -57,8 +57,13 @@ def helm_binary() -> Path:
 def run_helm(*args: str, cwd: Path | None = None) -> str:
     """Run helm offline (no kubeconfig, caches under .cache/); stdout, or HelmError with stderr."""
     home = CACHE / "helm-home"
-    env = {**os.environ, "HELM_CACHE_HOME": str(home / "cache"), "HELM_CONFIG_HOME": str(home / "config"),
-           "HELM_DATA_HOME": str(home / "data"), "KUBECONFIG": os.devnull}
+    env = {
+        **os.environ,
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+        "KUBECONFIG": os.devnull,
+    }
     proc = subprocess.run([str(helm_binary()), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
     if proc.returncode != 0:
         raise HelmError(proc.stderr.strip())
@@ -73,12 +78,28 @@ def _values_args(values: dict | None, tmp_dir: Path) -> list[str]:
     return ["-f", str(path)]
 
 
-def render_text(values: dict | None = None, *, api_versions: tuple[str, ...] = (), kube_version: str = "1.28.0",
-                chart: Path = CHART, extra: tuple[str, ...] = (), release: str = "rel") -> str:
+def render_text(
+    values: dict | None = None,
+    *,
+    api_versions: tuple[str, ...] = (),
+    kube_version: str = "1.28.0",
+    chart: Path = CHART,
+    extra: tuple[str, ...] = (),
+    release: str = "rel",
+) -> str:
     """`helm template` output of the chart with these values (merged over values.yaml)."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["template", release, str(chart), "--namespace", "llm", "--kube-version", kube_version,
-                *_values_args(values, Path(tmp)), *extra]
+        args = [
+            "template",
+            release,
+            str(chart),
+            "--namespace",
+            "llm",
+            "--kube-version",
+            kube_version,
+            *_values_args(values, Path(tmp)),
+            *extra,
+        ]
         for api in api_versions:
             args += ["--api-versions", api]
         return run_helm(*args)
@@ -95,11 +116,11 @@ def render_notes(values: dict | None = None, **kw) -> str:
         chart = Path(tmp) / "nim-llm"
         shutil.copytree(CHART, chart)
         notes = (chart / "templates" / "NOTES.txt").read_text()
-        (chart / "templates" / "_notes_test.tpl").write_text(
-            '{{- define "test.notes" -}}\n' + notes + "{{- end -}}\n")
+        (chart / "templates" / "_notes_test.tpl").write_text('{{- define "test.notes" -}}\n' + notes + "{{- end -}}\n")
         (chart / "templates" / "notes-test.yaml").write_text(
             "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\n"
-            'data:\n  notes: {{ include "test.notes" . | toJson }}\n')
+            'data:\n  notes: {{ include "test.notes" . | toJson }}\n'
+        )
         text = render_text(values, chart=chart, extra=("--show-only", "templates/notes-test.yaml"), **kw)
     return yaml.safe_load(text)["data"]["notes"]
 
@@ -122,8 +143,9 @@ def validate(objects: list[dict], versions: list[str] = KUBE_VERSIONS) -> int:
                 kubernetes_validate.validate(obj, version, strict=True)
             except ValidationError as e:
                 path = "/".join(str(p) for p in e.path)
-                raise AssertionError(f"{obj['kind']}/{obj['metadata']['name']} invalid for Kubernetes {version} "
-                                     f"at {path}: {e.message}") from None
+                raise AssertionError(
+                    f"{obj['kind']}/{obj['metadata']['name']} invalid for Kubernetes {version} at {path}: {e.message}"
+                ) from None
         count += 1
     return count
 

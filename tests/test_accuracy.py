@@ -51,8 +51,14 @@ def test_failing_gate_names_the_broken_layer(tiny_checkpoint, tmp_path):
 
 
 def test_gate_thresholds():
-    report = {"tokens": 10, "top1_agreement": 0.9, "ppl_reference": 10.0, "ppl_quantized": 10.5,
-              "ppl_increase": 0.05, "layer_rel_error": [0.0, 0.01, 0.012, 0.2, 0.21]}
+    report = {
+        "tokens": 10,
+        "top1_agreement": 0.9,
+        "ppl_reference": 10.0,
+        "ppl_quantized": 10.5,
+        "ppl_increase": 0.05,
+        "layer_rel_error": [0.0, 0.01, 0.012, 0.2, 0.21],
+    }
     failures = check_gate(report)
     assert failures[0].startswith("top-1 agreement 0.9000 < 0.95") and "+5.00%" in failures[1]
     assert "jumps at layer 2 (0.012 -> 0.2, x16.7); largest at layer 3 + final norm (0.21)" in failures[2]
@@ -62,6 +68,7 @@ def test_gate_thresholds():
 def _fake_quant_hf_weights(model: torch.nn.Module) -> None:
     """FP8 weight rounding applied inside transformers, independently of the runtime: per-tensor scales,
     one for the fused q/k/v and one shared by gate/up (as the exporter does)."""
+
     def q(ws):
         scale = torch.stack([w.abs().amax() for w in ws]).amax() / 448
         for w in ws:
@@ -70,8 +77,12 @@ def _fake_quant_hf_weights(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
-            for group in ([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], [a.o_proj.weight],
-                          [m.gate_proj.weight, m.up_proj.weight], [m.down_proj.weight]):
+            for group in (
+                [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight],
+                [a.o_proj.weight],
+                [m.gate_proj.weight, m.up_proj.weight],
+                [m.down_proj.weight],
+            ):
                 q(group)
 
 
@@ -108,8 +119,9 @@ def smollm2_fp8_build(default_model_dir, tmp_path_factory):
     from nim_build.options import BuildOptions
 
     out = tmp_path_factory.mktemp("gate") / "smollm2-fp8"
-    summary = build(BuildOptions(model=str(default_model_dir), out=str(out), backend="reference", max_seq_len=512),
-                    progress=False)
+    summary = build(
+        BuildOptions(model=str(default_model_dir), out=str(out), backend="reference", max_seq_len=512), progress=False
+    )
     return out, summary
 
 
@@ -141,9 +153,9 @@ def test_default_model_gate_still_fails_a_wrong_scale(smollm2_fp8_build, default
 
 def test_gate_thresholds_per_model(default_model_dir, tmp_path):
     from nim_build.builder.accuracy import DEFAULT_GATE
+    from nim_build.builder.default_model import FP8_GATE
     from nim_build.builder.pipeline import gate_thresholds
     from nim_build.options import BuildOptions
-    from nim_build.builder.default_model import FP8_GATE
 
     assert gate_thresholds(BuildOptions(model="default"), default_model_dir) == FP8_GATE
     assert gate_thresholds(BuildOptions(model=str(default_model_dir)), default_model_dir) == FP8_GATE

@@ -4,23 +4,33 @@ import importlib
 
 import pytest
 import torch
+from tiny_models import llama3_scaling, make_tiny_model
 from transformers import AutoModelForCausalLM
 
 from nim_build.builder.calibrate import LAYER_WEIGHTS, LayerCalibrator
 from nim_build.builder.source import open_source
-from tiny_models import llama3_scaling, make_tiny_model
 
 
 @pytest.mark.parametrize("arch, scaling", [("MistralForCausalLM", None), ("LlamaForCausalLM", llama3_scaling())])
 def test_layerwise_amax_equals_full_model_hooks(tmp_path, monkeypatch, arch, scaling):
-    model_dir = make_tiny_model(tmp_path / "hf", arch=arch, rope_scaling=scaling, num_layers=3, hidden_size=80,
-                                num_heads=4, num_kv_heads=2, head_dim=16)
+    model_dir = make_tiny_model(
+        tmp_path / "hf",
+        arch=arch,
+        rope_scaling=scaling,
+        num_layers=3,
+        hidden_size=80,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+    )
     ids = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(1))
     source = open_source(model_dir)
     spec, reader = source.spec, source.reader
     calibrator = LayerCalibrator(source, ids, want_kv=True, batch_size=2)
-    got = [calibrator.run_layer(i, {s: reader.get(f"model.layers.{i}.{s}") for s in LAYER_WEIGHTS})
-           for i in range(spec.num_hidden_layers)]
+    got = [
+        calibrator.run_layer(i, {s: reader.get(f"model.layers.{i}.{s}") for s in LAYER_WEIGHTS})
+        for i in range(spec.num_hidden_layers)
+    ]
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.bfloat16, attn_implementation="sdpa")
     want = {}
@@ -29,6 +39,7 @@ def test_layerwise_amax_equals_full_model_hooks(tmp_path, monkeypatch, arch, sca
         def fn(mod, args, out=None):
             t = (out if output else args[0]).abs().amax().float()
             want[key] = torch.maximum(want.get(key, t), t)
+
         return fn
 
     for i, layer in enumerate(model.model.layers):
@@ -60,8 +71,16 @@ def test_layerwise_reference_forward_equals_transformers(tmp_path):
     """The accuracy gate's reference (one decoder layer in memory at a time) is transformers' forward, bit for bit."""
     from nim_build.builder.calibrate import reference_forward
 
-    model_dir = make_tiny_model(tmp_path / "hf", arch="LlamaForCausalLM", rope_scaling=llama3_scaling(),
-                                tie_word_embeddings=True, hidden_size=80, num_heads=4, num_kv_heads=2, head_dim=16)
+    model_dir = make_tiny_model(
+        tmp_path / "hf",
+        arch="LlamaForCausalLM",
+        rope_scaling=llama3_scaling(),
+        tie_word_embeddings=True,
+        hidden_size=80,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+    )
     ids = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(2))
     logits, hidden = reference_forward(open_source(model_dir), ids)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

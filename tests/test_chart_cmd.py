@@ -12,34 +12,74 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helm_tools import CHART, by_kind, one, render, validate
+
 from nim_build import __version__, options
-from nim_build.deploy.cache import (detect_gpu_arch, engine_key, ensure_engine, local_fingerprint, resolve_revision,
-                                    tensorrt_llm_version)
-from nim_build.options import BuildOptions
-from nim_build.deploy.chart import chart_values
-from nim_build.cli import main
-from nim_build.errors import UserError
 from nim_build.builder.manifest import MANIFEST, write_manifest
+from nim_build.cli import main
+from nim_build.deploy.cache import (
+    detect_gpu_arch,
+    engine_key,
+    ensure_engine,
+    local_fingerprint,
+    resolve_revision,
+    tensorrt_llm_version,
+)
+from nim_build.deploy.chart import chart_values
+from nim_build.errors import UserError
+from nim_build.options import BuildOptions
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 H100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "arch": "sm90"}
 
 
-def make_engine_dir(path: Path, *, tp=2, backend="trtllm", gpu=H100, source="mistralai/Mistral-Nemo-Instruct-2407",
-                    revision=COMMIT, engine_bytes=1 << 20, build_s=1800.0, peak_rss=40 << 30) -> Path:
+NEMO = {"num_hidden_layers": 40, "num_key_value_heads": 8, "head_size": 128}
+
+
+def make_engine_dir(
+    path: Path,
+    *,
+    tp=2,
+    backend="trtllm",
+    gpu=H100,
+    source="mistralai/Mistral-Nemo-Instruct-2407",
+    revision=COMMIT,
+    engine_bytes=1 << 20,
+    build_s=1800.0,
+    peak_rss=40 << 30,
+    spec=NEMO,
+) -> Path:
     (path / "engine").mkdir(parents=True)
     (path / "engine" / "rank0.engine").write_bytes(b"\0" * engine_bytes)
-    write_manifest(path, {
-        "name": path.name, "backend": backend,
-        "model": {"source": source, "revision": revision, "local_dir": "/models/x", "architecture": "MistralForCausalLM",
-                  "input_files": {}},
-        "build": {"quant": "fp8", "tp": tp, "pp": 1, "world_size": tp, "max_batch_size": 32, "max_seq_len": 16384,
-                  "options": {**BuildOptions(model=source, max_batch_size=32, max_seq_len=16384).portable(), "tp": tp}},
-        "versions": {"nim_build": __version__, "tensorrt_llm": "1.2.0" if backend == "trtllm" else None},
-        "gpu": gpu, "timings_s": {"total": build_s}, "peak_rss_bytes": peak_rss, "accuracy": None,
-    })
+    write_manifest(
+        path,
+        {
+            "name": path.name,
+            "backend": backend,
+            "model": {
+                "source": source,
+                "revision": revision,
+                "local_dir": "/models/x",
+                "architecture": "MistralForCausalLM",
+                "input_files": {},
+            },
+            "spec": spec,
+            "build": {
+                "quant": "fp8",
+                "tp": tp,
+                "pp": 1,
+                "world_size": tp,
+                "max_batch_size": 32,
+                "max_seq_len": 16384,
+                "options": {**BuildOptions(model=source, max_batch_size=32, max_seq_len=16384).portable(), "tp": tp},
+            },
+            "versions": {"nim_build": __version__, "tensorrt_llm": "1.2.0" if backend == "trtllm" else None},
+            "gpu": gpu,
+            "timings_s": {"total": build_s},
+            "peak_rss_bytes": peak_rss,
+            "accuracy": None,
+        },
+    )
     return path
 
 
@@ -73,8 +113,12 @@ def test_chart_values_render_and_validate(tmp_path, capsys, tp):
     main_c = pod["containers"][0]
     assert main_c["resources"]["limits"]["nvidia.com/gpu"] == tp
     assert main_c["resources"]["requests"]["memory"] == values["resources"]["requests"]["memory"]
-    assert pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
-        "nodeSelectorTerms"][0]["matchExpressions"][0]["values"] == values["gpu"]["products"]
+    assert (
+        pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0][
+            "matchExpressions"
+        ][0]["values"]
+        == values["gpu"]["products"]
+    )
     env = {e["name"]: e.get("value") for e in pod["initContainers"][0]["env"]}
     assert (env["NIM_MODEL"], env["NIM_MODEL_REVISION"]) == (values["model"]["id"], COMMIT)
     assert init_build_options(objects, values["model"]["id"]).tp == tp
@@ -83,8 +127,17 @@ def test_chart_values_render_and_validate(tmp_path, capsys, tp):
 
 
 def test_chart_cpu_reference_engine(tmp_path):
-    engine = make_engine_dir(tmp_path / "small", tp=1, backend="reference", gpu=None, source="default",
-                             revision=None, build_s=20, peak_rss=1 << 30)
+    engine = make_engine_dir(
+        tmp_path / "small",
+        tp=1,
+        backend="reference",
+        gpu=None,
+        source="default",
+        revision=None,
+        build_s=20,
+        peak_rss=1 << 30,
+        spec={"num_hidden_layers": 30, "num_key_value_heads": 3, "head_size": 64},
+    )
     values, notes = chart_values(engine)
     assert values["gpu"] == {"enabled": False, "products": []}
     assert values["image"]["tag"] == f"{__version__}-cpu" and values["model"]["id"] == "default"
@@ -140,6 +193,7 @@ def test_chart_bad_input_is_one_line_exit_2(tmp_path, capsys):
 
 # -- nim_build cache-engine: the chart's init step ---------------------------------------------------------------
 
+
 def fake_build(model: str, out: Path, opts: BuildOptions, hf_cache: Path) -> None:
     """Stands for `nim_build engine`: slow enough for replicas to overlap; logs each build to a counter file."""
     with open(out.parents[2] / "builds.log", "a") as f:
@@ -180,19 +234,36 @@ def test_cache_builds_once_then_reuses(tmp_path):
 
 def test_cache_key_covers_inputs(tmp_path):
     base = BuildOptions(model="org/m")
-    keys = {engine_key("org/m", COMMIT, base, "sm90", "1.2.0"), engine_key("org/m", COMMIT, base, "sm90", None),
-            engine_key("org/m", COMMIT, base, "sm100", "1.2.0"), engine_key("org/m", "f" * 40, base, "sm90", "1.2.0"),
-            engine_key("org/n", COMMIT, base, "sm90", "1.2.0")}
+    keys = {
+        engine_key("org/m", COMMIT, base, "sm90", "1.2.0"),
+        engine_key("org/m", COMMIT, base, "sm90", None),
+        engine_key("org/m", COMMIT, base, "sm100", "1.2.0"),
+        engine_key("org/m", "f" * 40, base, "sm90", "1.2.0"),
+        engine_key("org/n", COMMIT, base, "sm90", "1.2.0"),
+    }
     # every option that changes the engine changes the key; workers (how many builds run at once) does not
-    changed = {"quant": "bf16", "kv_cache": "fp8", "tp": 4, "backend": "reference", "max_batch_size": 8,
-               "max_seq_len": 4096, "max_num_tokens": 4096, "calib_samples": 8, "calib_seq_len": 64,
-               "accuracy_gate": False, "min_top1": 0.5, "max_ppl_increase": 0.5, "allow_pickle": True}
+    changed = {
+        "quant": "bf16",
+        "kv_cache": "fp8",
+        "tp": 4,
+        "backend": "reference",
+        "max_batch_size": 8,
+        "max_seq_len": 4096,
+        "max_num_tokens": 4096,
+        "calib_samples": 8,
+        "calib_seq_len": 64,
+        "accuracy_gate": False,
+        "min_top1": 0.5,
+        "max_ppl_increase": 0.5,
+        "allow_pickle": True,
+    }
     assert set(changed) == {f.name for f in options.fields(portable=True) if f.metadata["key"]}
     for name, value in changed.items():
         keys.add(engine_key("org/m", COMMIT, base.replace(**{name: value}), "sm90", "1.2.0"))
     assert len(keys) == 5 + len(changed)
-    assert engine_key("org/m", COMMIT, base.replace(workers=4), "sm90", "1.2.0") == \
-        engine_key("org/m", COMMIT, BuildOptions(model="org/m"), "sm90", "1.2.0")
+    assert engine_key("org/m", COMMIT, base.replace(workers=4), "sm90", "1.2.0") == engine_key(
+        "org/m", COMMIT, BuildOptions(model="org/m"), "sm90", "1.2.0"
+    )
 
 
 def test_local_fingerprint_is_the_content_hashed_once(tmp_path, monkeypatch):
@@ -231,8 +302,7 @@ def test_resolve_revision_offline_reads_cache_refs(tmp_path, monkeypatch):
 
 
 def _replica(cache: str, model: str, queue) -> None:
-    queue.put(str(ensure_engine(cache, BuildOptions(model=model), gpu_arch="sm90", trtllm="1.2.0",
-                                build=fake_build)))
+    queue.put(str(ensure_engine(cache, BuildOptions(model=model), gpu_arch="sm90", trtllm="1.2.0", build=fake_build)))
 
 
 def test_replicas_starting_together_build_once(tmp_path):
@@ -276,16 +346,31 @@ def test_failed_or_raced_builds_leave_a_consistent_cache(tmp_path):
 
 def test_cache_engine_cli_prints_the_cached_engine(tmp_path, capsys):
     cache, model = tmp_path / "cache", _model_dir(tmp_path)
-    expected = ensure_engine(cache, BuildOptions(model=str(model), tp=2), gpu_arch=detect_gpu_arch(),
-                             trtllm=tensorrt_llm_version(), build=fake_build)
+    expected = ensure_engine(
+        cache,
+        BuildOptions(model=str(model), tp=2),
+        gpu_arch=detect_gpu_arch(),
+        trtllm=tensorrt_llm_version(),
+        build=fake_build,
+    )
     code, out, err = run_cli("cache-engine", str(model), "--cache-dir", str(cache), "--tp", "2", capsys=capsys)
     assert code == 0 and out.strip() == str(expected) and "engine found in the cache" in err
-    code, _, err = run_cli("cache-engine", str(tmp_path / "nowhere" / "x"), "--cache-dir", str(cache),
-                           "--revision", COMMIT, "--tp", "3", capsys=capsys)
+    code, _, err = run_cli(
+        "cache-engine",
+        str(tmp_path / "nowhere" / "x"),
+        "--cache-dir",
+        str(cache),
+        "--revision",
+        COMMIT,
+        "--tp",
+        "3",
+        capsys=capsys,
+    )
     assert code == 2 and "'3' is not one of" in err and len(err.strip().splitlines()) == 1
 
 
 # -- one declaration of the build options: YAML -> options -> cache-engine argv -> chart values -> options --------
+
 
 def parse_cache_engine(argv: list[str], monkeypatch) -> BuildOptions:
     """What the real `nim_build cache-engine` click command makes of argv (its cache left out)."""
@@ -303,27 +388,43 @@ def parse_cache_engine(argv: list[str], monkeypatch) -> BuildOptions:
 def init_build_options(objects, model: str, monkeypatch=None) -> BuildOptions:
     """The build options of the rendered init container: its script's arguments ("$@") parsed as its
     `nim_build cache-engine` call would parse them."""
-    from click.testing import CliRunner
 
     from nim_build.cli.cache_engine import command
 
     init = one(objects, "Deployment")["spec"]["template"]["spec"]["initContainers"][0]
     script, _, *args = init["args"]
-    assert 'nim_build cache-engine "$NIM_MODEL" --revision "$NIM_MODEL_REVISION" \\\n  --cache-dir "$NIM_CACHE_DIR" "$@"' \
+    assert (
+        'nim_build cache-engine "$NIM_MODEL" --revision "$NIM_MODEL_REVISION" \\\n  --cache-dir "$NIM_CACHE_DIR" "$@"'
         in script
+    )
     ctx = command.make_context("cache-engine", [model, "--cache-dir", "/opt/nim/cache", *args])
-    return options.from_mapping({"model": model, **{k: v for k, v in ctx.params.items()
-                                                    if k in {f.name for f in options.fields()}}})
+    return options.from_mapping(
+        {"model": model, **{k: v for k, v in ctx.params.items() if k in {f.name for f in options.fields()}}}
+    )
 
 
 def test_every_option_round_trips_yaml_argv_chart(tmp_path, monkeypatch):
-    every = {"quant": "fp8", "kv_cache": "fp8", "tp": 4, "backend": "reference", "max_batch_size": 7,
-             "max_seq_len": 1000000, "max_num_tokens": 4096, "calib_samples": 5, "calib_seq_len": 77,
-             "accuracy_gate": False, "min_top1": 0.25, "max_ppl_increase": 0.5, "allow_pickle": True, "workers": 3}
+    every = {
+        "quant": "fp8",
+        "kv_cache": "fp8",
+        "tp": 4,
+        "backend": "reference",
+        "max_batch_size": 7,
+        "max_seq_len": 1000000,
+        "max_num_tokens": 4096,
+        "calib_samples": 5,
+        "calib_seq_len": 77,
+        "accuracy_gate": False,
+        "min_top1": 0.25,
+        "max_ppl_increase": 0.5,
+        "allow_pickle": True,
+        "workers": 3,
+    }
     assert set(every) == {f.name for f in options.fields(portable=True)}, "a portable option is missing here"
     assert all(getattr(BuildOptions(model="m"), k) != v for k, v in every.items() if k != "quant")
-    (tmp_path / "build.yaml").write_text(yaml.safe_dump({"model": "org/m", **{k.replace("_", "-"): v
-                                                                            for k, v in every.items()}}))
+    (tmp_path / "build.yaml").write_text(
+        yaml.safe_dump({"model": "org/m", **{k.replace("_", "-"): v for k, v in every.items()}})
+    )
     from_yaml = options.from_mapping(yaml.safe_load((tmp_path / "build.yaml").read_text()), "build.yaml")
     argv = options.to_argv(from_yaml)
     from_argv = parse_cache_engine(["org/m", "--cache-dir", str(tmp_path / "cache"), *argv], monkeypatch)
@@ -332,8 +433,12 @@ def test_every_option_round_trips_yaml_argv_chart(tmp_path, monkeypatch):
     from_chart = options.from_chart("org/m", chart)
     assert from_yaml == from_argv == from_chart == BuildOptions(model="org/m", **every)
     # ...and through the real chart: the rendered init container builds exactly these options
-    values = {"model": {"id": "org/m", "revision": COMMIT}, "engine": chart, "gpu": {"enabled": False},
-              "image": {"tag": "0.1.0-cpu"}}
+    values = {
+        "model": {"id": "org/m", "revision": COMMIT},
+        "engine": chart,
+        "gpu": {"enabled": False},
+        "image": {"tag": "0.1.0-cpu"},
+    }
     assert init_build_options(render(values), "org/m") == from_chart
 
 
@@ -346,16 +451,32 @@ def test_chart_of_a_build_makes_the_init_container_run_the_same_build(tmp_path, 
     model = make_tiny_model(tmp_path / "hf", vocab_size=512)
     _add_tokenizer(model)
     out = tmp_path / "eng"
-    code, _, err = run_cli("engine", str(model), "--out", str(out), "--backend", "reference", "--kv-cache", "fp8",
-                           "--max-num-tokens", "4096", "--calib-samples", "2", "--calib-seq-len", "32",
-                           "--no-accuracy-gate", capsys=capsys)
+    code, _, err = run_cli(
+        "engine",
+        str(model),
+        "--out",
+        str(out),
+        "--backend",
+        "reference",
+        "--kv-cache",
+        "fp8",
+        "--max-num-tokens",
+        "4096",
+        "--calib-samples",
+        "2",
+        "--calib-seq-len",
+        "32",
+        "--no-accuracy-gate",
+        capsys=capsys,
+    )
     assert code == 0, err
     code, _, err = run_cli("chart", str(out), "--out", str(tmp_path / "values.yaml"), capsys=capsys)
     assert code == 0, err
     values = yaml.safe_load((tmp_path / "values.yaml").read_text())
     assert values["engine"]["kvCache"] == "fp8" and values["engine"]["maxNumTokens"] == 4096
-    built = BuildOptions(model=str(model), **__import__("json").loads((out / "manifest.json").read_text())[
-        "build"]["options"]).replace(backend="reference")
+    built = BuildOptions(
+        model=str(model), **__import__("json").loads((out / "manifest.json").read_text())["build"]["options"]
+    ).replace(backend="reference")
     rendered = init_build_options(render(values), str(model))
     assert rendered == built
     assert engine_key("local", "x", rendered, "cpu", None) == engine_key("local", "x", built, "cpu", None)

@@ -1,14 +1,14 @@
 """The converter against the HF weights themselves: dequantizing every tensor of the TensorRT-LLM checkpoint
-(ranks merged back per FORMATS.md §1) reproduces the HF tensor within FP8 rounding, for tp 1, 2 and 4."""
+(ranks merged back per docs/FORMATS.md, section 3) reproduces the HF tensor within FP8 rounding, for tp 1, 2 and 4."""
 
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import convert, make_tiny_model
 
 from nim_build.builder.quantize import dequantize
-from tiny_models import convert, make_tiny_model
 
 # NeMo-like: head_dim 16 != hidden/heads 20; 2 KV heads (replicated at tp 4); odd vocab (lm_head padding).
 SHAPE = dict(hidden_size=80, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=96, vocab_size=250)
@@ -33,17 +33,22 @@ def merged_hf_weights(ckpt_dir, cfg):
         scale = rank.get(prefix + ".weights_scaling_factor", rank.get(prefix + ".per_channel_scale"))
         return dequantize(w, scale)
 
-    out = {"model.embed_tokens.weight":
-           torch.cat([r["transformer.vocab_embedding.weight"] for r in ranks])[:cfg["vocab_size"]].float(),
-           "model.norm.weight": ranks[0]["transformer.ln_f.weight"].float(),
-           "lm_head.weight": torch.cat([r["lm_head.weight"] for r in ranks])[:cfg["vocab_size"]].float()}
+    out = {
+        "model.embed_tokens.weight": torch.cat([r["transformer.vocab_embedding.weight"] for r in ranks])[
+            : cfg["vocab_size"]
+        ].float(),
+        "model.norm.weight": ranks[0]["transformer.ln_f.weight"].float(),
+        "lm_head.weight": torch.cat([r["lm_head.weight"] for r in ranks])[: cfg["vocab_size"]].float(),
+    }
     for i in range(cfg["num_hidden_layers"]):
         p, h = f"transformer.layers.{i}.", f"model.layers.{i}."
         qs, ks, vs = [], [], []
         for r in ranks:
             qkv = deq(r, p + "attention.qkv")
             nq, nk = nh // tp * hs, max(nkv // tp, 1) * hs
-            qs.append(qkv[:nq]); ks.append(qkv[nq:nq + nk]); vs.append(qkv[nq + nk:])
+            qs.append(qkv[:nq])
+            ks.append(qkv[nq : nq + nk])
+            vs.append(qkv[nq + nk :])
         out[h + "self_attn.q_proj.weight"] = torch.cat(qs)
         out[h + "self_attn.k_proj.weight"] = _unreplicate(torch.cat(ks), rep, hs)
         out[h + "self_attn.v_proj.weight"] = _unreplicate(torch.cat(vs), rep, hs)
@@ -58,7 +63,7 @@ def merged_hf_weights(ckpt_dir, cfg):
 
 def assert_within_fp8_rounding(name, got, want, scale):
     # E4M3 keeps 3 mantissa bits: relative error <= 2^-4 for normals, absolute <= scale * 2^-10 for subnormals.
-    bound = want.abs() * 2 ** -4 + scale * 2 ** -9
+    bound = want.abs() * 2**-4 + scale * 2**-9
     err = (got - want).abs()
     assert (err <= bound).all(), f"{name}: max err {err.max():.3g} exceeds FP8 rounding"
 
@@ -95,8 +100,7 @@ def test_config_json_fields(tmp_path):
     model = make_tiny_model(tmp_path / "hf", spelling="tf5", **SHAPE)
     out = tmp_path / "ckpt"
     out.mkdir()
-    convert(model, out, quant="fp8", kv_cache="fp8", tp=2,
-                       calib_ids=torch.randint(0, 250, (2, 16)))
+    convert(model, out, quant="fp8", kv_cache="fp8", tp=2, calib_ids=torch.randint(0, 250, (2, 16)))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["rotary_base"] == 1e6 and cfg["head_size"] == 16 and cfg["hidden_size"] == 80
     assert cfg["mapping"] == {"world_size": 2, "tp_size": 2, "pp_size": 1}

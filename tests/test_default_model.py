@@ -17,8 +17,13 @@ from nim_build.errors import UserError
 def test_config_is_smollm2_135m(default_model_dir):
     cfg = json.loads((default_model_dir / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"]
-    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
-            cfg["vocab_size"]) == (30, 576, 9, 3, 49152)
+    assert (
+        cfg["num_hidden_layers"],
+        cfg["hidden_size"],
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
+        cfg["vocab_size"],
+    ) == (30, 576, 9, 3, 49152)
     assert cfg["dtype"] == "bfloat16"
     assert cfg["rms_norm_eps"] == 1e-05 and cfg["rope_theta"] == 100000.0 and cfg["tie_word_embeddings"] is True
     assert "quantization_config" not in cfg
@@ -54,7 +59,7 @@ def test_greedy_generation_says_paris(default_model_dir):
     enc = tok("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert "Paris" in tok.decode(out[0][enc["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(out[0][enc["input_ids"].shape[1] :])
 
 
 def test_second_call_returns_cache_without_rewriting(default_model_dir):
@@ -66,8 +71,19 @@ def test_second_call_returns_cache_without_rewriting(default_model_dir):
 
 
 def test_module_cli_prints_path(default_model_dir):
-    out = subprocess.run([sys.executable, "-m", "nim_build.builder.default_model", "--print-path",
-                          "--cache-dir", str(default_model_dir.parent)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nim_build.builder.default_model",
+            "--print-path",
+            "--cache-dir",
+            str(default_model_dir.parent),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == str(default_model_dir)
 
 
@@ -105,6 +121,7 @@ def _fake_writer(calls):
         calls.append(out)
         (out / "config.json").write_text("{}")
         (out / dm.COMPLETE_MARKER).write_text("{}")
+
     return write
 
 

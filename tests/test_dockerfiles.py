@@ -45,8 +45,9 @@ def _args(path: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", list(DOCKERFILES))
 def test_hadolint_clean(name):
-    proc = subprocess.run([_hadolint(), "--no-color", str(DOCKERFILES[name])], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [_hadolint(), "--no-color", str(DOCKERFILES[name])], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "", proc.stdout + proc.stderr
 
 
@@ -73,8 +74,10 @@ def test_non_root_entrypoint_no_secrets(name):
     assert users, "no USER"
     uid = users[-1].replace("${NIM_UID}", _args(path)["NIM_UID"]).split(":")[0]
     assert uid.isdigit() and int(uid) != 0  # numeric, so Kubernetes runAsNonRoot can verify it
-    assert int(uid) == yaml.safe_load((REPO / "helm" / "nim-llm" / "values.yaml").read_text())[
-        "podSecurityContext"]["runAsUser"]
+    assert (
+        int(uid)
+        == yaml.safe_load((REPO / "helm" / "nim-llm" / "values.yaml").read_text())["podSecurityContext"]["runAsUser"]
+    )
     assert [a for i, a in ins if i == "ENTRYPOINT"] == ['["nim_build"]']
     assert [a for i, a in ins if i == "EXPOSE"] == ["8000 8001 8002"]
     for i, a in ins:
@@ -96,13 +99,17 @@ def _ignored(rel: str, patterns: list[str]) -> bool:
     """A simplified .dockerignore match: the path or one of its parents matches a pattern."""
     parts = rel.split("/")
     prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
-    return any(fnmatch.fnmatch(p, pat) or fnmatch.fnmatch(p, pat.removeprefix("**/"))
-               for pat in patterns for p in prefixes)
+    return any(
+        fnmatch.fnmatch(p, pat) or fnmatch.fnmatch(p, pat.removeprefix("**/")) for pat in patterns for p in prefixes
+    )
 
 
 def test_dockerignore_keeps_sources_drops_secrets():
-    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     for must in (".git", ".venv", "engines", ".env", "**/*.safetensors"):
         assert must in patterns
     for path in DOCKERFILES.values():
@@ -111,8 +118,14 @@ def test_dockerignore_keeps_sources_drops_secrets():
                 for src in a.split()[:-1]:
                     assert (REPO / src).exists(), f"{path.name}: COPY {src} does not exist"
                     assert not _ignored(src, patterns), f"{path.name}: COPY {src} is excluded by .dockerignore"
-    for secretish in (".env", "config/.env", "keys/server.pem", ".venv/bin/python", "engines/x/rank0.engine",
-                      "tests/test_x.py"):
+    for secretish in (
+        ".env",
+        "config/.env",
+        "keys/server.pem",
+        ".venv/bin/python",
+        "engines/x/rank0.engine",
+        "tests/test_x.py",
+    ):
         assert _ignored(secretish, patterns), secretish
 
 
@@ -127,7 +140,7 @@ def test_native_stage_builds_what_repo_looks_for(name, tmp_path, monkeypatch):
     """The `native` build stage, replayed here: only the files it copies, its RUN command; the library lands
     where `nim_build repo` in the final image looks (NIM_BUILD_NATIVE_DIR, one folder per source)."""
     ins = _instructions(DOCKERFILES[name])
-    stage = ins[[i for i, (w, a) in enumerate(ins) if w == "FROM" and a.endswith("AS native")][0] + 1:]
+    stage = ins[[i for i, (w, a) in enumerate(ins) if w == "FROM" and a.endswith("AS native")][0] + 1 :]
     stage = stage[: [w for w, _ in stage].index("FROM")]
     src, out = tmp_path / "src", tmp_path / "native"
     for word, args in stage:
@@ -157,10 +170,10 @@ def test_images_install_the_built_wheel(name):
     carries the Triton python models as package data (tests/test_wheel_install.py runs one)."""
     ins = _instructions(DOCKERFILES[name])
     stages = [i for i, (w, _) in enumerate(ins) if w == "FROM"]
-    wheel = ins[stages[0]:stages[1]]
+    wheel = ins[stages[0] : stages[1]]
     assert wheel[0][1].endswith("AS wheel")
     assert ("RUN", "pip wheel --no-cache-dir --no-deps --wheel-dir /dist .") in wheel
-    final = ins[stages[-1]:]
+    final = ins[stages[-1] :]
     assert ("COPY", "--from=wheel /dist /tmp/dist") in final
     runs = " ".join(a for w, a in final if w == "RUN")
     assert "/tmp/dist/nim_build-*.whl" in runs and " -e " not in runs

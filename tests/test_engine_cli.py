@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from tiny_models import make_tiny_model
 
 from nim_build.cli import main
-from tiny_models import make_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,8 +41,20 @@ def tiny(tmp_path):
 
 def test_bf16_reference_build_writes_manifest_last(tmp_path, tiny, capsys):
     out = tmp_path / "eng"
-    code, stdout, err = run_cli(capsys, "engine", str(tiny), "--out", str(out), "--quant", "bf16",
-                                "--backend", "reference", "--tp", "2", "--json")
+    code, stdout, err = run_cli(
+        capsys,
+        "engine",
+        str(tiny),
+        "--out",
+        str(out),
+        "--quant",
+        "bf16",
+        "--backend",
+        "reference",
+        "--tp",
+        "2",
+        "--json",
+    )
     assert code == 0, err
     summary = json.loads(stdout)
     assert summary["backend"] == "reference" and summary["tp"] == 2
@@ -99,9 +110,16 @@ def test_truncated_safetensors(tmp_path, tiny, capsys):
 
 
 def test_index_names_missing_shard(tmp_path, tiny, capsys):
-    (tiny / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"model.embed_tokens.weight": "model.safetensors",
-                        "lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    (tiny / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    "model.embed_tokens.weight": "model.safetensors",
+                    "lm_head.weight": "model-00002-of-00002.safetensors",
+                }
+            }
+        )
+    )
     code, _, err = run_cli(capsys, "engine", str(tiny), "--out", str(tmp_path / "o"))
     assert_user_error(code, err, "names shard 'model-00002-of-00002.safetensors', which is missing")
 
@@ -113,8 +131,9 @@ def test_tp_not_dividing_heads(tmp_path, capsys):
 
 
 def test_impossible_kv_replication(tmp_path, capsys):
-    model = make_tiny_model(tmp_path / "hf", hidden_size=96, num_heads=12, num_kv_heads=3, head_dim=8,
-                            intermediate_size=96)
+    model = make_tiny_model(
+        tmp_path / "hf", hidden_size=96, num_heads=12, num_kv_heads=3, head_dim=8, intermediate_size=96
+    )
     code, _, err = run_cli(capsys, "engine", str(model), "--out", str(tmp_path / "o"), "--tp", "4")
     assert_user_error(code, err, "cannot replicate num_key_value_heads=3 over --tp 4")
 
@@ -133,8 +152,18 @@ def test_pickle_weights_refused_unless_opted_in(tmp_path, tiny, capsys):
     torch.save(state, tiny / "pytorch_model.bin")
     code, _, err = run_cli(capsys, "engine", str(tiny), "--out", str(tmp_path / "o"), "--quant", "bf16")
     assert_user_error(code, err, "--allow-pickle")
-    code, _, err = run_cli(capsys, "engine", str(tiny), "--out", str(tmp_path / "o"), "--quant", "bf16",
-                           "--backend", "reference", "--allow-pickle")
+    code, _, err = run_cli(
+        capsys,
+        "engine",
+        str(tiny),
+        "--out",
+        str(tmp_path / "o"),
+        "--quant",
+        "bf16",
+        "--backend",
+        "reference",
+        "--allow-pickle",
+    )
     assert code == 0, err
 
 
@@ -153,11 +182,34 @@ def test_existing_output_needs_force(tmp_path, tiny, capsys):
 
 def test_build_killed_midway_leaves_nothing_complete_and_rerun_works(tmp_path):
     # Big enough (~60 MB) that SIGKILL lands mid-conversion, tiny enough for CI.
-    model = make_tiny_model(tmp_path / "hf", hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=2,
-                            intermediate_size=1536, vocab_size=16000)
+    model = make_tiny_model(
+        tmp_path / "hf",
+        hidden_size=512,
+        num_layers=6,
+        num_heads=8,
+        num_kv_heads=2,
+        intermediate_size=1536,
+        vocab_size=16000,
+    )
     out = tmp_path / "eng"
-    cmd = [sys.executable, "-m", "nim_build", "engine", str(model), "--out", str(out), "--quant", "fp8",
-           "--backend", "reference", "--no-accuracy-gate", "--calib-samples", "4", "--calib-seq-len", "32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nim_build",
+        "engine",
+        str(model),
+        "--out",
+        str(out),
+        "--quant",
+        "fp8",
+        "--backend",
+        "reference",
+        "--no-accuracy-gate",
+        "--calib-samples",
+        "4",
+        "--calib-seq-len",
+        "32",
+    ]
     # The built-in calibration text needs a tokenizer: give the random model a real one.
     _add_tokenizer(model)
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -183,8 +235,10 @@ def _add_tokenizer(model_dir: Path):
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(["hello world, the quick brown fox"] * 10,
-                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        ["hello world, the quick brown fox"] * 10,
+        trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
     tok.save(str(model_dir / "tokenizer.json"))
 
 

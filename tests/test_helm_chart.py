@@ -12,52 +12,120 @@ import subprocess
 
 import pytest
 import yaml
-
-from helm_tools import (CHART, SERVICE_MONITOR_API, HelmError, by_kind, duplicate_keys, one, render, render_notes,
-                        render_text, run_helm, validate)
+from helm_tools import (
+    CHART,
+    SERVICE_MONITOR_API,
+    HelmError,
+    by_kind,
+    duplicate_keys,
+    one,
+    render,
+    render_notes,
+    render_text,
+    run_helm,
+    validate,
+)
 
 TOKEN_SECRET = {"huggingface": {"tokenSecret": {"name": "hf-token", "key": "token"}}}
 
 # name -> (values, --api-versions)
 MATRIX = {
     "defaults": ({}, ()),
-    "tp2-existing-claim-token": ({"engine": {"tensorParallelSize": 2}, "persistence": {"existingClaim": "llm-cache"},
-                                  "replicaCount": 2, **TOKEN_SECRET}, ()),
-    "tp4-emptydir-spread-pdb-netpol": ({
-        "engine": {"tensorParallelSize": 4}, "persistence": {"enabled": False}, "replicaCount": 3,
-        "topologySpread": {"enabled": True}, "pdb": {"enabled": True},
-        "networkPolicy": {"enabled": True, "metricsFrom": [
-            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]},
-        "gpu": {"products": ["NVIDIA-H100-80GB-HBM3", "NVIDIA-H200"]}, "priorityClassName": "llm-serving",
-    }, ()),
-    "tp8-statefulset-pvc": ({"engine": {"tensorParallelSize": 8}, "workload": {"kind": "StatefulSet"},
-                             "replicaCount": 2, "persistence": {"size": "300Gi", "storageClass": "fast-ssd"}}, ()),
-    "monitoring-with-crd": ({"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
-                            (SERVICE_MONITOR_API,)),
+    "tp2-existing-claim-token": (
+        {
+            "engine": {"tensorParallelSize": 2},
+            "persistence": {"existingClaim": "llm-cache"},
+            "replicaCount": 2,
+            **TOKEN_SECRET,
+        },
+        (),
+    ),
+    "tp4-emptydir-spread-pdb-netpol": (
+        {
+            "engine": {"tensorParallelSize": 4},
+            "persistence": {"enabled": False},
+            "replicaCount": 3,
+            "topologySpread": {"enabled": True},
+            "pdb": {"enabled": True},
+            "networkPolicy": {
+                "enabled": True,
+                "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+            },
+            "gpu": {"products": ["NVIDIA-H100-80GB-HBM3", "NVIDIA-H200"]},
+            "priorityClassName": "llm-serving",
+        },
+        (),
+    ),
+    "tp8-statefulset-pvc": (
+        {
+            "engine": {"tensorParallelSize": 8},
+            "workload": {"kind": "StatefulSet"},
+            "replicaCount": 2,
+            "persistence": {"size": "300Gi", "storageClass": "fast-ssd"},
+        },
+        (),
+    ),
+    "monitoring-with-crd": (
+        {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
+        (SERVICE_MONITOR_API,),
+    ),
     "monitoring-without-crd": ({"metrics": {"serviceMonitor": {"enabled": True}}}, ()),
-    "hpa-rwx": ({"autoscaling": {"enabled": True, "maxReplicas": 6},
-                 "persistence": {"accessMode": "ReadWriteMany"}}, ()),
+    "hpa-rwx": (
+        {"autoscaling": {"enabled": True, "maxReplicas": 6}, "persistence": {"accessMode": "ReadWriteMany"}},
+        (),
+    ),
     "hpa-statefulset": ({"autoscaling": {"enabled": True}, "workload": {"kind": "StatefulSet"}}, ()),
-    "ingress-http-grpc": ({"ingress": {
-        "http": {"enabled": True, "host": "llm.example.com", "className": "nginx", "tlsSecretName": "llm-tls"},
-        "grpc": {"enabled": True, "host": "grpc.llm.example.com", "className": "nginx",
-                 "tlsSecretName": "llm-grpc-tls"}}}, ()),
-    "offline-existing-claim": ({"huggingface": {"offline": True}, "persistence": {"existingClaim": "llm-cache"},
-                                "model": {"revision": "0" * 40}}, ()),
-    "cpu-reference": ({"gpu": {"enabled": False}, "engine": {"backend": "reference"}, "image": {"tag": "0.1.0-cpu"},
-                       "tolerations": [], "persistence": {"enabled": False}}, ()),
-    "custom-ports-digest": ({"service": {"ports": {"http": 9000, "grpc": 9001, "metrics": 9002}, "type": "NodePort"},
-                             "image": {"digest": "sha256:" + "a" * 64}}, ()),
+    "ingress-http-grpc": (
+        {
+            "ingress": {
+                "http": {"enabled": True, "host": "llm.example.com", "className": "nginx", "tlsSecretName": "llm-tls"},
+                "grpc": {
+                    "enabled": True,
+                    "host": "grpc.llm.example.com",
+                    "className": "nginx",
+                    "tlsSecretName": "llm-grpc-tls",
+                },
+            }
+        },
+        (),
+    ),
+    "offline-existing-claim": (
+        {
+            "huggingface": {"offline": True},
+            "persistence": {"existingClaim": "llm-cache"},
+            "model": {"revision": "0" * 40},
+        },
+        (),
+    ),
+    "cpu-reference": (
+        {
+            "gpu": {"enabled": False},
+            "engine": {"backend": "reference"},
+            "image": {"tag": "0.1.0-cpu"},
+            "tolerations": [],
+            "persistence": {"enabled": False},
+        },
+        (),
+    ),
+    "custom-ports-digest": (
+        {
+            "service": {"ports": {"http": 9000, "grpc": 9001, "metrics": 9002}, "type": "NodePort"},
+            "image": {"digest": "sha256:" + "a" * 64},
+        },
+        (),
+    ),
 }
 
 
 def _merged(values: dict) -> dict:
     """values.yaml with the case's values merged over it (as helm does for maps)."""
+
     def merge(base, over):
         out = dict(base)
         for k, v in over.items():
             out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
         return out
+
     return merge(yaml.safe_load((CHART / "values.yaml").read_text()), values)
 
 
@@ -71,6 +139,7 @@ def rendered():
             text = render_text(values, api_versions=apis)
             cache[name] = (text, [d for d in yaml.safe_load_all(text) if d])
         return cache[name]
+
     return get
 
 
@@ -88,8 +157,11 @@ def test_chart_metadata():
     assert chart["kubeVersion"].startswith(">=1.28")
     assert re.fullmatch(r"\d+\.\d+\.\d+", chart["appVersion"])
     deployment = one(render(), "Deployment")
-    images = {c["image"] for c in deployment["spec"]["template"]["spec"]["containers"]
-              + deployment["spec"]["template"]["spec"]["initContainers"]}
+    images = {
+        c["image"]
+        for c in deployment["spec"]["template"]["spec"]["containers"]
+        + deployment["spec"]["template"]["spec"]["initContainers"]
+    }
     assert images == {f"nim-build:{chart['appVersion']}"}  # image tag defaults to appVersion
 
 
@@ -129,8 +201,7 @@ def test_render_validates_and_is_secure(case, rendered):
     products = values["gpu"]["products"]
     if products:
         term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
-        assert term == [{"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In",
-                                               "values": products}]}]
+        assert term == [{"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In", "values": products}]}]
     else:
         assert "nodeAffinity" not in pod.get("affinity", {})
     assert main["args"][:2] == ["serve", "$(NIM_REPO_DIR)"]
@@ -150,7 +221,8 @@ def test_render_validates_and_is_secure(case, rendered):
     assert main["args"][main["args"].index("--startup-timeout") + 1] == str(budget)
     service = [s for s in by_kind(objects, "Service") if s["spec"].get("clusterIP") != "None"][0]
     assert {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
-        n: (port, n) for n, port in ports.items()}
+        n: (port, n) for n, port in ports.items()
+    }
 
     # security
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -173,8 +245,9 @@ def test_render_validates_and_is_secure(case, rendered):
             assert not ("TOKEN" in e["name"] and "value" in e), e
     secret = values["huggingface"]["tokenSecret"]["name"]
     if secret:
-        assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": secret,
-                                                                 "key": values["huggingface"]["tokenSecret"]["key"]}}
+        assert env["HF_TOKEN"]["valueFrom"] == {
+            "secretKeyRef": {"name": secret, "key": values["huggingface"]["tokenSecret"]["key"]}
+        }
     else:
         assert "HF_TOKEN" not in env
     assert "HF_TOKEN" not in {e["name"] for e in main["env"]}
@@ -211,10 +284,10 @@ def test_render_validates_and_is_secure(case, rendered):
 
     # helm test pod: pinned images, readiness then one real inference, not selected by the Service
     (test_pod,) = [o for o in by_kind(objects, "Pod") if o["metadata"]["annotations"]["helm.sh/hook"] == "test"]
-    wait, = test_pod["spec"]["initContainers"]
+    (wait,) = test_pod["spec"]["initContainers"]
     assert wait["image"].split(":")[-1] not in ("", "latest")
     assert wait["args"][-1].endswith(f":{ports['http']}/v2/health/ready")
-    infer, = test_pod["spec"]["containers"]
+    (infer,) = test_pod["spec"]["containers"]
     assert infer["args"][0] == "infer" and infer["args"][infer["args"].index("--url") + 1].endswith(f":{ports['grpc']}")
     selector = service["spec"]["selector"]
     assert not all(test_pod["metadata"]["labels"].get(k) == v for k, v in selector.items())
@@ -231,26 +304,62 @@ def test_init_script_runs_cache_engine_then_repo(rendered, tmp_path):
     log = tmp_path / "calls.log"
     shim = tmp_path / "bin" / "nim_build"
     shim.parent.mkdir()
-    shim.write_text(f'#!/bin/sh\nprintf "%s|" "$@" >> {log}\necho >> {log}\n'
-                    '[ "$1" = cache-engine ] && [ -n "$SHIM_FAIL" ] && exit 2\n'
-                    '[ "$1" = cache-engine ] && echo "/opt/nim/cache/engines/x y--key"\nexit 0\n')
+    shim.write_text(
+        f'#!/bin/sh\nprintf "%s|" "$@" >> {log}\necho >> {log}\n'
+        '[ "$1" = cache-engine ] && [ -n "$SHIM_FAIL" ] && exit 2\n'
+        '[ "$1" = cache-engine ] && echo "/opt/nim/cache/engines/x y--key"\nexit 0\n'
+    )
     shim.chmod(0o755)
-    proc = subprocess.run(["/bin/sh", "-ec", *init["args"]], capture_output=True, text=True, timeout=30,
-                          env={**env, "PATH": f"{shim.parent}:/usr/bin:/bin"})
+    proc = subprocess.run(
+        ["/bin/sh", "-ec", *init["args"]],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**env, "PATH": f"{shim.parent}:/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr
     calls = [line.rstrip("|").split("|") for line in log.read_text().splitlines()]
     assert calls == [
-        ["cache-engine", "mistralai/Mistral-Nemo-Instruct-2407", "--revision", "main", "--cache-dir", "/opt/nim/cache",
-         "--accuracy-gate", "--no-allow-pickle", "--backend", "auto", "--calib-samples", "32", "--calib-seq-len",
-         "256", "--kv-cache", "auto", "--max-batch-size", "64", "--max-num-tokens", "8192", "--quant", "fp8",
-         "--tp", "2", "--workers", "1"],
+        [
+            "cache-engine",
+            "mistralai/Mistral-Nemo-Instruct-2407",
+            "--revision",
+            "main",
+            "--cache-dir",
+            "/opt/nim/cache",
+            "--accuracy-gate",
+            "--no-allow-pickle",
+            "--backend",
+            "auto",
+            "--calib-samples",
+            "32",
+            "--calib-seq-len",
+            "256",
+            "--kv-cache",
+            "auto",
+            "--max-batch-size",
+            "64",
+            "--max-num-tokens",
+            "8192",
+            "--quant",
+            "fp8",
+            "--tp",
+            "2",
+            "--workers",
+            "1",
+        ],
         ["repo", "/opt/nim/cache/engines/x y--key", "--out", str(tmp_path / "repo")],
     ]
     assert not (tmp_path / "repo").exists()
 
     log.unlink()  # a failed build fails the init container (Kubernetes retries it) and writes no repository
-    proc = subprocess.run(["/bin/sh", "-ec", *init["args"]], capture_output=True, text=True, timeout=30,
-                          env={**env, "PATH": f"{shim.parent}:/usr/bin:/bin", "SHIM_FAIL": "1"})
+    proc = subprocess.run(
+        ["/bin/sh", "-ec", *init["args"]],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**env, "PATH": f"{shim.parent}:/usr/bin:/bin", "SHIM_FAIL": "1"},
+    )
     assert proc.returncode != 0 and [line.split("|")[0] for line in log.read_text().splitlines()] == ["cache-engine"]
 
 
@@ -281,19 +390,36 @@ def test_ingress_details(rendered):
 
 
 # The schema rejects bad values before any template runs.
-@pytest.mark.parametrize("values, message", [
-    ({"replicaCount": "two"}, "replicaCount: Invalid type. Expected: integer, given: string"),
-    ({"replicas": 2}, "Additional property replicas is not allowed"),
-    ({"persistence": {"size": "-10Gi"}}, "persistence.size: Does not match pattern"),
-    ({"shm": {"sizeLimit": "-1Gi"}}, "shm.sizeLimit: Does not match pattern"),
-    ({"engine": {"tensorParallelSize": 3}}, "engine.tensorParallelSize must be one of the following: 1, 2, 4, 8"),
-    ({"persistence": {"existingClaim": "llm-cache", "size": "50Gi"}}, "persistence.size does not match"),
-    ({"persistence": {"existingClaim": "llm-cache", "storageClass": "fast"}}, "persistence.storageClass does not match"),
-    ({"gpu": {"enabled": True, "count": 2}}, "Additional property count is not allowed"),
-    ({"workload": {"kind": "DaemonSet"}}, "workload.kind must be one of the following"),
-    ({"service": {"ports": {"http": 70000}}}, "service.ports.http: Must be less than or equal to 65535"),
-], ids=["replicas-two", "unknown-key", "negative-size", "negative-shm", "tp-3", "existing-claim-with-size",
-        "existing-claim-with-storage-class", "unknown-nested-key", "bad-kind", "port-range"])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"replicaCount": "two"}, "replicaCount: Invalid type. Expected: integer, given: string"),
+        ({"replicas": 2}, "Additional property replicas is not allowed"),
+        ({"persistence": {"size": "-10Gi"}}, "persistence.size: Does not match pattern"),
+        ({"shm": {"sizeLimit": "-1Gi"}}, "shm.sizeLimit: Does not match pattern"),
+        ({"engine": {"tensorParallelSize": 3}}, "engine.tensorParallelSize must be one of the following: 1, 2, 4, 8"),
+        ({"persistence": {"existingClaim": "llm-cache", "size": "50Gi"}}, "persistence.size does not match"),
+        (
+            {"persistence": {"existingClaim": "llm-cache", "storageClass": "fast"}},
+            "persistence.storageClass does not match",
+        ),
+        ({"gpu": {"enabled": True, "count": 2}}, "Additional property count is not allowed"),
+        ({"workload": {"kind": "DaemonSet"}}, "workload.kind must be one of the following"),
+        ({"service": {"ports": {"http": 70000}}}, "service.ports.http: Must be less than or equal to 65535"),
+    ],
+    ids=[
+        "replicas-two",
+        "unknown-key",
+        "negative-size",
+        "negative-shm",
+        "tp-3",
+        "existing-claim-with-size",
+        "existing-claim-with-storage-class",
+        "unknown-nested-key",
+        "bad-kind",
+        "port-range",
+    ],
+)
 def test_schema_rejects(values, message):
     with pytest.raises(HelmError, match="values don't meet the specifications of the schema") as e:
         render(values)
@@ -301,18 +427,21 @@ def test_schema_rejects(values, message):
 
 
 # validateValues: settings the schema cannot relate, reported together in one message.
-@pytest.mark.parametrize("values, message", [
-    ({"replicaCount": 2}, "cannot share a new ReadWriteOnce cache volume"),
-    ({"autoscaling": {"enabled": True}}, "a Deployment with up to 4 replicas cannot share"),
-    ({"resources": {"limits": {"nvidia.com/gpu": 2}}}, "set engine.tensorParallelSize instead"),
-    ({"huggingface": {"offline": True}}, "huggingface.offline=true needs a pre-populated cache"),
-    ({"gpu": {"enabled": False}, "engine": {"backend": "trtllm"}}, "engine.backend=trtllm needs gpu.enabled=true"),
-    ({"pdb": {"enabled": True, "minAvailable": 1}}, "set only one of pdb.minAvailable and pdb.maxUnavailable"),
-    ({"service": {"ports": {"grpc": 8000}}}, "must be three different ports"),
-    ({"workload": {"deploymentStrategy": "RollingUpdate"}}, "RollingUpdate starts the new pod"),
-    ({"ingress": {"grpc": {"enabled": True}}}, "ingress.grpc.enabled=true needs ingress.grpc.host"),
-    ({"gpu": {"products": ["NVIDIA-H200"]}, "affinity": {"nodeAffinity": {}}}, "set either gpu.products or"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"replicaCount": 2}, "cannot share a new ReadWriteOnce cache volume"),
+        ({"autoscaling": {"enabled": True}}, "a Deployment with up to 4 replicas cannot share"),
+        ({"resources": {"limits": {"nvidia.com/gpu": 2}}}, "set engine.tensorParallelSize instead"),
+        ({"huggingface": {"offline": True}}, "huggingface.offline=true needs a pre-populated cache"),
+        ({"gpu": {"enabled": False}, "engine": {"backend": "trtllm"}}, "engine.backend=trtllm needs gpu.enabled=true"),
+        ({"pdb": {"enabled": True, "minAvailable": 1}}, "set only one of pdb.minAvailable and pdb.maxUnavailable"),
+        ({"service": {"ports": {"grpc": 8000}}}, "must be three different ports"),
+        ({"workload": {"deploymentStrategy": "RollingUpdate"}}, "RollingUpdate starts the new pod"),
+        ({"ingress": {"grpc": {"enabled": True}}}, "ingress.grpc.enabled=true needs ingress.grpc.host"),
+        ({"gpu": {"products": ["NVIDIA-H200"]}, "affinity": {"nodeAffinity": {}}}, "set either gpu.products or"),
+    ],
+)
 def test_validate_values(values, message):
     with pytest.raises(HelmError, match="nim-llm: inconsistent values") as e:
         render(values)
@@ -334,20 +463,38 @@ def test_notes_commands():
     assert "curl -s -X POST http://127.0.0.1:8000/v2/models/ensemble/generate_stream" in notes
     assert "helm test -n llm rel" in notes
     assert "WARNING" not in notes
-    notes = render_notes({"service": {"ports": {"http": 9000, "grpc": 9001, "metrics": 9002}},
-                          "metrics": {"serviceMonitor": {"enabled": True}}, "persistence": {"enabled": False}})
+    notes = render_notes(
+        {
+            "service": {"ports": {"http": 9000, "grpc": 9001, "metrics": 9002}},
+            "metrics": {"serviceMonitor": {"enabled": True}},
+            "persistence": {"enabled": False},
+        }
+    )
     assert "svc/rel-nim-llm 9000:9000 9001:9001" in notes and "--url 127.0.0.1:9001" in notes
     assert "no ServiceMonitor was created" in notes and "every pod start downloads" in notes
-    assert "no ServiceMonitor" not in render_notes({"metrics": {"serviceMonitor": {"enabled": True}}},
-                                                   api_versions=(SERVICE_MONITOR_API,))
+    assert "no ServiceMonitor" not in render_notes(
+        {"metrics": {"serviceMonitor": {"enabled": True}}}, api_versions=(SERVICE_MONITOR_API,)
+    )
 
 
 # -- documentation and schema cover every value ---------------------------------------------------------------
 
-FREE_FORM = {"commonLabels", "podAnnotations", "podLabels", "nodeSelector", "resources", "podSecurityContext",
-             "containerSecurityContext", "affinity", "persistence.annotations", "service.annotations",
-             "serviceAccount.annotations", "metrics.serviceMonitor.labels", "ingress.http.annotations",
-             "ingress.grpc.annotations"}
+FREE_FORM = {
+    "commonLabels",
+    "podAnnotations",
+    "podLabels",
+    "nodeSelector",
+    "resources",
+    "podSecurityContext",
+    "containerSecurityContext",
+    "affinity",
+    "persistence.annotations",
+    "service.annotations",
+    "serviceAccount.annotations",
+    "metrics.serviceMonitor.labels",
+    "ingress.http.annotations",
+    "ingress.grpc.annotations",
+}
 
 
 def _leaves(d, prefix=""):
@@ -385,6 +532,7 @@ def test_schema_covers_every_value():
                 assert k in node["properties"], f"{path}.{k} is not in values.schema.json"
                 walk(node["properties"][k], v, f"{path}.{k}")
         assert "default" not in node, f"{path}: the schema must not carry defaults (values.yaml does)"
+
     walk(schema, values, "")
     for name, _, _ in _params():
         node = schema

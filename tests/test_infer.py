@@ -8,17 +8,34 @@ import pytest
 from click.testing import CliRunner
 
 from nim_build.cli.infer import command as infer_command
-from nim_build.errors import UserError
-from nim_build.errors import InferenceError
+from nim_build.errors import InferenceError, UserError
 from nim_build.serving.client import Client, GenerateRequest, grpc_inputs
 
 
 def test_fields_map_to_ensemble_inputs():
-    req = GenerateRequest(prompt="hi", max_tokens=5, stream=True, temperature=0.5, top_k=3, top_p=0.9, seed=1,
-                          stop=["\n\n"], bad_words=["x"])
+    req = GenerateRequest(
+        prompt="hi",
+        max_tokens=5,
+        stream=True,
+        temperature=0.5,
+        top_k=3,
+        top_p=0.9,
+        seed=1,
+        stop=["\n\n"],
+        bad_words=["x"],
+    )
     body = req.fields()
-    assert body == {"text_input": "hi", "max_tokens": 5, "stream": True, "temperature": 0.5, "top_k": 3,
-                    "top_p": 0.9, "seed": 1, "stop_words": ["\n\n"], "bad_words": ["x"]}
+    assert body == {
+        "text_input": "hi",
+        "max_tokens": 5,
+        "stream": True,
+        "temperature": 0.5,
+        "top_k": 3,
+        "top_p": 0.9,
+        "seed": 1,
+        "stop_words": ["\n\n"],
+        "bad_words": ["x"],
+    }
     inputs = {i.name(): i for i in grpc_inputs(body)}
     assert inputs["text_input"].datatype() == "BYTES" and inputs["text_input"].shape() == [1, 1]
     assert inputs["max_tokens"].datatype() == "INT32" and inputs["stream"].datatype() == "BOOL"

@@ -16,15 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import tokenizer_engine_dir
-from nim_build.serving import native
-from nim_build.errors import UserError
-from nim_build.serving.tokenizer import META_FILE, Tokenizer
-from nim_build.serving.repo import RepoOptions, generate_repo, read_config, write_config
 
-TEXTS = ["北京大学 한국어 مرحبا 🙂👍🏽\tdef f(x):\n\treturn x  # two  spaces",
-         " leading space, the end.", "the cat sat on the mat"]
+from nim_build.errors import UserError
+from nim_build.serving import native
+from nim_build.serving.repo import RepoOptions, generate_repo, read_config, write_config
+from nim_build.serving.tokenizer import META_FILE, Tokenizer
+
+TEXTS = [
+    "北京大学 한국어 مرحبا 🙂👍🏽\tdef f(x):\n\treturn x  # two  spaces",
+    " leading space, the end.",
+    "the cat sat on the mat",
+]
 TRIVIAL = "nim_build.testing.trivial_engine:TrivialEngine"
 
 
@@ -57,8 +60,9 @@ def llama2_dir(out: Path) -> Path:
     vocab, merges = _sentencepiece_vocab(byte_tokens=True)
     tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                    decoders.Strip(" ", 1, 0)])
+    tk.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     return _save(tk, out, 1, 2)
 
 
@@ -89,8 +93,12 @@ def tokenizer_dirs(default_model_dir, tmp_path_factory) -> dict[str, Path]:
     tekken.mkdir()
     shutil.copy(Path(mistral_common.__file__).parent / "data" / "tekken_240718.json", tekken / "tekken.json")
     (tekken / META_FILE).write_text(json.dumps({"kind": "tekken", "bos_id": 1, "end_id": 2, "pad_id": 11}))
-    return {"hf": hf, "tekken": tekken, "metaspace": metaspace_dir(root / "metaspace"),
-            "llama2": llama2_dir(root / "llama2")}
+    return {
+        "hf": hf,
+        "tekken": tekken,
+        "metaspace": metaspace_dir(root / "metaspace"),
+        "llama2": llama2_dir(root / "llama2"),
+    }
 
 
 def test_byte_pieces_match_each_tokenizer(tokenizer_dirs):
@@ -179,14 +187,18 @@ def served(tokenizer_dirs, tmp_path_factory):
     from conftest import serving
 
     root = tmp_path_factory.mktemp("native-post")
-    repo = generate_repo(tokenizer_engine_dir(root, tokenizer_dirs["hf"]), root / "repo",
-                         RepoOptions(engine_class=TRIVIAL))
+    repo = generate_repo(
+        tokenizer_engine_dir(root, tokenizer_dirs["hf"]), root / "repo", RepoOptions(engine_class=TRIVIAL)
+    )
     for kind in KINDS:
         tok_dir = tokenizer_dirs[kind]
         for impl in ("native", "python"):
             work = root / f"{kind}-{impl}"
-            src = generate_repo(tokenizer_engine_dir(work, tok_dir), work / "repo",
-                                RepoOptions(postprocessing=impl, engine_class=TRIVIAL))
+            src = generate_repo(
+                tokenizer_engine_dir(work, tok_dir),
+                work / "repo",
+                RepoOptions(postprocessing=impl, engine_class=TRIVIAL),
+            )
             name = f"post_{kind}_{impl}"
             shutil.copytree(src / "postprocessing", repo / name)
             cfg = read_config(repo / name / "config.pbtxt")
@@ -246,15 +258,17 @@ def test_any_ids_decode_like_the_tokenizer(served, tokenizer_dirs, kind):
     # byte-ish tokens make broken UTF-8 likely: the tokens whose piece is not valid UTF-8 on its own
     pieces, _ = tok.byte_pieces()
     broken = [i for i, p in enumerate(pieces) if p and not _valid(p)][:2000] or range(tok.vocab_size)
-    rows = [[rng.choice(broken if rng.random() < 0.5 else range(tok.vocab_size)) for _ in range(rng.randrange(0, 24))]
-            for _ in range(8)]
+    rows = [
+        [rng.choice(broken if rng.random() < 0.5 else range(tok.vocab_size)) for _ in range(rng.randrange(0, 24))]
+        for _ in range(8)
+    ]
     c = grpcclient.InferenceServerClient(served.grpc_url)
     try:
         assert _post(c, f"post_{kind}_native", rows) == [tok.decode(r) for r in rows]
         for k, row in enumerate(rows):
             streamed = "".join(_post(c, f"post_{kind}_native", [[i]], f"rand-{kind}-{k}")[0] for i in row)
             full = tok.decode(row)
-            assert full.startswith(streamed) and full[len(streamed):] in ("", "\ufffd"), (row, streamed, full)
+            assert full.startswith(streamed) and full[len(streamed) :] in ("", "\ufffd"), (row, streamed, full)
     finally:
         c.close()
 

@@ -13,15 +13,32 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from tiny_models import convert, llama3_scaling, make_calib_ids, make_tiny_model
 
 ORACLE = Path(__file__).parent / "oracle" / "modelopt_export.py"
 NEMO_LIKE = dict(hidden_size=80, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=96)
-CONFIG_KEYS = ("architecture", "dtype", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-               "hidden_size", "head_size", "intermediate_size", "vocab_size", "max_position_embeddings",
-               "position_embedding_type", "hidden_act", "norm_epsilon", "rotary_base", "mapping", "quantization",
-               "use_parallel_embedding", "embedding_sharding_dim", "share_embedding_table", "bias")
+CONFIG_KEYS = (
+    "architecture",
+    "dtype",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_size",
+    "head_size",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "position_embedding_type",
+    "hidden_act",
+    "norm_epsilon",
+    "rotary_base",
+    "mapping",
+    "quantization",
+    "use_parallel_embedding",
+    "embedding_sharding_dim",
+    "share_embedding_table",
+    "bias",
+)
 
 CASES = {
     # name: (make_tiny_model kwargs, tp, fp8 kv cache)
@@ -35,8 +52,18 @@ CASES = {
 
 def run_oracle(model_dir: Path, ids: np.ndarray, tp: int, kv: bool, out: Path) -> Path:
     np.save(out.parent / f"{out.name}-ids.npy", ids)
-    cmd = [sys.executable, str(ORACLE), "--model", str(model_dir), "--calib-ids", str(out.parent / f"{out.name}-ids.npy"),
-           "--tp", str(tp), "--out", str(out)] + (["--kv-cache-fp8"] if kv else [])
+    cmd = [
+        sys.executable,
+        str(ORACLE),
+        "--model",
+        str(model_dir),
+        "--calib-ids",
+        str(out.parent / f"{out.name}-ids.npy"),
+        "--tp",
+        str(tp),
+        "--out",
+        str(out),
+    ] + (["--kv-cache-fp8"] if kv else [])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
@@ -44,8 +71,7 @@ def run_oracle(model_dir: Path, ids: np.ndarray, tp: int, kv: bool, out: Path) -
 
 def ours(model_dir: Path, ids: np.ndarray, tp: int, kv: bool, out: Path) -> Path:
     out.mkdir()
-    convert(model_dir, out, quant="fp8", kv_cache="fp8" if kv else "auto", tp=tp,
-                       calib_ids=torch.from_numpy(ids))
+    convert(model_dir, out, quant="fp8", kv_cache="fp8" if kv else "auto", tp=tp, calib_ids=torch.from_numpy(ids))
     return out
 
 
@@ -71,7 +97,9 @@ def assert_same_config(got_dir: Path, want_dir: Path):
     if want.get("rotary_scaling"):
         w, g = want["rotary_scaling"], got["rotary_scaling"]
         assert g["type"] == w.get("type", w.get("rope_type"))
-        assert {k: v for k, v in g.items() if k != "type"} == {k: v for k, v in w.items() if k not in ("type", "rope_type")}
+        assert {k: v for k, v in g.items() if k != "type"} == {
+            k: v for k, v in w.items() if k not in ("type", "rope_type")
+        }
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -21,7 +21,8 @@ def test_offline_without_cached_copy_says_how_to_prefetch(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "Error: HF_HUB_OFFLINE is set and no cached copy of acme/missing-model exists; pre-fetch it on a connected "
-        "machine with `hf download acme/missing-model` and copy the HF_HOME cache here"]
+        "machine with `hf download acme/missing-model` and copy the HF_HOME cache here"
+    ]
     assert not (tmp_path / "o").exists()
 
 
@@ -32,8 +33,10 @@ def test_hub_id_with_revision_resolves_from_the_cache(tmp_path):
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(SHA)
     out = tmp_path / "eng"
-    done = run(["engine", "acme/tiny@main", "--out", str(out), "--quant", "bf16", "--backend", "reference",
-                "--json"], tmp_path / "hf")
+    done = run(
+        ["engine", "acme/tiny@main", "--out", str(out), "--quant", "bf16", "--backend", "reference", "--json"],
+        tmp_path / "hf",
+    )
     assert done.returncode == 0, done.stderr
     model = json.loads((out / "manifest.json").read_text())["model"]
     assert model["source"] == "acme/tiny@main" and model["revision"] == SHA

@@ -9,8 +9,8 @@ import torch
 import transformers
 from tiny_models import llama3_scaling
 
-from nim_build.errors import CheckpointError, UserError
 from nim_build.builder.manifest import write_manifest
+from nim_build.errors import CheckpointError, UserError
 from nim_build.runtime import DecoderModel, LLMEngine, SamplingParams, SeqChunk
 from nim_build.runtime.checkpoint import load_checkpoint
 from nim_build.runtime.kv_cache import PagedKVCache
@@ -68,11 +68,14 @@ def test_activation_fake_quant_is_on_for_fp8_and_can_be_turned_off(tiny_checkpoi
     assert not torch.equal(on, off) and (on - off).abs().max() < 0.05 * on.abs().max()
 
 
-@pytest.mark.parametrize("model_kw", [
-    dict(arch="LlamaForCausalLM", rope_scaling=llama3_scaling("rope_type"), tie_word_embeddings=True),
-    dict(arch="LlamaForCausalLM", rope_scaling={"type": "linear", "factor": 4.0}, spelling="tf457"),
-    dict(rope_theta=10000.0, spelling="tf5", num_kv_heads=4),
-])
+@pytest.mark.parametrize(
+    "model_kw",
+    [
+        dict(arch="LlamaForCausalLM", rope_scaling=llama3_scaling("rope_type"), tie_word_embeddings=True),
+        dict(arch="LlamaForCausalLM", rope_scaling={"type": "linear", "factor": 4.0}, spelling="tf457"),
+        dict(rope_theta=10000.0, spelling="tf5", num_kv_heads=4),
+    ],
+)
 def test_rope_variants_and_tied_embeddings_match_transformers(tiny_checkpoint, model_kw):
     hf, ckpt = tiny_checkpoint("bf16", 1, **model_kw)
     ids = torch.arange(300) % 256  # past original_max_position_embeddings=256 of the llama3 dict
@@ -109,8 +112,9 @@ def test_decode_attention_is_exact_and_batch_invariant(tiny_checkpoint):
             model.forward(ids[:-1], [SeqChunk(0, len(ids) - 1, table)], cache)
 
     def decode(which):
-        return model.forward(torch.stack([seqs[i][-1] for i in which]),
-                             [SeqChunk(len(seqs[i]) - 1, 1, tables[i]) for i in which], cache).logits
+        return model.forward(
+            torch.stack([seqs[i][-1] for i in which]), [SeqChunk(len(seqs[i]) - 1, 1, tables[i]) for i in which], cache
+        ).logits
 
     alone = [decode([i])[0] for i in range(len(seqs))]
     for i, ids in enumerate(seqs):
@@ -124,8 +128,12 @@ def test_decode_attention_is_exact_and_batch_invariant(tiny_checkpoint):
     # at 11 is not its last and attends on its own, its last tile (16) with the decode token.
     long, table = IDS[:17], list(range(7))
     model.forward(long[:11], [SeqChunk(0, 11, table)], cache)
-    out = model.forward(torch.cat([long[11:], seqs[3][-1:]]), [SeqChunk(11, 6, table), SeqChunk(7, 1, tables[3])],
-                        cache, all_logits=True).logits
+    out = model.forward(
+        torch.cat([long[11:], seqs[3][-1:]]),
+        [SeqChunk(11, 6, table), SeqChunk(7, 1, tables[3])],
+        cache,
+        all_logits=True,
+    ).logits
     full = model.forward(long, [SeqChunk(0, 17)], all_logits=True).logits
     assert (out[:6] - full[11:]).abs().max() < 1e-5
     assert torch.equal(out[6], alone[3])
@@ -146,9 +154,15 @@ def make_engine_dir(root, ckpt, **build):
     for f in ckpt.iterdir():
         (engine / "checkpoint" / f.name).write_bytes(f.read_bytes())
     (engine / "tokenizer").mkdir()
-    write_manifest(engine, {"name": "tiny", "backend": "reference",
-                            "build": {"max_seq_len": 128, "max_batch_size": 4, "max_num_tokens": 64, **build},
-                            "tokenizer": {"dir": "tokenizer", "kind": "hf", "bos_id": 1, "end_id": 2, "pad_id": 2}})
+    write_manifest(
+        engine,
+        {
+            "name": "tiny",
+            "backend": "reference",
+            "build": {"max_seq_len": 128, "max_batch_size": 4, "max_num_tokens": 64, **build},
+            "tokenizer": {"dir": "tokenizer", "kind": "hf", "bos_id": 1, "end_id": 2, "pad_id": 2},
+        },
+    )
     return engine
 
 
@@ -173,8 +187,9 @@ def test_default_model_bf16_reproduces_transformers_greedy_generation(default_mo
     prompts = ["The capital of France is", "def fibonacci(n):"]
     for prompt in prompts:
         ids = tok(prompt)["input_ids"]
-        ref = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=None,
-                          pad_token_id=2)[0, len(ids):].tolist()
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=2)[
+            0, len(ids) :
+        ].tolist()
         assert engine.generate(ids, SamplingParams(20, end_id=-1)) == ref, prompt
     engine.shutdown()
 

@@ -8,8 +8,8 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from nim_build.cli.run import command
 from nim_build.builder.manifest import write_manifest
+from nim_build.cli.run import command
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +21,22 @@ def engine_dir(default_model_dir, smollm2_bf16_checkpoint, tmp_path_factory):
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if (default_model_dir / name).is_file():
             shutil.copy(default_model_dir / name, root / "tokenizer" / name)
-    write_manifest(root, {"name": "smollm2-bf16", "backend": "reference",
-                          "build": {"max_seq_len": 256, "max_batch_size": 4, "max_num_tokens": 512},
-                          "tokenizer": {"dir": "tokenizer", "kind": "hf", "bos_id": 1, "end_id": 2, "pad_id": 2,
-                                        "chat_template": True}})
+    write_manifest(
+        root,
+        {
+            "name": "smollm2-bf16",
+            "backend": "reference",
+            "build": {"max_seq_len": 256, "max_batch_size": 4, "max_num_tokens": 512},
+            "tokenizer": {
+                "dir": "tokenizer",
+                "kind": "hf",
+                "bos_id": 1,
+                "end_id": 2,
+                "pad_id": 2,
+                "chat_template": True,
+            },
+        },
+    )
     return root
 
 
@@ -44,9 +56,24 @@ def test_json_output_and_stream_print_the_same_text(engine_dir):
 
 
 def test_chat_template_and_seeded_sampling(engine_dir):
-    chat = json.loads(run(engine_dir, "--prompt", "What is the capital of France?", "--chat", "--max-tokens", 12,
-                          "--json"))
+    chat = json.loads(
+        run(engine_dir, "--prompt", "What is the capital of France?", "--chat", "--max-tokens", 12, "--json")
+    )
     assert chat["prompt_tokens"] > 10 and "Paris" in chat["text"]
-    args = [engine_dir, "--prompt", "Once upon a time", "--max-tokens", 6, "--temperature", 1.0, "--top-k", 50,
-            "--top-p", 0.95, "--seed", 7, "--json"]
+    args = [
+        engine_dir,
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        6,
+        "--temperature",
+        1.0,
+        "--top-k",
+        50,
+        "--top-p",
+        0.95,
+        "--seed",
+        7,
+        "--json",
+    ]
     assert json.loads(run(*args))["token_ids"] == json.loads(run(*args))["token_ids"]

@@ -17,8 +17,8 @@ import time
 import pytest
 import torch
 
-from nim_build.errors import UserError
 from nim_build.builder.manifest import CHECKPOINT_DIR
+from nim_build.errors import UserError
 from nim_build.runtime import DecoderModel, LLMEngine, SamplingParams
 from nim_build.runtime.kv_cache import PagedKVCache
 
@@ -32,7 +32,16 @@ def model(tiny_checkpoint):
 
 
 def make_engine(model, **kw):
-    kw = {"max_seq_len": 256, "max_batch_size": 8, "max_num_tokens": 48, "tokens_per_block": 8, "end_id": -1, **kw}
+    """Prompts up to 100 tokens with max_num_tokens 48: prefill is chunked (enable_chunked_context)."""
+    kw = {
+        "max_seq_len": 256,
+        "max_batch_size": 8,
+        "max_num_tokens": 48,
+        "tokens_per_block": 8,
+        "end_id": -1,
+        "enable_chunked_context": True,
+        **kw,
+    }
     return LLMEngine(model, **kw)
 
 
@@ -185,7 +194,7 @@ def test_stop_words_end_id_and_bad_words(model):
     engine.submit(prompt, SamplingParams(20, stop_words=[[255, 254, 253], stop]), events.append)
     while not (events and events[-1].finished):
         engine.step()
-    first = next(i for i in range(len(base)) if base[i:i + 2] == stop)
+    first = next(i for i in range(len(base)) if base[i : i + 2] == stop)
     assert sum((ev.token_ids for ev in events), []) == base[:first]  # the stop sequence is never streamed
     assert events[-1].finish_reason == "stop"
     events = []
@@ -193,10 +202,10 @@ def test_stop_words_end_id_and_bad_words(model):
     while not (events and events[-1].finished):
         engine.step()
     assert events[-1].finish_reason == "end_id"
-    assert sum((ev.token_ids for ev in events), []) == base[:base.index(base[3])]
+    assert sum((ev.token_ids for ev in events), []) == base[: base.index(base[3])]
     banned = engine.generate(prompt, SamplingParams(20, bad_words=[[base[0]], [base[1], base[2]]]))
     assert banned[0] != base[0] and base[0] not in banned
-    assert all(banned[i:i + 2] != [base[1], base[2]] for i in range(len(banned)))
+    assert all(banned[i : i + 2] != [base[1], base[2]] for i in range(len(banned)))
     engine.shutdown()
 
 
@@ -213,13 +222,16 @@ def test_streaming_events_and_timing(model):
     assert t0 <= last.arrival <= last.first_token <= last.last_token <= time.monotonic()
 
 
-@pytest.mark.parametrize("prompt, params, match", [
-    ([], SamplingParams(4), "empty prompt"),
-    ([5], SamplingParams(0), "max_new_tokens"),
-    ([5] * 250, SamplingParams(10), "max_seq_len"),
-    ([5, 256], SamplingParams(4), "token ids"),
-    ([5], SamplingParams(4, top_p=0.0), "top_p"),
-])
+@pytest.mark.parametrize(
+    "prompt, params, match",
+    [
+        ([], SamplingParams(4), "empty prompt"),
+        ([5], SamplingParams(0), "max_new_tokens"),
+        ([5] * 250, SamplingParams(10), "max_seq_len"),
+        ([5, 256], SamplingParams(4), "token ids"),
+        ([5], SamplingParams(4, top_p=0.0), "top_p"),
+    ],
+)
 def test_invalid_requests_are_rejected(model, prompt, params, match):
     with pytest.raises(UserError, match=match):
         make_engine(model).submit(prompt, params, lambda ev: None)
@@ -234,10 +246,19 @@ def test_batch_invariance_on_the_default_model(reference_engine_dir):
 
     def engine():
         c = smollm2.cfg
-        per_block = PagedKVCache.bytes_per_block(c.num_layers, 32, c.num_kv_heads, c.head_size,
-                                                  1 if smollm2.kv_fp8 else 4)
-        e = LLMEngine(smollm2, max_seq_len=1024, max_batch_size=6, max_num_tokens=96, kv_cache_bytes=blocks * per_block,
-                      tokens_per_block=32, end_id=-1)
+        per_block = PagedKVCache.bytes_per_block(
+            c.num_layers, 32, c.num_kv_heads, c.head_size, 1 if smollm2.kv_fp8 else 4
+        )
+        e = LLMEngine(
+            smollm2,
+            max_seq_len=1024,
+            max_batch_size=6,
+            max_num_tokens=96,
+            kv_cache_bytes=blocks * per_block,
+            tokens_per_block=32,
+            end_id=-1,
+            enable_chunked_context=True,
+        )
         return e, record_logits(e)
 
     rng = random.Random(7)
@@ -316,8 +337,13 @@ def test_loading_leaves_the_step_loop_the_only_openmp_team(reference_engine_dir)
     """libgomp throttles every team once a process has more OpenMP threads than CPUs, which made background steps
     1.7x slower (runtime/threads.py). In a fresh process with 2 torch threads: loading weights and allocating the
     KV pool leave no OpenMP worker behind on the caller's thread; serving adds exactly the loop's one worker."""
-    out = subprocess.run([sys.executable, "-c", ONE_TEAM_SCRIPT, str(reference_engine_dir)], check=True,
-                         capture_output=True, text=True, timeout=300).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", ONE_TEAM_SCRIPT, str(reference_engine_dir)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
     base, loaded, serving = json.loads(out.strip().splitlines()[-1])
     assert (loaded, serving) == (base, base + 1)
 
@@ -329,3 +355,28 @@ def test_on_own_thread_returns_and_raises_like_a_call():
     assert on_own_thread(lambda a, b=0: (a + b, threading.get_ident() != caller), 2, b=3) == (5, True)
     with pytest.raises(UserError, match="bad"):
         on_own_thread(lambda: (_ for _ in ()).throw(UserError("bad")))
+
+
+def test_without_chunked_context_prompts_are_computed_in_one_step(model):
+    """enable_chunked_context off (TensorRT-LLM's default): a prompt longer than max_num_tokens is refused, and every
+    admitted prompt is computed whole in one step; with it on, a prompt that does not fit the step is split."""
+    reqs = [([7] * 40, 4), ([9] * 30, 4), ([11] * 20, 4)]
+    ref = alone(model, reqs)
+    steps = {}
+    for chunked in (False, True):
+        engine = make_engine(model, enable_chunked_context=chunked)
+        out = {}
+        for prompt, n in reqs:  # all three arrive together: 90 prompt tokens, 48 per step
+            rid = engine.submit(
+                prompt, SamplingParams(n), lambda ev, out=out: out.setdefault(ev.request_id, []).extend(ev.token_ids)
+            )
+        steps[chunked] = []
+        while engine.has_work():
+            engine.step()
+            steps[chunked].append(engine.stats()["last_step_tokens"])
+        assert [out[r] for r in sorted(out)] == ref  # the same results either way
+        assert rid == 3
+    with pytest.raises(UserError, match="longer than max_num_tokens 48, and chunked context is off"):
+        make_engine(model, enable_chunked_context=False).submit([5] * 49, SamplingParams(4), lambda ev: None)
+    assert steps[False][:2] == [40, 30 + 1]  # the 30-token prompt waits a step rather than being cut
+    assert steps[True][:2] == [48, 1 + 22 + 20]  # 40 + the next prompt's first block; a decode, its rest, the third

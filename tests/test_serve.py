@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import free_ports
+
 from nim_build.errors import ServerSetupError, ServingError
 from nim_build.serving.server import TritonServer
 
@@ -47,8 +47,9 @@ def _repo(root: Path, init: str = "pass", finalize: str = "pass") -> Path:
 
 def _server(repo: Path, **kw) -> TritonServer:
     http, grpc, metrics = free_ports(3)
-    return TritonServer(repo, host="127.0.0.1", http_port=http, grpc_port=grpc, metrics_port=metrics,
-                        exit_timeout_s=3, **kw)
+    return TritonServer(
+        repo, host="127.0.0.1", http_port=http, grpc_port=grpc, metrics_port=metrics, exit_timeout_s=3, **kw
+    )
 
 
 def test_start_infer_stop(tmp_path):
@@ -84,8 +85,7 @@ def test_busy_port(tmp_path):
         s.listen()
         port = s.getsockname()[1]
         http, metrics = free_ports(2)
-        server = TritonServer(_repo(tmp_path), host="127.0.0.1", http_port=http, grpc_port=port,
-                              metrics_port=metrics)
+        server = TritonServer(_repo(tmp_path), host="127.0.0.1", http_port=http, grpc_port=port, metrics_port=metrics)
         with pytest.raises(ServerSetupError, match=f"port {port} is already in use.*--grpc-port"):
             server.start()
     assert server.proc is None
@@ -97,8 +97,9 @@ def test_not_a_repository(tmp_path):
 
 
 def _serve_cli(args, env=None):
-    return subprocess.run([sys.executable, "-m", "nim_build", "serve", *args], capture_output=True, text=True,
-                          timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "nim_build", "serve", *args], capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 def test_cli_missing_binary(tmp_path):
@@ -117,8 +118,9 @@ def test_cli_busy_port(tmp_path):
         port = s.getsockname()[1]
         out = _serve_cli([str(_repo(tmp_path)), "--http-port", str(port)])
     assert out.returncode == 2
-    assert out.stderr.strip() == (f"Error: port {port} is already in use on 0.0.0.0; stop what listens there or "
-                                  "pick another with --http-port")
+    assert out.stderr.strip() == (
+        f"Error: port {port} is already in use on 0.0.0.0; stop what listens there or pick another with --http-port"
+    )
 
 
 def test_world_size_runs_one_process_per_rank_under_mpirun(tmp_path, monkeypatch):
@@ -133,8 +135,10 @@ def test_world_size_runs_one_process_per_rank_under_mpirun(tmp_path, monkeypatch
     engine = tmp_path / "engine"
     engine.mkdir()
     (engine / "config.json").write_text(json.dumps({"pretrained_config": {"mapping": {"world_size": 2}}}))
-    (llm / "config.pbtxt").write_text(f'name: "tensorrt_llm"\nbackend: "tensorrtllm"\nparameters {{ key: '
-                                      f'"gpt_model_path" value {{ string_value: "{engine}" }} }}\n')
+    (llm / "config.pbtxt").write_text(
+        f'name: "tensorrt_llm"\nbackend: "tensorrtllm"\nparameters {{ key: '
+        f'"gpt_model_path" value {{ string_value: "{engine}" }} }}\n'
+    )
     assert engine_world_size(repo) == 2
     monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/mpirun")
     server = TritonServer(repo, http_port=1, grpc_port=2, metrics_port=3)
@@ -155,10 +159,30 @@ def test_cli_serves_until_sigterm_then_exits_cleanly(tmp_path):
     http, grpc, metrics = free_ports(3)
     log = tmp_path / "serve.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "nim_build", "serve", str(_repo(tmp_path)), "--host",
-                                 "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port",
-                                 str(metrics), "--exit-timeout", "3", "--quiet", "--health-interval", "1"],
-                                stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nim_build",
+                "serve",
+                str(_repo(tmp_path)),
+                "--host",
+                "127.0.0.1",
+                "--http-port",
+                str(http),
+                "--grpc-port",
+                str(grpc),
+                "--metrics-port",
+                str(metrics),
+                "--exit-timeout",
+                "3",
+                "--quiet",
+                "--health-interval",
+                "1",
+            ],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + 60
             while "ready:" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
@@ -183,18 +207,23 @@ def test_stops_in_time_after_many_client_streams(default_model_dir, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     from conftest import serving, tokenizer_engine_dir
-    from nim_build.serving.tokenizer import META_FILE
+
     from nim_build.serving.client import Client, GenerateRequest
     from nim_build.serving.repo import RepoOptions, generate_repo
+    from nim_build.serving.tokenizer import META_FILE
 
     tok = tmp_path / "tokenizer"
     tok.mkdir()
     shutil.copy(default_model_dir / "tokenizer.json", tok / "tokenizer.json")
     (tok / META_FILE).write_text(json.dumps({"kind": "hf", "bos_id": 1, "end_id": 2, "pad_id": None}))
-    repo = generate_repo(tokenizer_engine_dir(tmp_path, tok), tmp_path / "repo",
-                         RepoOptions(engine_class="nim_build.testing.trivial_engine:TrivialEngine"))
+    repo = generate_repo(
+        tokenizer_engine_dir(tmp_path, tok),
+        tmp_path / "repo",
+        RepoOptions(engine_class="nim_build.testing.trivial_engine:TrivialEngine"),
+    )
     with serving(repo, tmp_path, tmp_path / "serve.log") as served:
         for model in ("ensemble", "tensorrt_llm_bls"):
+
             def one(i, model=model):
                 req = GenerateRequest(prompt="ping", max_tokens=1, stream=i % 2 == 0)
                 return Client(served.grpc_url, "grpc", model, timeout_s=30).generate(req).text
@@ -202,11 +231,13 @@ def test_stops_in_time_after_many_client_streams(default_model_dir, tmp_path):
             with ThreadPoolExecutor(4) as pool:
                 assert all(isinstance(t, str) for t in pool.map(one, range(1500)))
     assert served.proc.returncode == 0
-    assert "Exit timeout expired" not in served.output() and "stopped (Triton exit code 0)" in served.output(), \
+    assert "Exit timeout expired" not in served.output() and "stopped (Triton exit code 0)" in served.output(), (
         served.output()[-3000:]
+    )
 
 
 # --- every way `nim_build serve` ends stops everything it started --------------------------------------------
+
 
 def _wait_for(predicate, timeout_s: float, what: str) -> None:
     import time
@@ -228,14 +259,39 @@ def test_serve_leaves_no_process_and_no_shared_memory(tmp_path, ending):
 
     import psutil
 
-    repo = _repo(tmp_path, finalize="import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(120)" if ending == "stub-hangs-at-exit" else "pass")
+    ignore_signals = (
+        "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.signal(signal.SIGINT, signal.SIG_IGN)"
+    )
+    repo = _repo(
+        tmp_path,
+        finalize=f"{ignore_signals}; time.sleep(120)" if ending == "stub-hangs-at-exit" else "pass",
+    )
     http, grpc, metrics = free_ports(3)
     log = tmp_path / "serve.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "nim_build", "serve", str(repo), "--host", "127.0.0.1",
-                                 "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-                                 "--exit-timeout", "5" if ending == "sigterm" else "1", "--health-interval", "0.5"],
-                                stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nim_build",
+                "serve",
+                str(repo),
+                "--host",
+                "127.0.0.1",
+                "--http-port",
+                str(http),
+                "--grpc-port",
+                str(grpc),
+                "--metrics-port",
+                str(metrics),
+                "--exit-timeout",
+                "5" if ending == "sigterm" else "1",
+                "--health-interval",
+                "0.5",
+            ],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     try:
         _wait_for(lambda: "ready:" in log.read_text() or proc.poll() is not None, 60, "serve to be ready")
         started = psutil.Process(proc.pid).children(recursive=True)
@@ -264,9 +320,11 @@ def test_serve_leaves_no_process_and_no_shared_memory(tmp_path, ending):
         return
     assert code == 4, out[-2000:]
     assert "Traceback" not in out
-    expected = {"stub-hangs-at-exit": "Error: Triton exited with code 1 when asked to stop",
-                "triton-crashes": "Error: Triton stopped serving: Triton exited with code -9",
-                "triton-hangs": "Error: Triton did not stop within --exit-timeout 1 s and was killed"}[ending]
+    expected = {
+        "stub-hangs-at-exit": "Error: Triton exited with code 1 when asked to stop",
+        "triton-crashes": "Error: Triton stopped serving: Triton exited with code -9",
+        "triton-hangs": "Error: Triton did not stop within --exit-timeout 1 s and was killed",
+    }[ending]
     assert last.startswith(expected), last
     if ending == "stub-hangs-at-exit":
         assert "Exit timeout expired" in last  # the reason, picked from Triton's log

@@ -112,8 +112,16 @@ def test_chat_hf(hf_tokenizer_dir):
 
 def test_chat_tekken_with_tools(tekken_dir):
     tok = Tokenizer.from_dir(tekken_dir)
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
-              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather for a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
     ids = tok.encode_chat([{"role": "user", "content": "Weather in Paris?"}], tools=tools)
     text = tok.decode(ids, skip_special_tokens=False)
     assert ids[0] == 1

@@ -31,6 +31,7 @@ def reference(triton_serve):
     tok = Tokenizer.from_engine_dir(triton_serve.engine_dir)
     engine = LLMEngine.from_engine_dir(triton_serve.engine_dir, max_batch_size=4)
     try:
+
         def run(ids, n=MAX_TOKENS):
             return tok.decode(engine.generate(ids, SamplingParams(max_new_tokens=n)))
 
@@ -52,7 +53,8 @@ def client(served, protocol="grpc", model="ensemble"):
 def test_greedy_text_equals_runtime(triton_serve, reference, model, protocol, stream):
     prompt = PROMPTS[0]
     result = client(triton_serve, protocol, model).generate(
-        GenerateRequest(prompt=prompt, max_tokens=MAX_TOKENS, stream=stream))
+        GenerateRequest(prompt=prompt, max_tokens=MAX_TOKENS, stream=stream)
+    )
     assert result.text == reference[prompt]
     assert result.text.strip()
     if stream:
@@ -71,8 +73,9 @@ def test_tritonclient_stream_api_one_shot(triton_serve, reference, model):
     results = queue.Queue()
     c = grpcclient.InferenceServerClient(triton_serve.grpc_url)
     c.start_stream(callback=lambda result, error: results.put((result, error)))
-    c.async_stream_infer(model, grpc_inputs({"text_input": PROMPTS[1], "max_tokens": MAX_TOKENS, "stream": False}),
-                         request_id="tc-1")
+    c.async_stream_infer(
+        model, grpc_inputs({"text_input": PROMPTS[1], "max_tokens": MAX_TOKENS, "stream": False}), request_id="tc-1"
+    )
     result, error = results.get(timeout=120)
     c.stop_stream()
     c.close()
@@ -94,7 +97,8 @@ def test_stream_that_ends_on_end_id(triton_serve, reference):
     for model in ENTRY_POINTS:
         for protocol in ("grpc", "http"):
             r = client(triton_serve, protocol, model).generate(
-                GenerateRequest(messages=msgs, max_tokens=40, stream=True))
+                GenerateRequest(messages=msgs, max_tokens=40, stream=True)
+            )
             assert r.text == reference["chat-to-end"], (model, protocol)
 
 
@@ -107,7 +111,8 @@ def test_32_concurrent_streams_in_flight(triton_serve, reference):
         prompt, model = job
         start.wait()
         return client(triton_serve, "grpc", model).generate(
-            GenerateRequest(prompt=prompt, max_tokens=MAX_TOKENS, stream=True))
+            GenerateRequest(prompt=prompt, max_tokens=MAX_TOKENS, stream=True)
+        )
 
     with ThreadPoolExecutor(len(jobs)) as pool:
         results = list(pool.map(one, jobs))
@@ -166,8 +171,9 @@ def test_bad_request_then_good(triton_serve, reference, model, case):
 
 
 def test_wrong_datatype_and_unknown_model(triton_serve, reference):
-    result, error = _raw_grpc(triton_serve, "ensemble", {"text_input": "hi"},
-                              dtypes={"max_tokens": (("FP32", np.float32), 4.0)})
+    result, error = _raw_grpc(
+        triton_serve, "ensemble", {"text_input": "hi"}, dtypes={"max_tokens": (("FP32", np.float32), 4.0)}
+    )
     assert error is not None and "data-type" in str(error).lower() + "datatype", str(error)
     with pytest.raises(InferenceError, match="(?i)unknown model|not found"):
         Client(triton_serve.grpc_url, "grpc", "no_such_model").generate(GenerateRequest(prompt="hi", max_tokens=2))
@@ -201,8 +207,9 @@ def _start_long_stream(served, model, request_id):
     results = queue.Queue()
     c = grpcclient.InferenceServerClient(served.grpc_url)
     c.start_stream(callback=lambda result, error: results.put((result, error)))
-    c.async_stream_infer(model, grpc_inputs({"text_input": PROMPTS[0], "max_tokens": 480, "stream": True}),
-                         request_id=request_id)
+    c.async_stream_infer(
+        model, grpc_inputs({"text_input": PROMPTS[0], "max_tokens": 480, "stream": True}), request_id=request_id
+    )
     result, error = results.get(timeout=60)
     assert error is None
     time.sleep(0.3)
@@ -228,10 +235,17 @@ def test_stop_request_cancels_ensemble_stream(triton_serve, reference):
     """A `stop` request to tensorrt_llm with the ensemble request's id (the TensorRT-LLM backend convention)
     cancels the stream while its client stays."""
     c, total_blocks = _start_long_stream(triton_serve, "ensemble", "stop-me")
-    result, error = _raw_grpc(triton_serve, "tensorrt_llm", {}, request_id="stop-me",
-                              dtypes={"input_lengths": (("INT32", np.int32), 1),
-                                      "request_output_len": (("INT32", np.int32), 1),
-                                      "stop": (("BOOL", np.bool_), True)})
+    result, error = _raw_grpc(
+        triton_serve,
+        "tensorrt_llm",
+        {},
+        request_id="stop-me",
+        dtypes={
+            "input_lengths": (("INT32", np.int32), 1),
+            "request_output_len": (("INT32", np.int32), 1),
+            "stop": (("BOOL", np.bool_), True),
+        },
+    )
     assert error is None
     stats = _wait_idle(triton_serve, total_blocks)
     c.stop_stream(cancel_requests=True)
@@ -243,16 +257,38 @@ def test_stop_request_cancels_ensemble_stream(triton_serve, reference):
 
 def test_infer_cli_equals_run_cli(triton_serve, reference):
     """`nim_build infer` through the server prints what `nim_build run` prints locally (greedy)."""
-    run = subprocess.run([sys.executable, "-m", "nim_build", "run", str(triton_serve.engine_dir), "--prompt",
-                          PROMPTS[0], "--max-tokens", str(MAX_TOKENS)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nim_build",
+            "run",
+            str(triton_serve.engine_dir),
+            "--prompt",
+            PROMPTS[0],
+            "--max-tokens",
+            str(MAX_TOKENS),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     base = [sys.executable, "-m", "nim_build", "infer", "--url", triton_serve.grpc_url]
-    out = subprocess.run(base + ["--prompt", PROMPTS[0], "--max-tokens", str(MAX_TOKENS), "--stream"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        base + ["--prompt", PROMPTS[0], "--max-tokens", str(MAX_TOKENS), "--stream"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout == run.stdout == reference[PROMPTS[0]] + "\n"
-    out = subprocess.run(base + ["--prompt", PROMPTS[0], "--max-tokens", str(MAX_TOKENS), "--json",
-                                "--model", "tensorrt_llm_bls"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        base + ["--prompt", PROMPTS[0], "--max-tokens", str(MAX_TOKENS), "--json", "--model", "tensorrt_llm_bls"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["text_output"] == reference[PROMPTS[0]]
     out = subprocess.run(base + ["--prompt", "hi", "--max-tokens", "0"], capture_output=True, text=True, timeout=120)
@@ -305,6 +341,10 @@ def test_stop_and_bad_words_and_sampling(triton_serve, reference, model):
     banned = c.generate(GenerateRequest(prompt=PROMPTS[0], max_tokens=3, bad_words=["5"]))
     assert "5" not in banned.text
     if model == "ensemble":
-        sampled = [c.generate(GenerateRequest(prompt=PROMPTS[2], max_tokens=4, temperature=1.0, top_k=50,
-                                              top_p=0.9, seed=7)).text for _ in range(2)]
+        sampled = [
+            c.generate(
+                GenerateRequest(prompt=PROMPTS[2], max_tokens=4, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+            ).text
+            for _ in range(2)
+        ]
         assert sampled[0] == sampled[1]

@@ -9,63 +9,140 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from nim_build.builder.manifest import write_manifest
 from nim_build.cli.repo import command as repo_command
 from nim_build.errors import OutputExistsError, UserError
-from nim_build.builder.manifest import write_manifest
 from nim_build.serving.repo import MODELS, RepoOptions, generate_repo, read_config
 
 # Upstream facts (tensorrtllm_backend all_models/inflight_batcher_llm/*/config.pbtxt, May 2025), for the inputs and
 # outputs this project serves: name -> (data type, dims, optional, reshaped to a scalar).
 S, I32, U64, F32, B = "TYPE_STRING", "TYPE_INT32", "TYPE_UINT64", "TYPE_FP32", "TYPE_BOOL"
 ENSEMBLE_IO = {
-    "text_input": (S, [1], False), "max_tokens": (I32, [1], False), "bad_words": (S, [-1], True),
-    "stop_words": (S, [-1], True), "exclude_input_in_output": (B, [1], True), "end_id": (I32, [1], True),
-    "pad_id": (I32, [1], True), "top_k": (I32, [1], True), "top_p": (F32, [1], True),
-    "temperature": (F32, [1], True), "seed": (U64, [1], True), "beam_width": (I32, [1], True),
-    "stream": (B, [1], True), "text_output": (S, [-1], None),
+    "text_input": (S, [1], False),
+    "max_tokens": (I32, [1], False),
+    "bad_words": (S, [-1], True),
+    "stop_words": (S, [-1], True),
+    "exclude_input_in_output": (B, [1], True),
+    "end_id": (I32, [1], True),
+    "pad_id": (I32, [1], True),
+    "top_k": (I32, [1], True),
+    "top_p": (F32, [1], True),
+    "temperature": (F32, [1], True),
+    "seed": (U64, [1], True),
+    "beam_width": (I32, [1], True),
+    "stream": (B, [1], True),
+    "text_output": (S, [-1], None),
 }
 UPSTREAM = {
     "ensemble": ENSEMBLE_IO,
     "tensorrt_llm_bls": ENSEMBLE_IO,
     "preprocessing": {
-        "QUERY": (S, [1], False), "REQUEST_OUTPUT_LEN": (I32, [1], False), "BAD_WORDS_DICT": (S, [-1], True),
-        "STOP_WORDS_DICT": (S, [-1], True), "END_ID": (I32, [1], True), "PAD_ID": (I32, [1], True),
-        "INPUT_ID": (I32, [-1], None), "REQUEST_INPUT_LEN": (I32, [1], None), "BAD_WORDS_IDS": (I32, [2, -1], None),
-        "STOP_WORDS_IDS": (I32, [2, -1], None), "REQUEST_OUTPUT_LEN#out": (I32, [-1], None),
-        "OUT_END_ID": (I32, [1], None), "OUT_PAD_ID": (I32, [1], None),
+        "QUERY": (S, [1], False),
+        "REQUEST_OUTPUT_LEN": (I32, [1], False),
+        "BAD_WORDS_DICT": (S, [-1], True),
+        "STOP_WORDS_DICT": (S, [-1], True),
+        "END_ID": (I32, [1], True),
+        "PAD_ID": (I32, [1], True),
+        "INPUT_ID": (I32, [-1], None),
+        "REQUEST_INPUT_LEN": (I32, [1], None),
+        "BAD_WORDS_IDS": (I32, [2, -1], None),
+        "STOP_WORDS_IDS": (I32, [2, -1], None),
+        "REQUEST_OUTPUT_LEN#out": (I32, [-1], None),
+        "OUT_END_ID": (I32, [1], None),
+        "OUT_PAD_ID": (I32, [1], None),
     },
     "tensorrt_llm": {
-        "input_ids": (I32, [-1], True), "input_lengths": (I32, [1], False), "request_output_len": (I32, [1], False),
-        "end_id": (I32, [1], True), "pad_id": (I32, [1], True), "stop_words_list": (I32, [2, -1], True),
-        "bad_words_list": (I32, [2, -1], True), "beam_width": (I32, [1], True), "temperature": (F32, [1], True),
-        "runtime_top_k": (I32, [1], True), "runtime_top_p": (F32, [1], True), "seed": (U64, [1], True),
-        "exclude_input_in_output": (B, [1], True), "streaming": (B, [1], True), "stop": (B, [1], True),
-        "output_ids": (I32, [-1, -1], None), "sequence_length": (I32, [-1], None),
+        "input_ids": (I32, [-1], True),
+        "input_lengths": (I32, [1], False),
+        "request_output_len": (I32, [1], False),
+        "end_id": (I32, [1], True),
+        "pad_id": (I32, [1], True),
+        "stop_words_list": (I32, [2, -1], True),
+        "bad_words_list": (I32, [2, -1], True),
+        "beam_width": (I32, [1], True),
+        "temperature": (F32, [1], True),
+        "runtime_top_k": (I32, [1], True),
+        "runtime_top_p": (F32, [1], True),
+        "seed": (U64, [1], True),
+        "exclude_input_in_output": (B, [1], True),
+        "streaming": (B, [1], True),
+        "stop": (B, [1], True),
+        "output_ids": (I32, [-1, -1], None),
+        "sequence_length": (I32, [-1], None),
     },
     "postprocessing": {
-        "TOKENS_BATCH": (I32, [-1, -1], False), "SEQUENCE_LENGTH": (I32, [-1], False), "OUTPUT": (S, [-1], None),
+        "TOKENS_BATCH": (I32, [-1, -1], False),
+        "SEQUENCE_LENGTH": (I32, [-1], False),
+        "OUTPUT": (S, [-1], None),
     },
 }
-UPSTREAM_SCALAR_INPUTS = {"input_lengths", "request_output_len", "end_id", "pad_id", "beam_width", "temperature",
-                          "runtime_top_k", "runtime_top_p", "seed", "exclude_input_in_output", "streaming", "stop"}
-UPSTREAM_KEYS = {
-    "tensorrt_llm": {"max_beam_width", "FORCE_CPU_ONLY_INPUT_TENSORS", "gpt_model_type", "gpt_model_path",
-                     "encoder_model_path", "max_tokens_in_paged_kv_cache", "max_attention_window_size",
-                     "sink_token_length", "batch_scheduler_policy", "kv_cache_free_gpu_mem_fraction",
-                     "cross_kv_cache_fraction", "kv_cache_host_memory_bytes", "kv_cache_onboard_blocks",
-                     "exclude_input_in_output", "cancellation_check_period_ms", "stats_check_period_ms",
-                     "iter_stats_max_iterations", "request_stats_max_iterations", "enable_kv_cache_reuse",
-                     "normalize_log_probs", "enable_chunked_context", "gpu_device_ids", "participant_ids", "num_nodes",
-                     "decoding_mode", "executor_worker_path", "tokenizer_dir"},
-    "preprocessing": {"tokenizer_dir", "add_special_tokens", "multimodal_model_path", "gpt_model_path",
-                      "max_num_images"},
-    "postprocessing": {"tokenizer_dir", "skip_special_tokens"},
-    "tensorrt_llm_bls": {"accumulate_tokens", "tensorrt_llm_model_name", "tensorrt_llm_draft_model_name",
-                         "multimodal_encoders_name"},
+UPSTREAM_SCALAR_INPUTS = {
+    "input_lengths",
+    "request_output_len",
+    "end_id",
+    "pad_id",
+    "beam_width",
+    "temperature",
+    "runtime_top_k",
+    "runtime_top_p",
+    "seed",
+    "exclude_input_in_output",
+    "streaming",
+    "stop",
 }
-OUR_ADDITIONS = {("ensemble", "messages"), ("tensorrt_llm_bls", "messages"), ("preprocessing", "MESSAGES"),
-                 ("tensorrt_llm_bls", "#tokenizer_dir"), ("tensorrt_llm", "#nim_build_engine"),
-                 ("postprocessing", "#tensorrt_llm_model_name")}  # where cancelled ensemble streams send `stop`
+UPSTREAM_KEYS = {
+    "tensorrt_llm": {
+        "max_beam_width",
+        "FORCE_CPU_ONLY_INPUT_TENSORS",
+        "gpt_model_type",
+        "gpt_model_path",
+        "encoder_model_path",
+        "max_tokens_in_paged_kv_cache",
+        "max_attention_window_size",
+        "sink_token_length",
+        "batch_scheduler_policy",
+        "kv_cache_free_gpu_mem_fraction",
+        "cross_kv_cache_fraction",
+        "kv_cache_host_memory_bytes",
+        "kv_cache_onboard_blocks",
+        "exclude_input_in_output",
+        "cancellation_check_period_ms",
+        "stats_check_period_ms",
+        "iter_stats_max_iterations",
+        "request_stats_max_iterations",
+        "enable_kv_cache_reuse",
+        "normalize_log_probs",
+        "enable_chunked_context",
+        "gpu_device_ids",
+        "participant_ids",
+        "num_nodes",
+        "decoding_mode",
+        "executor_worker_path",
+        "tokenizer_dir",
+    },
+    "preprocessing": {
+        "tokenizer_dir",
+        "add_special_tokens",
+        "multimodal_model_path",
+        "gpt_model_path",
+        "max_num_images",
+    },
+    "postprocessing": {"tokenizer_dir", "skip_special_tokens"},
+    "tensorrt_llm_bls": {
+        "accumulate_tokens",
+        "tensorrt_llm_model_name",
+        "tensorrt_llm_draft_model_name",
+        "multimodal_encoders_name",
+    },
+}
+OUR_ADDITIONS = {
+    ("ensemble", "messages"),
+    ("tensorrt_llm_bls", "messages"),
+    ("preprocessing", "MESSAGES"),
+    ("tensorrt_llm_bls", "#tokenizer_dir"),
+    ("tensorrt_llm", "#nim_build_engine"),
+    ("postprocessing", "#tensorrt_llm_model_name"),
+}  # where cancelled ensemble streams send `stop`
 
 
 def _engine_dir(root: Path, backend: str, tokenizer_dir: Path, max_batch_size: int = 16) -> Path:
@@ -74,11 +151,16 @@ def _engine_dir(root: Path, backend: str, tokenizer_dir: Path, max_batch_size: i
     if backend == "trtllm":
         (eng / "engine").mkdir()
         (eng / "engine" / "config.json").write_text(json.dumps({"pretrained_config": {"mapping": {"world_size": 1}}}))
-    write_manifest(eng, {
-        "name": "t", "backend": backend, "spec": {"vocab_size": 131072},
-        "build": {"max_batch_size": max_batch_size, "max_seq_len": 1024, "world_size": 1},
-        "tokenizer": {"dir": "tokenizer", "kind": "tekken", "bos_id": 1, "end_id": 2, "pad_id": 11},
-    })
+    write_manifest(
+        eng,
+        {
+            "name": "t",
+            "backend": backend,
+            "spec": {"vocab_size": 131072},
+            "build": {"max_batch_size": max_batch_size, "max_seq_len": 1024, "world_size": 1},
+            "tokenizer": {"dir": "tokenizer", "kind": "tekken", "bos_id": 1, "end_id": 2, "pad_id": 11},
+        },
+    )
     return eng
 
 
@@ -153,9 +235,15 @@ def test_ensemble_wiring(engine, tmp_path):
 
 def test_trtllm_parameters(tmp_path, tekken_tok):
     eng = _engine_dir(tmp_path, "trtllm", tekken_tok, max_batch_size=64)
-    opts = RepoOptions(max_batch_size=8, instances=3, decoupled=False, kv_cache_free_gpu_mem_fraction=0.75,
-                       enable_kv_cache_reuse=False, enable_chunked_context=True,
-                       batch_scheduler_policy="max_utilization")
+    opts = RepoOptions(
+        max_batch_size=8,
+        instances=3,
+        decoupled=False,
+        kv_cache_free_gpu_mem_fraction=0.75,
+        enable_kv_cache_reuse=False,
+        enable_chunked_context=True,
+        batch_scheduler_policy="max_utilization",
+    )
     repo = generate_repo(eng, tmp_path / "repo", opts)
     llm = read_config(repo / "tensorrt_llm" / "config.pbtxt")
     p = {k: v.string_value for k, v in llm.parameters.items()}
@@ -189,6 +277,30 @@ def test_reference_backend_is_python_with_same_interface(tmp_path, tekken_tok):
     assert post.parameters["tensorrt_llm_model_name"].string_value == "tensorrt_llm"
 
 
+def test_reference_backend_refuses_what_its_runtime_cannot_do(tmp_path, tekken_tok):
+    """No silent no-ops: KV-cache reuse and max_utilization, which the reference runtime lacks, are refused for a
+    reference engine (kept for trtllm); what it honours (the memory fraction, chunked context: tests/test_limits.py,
+    tests/test_scheduler.py) is written for both."""
+    ref, trt = _engine_dir(tmp_path, "reference", tekken_tok), _engine_dir(tmp_path, "trtllm", tekken_tok)
+    with pytest.raises(UserError, match="--enable-kv-cache-reuse True: the reference runtime has no KV-cache reuse"):
+        generate_repo(ref, tmp_path / "r1", RepoOptions(enable_kv_cache_reuse=True))
+    with pytest.raises(UserError, match="max_utilization: the reference runtime schedules guaranteed_no_evict only"):
+        generate_repo(ref, tmp_path / "r1", RepoOptions(batch_scheduler_policy="max_utilization"))
+    assert not (tmp_path / "r1").exists()
+    defaults = {}
+    for name, eng in (("reference", ref), ("trtllm", trt)):
+        repo = generate_repo(
+            eng, tmp_path / name, RepoOptions(enable_chunked_context=True, kv_cache_free_gpu_mem_fraction=0.5)
+        )
+        p = read_config(repo / "tensorrt_llm" / "config.pbtxt").parameters
+        defaults[name] = p["enable_kv_cache_reuse"].string_value
+        assert p["enable_chunked_context"].string_value == "true"
+        assert p["kv_cache_free_gpu_mem_fraction"].string_value == "0.5"
+    assert defaults == {"reference": "false", "trtllm": "true"}  # reuse: TensorRT-LLM's default where it exists
+    result = CliRunner().invoke(repo_command, [str(ref), "--out", str(tmp_path / "r3"), "--enable-kv-cache-reuse"])
+    assert result.exit_code != 0 and "has no KV-cache reuse" in str(result.exception)
+
+
 def test_bad_options(tmp_path, tekken_tok):
     eng = _engine_dir(tmp_path, "reference", tekken_tok)
     with pytest.raises(UserError, match="outside 1..16"):
@@ -205,9 +317,21 @@ def test_bad_options(tmp_path, tekken_tok):
 
 def test_cli(tmp_path, tekken_tok):
     eng = _engine_dir(tmp_path, "trtllm", tekken_tok)
-    result = CliRunner().invoke(repo_command, [str(eng), "--out", str(tmp_path / "repo"), "--model-name", "llm",
-                                               "--no-enable-kv-cache-reuse", "--kv-cache-free-gpu-mem-fraction",
-                                               "0.5", "--max-batch-size", "4"])
+    result = CliRunner().invoke(
+        repo_command,
+        [
+            str(eng),
+            "--out",
+            str(tmp_path / "repo"),
+            "--model-name",
+            "llm",
+            "--no-enable-kv-cache-reuse",
+            "--kv-cache-free-gpu-mem-fraction",
+            "0.5",
+            "--max-batch-size",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert read_config(tmp_path / "repo" / "llm" / "config.pbtxt").name == "llm"
     llm = read_config(tmp_path / "repo" / "tensorrt_llm" / "config.pbtxt")

@@ -15,8 +15,11 @@ import psutil
 
 def test_dead_stub_makes_serve_exit_nonzero(triton_serve):
     started = psutil.Process(triton_serve.proc.pid).children(recursive=True)
-    stubs = [p for p in started
-             if "triton_python_backend_stub" in p.name() and any("preprocessing" in a for a in p.cmdline())]
+    stubs = [
+        p
+        for p in started
+        if "triton_python_backend_stub" in p.name() and any("preprocessing" in a for a in p.cmdline())
+    ]
     assert stubs, "no preprocessing stub found"
     stubs[0].kill()
     time.sleep(1)

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from nim_build import TRTLLM_IMAGE
-from nim_build.builder import backends
+from nim_build.builder import backends, trtllm_adapter
 from nim_build.cli._errors import exit_code
-from nim_build.builder import trtllm_adapter
 from nim_build.errors import BackendUnavailableError, ConfigError, NimBuildError
 
 FAKE = Path(__file__).parent / "fake_tensorrt_llm"
@@ -59,10 +58,16 @@ def no_trtllm(monkeypatch):
 def _checkpoint(root: Path, world_size: int, quant_algo: str | None, kv_cache_quant_algo: str | None = None) -> Path:
     ckpt = root / "checkpoint"
     ckpt.mkdir()
-    config = {"architecture": "LlamaForCausalLM", "dtype": "bfloat16",
-              "mapping": {"world_size": world_size, "tp_size": world_size, "pp_size": 1},
-              "quantization": {"quant_algo": quant_algo, "kv_cache_quant_algo": kv_cache_quant_algo,
-                               "exclude_modules": ["lm_head"] if quant_algo else None}}
+    config = {
+        "architecture": "LlamaForCausalLM",
+        "dtype": "bfloat16",
+        "mapping": {"world_size": world_size, "tp_size": world_size, "pp_size": 1},
+        "quantization": {
+            "quant_algo": quant_algo,
+            "kv_cache_quant_algo": kv_cache_quant_algo,
+            "exclude_modules": ["lm_head"] if quant_algo else None,
+        },
+    }
     (ckpt / "config.json").write_text(json.dumps(config))
     for r in range(world_size):
         (ckpt / f"rank{r}.safetensors").write_bytes(b"")
@@ -75,13 +80,32 @@ def _calls(log: Path) -> list[dict]:
 
 def _expected_build_config(plugins: dict) -> dict:
     """BuildConfig.to_dict() of the fake: the real field names, our values, TensorRT-LLM defaults elsewhere."""
-    return {"max_input_len": 4096, "max_seq_len": 4096, "opt_batch_size": 8, "max_batch_size": 16,
-            "max_beam_width": 1, "max_num_tokens": 8192, "opt_num_tokens": None,
-            "max_prompt_embedding_table_size": 0, "kv_cache_type": "PAGED", "gather_context_logits": False,
-            "gather_generation_logits": False, "strongly_typed": True,
-            "plugin_config": {"dtype": "float16", "bert_attention_plugin": "auto", "nccl_plugin": "auto",
-                              "low_latency_gemm_plugin": None, "paged_kv_cache": None, "reduce_fusion": False,
-                              "paged_state": True, "streamingllm": False, "use_fused_mlp": True, **plugins}}
+    return {
+        "max_input_len": 4096,
+        "max_seq_len": 4096,
+        "opt_batch_size": 8,
+        "max_batch_size": 16,
+        "max_beam_width": 1,
+        "max_num_tokens": 8192,
+        "opt_num_tokens": None,
+        "max_prompt_embedding_table_size": 0,
+        "kv_cache_type": "PAGED",
+        "gather_context_logits": False,
+        "gather_generation_logits": False,
+        "strongly_typed": True,
+        "plugin_config": {
+            "dtype": "float16",
+            "bert_attention_plugin": "auto",
+            "nccl_plugin": "auto",
+            "low_latency_gemm_plugin": None,
+            "paged_kv_cache": None,
+            "reduce_fusion": False,
+            "paged_state": True,
+            "streamingllm": False,
+            "use_fused_mlp": True,
+            **plugins,
+        },
+    }
 
 
 def test_fp8_build_passes_every_inflight_batching_flag(fake_trtllm, tmp_path):
@@ -89,16 +113,31 @@ def test_fp8_build_passes_every_inflight_batching_flag(fake_trtllm, tmp_path):
     out = trtllm_adapter.build_engine(ckpt, tmp_path / "engine", quant_algo="FP8", **LIMITS)
 
     assert out == {
-        "tensorrt_llm_version": "1.2.1", "world_size": 2, "workers": 1,
-        "ranks": [{"rank": 0, "gpu": 0, "seconds": out["ranks"][0]["seconds"]},
-                  {"rank": 1, "gpu": 0, "seconds": out["ranks"][1]["seconds"]}],
-        "build_config": {**LIMITS, "max_beam_width": 1, "kv_cache_type": "PAGED", "strongly_typed": True,
-                         "plugin_config": FP8_PLUGINS},
+        "tensorrt_llm_version": "1.2.1",
+        "world_size": 2,
+        "workers": 1,
+        "ranks": [
+            {"rank": 0, "gpu": 0, "seconds": out["ranks"][0]["seconds"]},
+            {"rank": 1, "gpu": 0, "seconds": out["ranks"][1]["seconds"]},
+        ],
+        "build_config": {
+            **LIMITS,
+            "max_beam_width": 1,
+            "kv_cache_type": "PAGED",
+            "strongly_typed": True,
+            "plugin_config": FP8_PLUGINS,
+        },
     }
     json.dumps(out)  # goes into manifest.json as is
     calls = _calls(fake_trtllm)
     assert [(c["event"], c["rank"]) for c in calls] == [
-        ("from_checkpoint", 0), ("build", 0), ("save", 0), ("from_checkpoint", 1), ("build", 1), ("save", 1)]
+        ("from_checkpoint", 0),
+        ("build", 0),
+        ("save", 0),
+        ("from_checkpoint", 1),
+        ("build", 1),
+        ("save", 1),
+    ]
     assert {c["ckpt_dir"] for c in calls if c["event"] == "from_checkpoint"} == {str(ckpt)}
     assert {c["pid"] for c in calls} == {os.getpid()}
     for r in range(2):
@@ -158,8 +197,7 @@ def test_checkpoint_and_request_must_agree_and_limits_must_make_sense(fake_trtll
     with pytest.raises(ConfigError, match="quantized as FP8"):
         trtllm_adapter.build_engine(ckpt, tmp_path / "engine", quant_algo=None, **LIMITS)
     with pytest.raises(ConfigError, match="max_input_len"):
-        trtllm_adapter.build_engine(ckpt, tmp_path / "engine", quant_algo="FP8",
-                                    **{**LIMITS, "max_input_len": 5000})
+        trtllm_adapter.build_engine(ckpt, tmp_path / "engine", quant_algo="FP8", **{**LIMITS, "max_input_len": 5000})
     assert not fake_trtllm.exists()
 
 
@@ -198,19 +236,25 @@ def test_the_real_cuda_probe_runs_on_this_machine():
 
 # --- backend choice -----------------------------------------------------------------------------------------
 
+
 def _probe(available=True, device=H100, reason=""):
-    return lambda: trtllm_adapter.BackendProbe(available, "1.2.1" if available else None,
-                                               device and device[0], device and device[1], reason)
+    return lambda: trtllm_adapter.BackendProbe(
+        available, "1.2.1" if available else None, device and device[0], device and device[1], reason
+    )
 
 
 ARGV = ["engine", "default", "--out", "engines/smol", "--backend", "auto", "--quant", "fp8"]
-IN_IMAGE = (f'docker run --rm --gpus all -v "$PWD":/work -w /work {TRTLLM_IMAGE} '
-            "nim_build engine default --out engines/smol --quant fp8 --backend trtllm")
+IN_IMAGE = (
+    f'docker run --rm --gpus all -v "$PWD":/work -w /work {TRTLLM_IMAGE} '
+    "nim_build engine default --out engines/smol --quant fp8 --backend trtllm"
+)
 
 
 def test_reference_is_taken_as_asked():
-    assert backends.choose_backend("reference", "fp8", probe=_probe(False)) == \
-        ("reference", "requested with --backend reference")
+    assert backends.choose_backend("reference", "fp8", probe=_probe(False)) == (
+        "reference",
+        "requested with --backend reference",
+    )
 
 
 def test_trtllm_without_tensorrt_llm_names_the_image_and_the_command():
@@ -218,13 +262,17 @@ def test_trtllm_without_tensorrt_llm_names_the_image_and_the_command():
         backends.choose_backend("trtllm", "fp8", argv=ARGV, probe=_probe(False, None, "TensorRT-LLM is not installed"))
     assert str(e.value) == (
         f"--backend trtllm cannot build here: TensorRT-LLM is not installed. Build the engine in {TRTLLM_IMAGE} "
-        f"on a GPU of compute capability >= 8.9: {IN_IMAGE}")
+        f"on a GPU of compute capability >= 8.9: {IN_IMAGE}"
+    )
     assert "\n" not in str(e.value) and exit_code(e.value) == 2
 
 
 def test_trtllm_fp8_on_compute_capability_8_0_is_refused():
-    with pytest.raises(BackendUnavailableError, match=r"fp8 needs a GPU of compute capability >= 8\.9 .*"
-                                                      r"NVIDIA A100-SXM4-80GB has 8\.0\. Build the engine in "):
+    with pytest.raises(
+        BackendUnavailableError,
+        match=r"fp8 needs a GPU of compute capability >= 8\.9 .*"
+        r"NVIDIA A100-SXM4-80GB has 8\.0\. Build the engine in ",
+    ):
         backends.choose_backend("trtllm", "fp8", argv=ARGV, probe=_probe(True, A100))
     with pytest.raises(BackendUnavailableError, match="fp8-pc-pt needs"):
         backends.choose_backend("trtllm", "fp8-pc-pt", argv=ARGV, probe=_probe(True, A100))
@@ -232,21 +280,27 @@ def test_trtllm_fp8_on_compute_capability_8_0_is_refused():
 
 def test_trtllm_bf16_runs_on_compute_capability_8_0():
     assert backends.choose_backend("trtllm", "bf16", probe=_probe(True, A100)) == (
-        "trtllm", "requested with --backend trtllm: TensorRT-LLM 1.2.1 on NVIDIA A100-SXM4-80GB "
-                  "(compute capability 8.0)")
+        "trtllm",
+        "requested with --backend trtllm: TensorRT-LLM 1.2.1 on NVIDIA A100-SXM4-80GB (compute capability 8.0)",
+    )
 
 
 def test_auto_chooses_trtllm_when_it_can_and_says_why():
     assert backends.choose_backend("auto", "fp8", probe=_probe(True, H100)) == (
-        "trtllm", "auto: TensorRT-LLM 1.2.1 on NVIDIA H100 80GB HBM3 (compute capability 9.0) can build the engine")
+        "trtllm",
+        "auto: TensorRT-LLM 1.2.1 on NVIDIA H100 80GB HBM3 (compute capability 9.0) can build the engine",
+    )
 
 
 def test_auto_falls_back_to_reference_and_says_why():
-    name, reason = backends.choose_backend("auto", "fp8", argv=ARGV,
-                                          probe=_probe(False, None, "TensorRT-LLM is not installed"))
+    name, reason = backends.choose_backend(
+        "auto", "fp8", argv=ARGV, probe=_probe(False, None, "TensorRT-LLM is not installed")
+    )
     assert name == "reference"
-    assert reason == ("auto: TensorRT-LLM is not installed, so nim_build's PyTorch runtime serves the checkpoint; "
-                      f"for a TensorRT engine run this on a GPU of compute capability >= 8.9: {IN_IMAGE}")
+    assert reason == (
+        "auto: TensorRT-LLM is not installed, so nim_build's PyTorch runtime serves the checkpoint; "
+        f"for a TensorRT engine run this on a GPU of compute capability >= 8.9: {IN_IMAGE}"
+    )
     name, reason = backends.choose_backend("auto", "fp8", argv=ARGV, probe=_probe(True, A100))
     assert name == "reference" and reason.startswith("auto: fp8 needs a GPU of compute capability >= 8.9")
 
@@ -255,11 +309,14 @@ def test_auto_uses_the_real_probe_by_default(no_trtllm):
     assert backends.choose_backend("auto", "fp8", argv=ARGV)[0] == "reference"
 
 
-@pytest.mark.parametrize("argv, tail", [
-    (None, "nim_build engine MODEL --out DIR --backend trtllm"),
-    (["engine", "m", "--backend=auto", "--tp", "2"], "nim_build engine m --tp 2 --backend trtllm"),
-    (["engine", "org/My Model", "--out", "o"], "nim_build engine 'org/My Model' --out o --backend trtllm"),
-])
+@pytest.mark.parametrize(
+    "argv, tail",
+    [
+        (None, "nim_build engine MODEL --out DIR --backend trtllm"),
+        (["engine", "m", "--backend=auto", "--tp", "2"], "nim_build engine m --tp 2 --backend trtllm"),
+        (["engine", "org/My Model", "--out", "o"], "nim_build engine 'org/My Model' --out o --backend trtllm"),
+    ],
+)
 def test_trtllm_command_reproduces_the_users_command(argv, tail):
     assert backends.trtllm_command(argv).endswith(f"{TRTLLM_IMAGE} {tail}")
 
@@ -275,8 +332,15 @@ def test_cli_backend_trtllm_without_tensorrt_llm_exits_2(no_trtllm, tmp_path, mo
     from nim_build.cli import main
 
     tiny = tmp_path / "tiny"
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=256,
+    )
     LlamaForCausalLM(config).save_pretrained(tiny)
     argv = ["engine", str(tiny), "--out", str(tmp_path / "out"), "--backend", "trtllm"]
     monkeypatch.setattr(sys, "argv", ["nim_build", *argv])

@@ -1,7 +1,7 @@
 """Tiny random Llama/Mistral checkpoints for tests, in each producer's config.json spelling.
 
 `make_tiny_model(out_dir)` writes a Hugging Face checkpoint (config.json + model.safetensors, no tokenizer)
-in a few hundred milliseconds. The config is rewritten in one of three spellings (FORMATS.md section 1):
+in a few hundred milliseconds. The config is rewritten in one of three spellings (docs/FORMATS.md, section 1):
 
 | spelling | dtype field   | RoPE base                                                                |
 |----------|---------------|--------------------------------------------------------------------------|
@@ -127,8 +127,9 @@ def make_tiny_model(
     return out
 
 
-def _respell_config(path: Path, spelling: str, dtype: torch.dtype, rope_theta: float,
-                    rope_scaling: dict[str, Any] | None, arch: str) -> None:
+def _respell_config(
+    path: Path, spelling: str, dtype: torch.dtype, rope_theta: float, rope_scaling: dict[str, Any] | None, arch: str
+) -> None:
     cfg = json.loads(path.read_text())
     dtype_name = str(dtype).removeprefix("torch.")
     cfg.pop("torch_dtype", None)
@@ -165,8 +166,9 @@ def make_calib_ids(vocab_size: int = 256, n: int = 4, seq: int = 32, seed: int =
     return np.random.default_rng(seed).integers(0, vocab_size, size=(n, seq), dtype=np.int64)
 
 
-def convert(model_dir, out_dir, *, quant: str = "bf16", tp: int = 1, kv_cache: str = "auto", calib_ids=None,
-            **kwargs) -> dict:
+def convert(
+    model_dir, out_dir, *, quant: str = "bf16", tp: int = 1, kv_cache: str = "auto", calib_ids=None, **kwargs
+) -> dict:
     """nim_build's streamed converter on model_dir, opened and planned as `nim_build engine` does it."""
     from nim_build.builder.convert import convert_checkpoint
     from nim_build.builder.plan import make_plan
@@ -174,7 +176,8 @@ def convert(model_dir, out_dir, *, quant: str = "bf16", tp: int = 1, kv_cache: s
 
     source = open_source(model_dir)
     try:
-        return convert_checkpoint(source, out_dir, make_plan(source.spec, tp), quant=quant, kv_cache=kv_cache,
-                                  calib_ids=calib_ids, **kwargs)
+        return convert_checkpoint(
+            source, out_dir, make_plan(source.spec, tp), quant=quant, kv_cache=kv_cache, calib_ids=calib_ids, **kwargs
+        )
     finally:
         source.close()

@@ -12,8 +12,8 @@ whole: about one byte per parameter (Mistral NeMo 12B: ~13 GB).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -21,10 +21,15 @@ from nim_build.builder.manifest import CHECKPOINT_DIR
 from nim_build.builder.source import SourceModel
 
 
-def evaluate(source: SourceModel, engine_or_checkpoint_dir: str | Path, token_batches: Iterable,
-             *, fake_quant_activations: bool | None = None) -> dict:
-    """Compare the HF model (source) with the checkpoint on token_batches (each [batch, seq] ids, a list of id lists or one
-    id list). Returns a JSON-ready report:
+def evaluate(
+    source: SourceModel,
+    engine_or_checkpoint_dir: str | Path,
+    token_batches: Iterable,
+    *,
+    fake_quant_activations: bool | None = None,
+) -> dict:
+    """Compare the HF model (source) with the checkpoint on token_batches (each [batch, seq] ids, a list of id lists
+    or one id list). Returns a JSON-ready report:
     tokens, top1_agreement, mean_kl (KL(HF || ours) per token, nats), max_abs_logit_error,
     ppl_reference, ppl_quantized, ppl_increase (relative), layer_rel_error ([embeddings, layer 0 .. last layer
     after the final norm]: ||h_ours - h_hf|| / ||h_hf|| over all tokens)."""
@@ -34,14 +39,20 @@ def evaluate(source: SourceModel, engine_or_checkpoint_dir: str | Path, token_ba
     ckpt = Path(engine_or_checkpoint_dir)
     if (ckpt / CHECKPOINT_DIR / "config.json").is_file():
         ckpt = ckpt / CHECKPOINT_DIR
-    ours = DecoderModel.from_checkpoint(ckpt, compute_dtype=torch.float32, fake_quant_activations=fake_quant_activations)
+    ours = DecoderModel.from_checkpoint(
+        ckpt, compute_dtype=torch.float32, fake_quant_activations=fake_quant_activations
+    )
     acc = {"tokens": 0, "agree": 0, "kl": 0.0, "max_err": 0.0, "nll_hf": 0.0, "nll_q": 0.0, "targets": 0}
     diff2 = ref2 = None
     for batch in _batches(token_batches):
         ref_logits, hs_ref = reference_forward(source, batch)
         with torch.inference_mode():
-            o = ours.forward(batch.reshape(-1), [SeqChunk(0, batch.shape[1])] * batch.shape[0], all_logits=True,
-                             output_hidden_states=True)
+            o = ours.forward(
+                batch.reshape(-1),
+                [SeqChunk(0, batch.shape[1])] * batch.shape[0],
+                all_logits=True,
+                output_hidden_states=True,
+            )
         _accumulate(acc, ref_logits, o.logits, batch)
         if len(hs_ref) != len(o.hidden_states):
             raise RuntimeError(f"HF returned {len(hs_ref)} hidden states, the runtime {len(o.hidden_states)}")
@@ -65,8 +76,9 @@ def evaluate(source: SourceModel, engine_or_checkpoint_dir: str | Path, token_ba
 
 
 def _batches(token_batches) -> Iterable[torch.Tensor]:
-    if hasattr(token_batches, "shape") or (isinstance(token_batches, list) and token_batches
-                                           and isinstance(token_batches[0], int)):
+    if hasattr(token_batches, "shape") or (
+        isinstance(token_batches, list) and token_batches and isinstance(token_batches[0], int)
+    ):
         token_batches = [token_batches]  # one tensor / array / id list: a single batch
     for b in token_batches:
         t = torch.as_tensor(b, dtype=torch.long)
@@ -101,8 +113,10 @@ def check_gate(report: dict, min_top1: float = DEFAULT_GATE[0], max_ppl_increase
     if report["top1_agreement"] < min_top1:
         failures.append(f"top-1 agreement {report['top1_agreement']:.4f} < {min_top1} over {report['tokens']} tokens")
     if report["ppl_increase"] > max_ppl_increase:
-        failures.append(f"perplexity {report['ppl_quantized']:.4f} vs {report['ppl_reference']:.4f} "
-                        f"(+{report['ppl_increase']:.2%}) exceeds +{max_ppl_increase:.2%}")
+        failures.append(
+            f"perplexity {report['ppl_quantized']:.4f} vs {report['ppl_reference']:.4f} "
+            f"(+{report['ppl_increase']:.2%}) exceeds +{max_ppl_increase:.2%}"
+        )
     if failures:
         failures.append(diagnose(report))
     return failures
@@ -116,6 +130,8 @@ def diagnose(report: dict) -> str:
     i = max(range(1, len(errs)), key=lambda j: errs[j] - errs[j - 1])
     worst = max(range(len(errs)), key=errs.__getitem__)
     growth = f", x{errs[i] / errs[i - 1]:.1f}" if errs[i - 1] > 1e-9 else ""
-    return (f"diagnosis: hidden-state relative error jumps at {names[i]} ({errs[i - 1]:.3g} -> {errs[i]:.3g}"
-            f"{growth}); largest at {names[worst]} ({errs[worst]:.3g}); check that layer's weights, scales and "
-            f"tensor mapping")
+    return (
+        f"diagnosis: hidden-state relative error jumps at {names[i]} ({errs[i - 1]:.3g} -> {errs[i]:.3g}"
+        f"{growth}); largest at {names[worst]} ({errs[worst]:.3g}); check that layer's weights, scales and "
+        f"tensor mapping"
+    )

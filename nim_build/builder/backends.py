@@ -5,7 +5,7 @@ otherwise; `--backend trtllm` on a machine that cannot fails with the image and 
 from __future__ import annotations
 
 import shlex
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from nim_build import TRTLLM_IMAGE
 from nim_build.errors import BackendUnavailableError, ConfigError
@@ -33,13 +33,16 @@ def _problem(probe, quant: str) -> str | None:
         return probe.reason
     if quant in FP8_QUANTS and not probe.fp8_capable:
         major, minor = probe.compute_capability
-        return (f"{quant} needs a GPU of compute capability >= 8.9 (Ada, Hopper, Blackwell); "
-                f"{probe.gpu_name} has {major}.{minor}")
+        return (
+            f"{quant} needs a GPU of compute capability >= 8.9 (Ada, Hopper, Blackwell); "
+            f"{probe.gpu_name} has {major}.{minor}"
+        )
     return None
 
 
-def choose_backend(requested: str, quant: str, *, argv: Sequence[str] | None = None,
-                   probe: Callable | None = None) -> tuple[str, str]:
+def choose_backend(
+    requested: str, quant: str, *, argv: Sequence[str] | None = None, probe: Callable | None = None
+) -> tuple[str, str]:
     """(backend, reason). argv: the user's command line after `nim_build`, reproduced in the messages."""
     if requested not in BACKENDS:
         raise ConfigError(f"--backend {requested!r} is not one of {', '.join(BACKENDS)}")
@@ -52,12 +55,18 @@ def choose_backend(requested: str, quant: str, *, argv: Sequence[str] | None = N
     if problem is None:
         major, minor = found.compute_capability
         where = f"TensorRT-LLM {found.version} on {found.gpu_name} (compute capability {major}.{minor})"
-        return "trtllm", (f"requested with --backend trtllm: {where}" if requested == "trtllm"
-                          else f"auto: {where} can build the engine")
+        return "trtllm", (
+            f"requested with --backend trtllm: {where}"
+            if requested == "trtllm"
+            else f"auto: {where} can build the engine"
+        )
     need = "a GPU of compute capability >= 8.9" if quant in FP8_QUANTS else "a CUDA GPU"
     if requested == "trtllm":
         raise BackendUnavailableError(
             f"--backend trtllm cannot build here: {problem}. Build the engine in {TRTLLM_IMAGE} on {need}: "
-            f"{trtllm_command(argv)}")
-    return "reference", (f"auto: {problem}, so nim_build's PyTorch runtime serves the checkpoint; for a TensorRT "
-                         f"engine run this on {need}: {trtllm_command(argv)}")
+            f"{trtllm_command(argv)}"
+        )
+    return "reference", (
+        f"auto: {problem}, so nim_build's PyTorch runtime serves the checkpoint; for a TensorRT "
+        f"engine run this on {need}: {trtllm_command(argv)}"
+    )

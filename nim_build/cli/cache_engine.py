@@ -9,10 +9,19 @@ from nim_build import options
 
 @click.command("cache-engine")
 @click.argument("model")
-@click.option("--cache-dir", required=True, type=click.Path(file_okay=False), envvar="NIM_CACHE_DIR",
-              help="Model cache directory (shared by the replicas) [env NIM_CACHE_DIR].")
-@click.option("--revision", default="main", show_default=True,
-              help="Branch, tag or commit of a hub MODEL; resolved to a commit for the cache key.")
+@click.option(
+    "--cache-dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    envvar="NIM_CACHE_DIR",
+    help="Model cache directory (shared by the replicas) [env NIM_CACHE_DIR].",
+)
+@click.option(
+    "--revision",
+    default="main",
+    show_default=True,
+    help="Branch, tag or commit of a hub MODEL; resolved to a commit for the cache key.",
+)
 @options.click_options(portable_only=True)
 def command(model, cache_dir, revision, **flags):
     """Print the directory of MODEL's engine for this node's GPU architecture and TensorRT-LLM version,

@@ -7,8 +7,14 @@ import click
 
 @click.command("chart")
 @click.argument("engine_dir", type=click.Path(file_okay=False))
-@click.option("--out", "-o", default="values.yaml", show_default=True, type=click.Path(dir_okay=False),
-              help="Values file to write.")
+@click.option(
+    "--out",
+    "-o",
+    default="values.yaml",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Values file to write.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing values file.")
 def command(engine_dir, out, force):
     """Write Helm values for the nim-llm chart from ENGINE_DIR's manifest: GPU count = tp, the GPU products

@@ -28,8 +28,12 @@ def load_config_file(path: str) -> dict:
 
 @click.command("engine")
 @click.argument("model", required=False)
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
-              help="YAML file with the same keys as these flags (e.g. `quant: fp8`, `tp: 2`); flags win.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="YAML file with the same keys as these flags (e.g. `quant: fp8`, `tp: 2`); flags win.",
+)
 @options.click_options()
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.pass_context
@@ -64,14 +68,18 @@ def command(ctx, model, config_file, as_json, **flags):
 
 
 def _human(s: dict) -> str:
-    lines = [f"built {s['name']} -> {s['out']}",
-             f"  backend {s['backend']}, quant {s['quant']}, tp {s['tp']}, max_seq_len {s['max_seq_len']}",
-             f"  size {s['size_bytes'] / 2**20:.1f} MiB, time {s['time_s']:.1f} s, "
-             f"peak memory {s['peak_rss_bytes'] / 2**30:.2f} GiB"]
+    lines = [
+        f"built {s['name']} -> {s['out']}",
+        f"  backend {s['backend']}, quant {s['quant']}, tp {s['tp']}, max_seq_len {s['max_seq_len']}",
+        f"  size {s['size_bytes'] / 2**20:.1f} MiB, time {s['time_s']:.1f} s, "
+        f"peak memory {s['peak_rss_bytes'] / 2**30:.2f} GiB",
+    ]
     acc = s.get("accuracy")
     if acc:
-        lines.append(f"  accuracy vs HF: top-1 agreement {acc['top1_agreement']:.4f}, perplexity "
-                     f"{acc['ppl_reference']:.3f} -> {acc['ppl_quantized']:.3f} ({acc['ppl_increase']:+.2%}); gate "
-                     f">= {acc['gate']['min_top1']}, <= {acc['gate']['max_ppl_increase']:+.0%}: passed")
+        lines.append(
+            f"  accuracy vs HF: top-1 agreement {acc['top1_agreement']:.4f}, perplexity "
+            f"{acc['ppl_reference']:.3f} -> {acc['ppl_quantized']:.3f} ({acc['ppl_increase']:+.2%}); gate "
+            f">= {acc['gate']['min_top1']}, <= {acc['gate']['max_ppl_increase']:+.0%}: passed"
+        )
     lines.append(f"next: nim_build repo {s['out']} --out triton_repo_out/{s['name']}")
     return "\n".join(lines)

@@ -15,8 +15,12 @@ from nim_build.errors import UserError
 @click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
 @click.option("--model", default="ensemble", show_default=True, help="ensemble or tensorrt_llm_bls.")
 @click.option("--prompt", help="Plain text prompt.")
-@click.option("--messages", "messages_file", type=click.File("r"),
-              help="Chat request JSON: a list of messages, or {\"messages\": [...], \"tools\": [...]} ('-' for stdin).")
+@click.option(
+    "--messages",
+    "messages_file",
+    type=click.File("r"),
+    help='Chat request JSON: a list of messages, or {"messages": [...], "tools": [...]} (\'-\' for stdin).',
+)
 @click.option("--chat", is_flag=True, help="Send --prompt as a user message, rendered with the chat template.")
 @click.option("--stream", is_flag=True, help="Print tokens as they arrive.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True)
@@ -25,10 +29,31 @@ from nim_build.errors import UserError
 @click.option("--top-p", type=float)
 @click.option("--seed", type=int)
 @click.option("--stop", multiple=True, help="Stop word (repeatable).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300, show_default=True, help="Seconds to wait for the answer.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300,
+    show_default=True,
+    help="Seconds to wait for the answer.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the full response as JSON.")
-def command(url, protocol, model, prompt, messages_file, chat, stream, max_tokens, temperature, top_k, top_p, seed, stop,
-            timeout, as_json):
+def command(
+    url,
+    protocol,
+    model,
+    prompt,
+    messages_file,
+    chat,
+    stream,
+    max_tokens,
+    temperature,
+    top_k,
+    top_p,
+    seed,
+    stop,
+    timeout,
+    as_json,
+):
     """Send a prompt (or a chat) to the served model and print the generated text."""
     from nim_build.serving.client import Client, GenerateRequest
 
@@ -43,8 +68,18 @@ def command(url, protocol, model, prompt, messages_file, chat, stream, max_token
         messages, tools = (data.get("messages"), data.get("tools")) if isinstance(data, dict) else (data, None)
     elif chat:
         messages, prompt = [{"role": "user", "content": prompt}], None
-    req = GenerateRequest(prompt=prompt, messages=messages, tools=tools, max_tokens=max_tokens, stream=stream,
-                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=list(stop))
+    req = GenerateRequest(
+        prompt=prompt,
+        messages=messages,
+        tools=tools,
+        max_tokens=max_tokens,
+        stream=stream,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=list(stop),
+    )
     client = Client(url, protocol, model, timeout_s=timeout)
     printer = None if as_json or not stream else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     result = client.generate(req, on_chunk=printer)

@@ -4,26 +4,63 @@ from __future__ import annotations
 
 import click
 
+from nim_build import KV_CACHE_FREE_MEM_FRACTION
+from nim_build.serving.repo import POSTPROCESSING, SCHEDULER_POLICIES
+
 
 @click.command("repo")
 @click.argument("engine_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Repository directory to write.")
 @click.option("--model-name", default="ensemble", show_default=True, help="Name of the ensemble model.")
 @click.option("--max-batch-size", type=click.IntRange(min=1), help="Triton max_batch_size [default: the engine's].")
-@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Instances of preprocessing and tensorrt_llm_bls (and postprocessing with --no-decoupled).")
-@click.option("--decoupled/--no-decoupled", default=True, show_default=True,
-              help="Decoupled transaction policy (needed for streaming).")
-@click.option("--kv-cache-free-gpu-mem-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.9,
-              show_default=True)
-@click.option("--enable-kv-cache-reuse/--no-enable-kv-cache-reuse", default=True, show_default=True)
-@click.option("--enable-chunked-context", is_flag=True)
-@click.option("--batch-scheduler-policy", type=click.Choice(["guaranteed_no_evict", "max_utilization"]),
-              default="guaranteed_no_evict", show_default=True)
-@click.option("--postprocessing", type=click.Choice(["auto", "native", "python"]), default="auto", show_default=True,
-              help="How postprocessing detokenizes: native (a C++ Triton backend, compiled on first use; a few us "
-                   "per streamed token), python (the python backend: tens of us), auto (native when the "
-                   "tokenizer and a C++ compiler allow).")
+@click.option(
+    "--instances",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Instances of preprocessing and tensorrt_llm_bls (and postprocessing with --no-decoupled).",
+)
+@click.option(
+    "--decoupled/--no-decoupled",
+    default=True,
+    show_default=True,
+    help="Decoupled transaction policy (needed for streaming).",
+)
+@click.option(
+    "--kv-cache-free-gpu-mem-fraction",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=KV_CACHE_FREE_MEM_FRACTION,
+    show_default=True,
+    help="Share of the memory left after loading the weights that the KV cache takes "
+    "(GPU memory for trtllm; for reference, the memory the container may still use).",
+)
+@click.option(
+    "--enable-kv-cache-reuse/--no-enable-kv-cache-reuse",
+    default=None,
+    help="Reuse the KV cache of shared prompt prefixes [default: on for trtllm; reference has none].",
+)
+@click.option(
+    "--enable-chunked-context",
+    is_flag=True,
+    help="Split prompts longer than a step's token budget over several steps (else a prompt is computed "
+    "in one step and may not exceed the engine's max_num_tokens).",
+)
+@click.option(
+    "--batch-scheduler-policy",
+    type=click.Choice(SCHEDULER_POLICIES),
+    default="guaranteed_no_evict",
+    show_default=True,
+    help="max_utilization (trtllm only) admits more requests and may pause some.",
+)
+@click.option(
+    "--postprocessing",
+    type=click.Choice(POSTPROCESSING),
+    default="auto",
+    show_default=True,
+    help="How postprocessing detokenizes: native (a C++ Triton backend, compiled on first use; a few us "
+    "per streamed token), python (the python backend: tens of us), auto (native when the "
+    "tokenizer and a C++ compiler allow).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing repository.")
 def command(engine_dir, out, force, **opts):
     """Write a Triton model repository (ensemble, preprocessing, tensorrt_llm, postprocessing, tensorrt_llm_bls)

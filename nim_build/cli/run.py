@@ -15,7 +15,9 @@ from nim_build.errors import NimBuildError
 @click.argument("engine", type=click.Path(exists=True, file_okay=False))
 @click.option("--prompt", required=True, help="Prompt text.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt as a user message with the model's chat template.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Most tokens to generate.")
+@click.option(
+    "--max-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Most tokens to generate."
+)
 @click.option("--stream", is_flag=True, help="Print the text as it is generated.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
@@ -56,10 +58,22 @@ def command(engine, prompt, chat, max_tokens, stream, temperature, top_k, top_p,
     if as_json:
         first = None if ev.first_token is None else ev.first_token - ev.arrival
         total = time.monotonic() - t0
-        click.echo(json.dumps({"text": text, "prompt_tokens": len(ids), "token_ids": out,
-                               "completion_tokens": len(out), "finish_reason": ev.finish_reason,
-                               "ttft_s": first, "total_s": total,
-                               "tokens_per_s": len(out) / total if total > 0 else None}, ensure_ascii=False, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "text": text,
+                    "prompt_tokens": len(ids),
+                    "token_ids": out,
+                    "completion_tokens": len(out),
+                    "finish_reason": ev.finish_reason,
+                    "ttft_s": first,
+                    "total_s": total,
+                    "tokens_per_s": len(out) / total if total > 0 else None,
+                },
+                ensure_ascii=False,
+                indent=2,
+            )
+        )
     elif stream:
         click.echo()
     else:

@@ -15,12 +15,27 @@ import click
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
-@click.option("--startup-timeout", type=click.FloatRange(min=1), default=600, show_default=True,
-              help="Seconds to wait for every model to load.")
-@click.option("--health-interval", type=click.FloatRange(min=0.5), default=15, show_default=True,
-              help="Seconds between health requests (a real one-token generation).")
-@click.option("--exit-timeout", type=click.IntRange(min=0), default=30, show_default=True,
-              help="Seconds Triton waits for open requests when stopping.")
+@click.option(
+    "--startup-timeout",
+    type=click.FloatRange(min=1),
+    default=600,
+    show_default=True,
+    help="Seconds to wait for every model to load.",
+)
+@click.option(
+    "--health-interval",
+    type=click.FloatRange(min=0.5),
+    default=15,
+    show_default=True,
+    help="Seconds between health requests (a real one-token generation).",
+)
+@click.option(
+    "--exit-timeout",
+    type=click.IntRange(min=0),
+    default=30,
+    show_default=True,
+    help="Seconds Triton waits for open requests when stopping.",
+)
 @click.option("--quiet", is_flag=True, help="Do not echo Triton's log to stderr.")
 def command(repo, host, http_port, grpc_port, metrics_port, startup_timeout, health_interval, exit_timeout, quiet):
     """Serve REPO (from `nim_build repo`) with Triton; exits non-zero when a model stops answering."""
@@ -28,8 +43,15 @@ def command(repo, host, http_port, grpc_port, metrics_port, startup_timeout, hea
     from nim_build.serving.client import health_probe
     from nim_build.serving.server import TritonServer, supervise
 
-    server = TritonServer(repo, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                          exit_timeout_s=exit_timeout, echo=None if quiet else sys.stderr)
+    server = TritonServer(
+        repo,
+        host=host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        exit_timeout_s=exit_timeout,
+        echo=None if quiet else sys.stderr,
+    )
     stop = threading.Event()
     signals = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -39,11 +61,15 @@ def command(repo, host, http_port, grpc_port, metrics_port, startup_timeout, hea
         server.wait_ready(startup_timeout)
         probe = health_probe(server.grpc_url, server.repo)
         probe()
-        click.echo(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.client_host}:"
-                   f"{metrics_port}/metrics  (models: {', '.join(sorted(p.parent.name for p in server.repo.glob('*/config.pbtxt')))})",
-                   err=True)
-        click.echo(f"try: nim_build infer --url {server.grpc_url} --prompt 'Hello'{_chat_flag(server.repo)} --stream",
-                   err=True)
+        models = ", ".join(sorted(p.parent.name for p in server.repo.glob("*/config.pbtxt")))
+        click.echo(
+            f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.client_host}:"
+            f"{metrics_port}/metrics  (models: {models})",
+            err=True,
+        )
+        click.echo(
+            f"try: nim_build infer --url {server.grpc_url} --prompt 'Hello'{_chat_flag(server.repo)} --stream", err=True
+        )
         reason = supervise(server, probe, interval_s=health_interval, stop_event=stop)
     finally:
         code = server.stop()

@@ -1,4 +1,4 @@
-"""The model cache of a serving node: build an engine once per GPU architecture and TensorRT-LLM version, reuse it after.
+"""The model cache of a serving node: an engine built once per GPU architecture and TensorRT-LLM version, then reused.
 
 TensorRT engines only run on the GPU compute capability and the TensorRT-LLM version that built them, so the
 Helm chart's init container calls ``nim_build cache-engine`` on a shared cache volume. Layout of CACHE_DIR::
@@ -12,10 +12,10 @@ Helm chart's init container calls ``nim_build cache-engine`` on a shared cache v
 The key is content-addressed: sha256 over the model (id + resolved commit, or the sha256 of every input file of a
 local directory), the build options that change the engine (nim_build.options.cache_key_fields), the converter's
 format version, the GPU compute capability and the TensorRT-LLM version. A local file's hash is remembered in
-hashes.json by path, size, mtime and inode, so a warm start does not read a 24 GB checkpoint again. Replicas starting together take the
-lock one after the other; the first builds into a private temporary directory and renames it into place when
-complete, the others find the finished directory. Even where the filesystem ignores locks, the rename is atomic
-and the first complete directory wins, so no reader ever sees a partial engine.
+hashes.json by path, size, mtime and inode, so a warm start does not read a 24 GB checkpoint again. Replicas
+starting together take the lock one after the other; the first builds into a private temporary directory and
+renames it into place when complete, the others find the finished directory. Even where the filesystem ignores
+locks, the rename is atomic and the first complete directory wins, so no reader ever sees a partial engine.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 from nim_build import __version__, options
 from nim_build.builder.default_model import is_default_model
@@ -49,7 +49,10 @@ def detect_gpu_arch() -> str:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=60, check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return "cpu"
@@ -57,8 +60,10 @@ def detect_gpu_arch() -> str:
     if not caps:
         return "cpu"
     if len(caps) > 1:
-        raise UserError(f"the visible GPUs differ in compute capability ({', '.join(caps)}); "
-                        "schedule the pod on identical GPUs (Helm value gpu.products)")
+        raise UserError(
+            f"the visible GPUs differ in compute capability ({', '.join(caps)}); "
+            "schedule the pod on identical GPUs (Helm value gpu.products)"
+        )
     return "sm" + caps[0].replace(".", "")
 
 
@@ -114,18 +119,24 @@ def resolve_revision(model: str, revision: str, hf_cache: Path) -> str:
     if constants.HF_HUB_OFFLINE:
         if ref.is_file():
             return ref.read_text().strip()
-        raise UserError(f"offline mode and the cache has no {model}@{revision} (no {ref}); "
-                        "pre-populate the cache or pin model.revision to a commit")
+        raise UserError(
+            f"offline mode and the cache has no {model}@{revision} (no {ref}); "
+            "pre-populate the cache or pin model.revision to a commit"
+        )
     try:
         return HfApi().model_info(model, revision=revision).sha
     except OfflineModeIsEnabled as e:
         raise UserError(f"cannot resolve {model}@{revision} offline: {e}") from None
     except HfHubHTTPError as e:
-        raise UserError(f"cannot resolve {model}@{revision} on the Hugging Face Hub ({e}); "
-                        "check the model id, and the token Secret for gated models") from None
+        raise UserError(
+            f"cannot resolve {model}@{revision} on the Hugging Face Hub ({e}); "
+            "check the model id, and the token Secret for gated models"
+        ) from None
     except OSError as e:  # connection errors (requests/httpx)
-        raise UserError(f"cannot reach the Hugging Face Hub to resolve {model}@{revision} ({type(e).__name__}); "
-                        "pin model.revision to a commit and pre-populate the cache for air-gapped use") from None
+        raise UserError(
+            f"cannot reach the Hugging Face Hub to resolve {model}@{revision} ({type(e).__name__}); "
+            "pin model.revision to a commit and pre-populate the cache for air-gapped use"
+        ) from None
 
 
 def engine_key(model: str, identity: str, opts: BuildOptions, gpu_arch: str, trtllm: str | None) -> str:
@@ -134,8 +145,15 @@ def engine_key(model: str, identity: str, opts: BuildOptions, gpu_arch: str, trt
     identity: a hub commit, a local directory's fingerprint, or the embedded model's version."""
     from nim_build.builder.convert import CONVERTER_VERSION
 
-    fields = {"model": model, "identity": identity, "options": options.cache_key_fields(opts),
-              "gpu_arch": gpu_arch, "tensorrt_llm": trtllm, "converter": CONVERTER_VERSION, "key_format": KEY_FORMAT}
+    fields = {
+        "model": model,
+        "identity": identity,
+        "options": options.cache_key_fields(opts),
+        "gpu_arch": gpu_arch,
+        "tensorrt_llm": trtllm,
+        "converter": CONVERTER_VERSION,
+        "key_format": KEY_FORMAT,
+    }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -156,8 +174,9 @@ def run_engine_build(model: str, out: Path, opts: BuildOptions, hf_cache: Path) 
     cmd = [sys.executable, "-m", "nim_build", *argv]
     rc = subprocess.run(cmd, stdout=sys.stderr, env={**os.environ, "HF_HUB_CACHE": str(hf_cache)}).returncode
     if rc != 0:
-        raise UserError(f"`nim_build engine` failed with exit code {rc} (its log is above); "
-                        "the cache was left unchanged")
+        raise UserError(
+            f"`nim_build engine` failed with exit code {rc} (its log is above); the cache was left unchanged"
+        )
 
 
 def ensure_engine(
@@ -218,8 +237,10 @@ def ensure_engine(
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=engines))
         try:
             out = tmp / target.name
-            _log(f"no engine for this GPU ({gpu_arch}) and TensorRT-LLM ({trtllm or 'not installed'}); "
-                 f"building {target.name}")
+            _log(
+                f"no engine for this GPU ({gpu_arch}) and TensorRT-LLM ({trtllm or 'not installed'}); "
+                f"building {target.name}"
+            )
             build(model, out, opts.replace(model=model), hf_cache)
             if not (out / MANIFEST).is_file():
                 raise UserError(f"the engine build left no {MANIFEST} in {out}; the cache was left unchanged")

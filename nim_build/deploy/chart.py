@@ -10,7 +10,8 @@ The values file sets what a build measured or decided and leaves the rest to the
   architecture and the TensorRT-LLM version) unless its cache has one.
 - gpu: GPU count = tp; nodes restricted to the GPU products of the build GPU's compute capability; a reference
   engine built without a GPU runs on CPU (gpu.enabled false, the `-cpu` image).
-- resources: memory for the larger of the build's peak RSS and loading the engine, plus /dev/shm.
+- resources: memory for the larger of the build's peak RSS and loading the engine, plus /dev/shm, plus (served on
+  CPU) the KV pool of all max_batch_size sequences of max_seq_len, which the runtime then gets in full.
 - persistence.size: the Hugging Face checkpoint, the engine directory and a rebuild in flight.
 - startupProbe: budget twice the measured build time, at least 10 minutes.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from nim_build import __version__, options
+from nim_build import KV_CACHE_FREE_MEM_FRACTION, TOKENS_PER_BLOCK, __version__, options
 from nim_build.builder.default_model import is_default_model
 from nim_build.builder.manifest import load_manifest
 from nim_build.errors import ConfigError, OutputExistsError, UserError
@@ -33,8 +34,14 @@ GIB = 1 << 30
 # by compute capability. The build GPU's own label is always included.
 GPU_PRODUCTS = {
     "8.9": ["NVIDIA-L4", "NVIDIA-L40", "NVIDIA-L40S", "NVIDIA-RTX-6000-Ada-Generation"],
-    "9.0": ["NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe", "NVIDIA-H100-NVL", "NVIDIA-H200", "NVIDIA-H200-NVL",
-            "NVIDIA-GH200-480GB"],
+    "9.0": [
+        "NVIDIA-H100-80GB-HBM3",
+        "NVIDIA-H100-PCIe",
+        "NVIDIA-H100-NVL",
+        "NVIDIA-H200",
+        "NVIDIA-H200-NVL",
+        "NVIDIA-GH200-480GB",
+    ],
     "10.0": ["NVIDIA-B200", "NVIDIA-GB200"],
 }
 MODELS_SUBDIR = "models"
@@ -67,6 +74,27 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def kv_cache_memory(manifest: dict) -> float:
+    """Container memory for a CPU-served engine's KV pool: the pool takes KV_CACHE_FREE_MEM_FRACTION of the memory
+    left after loading the weights (nim_build.runtime.engine), so leave need / fraction for all of max_batch_size
+    sequences of max_seq_len."""
+    from nim_build.runtime.kv_cache import PagedKVCache
+    from nim_build.runtime.model import CPU_COMPUTE_DTYPE
+
+    spec, build = _field(manifest, "spec"), _field(manifest, "build")
+    elem = 1 if build.get("kv_cache_quant_algo") == "FP8" else CPU_COMPUTE_DTYPE.itemsize
+    need = PagedKVCache.full_need(
+        int(spec["num_hidden_layers"]),
+        TOKENS_PER_BLOCK,
+        int(spec["num_key_value_heads"]),
+        int(spec["head_size"]),
+        elem,
+        int(build["max_batch_size"]),
+        int(build["max_seq_len"]),
+    )
+    return need / KV_CACHE_FREE_MEM_FRACTION
+
+
 def _model_values(manifest: dict) -> tuple[dict, str | None]:
     """model.* values, and a note for the user when the checkpoint must be copied into the cache."""
     source = str(_field(manifest, "model", "source"))
@@ -77,8 +105,10 @@ def _model_values(manifest: dict) -> tuple[dict, str | None]:
         return {"id": source.partition("@")[0], "revision": revision}, None
     name = Path(source.rstrip("/")).name
     cache_path = f"{CACHE_MOUNT}/{MODELS_SUBDIR}/{name}"
-    note = (f"{source} is a local checkpoint: copy it into the model cache volume as {MODELS_SUBDIR}/{name} "
-            f"(mounted at {cache_path}) and install with persistence.existingClaim")
+    note = (
+        f"{source} is a local checkpoint: copy it into the model cache volume as {MODELS_SUBDIR}/{name} "
+        f"(mounted at {cache_path}) and install with persistence.existingClaim"
+    )
     return {"id": cache_path, "revision": "main"}, note
 
 
@@ -88,8 +118,9 @@ def chart_values(engine_dir: str | os.PathLike) -> tuple[dict, list[str]]:
     manifest = load_manifest(engine_dir)
     backend = _field(manifest, "backend")
     try:
-        opts = options.BuildOptions(model=str(_field(manifest, "model", "source")),
-                                    **_field(manifest, "build", "options"))
+        opts = options.BuildOptions(
+            model=str(_field(manifest, "model", "source")), **_field(manifest, "build", "options")
+        )
     except (ConfigError, TypeError) as e:
         raise UserError(f"the manifest's build options are not this nim_build's ({e}); rebuild the engine") from None
     tp = opts.tp
@@ -106,23 +137,27 @@ def chart_values(engine_dir: str | os.PathLike) -> tuple[dict, list[str]]:
         values["gpu"] = {"enabled": False, "products": []}
         values["image"] = {"tag": f"{__version__}-cpu"}
         values["tolerations"] = []
-        notes.append("built without a GPU: the values run the reference backend on CPU (image tag "
-                      f"{__version__}-cpu)")
+        notes.append(f"built without a GPU: the values run the reference backend on CPU (image tag {__version__}-cpu)")
     else:
         raise UserError(f"the manifest of a {backend} engine records no GPU; rebuild it on the target GPU")
 
     size = _dir_bytes(engine_dir)
     shm_gib = 4 * tp if gpu else 2
     peak_rss = int(manifest.get("peak_rss_bytes") or 0)
-    memory_gib = _gib(max(peak_rss * 1.25, size * 1.1 + 4 * GIB)) + shm_gib
-    values["resources"] = {"requests": {"cpu": str(max(4, 2 * tp)), "memory": f"{memory_gib}Gi"},
-                           "limits": {"memory": f"{memory_gib}Gi"}}
+    kv = 0 if gpu else kv_cache_memory(manifest)  # on a GPU the KV cache is in GPU memory
+    memory_gib = _gib(max(peak_rss * 1.25, size * 1.1 + 4 * GIB) + kv) + shm_gib
+    values["resources"] = {
+        "requests": {"cpu": str(max(4, 2 * tp)), "memory": f"{memory_gib}Gi"},
+        "limits": {"memory": f"{memory_gib}Gi"},
+    }
     values["shm"] = {"sizeLimit": f"{shm_gib}Gi"}
     values["persistence"] = {"size": f"{_gib(3 * size + 10 * GIB, step=10)}Gi"}
     build_s = float((manifest.get("timings_s") or {}).get("total") or 0)
     budget = max(MIN_STARTUP_BUDGET_S, 2 * build_s)
-    values["startupProbe"] = {"periodSeconds": STARTUP_PERIOD_S,
-                              "failureThreshold": math.ceil(budget / STARTUP_PERIOD_S)}
+    values["startupProbe"] = {
+        "periodSeconds": STARTUP_PERIOD_S,
+        "failureThreshold": math.ceil(budget / STARTUP_PERIOD_S),
+    }
     return values, notes
 
 

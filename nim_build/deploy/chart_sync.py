@@ -42,9 +42,11 @@ def _help(f) -> str:
 
 
 def values_block() -> str:
-    lines = ["engine:", f"  ## {GENERATED}",
-             "  ## Every portable option of `nim_build engine`; the init container passes them to `nim_build "
-             "cache-engine`."]
+    lines = [
+        "engine:",
+        f"  ## {GENERATED}",
+        "  ## Every portable option of `nim_build engine`; the init container passes them to `nim_build cache-engine`.",
+    ]
     for f in _fields():
         kind, nullable = _type(f)
         lines.append(f"  ## @param engine.{options.chart_key(f)} [{kind}{'|null' if nullable else ''}] {_help(f)}")
@@ -65,31 +67,40 @@ def schema_section() -> dict:
         props[options.chart_key(f)] = node
     # helm drops keys whose value is null, so only the options that cannot be null are required
     required = [options.chart_key(f) for f in _fields() if not _type(f)[1]]
-    return {"type": "object", "additionalProperties": False, "description": GENERATED, "properties": props,
-            "required": required}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "description": GENERATED,
+        "properties": props,
+        "required": required,
+    }
 
 
 def readme_rows() -> list[str]:
     rows = []
     for f in _fields():
         kind, nullable = _type(f)
-        rows.append(f"| `engine.{options.chart_key(f)}` | {kind}{' or null' if nullable else ''} | {_help(f)} | "
-                    f"`{json.dumps(f.default)}` |")
+        rows.append(
+            f"| `engine.{options.chart_key(f)}` | {kind}{' or null' if nullable else ''} | {_help(f)} | "
+            f"`{json.dumps(f.default)}` |"
+        )
     return rows
 
 
 def engine_template() -> str:
-    flags = " ".join(f'"{options.chart_key(f)}" "{options.flag(f)}"' for f in _fields())
+    flags = "".join(f'\n  "{options.chart_key(f)}" "{options.flag(f)}"' for f in _fields())
     return f"""{{{{/*
 {GENERATED}
 nim-llm.engineArgs: the engine values as `nim_build cache-engine` flags, one YAML list item per word: booleans as
 --flag / --no-flag, numbers as JSON writes them (never 1e+06), null values left out.
 */}}}}
 {{{{- define "nim-llm.engineArgs" -}}}}
-{{{{- $flags := dict {flags} -}}}}
+{{{{- $flags := dict{flags} -}}}}
 {{{{- range $key, $value := .Values.engine }}}}
 {{{{- $flag := get $flags $key }}}}
-{{{{- if not $flag }}}}{{{{ fail (printf "engine.%s is not a build option of this chart's nim_build" $key) }}}}{{{{ end }}}}
+{{{{- if not $flag }}}}
+{{{{- fail (printf "engine.%s is not a build option of this chart's nim_build" $key) }}}}
+{{{{- end }}}}
 {{{{- if kindIs "bool" $value }}}}
 - {{{{ ternary $flag (printf "--no-%s" (trimPrefix "--" $flag)) $value | quote }}}}
 {{{{- else if not (kindIs "invalid" $value) }}}}
@@ -110,7 +121,7 @@ def synced(chart: Path) -> dict[Path, str]:
     match = re.search(r"^engine:\n(?:[ #].*\n|\n(?=[ #]))*", values, re.M)
     if match is None:
         raise ValueError(f"{values_path} has no top-level `engine:` block")
-    values = values[: match.start()] + values_block() + values[match.end():]
+    values = values[: match.start()] + values_block() + values[match.end() :]
 
     schema = json.loads(schema_path.read_text())
     schema["properties"]["engine"] = schema_section()
@@ -120,7 +131,7 @@ def synced(chart: Path) -> dict[Path, str]:
     at = [i for i, line in enumerate(readme) if line.startswith("| `engine.")]
     if not at or at != list(range(at[0], at[-1] + 1)):
         raise ValueError(f"{readme_path} needs its `engine.*` parameter rows together, in one table")
-    readme = readme[: at[0]] + [r + "\n" for r in readme_rows()] + readme[at[-1] + 1:]
+    readme = readme[: at[0]] + [r + "\n" for r in readme_rows()] + readme[at[-1] + 1 :]
     return {values_path: values, schema_path: schema_text, readme_path: "".join(readme), tpl_path: engine_template()}
 
 

@@ -1,4 +1,4 @@
-"""Read a TensorRT-LLM checkpoint (FORMATS.md section 1) of any tp and merge its ranks into one set of weights.
+"""Read a TensorRT-LLM checkpoint (docs/FORMATS.md, section 3) of any tp and merge its ranks into one set of weights.
 
 Merging undoes the tensor-parallel split: column-parallel weights (qkv, fc, gate, lm_head) are concatenated on
 dim 0, row-parallel ones (dense, proj) on dim 1; the fused qkv of each rank is q_r | k_r | v_r, and KV heads that
@@ -47,18 +47,22 @@ class ModelConfig:
     embedding_sharding_dim: int = 0
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         mapping = d.get("mapping") or {}
         quant = d.get("quantization") or {}
         if mapping.get("pp_size", 1) != 1:
-            raise ConfigError("pipeline-parallel checkpoints (pp_size > 1) are not supported by the reference runtime; "
-                              "convert with pp=1")
+            raise ConfigError(
+                "pipeline-parallel checkpoints (pp_size > 1) are not supported by the reference runtime; "
+                "convert with pp=1"
+            )
         if d.get("dtype", "bfloat16") not in formats.DTYPES:
             raise ConfigError(f"checkpoint dtype {d.get('dtype')!r} not in {', '.join(formats.DTYPES)}")
         if quant.get("quant_algo") not in QUANT_ALGOS:
             raise ConfigError(f"quant_algo {quant.get('quant_algo')!r} is not supported; supported: {QUANT_ALGOS}")
         if quant.get("kv_cache_quant_algo") not in (None, *KV_CACHE_QUANT_ALGO_NAMES):
-            raise ConfigError(f"kv_cache_quant_algo {quant.get('kv_cache_quant_algo')!r} is not supported; use FP8 or null")
+            raise ConfigError(
+                f"kv_cache_quant_algo {quant.get('kv_cache_quant_algo')!r} is not supported; use FP8 or null"
+            )
         scaling = d.get("rotary_scaling")
         rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
         if rope_type not in ROPE_TYPES:
@@ -198,12 +202,18 @@ class _Merger:
         if kind == "row":
             weight = _cat(ws, 1)
             w_scale = self._merge_row_scales(prefix, ws, w_scales)
-            a_scale = None if a_scales[0] is None else _compact(
-                torch.cat([s.reshape(1).expand(w.shape[1]) for s, w in zip(a_scales, ws)]).reshape(1, -1))
+            a_scale = (
+                None
+                if a_scales[0] is None
+                else _compact(torch.cat([s.reshape(1).expand(w.shape[1]) for s, w in zip(a_scales, ws)]).reshape(1, -1))
+            )
         else:
             # per-rank row-scale vectors, split and selected exactly like the weight rows
-            rows = None if w_scales[0] is None else [s.reshape(-1).expand(w.shape[0]).reshape(-1, 1)
-                                                      for s, w in zip(w_scales, ws)]
+            rows = (
+                None
+                if w_scales[0] is None
+                else [s.reshape(-1).expand(w.shape[0]).reshape(-1, 1) for s, w in zip(w_scales, ws)]
+            )
             if kind == "qkv":
                 weight = self._merge_qkv(ws)
                 w_scale = None if rows is None else _compact(self._merge_qkv(rows))
@@ -211,7 +221,9 @@ class _Merger:
                 weight = _cat(ws, 0)
                 w_scale = None if rows is None else _compact(torch.cat(rows, dim=0))
             # every rank quantizes the same (replicated) input; ranks agree for the official exporter
-            a_scale = None if a_scales[0] is None else torch.stack([s.reshape(()) for s in a_scales]).max().reshape(1, 1)
+            a_scale = (
+                None if a_scales[0] is None else torch.stack([s.reshape(()) for s in a_scales]).max().reshape(1, 1)
+            )
         return Linear(weight, w_scale, None if per_token else a_scale, per_token)
 
     def _w_scale(self, prefix: str, rank: int) -> torch.Tensor | None:
@@ -235,12 +247,13 @@ class _Merger:
         if per_rank[0].shape[0] != nq + 2 * nk:
             raise CheckpointError(
                 f"qkv rows per rank {per_rank[0].shape[0]} != {nq} + 2*{nk} for {c.num_heads} heads, "
-                f"{c.num_kv_heads} KV heads, head_size {c.head_size}, tp {tp}")
+                f"{c.num_kv_heads} KV heads, head_size {c.head_size}, tp {tp}"
+            )
         # with nkv < tp, rank r holds KV head r // (tp // nkv): keep one rank per KV head
         kv_ranks = range(0, tp, tp // c.num_kv_heads) if c.num_kv_heads < tp else range(tp)
         q = [t[:nq] for t in per_rank]
-        k = [per_rank[r][nq:nq + nk] for r in kv_ranks]
-        v = [per_rank[r][nq + nk:] for r in kv_ranks]
+        k = [per_rank[r][nq : nq + nk] for r in kv_ranks]
+        v = [per_rank[r][nq + nk :] for r in kv_ranks]
         return _cat(q + k + v, 0) if self.cfg.tp > 1 else per_rank[0]
 
 

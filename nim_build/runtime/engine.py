@@ -5,6 +5,13 @@ running request first, then prefill chunks (of running requests whose prompt is 
 newly admitted ones) within `max_num_tokens` tokens and `max_batch_size` sequences. KV blocks are taken from a
 fixed pool; admission follows TensorRT-LLM's `guaranteed_no_evict` policy: a request is admitted (in arrival order)
 only when blocks for its prompt + max_new_tokens are free, so a running request never runs out of cache.
+Without chunked context (TensorRT-LLM's enable_chunked_context, off by default there and here) a prompt is
+computed in one step, so it may not be longer than max_num_tokens.
+
+The KV pool holds what max_batch_size sequences of max_seq_len can use, or kv_cache_free_mem_fraction of the
+memory left after loading the weights when that is less: on CPU the memory this process may still take within
+its container's limit (nim_build.limits), on CUDA the GPU's free memory. CPU pages are committed as blocks are
+first used, so a pool sized for the worst case costs only what is used.
 """
 
 from __future__ import annotations
@@ -14,15 +21,15 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from nim_build import TOKENS_PER_BLOCK
-from nim_build.errors import UserError
+from nim_build import KV_CACHE_FREE_MEM_FRACTION, TOKENS_PER_BLOCK, limits
 from nim_build.builder.manifest import CHECKPOINT_DIR, load_manifest
+from nim_build.errors import UserError
 from nim_build.runtime.kv_cache import BlockAllocator, PagedKVCache
 from nim_build.runtime.model import DecoderModel, SeqChunk
 from nim_build.runtime.sampling import SamplingParams, mask_bad_words, sample
@@ -32,7 +39,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_NUM_TOKENS = 8192
-KV_MEMORY_FRACTION = 0.4  # of available memory, when no kv_cache_bytes is given and the full need does not fit
 
 
 @dataclass
@@ -66,14 +72,26 @@ class _Request:
     done: bool = False
 
     def event(self, tokens: list[int], reason: str | None = None, error: str | None = None) -> TokenEvent:
-        return TokenEvent(self.id, tokens, reason is not None, reason, error, self.arrival, self.first_token,
-                          self.last_token)
+        return TokenEvent(
+            self.id, tokens, reason is not None, reason, error, self.arrival, self.first_token, self.last_token
+        )
 
 
 class LLMEngine:
-    def __init__(self, model: DecoderModel, *, max_seq_len: int, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 max_num_tokens: int = DEFAULT_MAX_NUM_TOKENS, kv_cache_bytes: int | None = None,
-                 tokens_per_block: int = TOKENS_PER_BLOCK, end_id: int | None = None, pad_id: int | None = None):
+    def __init__(
+        self,
+        model: DecoderModel,
+        *,
+        max_seq_len: int,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_num_tokens: int = DEFAULT_MAX_NUM_TOKENS,
+        kv_cache_bytes: int | None = None,
+        kv_cache_free_mem_fraction: float = KV_CACHE_FREE_MEM_FRACTION,
+        enable_chunked_context: bool = False,
+        tokens_per_block: int = TOKENS_PER_BLOCK,
+        end_id: int | None = None,
+        pad_id: int | None = None,
+    ):
         c = model.cfg
         self.model = model
         self.max_seq_len, self.max_batch_size, self.max_num_tokens = max_seq_len, max_batch_size, max_num_tokens
@@ -81,21 +99,46 @@ class LLMEngine:
         self.pad_id = pad_id if pad_id is not None else self.end_id
         self.vocab_size = c.vocab_size
         if max_num_tokens < tokens_per_block:
-            raise UserError(f"max_num_tokens={max_num_tokens} is less than one KV block ({tokens_per_block} tokens): "
-                            "prompts could never be scheduled; raise max_num_tokens")
+            raise UserError(
+                f"max_num_tokens={max_num_tokens} is less than one KV block ({tokens_per_block} tokens): "
+                "prompts could never be scheduled; raise max_num_tokens"
+            )
         self.tokens_per_block = tokens_per_block
+        self.enable_chunked_context = enable_chunked_context
         kv_scales = model.kv_scales()
         elem = 1 if kv_scales is not None else torch.empty(0, dtype=model.dtype).element_size()
         per_block = PagedKVCache.bytes_per_block(c.num_layers, tokens_per_block, c.num_kv_heads, c.head_size, elem)
+        need = PagedKVCache.full_need(
+            c.num_layers, tokens_per_block, c.num_kv_heads, c.head_size, elem, max_batch_size, max_seq_len
+        )
         if kv_cache_bytes is None:
-            kv_cache_bytes = _default_kv_bytes(model.device, per_block * max_batch_size * math.ceil(max_seq_len / tokens_per_block))
+            kv_cache_bytes, why = kv_pool_bytes(model.device, need, kv_cache_free_mem_fraction)
+        else:
+            why = "as given"
         num_blocks = kv_cache_bytes // per_block
         if num_blocks < 1:
-            raise UserError(f"kv_cache_bytes={kv_cache_bytes} holds no KV block ({per_block} bytes each); give more")
+            raise UserError(
+                f"the KV cache gets {kv_cache_bytes} bytes ({why}), less than one KV block ({per_block} "
+                "bytes); give the process more memory or raise kv_cache_free_gpu_mem_fraction"
+            )
+        self.kv_cache_note = (
+            f"KV cache: {num_blocks} blocks of {tokens_per_block} tokens, "
+            f"{num_blocks * per_block / 2**20:.0f} MiB ({why})"
+        )
+        log.info(self.kv_cache_note)
         self.allocator = BlockAllocator(num_blocks)
         # Zeroing the pool runs parallel: on a thread of its own, like the weights (see runtime/threads.py).
-        self.cache = on_own_thread(PagedKVCache, c.num_layers, num_blocks, tokens_per_block, c.num_kv_heads,
-                                   c.head_size, model.dtype, model.device, kv_scales)
+        self.cache = on_own_thread(
+            PagedKVCache,
+            c.num_layers,
+            num_blocks,
+            tokens_per_block,
+            c.num_kv_heads,
+            c.head_size,
+            model.dtype,
+            model.device,
+            kv_scales,
+        )
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
         self._events: list[tuple[_Request, TokenEvent]] = []  # produced outside the loop (cancel), sent by it
@@ -108,23 +151,44 @@ class LLMEngine:
         self._stats = {"steps": 0, "max_seqs_in_step": 0, "last_step_seqs": 0, "last_step_tokens": 0}
 
     @classmethod
-    def from_engine_dir(cls, engine_dir: str | Path, *, device: str = "auto", max_batch_size: int | None = None,
-                        max_num_tokens: int | None = None, kv_cache_bytes: int | None = None,
-                        tokens_per_block: int = TOKENS_PER_BLOCK, compute_dtype: torch.dtype | None = None,
-                        fake_quant_activations: bool | None = None) -> "LLMEngine":
+    def from_engine_dir(
+        cls,
+        engine_dir: str | Path,
+        *,
+        device: str = "auto",
+        max_batch_size: int | None = None,
+        max_num_tokens: int | None = None,
+        kv_cache_bytes: int | None = None,
+        kv_cache_free_mem_fraction: float = KV_CACHE_FREE_MEM_FRACTION,
+        enable_chunked_context: bool = False,
+        tokens_per_block: int = TOKENS_PER_BLOCK,
+        compute_dtype: torch.dtype | None = None,
+        fake_quant_activations: bool | None = None,
+    ) -> LLMEngine:
         """Serve ENGINE/checkpoint/ with limits from ENGINE/manifest.json (build section) unless given here."""
         manifest = load_manifest(engine_dir)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = DecoderModel.from_checkpoint(Path(engine_dir) / CHECKPOINT_DIR, device=device,
-                                             compute_dtype=compute_dtype, fake_quant_activations=fake_quant_activations)
+        model = DecoderModel.from_checkpoint(
+            Path(engine_dir) / CHECKPOINT_DIR,
+            device=device,
+            compute_dtype=compute_dtype,
+            fake_quant_activations=fake_quant_activations,
+        )
         build = manifest.get("build") or {}
         tok = manifest.get("tokenizer") or {}
-        return cls(model, max_seq_len=build.get("max_seq_len") or model.cfg.max_position_embeddings,
-                   max_batch_size=max_batch_size or build.get("max_batch_size") or DEFAULT_MAX_BATCH_SIZE,
-                   max_num_tokens=max_num_tokens or build.get("max_num_tokens") or DEFAULT_MAX_NUM_TOKENS,
-                   kv_cache_bytes=kv_cache_bytes, tokens_per_block=tokens_per_block,
-                   end_id=tok.get("end_id"), pad_id=tok.get("pad_id"))
+        return cls(
+            model,
+            max_seq_len=build.get("max_seq_len") or model.cfg.max_position_embeddings,
+            max_batch_size=max_batch_size or build.get("max_batch_size") or DEFAULT_MAX_BATCH_SIZE,
+            max_num_tokens=max_num_tokens or build.get("max_num_tokens") or DEFAULT_MAX_NUM_TOKENS,
+            kv_cache_bytes=kv_cache_bytes,
+            kv_cache_free_mem_fraction=kv_cache_free_mem_fraction,
+            enable_chunked_context=enable_chunked_context,
+            tokens_per_block=tokens_per_block,
+            end_id=tok.get("end_id"),
+            pad_id=tok.get("pad_id"),
+        )
 
     # -- public API ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -141,19 +205,37 @@ class LLMEngine:
         if not prompt:
             raise UserError("empty prompt: give at least one token")
         if len(prompt) + params.max_new_tokens > self.max_seq_len:
-            raise UserError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
-                            f"max_seq_len {self.max_seq_len}; shorten the prompt or ask for fewer tokens")
+            raise UserError(
+                f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                f"max_seq_len {self.max_seq_len}; shorten the prompt or ask for fewer tokens"
+            )
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise UserError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if not self.enable_chunked_context and len(prompt) > self.max_num_tokens:
+            raise UserError(
+                f"the prompt ({len(prompt)} tokens) is longer than max_num_tokens {self.max_num_tokens}, "
+                "and chunked context is off; shorten it, or enable chunked context "
+                "(nim_build repo --enable-chunked-context)"
+            )
         if self._blocks_needed(len(prompt), params) > self.allocator.total:
-            raise UserError(f"prompt + max_new_tokens needs more KV cache than the whole pool "
-                            f"({self.allocator.total} blocks of {self.tokens_per_block} tokens); give more kv_cache_bytes")
+            raise UserError(
+                f"prompt + max_new_tokens needs more KV cache than the whole pool "
+                f"({self.allocator.total} blocks of {self.tokens_per_block} tokens); give more kv_cache_bytes"
+            )
         end_id = self.end_id if params.end_id is None else params.end_id
         with self._lock:
             rid = self._next_id
             self._next_id += 1
-            req = _Request(rid, prompt, params, callback, end_id, None if params.greedy else params.generator(),
-                           time.monotonic(), tokens=list(prompt))
+            req = _Request(
+                rid,
+                prompt,
+                params,
+                callback,
+                end_id,
+                None if params.greedy else params.generator(),
+                time.monotonic(),
+                tokens=list(prompt),
+            )
             self._waiting.append(req)
             self._wake.notify()
         return rid
@@ -191,8 +273,13 @@ class LLMEngine:
 
     def stats(self) -> dict:
         with self._lock:
-            return {**self._stats, "active": len(self._running), "waiting": len(self._waiting),
-                    "free_blocks": self.allocator.num_free, "total_blocks": self.allocator.total}
+            return {
+                **self._stats,
+                "active": len(self._running),
+                "waiting": len(self._waiting),
+                "free_blocks": self.allocator.num_free,
+                "total_blocks": self.allocator.total,
+            }
 
     def shutdown(self) -> None:
         with self._lock:
@@ -264,14 +351,16 @@ class LLMEngine:
         return batch
 
     def _chunk(self, req: _Request, budget: int) -> int:
-        """Tokens of `req` to compute this step: the rest of it when it fits, else as many whole KV blocks as fit
-        (chunks end on block boundaries whatever the load, which keeps the model's attention tiles, and so its
-        numbers, the same as when the request runs alone)."""
+        """Tokens of `req` to compute this step: the rest of it when it fits; else, with chunked context, as many
+        whole KV blocks as fit (chunks end on block boundaries whatever the load, which keeps the model's attention
+        tiles, and so its numbers, the same as when the request runs alone), without it none (it waits)."""
         left = len(req.tokens) - req.computed
-        return left if left <= budget else budget // self.tokens_per_block * self.tokens_per_block
+        if left <= budget:
+            return left
+        return budget // self.tokens_per_block * self.tokens_per_block if self.enable_chunked_context else 0
 
     def _run(self, batch: list[tuple[_Request, int]]) -> list[tuple[_Request, TokenEvent]]:
-        ids = torch.tensor([t for req, n in batch for t in req.tokens[req.computed:req.computed + n]])
+        ids = torch.tensor([t for req, n in batch for t in req.tokens[req.computed : req.computed + n]])
         chunks = [SeqChunk(req.computed, n, req.blocks) for req, n in batch]
         try:
             logits = self.model.forward(ids, chunks, self.cache).logits.cpu()
@@ -315,14 +404,14 @@ class LLMEngine:
         else:
             req.tokens.append(tok)
             req.generated.append(tok)
-            stop = next((w for w in p.stop_words if req.generated[-len(w):] == w), None)
+            stop = next((w for w in p.stop_words if req.generated[-len(w) :] == w), None)
             if stop is not None:
-                del req.generated[len(req.generated) - len(stop):]
+                del req.generated[len(req.generated) - len(stop) :]
                 reason = "stop"
             elif len(req.generated) >= p.max_new_tokens or len(req.tokens) >= self.max_seq_len:
                 reason = "length"
         ready = len(req.generated) if reason else len(req.generated) - _held_back(req.generated, p.stop_words)
-        new = req.generated[req.emitted:ready]
+        new = req.generated[req.emitted : ready]
         req.emitted = max(req.emitted, ready)
         if reason:
             self._finish(req)
@@ -353,12 +442,17 @@ def _held_back(generated: list[int], stop_words: list[list[int]]) -> int:
     return best
 
 
-def _default_kv_bytes(device: torch.device, wanted: int) -> int:
-    """The full need (max_batch_size sequences of max_seq_len) when it fits, else a fraction of free memory."""
+def kv_pool_bytes(device: torch.device, need: int, fraction: float) -> tuple[int, str]:
+    """Bytes for the KV pool and why: the full need when it fits in `fraction` of the memory left, else that."""
+    if not 0 < fraction <= 1:
+        raise UserError(f"kv_cache_free_gpu_mem_fraction must be in (0, 1], got {fraction}")
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
+        left = f"{free / 2**30:.1f} GiB free on {torch.cuda.get_device_name(device)}"
     else:
-        import psutil
-
-        free = psutil.virtual_memory().available
-    return min(wanted, int(free * KV_MEMORY_FRACTION))
+        mem = limits.memory()
+        free, left = mem.available, mem.describe()
+    budget = int(free * fraction)
+    if need <= budget:
+        return need, f"all max_batch_size x max_seq_len can use; {fraction:g} of {left} would allow more"
+    return budget, f"{fraction:g} of {left}; max_batch_size x max_seq_len would use {need / 2**30:.1f} GiB"

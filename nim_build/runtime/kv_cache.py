@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from nim_build.runtime import fp8
@@ -26,25 +29,58 @@ class BlockAllocator:
         self._free.extend(reversed(blocks))
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor whose CPU pages are committed when first written: calloc (numpy.zeros) maps fresh zero pages
+    for a large block instead of writing them, so the pool's resident memory is what the requests have used.
+    (Zeros, not garbage: a masked score times an unwritten NaN would still be NaN.)"""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class PagedKVCache:
     """K and V per layer as [num_blocks, kv_heads, block_size, head_size]: a block holds each head's keys back to
     back, so the blocks a sequence attends to are gathered in one index and used by the products as they are. A
     token's slot is block_table[pos // block_size] * block_size + pos % block_size. With FP8 scales (one per
     layer), entries are stored as E4M3 of k / scale and read back as E4M3 * scale."""
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_size: int,
-                 dtype: torch.dtype, device: torch.device, fp8_scales: list[torch.Tensor] | None = None):
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_heads: int,
+        head_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        fp8_scales: list[torch.Tensor] | None = None,
+    ):
         self.block_size = block_size
         self.dtype = dtype
         self.scales = None if fp8_scales is None else [s.to(device).reshape(1, 1, 1) for s in fp8_scales]
         store = torch.uint8 if fp8_scales is not None else dtype  # FP8 bytes (CPU indexing lacks float8 kernels)
         shape = (num_blocks, kv_heads, block_size, head_size)
-        self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
+        self.k = [_zeros(shape, store, device) for _ in range(num_layers)]
+        self.v = [_zeros(shape, store, device) for _ in range(num_layers)]
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_size: int, elem_bytes: int) -> int:
         return 2 * num_layers * block_size * kv_heads * head_size * elem_bytes
+
+    @staticmethod
+    def full_need(
+        num_layers: int,
+        block_size: int,
+        kv_heads: int,
+        head_size: int,
+        elem_bytes: int,
+        max_batch_size: int,
+        max_seq_len: int,
+    ) -> int:
+        """Bytes for max_batch_size sequences of max_seq_len: the most an engine's pool can ever hold in use."""
+        blocks = max_batch_size * math.ceil(max_seq_len / block_size)
+        return blocks * PagedKVCache.bytes_per_block(num_layers, block_size, kv_heads, head_size, elem_bytes)
 
     def slots(self, block_table: list[int], start: int, end: int, device: torch.device) -> torch.Tensor:
         pos = torch.arange(start, end)

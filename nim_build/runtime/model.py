@@ -27,6 +27,9 @@ from nim_build.runtime.kv_cache import PagedKVCache
 from nim_build.runtime.threads import on_own_thread
 
 ROW_TILE = 4  # CPU GEMM rows come out bit-identical for any row count that is a multiple of this
+# What the runtime computes in on CPU, unless told otherwise: half-precision GEMMs are no faster here, and less exact.
+# The KV cache is kept in it too (so nim_build chart sizes a CPU pod's memory with it).
+CPU_COMPUTE_DTYPE = torch.float32
 ATTENTION_TILE = 32  # query tile without a KV cache (with one, the cache block size)
 
 
@@ -50,14 +53,20 @@ class ForwardOutput:
 
 
 class DecoderModel:
-    def __init__(self, ckpt: Checkpoint, *, device: str | torch.device = "cpu", compute_dtype: torch.dtype | None = None,
-                 fake_quant_activations: bool | None = None):
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        *,
+        device: str | torch.device = "cpu",
+        compute_dtype: torch.dtype | None = None,
+        fake_quant_activations: bool | None = None,
+    ):
         """compute_dtype: float32 on CPU by default (CPU half-precision GEMMs are no faster here and less exact),
         the checkpoint dtype on CUDA. fake_quant_activations (FP8 checkpoints; default on): round each FP8 linear's
         input to the FP8 grid of its activation scale, as TensorRT-LLM does before its FP8 GEMM."""
         self.cfg = c = ckpt.config
         self.device = torch.device(device)
-        self.dtype = compute_dtype or (c.dtype if self.device.type == "cuda" else torch.float32)
+        self.dtype = compute_dtype or (c.dtype if self.device.type == "cuda" else CPU_COMPUTE_DTYPE)
         self.fake_quant = c.quant_algo is not None if fake_quant_activations is None else fake_quant_activations
         self.native_fp8 = fp8.native_fp8_available(self.device)
         self.kv_fp8 = c.kv_cache_quant_algo == "FP8"
@@ -65,12 +74,13 @@ class DecoderModel:
         self.layers = [self._layer(layer) for layer in ckpt.layers]
         self.ln_f = self._t(ckpt.ln_f)
         self.lm_head = Linear(self.embedding) if ckpt.lm_head.weight is ckpt.embedding else self._lin(ckpt.lm_head)
-        self.rotary = rope.RotaryTable(rope.inv_freq(c.head_size, c.rotary_base, c.rotary_scaling), self.dtype,
-                                       self.device)
+        self.rotary = rope.RotaryTable(
+            rope.inv_freq(c.head_size, c.rotary_base, c.rotary_scaling), self.dtype, self.device
+        )
         self.scale = 1.0 / math.sqrt(c.head_size)
 
     @classmethod
-    def from_checkpoint(cls, ckpt_dir: str | Path, **kw) -> "DecoderModel":
+    def from_checkpoint(cls, ckpt_dir: str | Path, **kw) -> DecoderModel:
         # On a thread of its own, so that the caller's thread starts no OpenMP team (see runtime/threads.py).
         return on_own_thread(lambda: cls(load_checkpoint(ckpt_dir), **kw))
 
@@ -80,20 +90,31 @@ class DecoderModel:
     def _lin(self, lin: Linear) -> Linear:
         if not lin.is_fp8:
             return Linear(self._t(lin.weight))
-        mv = (lambda s: None if s is None else s.to(self.device))
-        return Linear(lin.weight.to(self.device), mv(lin.w_scale), mv(lin.a_scale), lin.per_token)
+
+        def move(s):
+            return None if s is None else s.to(self.device)
+
+        return Linear(lin.weight.to(self.device), move(lin.w_scale), move(lin.a_scale), lin.per_token)
 
     def _layer(self, layer: Layer) -> Layer:
-        return Layer(self._t(layer.input_layernorm), self._lin(layer.qkv), self._lin(layer.dense),
-                     self._t(layer.post_layernorm), self._lin(layer.fc), self._lin(layer.gate), self._lin(layer.proj),
-                     None if layer.kv_scale is None else layer.kv_scale.to(self.device))
+        return Layer(
+            self._t(layer.input_layernorm),
+            self._lin(layer.qkv),
+            self._lin(layer.dense),
+            self._t(layer.post_layernorm),
+            self._lin(layer.fc),
+            self._lin(layer.gate),
+            self._lin(layer.proj),
+            None if layer.kv_scale is None else layer.kv_scale.to(self.device),
+        )
 
     def kv_scales(self) -> list[torch.Tensor] | None:
         """Per-layer FP8 KV-cache scales when the checkpoint quantizes the KV cache."""
         if not self.kv_fp8:
             return None
-        return [layer.kv_scale if layer.kv_scale is not None else torch.ones(1, device=self.device)
-                for layer in self.layers]
+        return [
+            layer.kv_scale if layer.kv_scale is not None else torch.ones(1, device=self.device) for layer in self.layers
+        ]
 
     def linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
         rows = x.shape[0]
@@ -107,8 +128,15 @@ class DecoderModel:
         return weight * xf.to(self.dtype)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, chunks: list[SeqChunk], cache: PagedKVCache | None = None, *,
-                all_logits: bool = False, output_hidden_states: bool = False) -> ForwardOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        chunks: list[SeqChunk],
+        cache: PagedKVCache | None = None,
+        *,
+        all_logits: bool = False,
+        output_hidden_states: bool = False,
+    ) -> ForwardOutput:
         """input_ids [T]: the chunks' tokens packed back to back (sum of lengths == T)."""
         c = self.cfg
         positions = torch.cat([torch.arange(ch.start, ch.start + ch.length) for ch in chunks])
@@ -120,8 +148,8 @@ class DecoderModel:
         for i, layer in enumerate(self.layers):
             qkv = self.linear(self.rmsnorm(x, layer.input_layernorm), layer.qkv)
             q = rope.apply(qkv[:, :nq].reshape(-1, c.num_heads, c.head_size), cos, sin)
-            k = rope.apply(qkv[:, nq:nq + nkv].reshape(-1, c.num_kv_heads, c.head_size), cos, sin)
-            v = qkv[:, nq + nkv:].reshape(-1, c.num_kv_heads, c.head_size)
+            k = rope.apply(qkv[:, nq : nq + nkv].reshape(-1, c.num_kv_heads, c.head_size), cos, sin)
+            v = qkv[:, nq + nkv :].reshape(-1, c.num_kv_heads, c.head_size)
             attn = self._attention(i, q, k, v, chunks, cache, slots)
             x = x + self.linear(attn, layer.dense)
             h = self.rmsnorm(x, layer.post_layernorm)
@@ -153,7 +181,7 @@ class DecoderModel:
             if ch.length > 1:  # every tile but a one-query last one attends below, to keys 0..end-1
                 slots = cache.slots(ch.block_table, 0, end, self.device)
                 read.append(slots)
-                write.append(slots[ch.start:])
+                write.append(slots[ch.start :])
             else:  # a decode token: its own slot is all this step writes or reads by slot
                 write.append(cache.slots(ch.block_table, ch.start, end, self.device))
             if _one_query_tail(ch, tile):  # position end - 1
@@ -176,7 +204,8 @@ class DecoderModel:
                 "hidden": (torch.arange(tile)[None, :] >= torch.tensor(last_keys)[:, None])[:, None, :].to(self.device),
                 # tile i's place in a [rows, max_tiles] grid
                 "grid": (row_of_tile * max_tiles + torch.arange(len(tiles)) - first[row_of_tile]).to(self.device),
-                "max_tiles": max_tiles}
+                "max_tiles": max_tiles,
+            }
         return {"write": torch.cat(write), "read": torch.cat(read) if read else None, "single": single}
 
     def _attention(self, layer, q, k, v, chunks, cache, slots) -> torch.Tensor:
@@ -208,7 +237,7 @@ class DecoderModel:
             if cache is not None and ch.length == 1:  # attended above
                 lo += 1
                 continue
-            ks, vs = k[kv_lo:kv_lo + end], v[kv_lo:kv_lo + end]
+            ks, vs = k[kv_lo : kv_lo + end], v[kv_lo : kv_lo + end]
             kv_lo += end
             while begin < end:
                 stop = min((begin // tile + 1) * tile, end)  # this tile's queries: positions begin..stop-1
@@ -258,6 +287,8 @@ class DecoderModel:
         if n > 1:  # query at position p sees keys 0..p
             keys = torch.arange(first + n, device=self.device)
             hidden = keys[None, :] > torch.arange(first, first + n, device=self.device)[:, None]  # [n, keys]
-            scores = scores.view(kvh, n, g, -1).masked_fill(hidden[None, :, None, :], float("-inf")).view(kvh, n * g, -1)
+            scores = (
+                scores.view(kvh, n, g, -1).masked_fill(hidden[None, :, None, :], float("-inf")).view(kvh, n * g, -1)
+            )
         o = torch.bmm(scores.float().softmax(-1).to(v.dtype), v.transpose(0, 1))  # [kv_heads, n * g, D]
         return o.view(kvh, n, g, d).transpose(0, 1).reshape(n, -1)

@@ -45,8 +45,9 @@ class RotaryTable:
         """cos, sin [T, 1, head_size] for positions [T]."""
         have, need = len(self.cos), int(positions.max()) + 1
         if need > have:
-            blocks = [cos_sin(torch.arange(b, b + self.BLOCK), self.inv, self.dtype)
-                      for b in range(have, need, self.BLOCK)]
+            blocks = [
+                cos_sin(torch.arange(b, b + self.BLOCK), self.inv, self.dtype) for b in range(have, need, self.BLOCK)
+            ]
             self.cos = torch.cat([self.cos] + [c.to(self.device) for c, _ in blocks])
             self.sin = torch.cat([self.sin] + [s.to(self.device) for _, s in blocks])
         positions = positions.to(self.device)

@@ -49,7 +49,7 @@ def mask_bad_words(logits: torch.Tensor, bad_words: list[list[int]], context: li
     """Forbid the last token of every bad word whose other tokens end the context (single tokens: always)."""
     for w in bad_words:
         head = w[:-1]
-        if not head or (len(context) >= len(head) and context[-len(head):] == head):
+        if not head or (len(context) >= len(head) and context[-len(head) :] == head):
             logits[w[-1]] = float("-inf")
 
 

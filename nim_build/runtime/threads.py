@@ -10,8 +10,9 @@ step of 16 sequences; bmm 12 -> 70 us, softmax 5 -> 67 us). Loading on a thread 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 

@@ -15,8 +15,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -47,8 +48,9 @@ class GenerateRequest:
             raise UserError("give exactly one of a prompt or messages")
         body: dict[str, Any] = {"text_input": self.prompt or "", "max_tokens": self.max_tokens, "stream": self.stream}
         if self.messages is not None:
-            body["messages"] = json.dumps({"messages": self.messages, "tools": self.tools} if self.tools
-                                          else self.messages)
+            body["messages"] = json.dumps(
+                {"messages": self.messages, "tools": self.tools} if self.tools else self.messages
+            )
         for key in ("temperature", "top_k", "top_p", "seed"):
             if getattr(self, key) is not None:
                 body[key] = getattr(self, key)
@@ -69,14 +71,28 @@ class GenerateResult:
     latency_s: float
 
     def to_json(self) -> dict:
-        return {"model": self.model, "request_id": self.request_id, "text_output": self.text,
-                "chunks": self.chunks, "time_to_first_chunk_s": self.time_to_first_chunk_s,
-                "latency_s": self.latency_s}
+        return {
+            "model": self.model,
+            "request_id": self.request_id,
+            "text_output": self.text,
+            "chunks": self.chunks,
+            "time_to_first_chunk_s": self.time_to_first_chunk_s,
+            "latency_s": self.latency_s,
+        }
 
 
-_DTYPES = {"text_input": "BYTES", "messages": "BYTES", "stop_words": "BYTES", "bad_words": "BYTES",
-           "max_tokens": "INT32", "top_k": "INT32", "stream": "BOOL", "temperature": "FP32", "top_p": "FP32",
-           "seed": "UINT64"}
+_DTYPES = {
+    "text_input": "BYTES",
+    "messages": "BYTES",
+    "stop_words": "BYTES",
+    "bad_words": "BYTES",
+    "max_tokens": "INT32",
+    "top_k": "INT32",
+    "stream": "BOOL",
+    "temperature": "FP32",
+    "top_p": "FP32",
+    "seed": "UINT64",
+}
 _NUMPY = {"BYTES": np.object_, "INT32": np.int32, "BOOL": np.bool_, "FP32": np.float32, "UINT64": np.uint64}
 
 
@@ -97,8 +113,9 @@ def grpc_inputs(body: dict[str, Any]):
 
 
 class Client:
-    def __init__(self, url: str | None = None, protocol: str = "grpc", model: str = "ensemble",
-                 timeout_s: float = 300.0):
+    def __init__(
+        self, url: str | None = None, protocol: str = "grpc", model: str = "ensemble", timeout_s: float = 300.0
+    ):
         if protocol not in PROTOCOLS:
             raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}")
         self.protocol = protocol
@@ -123,8 +140,9 @@ class Client:
             self._grpc(req, take)
         else:
             self._http(req, take)
-        return GenerateResult("".join(chunks), chunks, req.request_id, self.model,
-                              first[0] if first else None, time.monotonic() - t0)
+        return GenerateResult(
+            "".join(chunks), chunks, req.request_id, self.model, first[0] if first else None, time.monotonic() - t0
+        )
 
     # -- gRPC ------------------------------------------------------------------------------------------------
     def _grpc(self, req: GenerateRequest, take: Callable[[str], None]) -> None:
@@ -136,16 +154,21 @@ class Client:
         finished = False
         try:
             client.start_stream(callback=lambda result, error: results.put((result, error)))
-            client.async_stream_infer(self.model, grpc_inputs(req.fields()), request_id=req.request_id,
-                                      outputs=[grpcclient.InferRequestedOutput("text_output")],
-                                      enable_empty_final_response=True)
+            client.async_stream_infer(
+                self.model,
+                grpc_inputs(req.fields()),
+                request_id=req.request_id,
+                outputs=[grpcclient.InferRequestedOutput("text_output")],
+                enable_empty_final_response=True,
+            )
             deadline = time.monotonic() + self.timeout_s
             while True:
                 try:
                     result, error = results.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
-                    raise InferenceError(f"no response from {self.model} at {self.url} within "
-                                         f"{self.timeout_s:.0f} s") from None
+                    raise InferenceError(
+                        f"no response from {self.model} at {self.url} within {self.timeout_s:.0f} s"
+                    ) from None
                 if error is not None:
                     raise InferenceError(f"{self.model}: {_message(error)}")
                 out = result.as_numpy("text_output")
@@ -174,9 +197,12 @@ class Client:
         endpoint = "generate_stream" if req.stream else "generate"
         body = req.fields()
         body["id"] = req.request_id
-        http_req = urllib.request.Request(f"http://{self.url}/v2/models/{self.model}/{endpoint}",
-                                          data=json.dumps(body).encode(), method="POST",
-                                          headers={"Content-Type": "application/json"})
+        http_req = urllib.request.Request(
+            f"http://{self.url}/v2/models/{self.model}/{endpoint}",
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(http_req, timeout=self.timeout_s) as resp:
                 if not req.stream:
@@ -202,8 +228,11 @@ def _send_stop(client, request_id: str) -> None:
     import tritonclient.grpc as grpcclient
 
     inputs = []
-    for name, dtype, value in (("input_lengths", "INT32", np.int32(1)), ("request_output_len", "INT32", np.int32(1)),
-                               ("stop", "BOOL", np.bool_(True))):
+    for name, dtype, value in (
+        ("input_lengths", "INT32", np.int32(1)),
+        ("request_output_len", "INT32", np.int32(1)),
+        ("stop", "BOOL", np.bool_(True)),
+    ):
         inp = grpcclient.InferInput(name, [1, 1], dtype)
         inp.set_data_from_numpy(np.array([[value]]))
         inputs.append(inp)
@@ -247,7 +276,9 @@ def health_probe(grpc_url: str, repo, timeout_s: float = 30.0) -> Callable[[], N
     def probe() -> None:
         if entry_points:
             for model in entry_points:
-                Client(grpc_url, "grpc", model, timeout_s=timeout_s).generate(GenerateRequest(prompt="ping", max_tokens=1))
+                Client(grpc_url, "grpc", model, timeout_s=timeout_s).generate(
+                    GenerateRequest(prompt="ping", max_tokens=1)
+                )
             return
         import tritonclient.grpc as grpcclient
 

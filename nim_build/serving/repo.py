@@ -1,4 +1,4 @@
-"""Triton model repository generator: the tensorrtllm_backend in-flight batching layout (FORMATS.md section 4).
+"""Triton model repository generator: the tensorrtllm_backend in-flight batching layout (docs/FORMATS.md, section 5).
 
     REPO/
       ensemble/config.pbtxt + 1/            preprocessing -> tensorrt_llm -> postprocessing
@@ -37,8 +37,9 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
-from nim_build.errors import NativeBuildError, OutputExistsError, UserError
+from nim_build import KV_CACHE_FREE_MEM_FRACTION
 from nim_build.builder.manifest import load_manifest
+from nim_build.errors import NativeBuildError, OutputExistsError, UserError
 from nim_build.serving import native
 from nim_build.serving.tokenizer import META_FILE, REPO_TOKENIZER_DIR, Tokenizer, meta_from_manifest
 
@@ -55,8 +56,9 @@ class RepoOptions:
     max_batch_size: int | None = None  # default: the engine's
     instances: int = 1
     decoupled: bool = True
-    kv_cache_free_gpu_mem_fraction: float = 0.9
-    enable_kv_cache_reuse: bool = True
+    # TensorRT-LLM's in-flight batching parameters, honoured by both backends or refused for one (REFERENCE_LIMITS)
+    kv_cache_free_gpu_mem_fraction: float = KV_CACHE_FREE_MEM_FRACTION
+    enable_kv_cache_reuse: bool | None = None  # default: on for trtllm (TensorRT-LLM's), off for reference (none)
     enable_chunked_context: bool = False
     batch_scheduler_policy: str = "guaranteed_no_evict"
     max_queue_delay_microseconds: int = 0
@@ -142,22 +144,52 @@ POST_OUTPUTS = [("OUTPUT", "TYPE_STRING", [-1])]
 
 # ensemble step wiring: (model, {model input: ensemble tensor}, {model output: ensemble tensor})
 ENSEMBLE_STEPS = [
-    ("preprocessing",
-     {"QUERY": "text_input", "REQUEST_OUTPUT_LEN": "max_tokens", "BAD_WORDS_DICT": "bad_words",
-      "STOP_WORDS_DICT": "stop_words", "END_ID": "end_id", "PAD_ID": "pad_id", "MESSAGES": "messages"},
-     {"REQUEST_INPUT_LEN": "_REQUEST_INPUT_LEN", "INPUT_ID": "_INPUT_ID", "REQUEST_OUTPUT_LEN": "_REQUEST_OUTPUT_LEN",
-      "STOP_WORDS_IDS": "_STOP_WORDS_IDS", "BAD_WORDS_IDS": "_BAD_WORDS_IDS", "OUT_END_ID": "_PREPROCESSOR_END_ID",
-      "OUT_PAD_ID": "_PREPROCESSOR_PAD_ID"}),
-    ("tensorrt_llm",
-     {"input_ids": "_INPUT_ID", "input_lengths": "_REQUEST_INPUT_LEN", "request_output_len": "_REQUEST_OUTPUT_LEN",
-      "exclude_input_in_output": "exclude_input_in_output", "end_id": "_PREPROCESSOR_END_ID",
-      "pad_id": "_PREPROCESSOR_PAD_ID", "runtime_top_k": "top_k", "runtime_top_p": "top_p",
-      "temperature": "temperature", "seed": "seed", "beam_width": "beam_width", "streaming": "stream",
-      "stop_words_list": "_STOP_WORDS_IDS", "bad_words_list": "_BAD_WORDS_IDS"},
-     {"output_ids": "_TOKENS_BATCH", "sequence_length": "_SEQUENCE_LENGTH"}),
-    ("postprocessing",
-     {"TOKENS_BATCH": "_TOKENS_BATCH", "SEQUENCE_LENGTH": "_SEQUENCE_LENGTH"},
-     {"OUTPUT": "text_output"}),
+    (
+        "preprocessing",
+        {
+            "QUERY": "text_input",
+            "REQUEST_OUTPUT_LEN": "max_tokens",
+            "BAD_WORDS_DICT": "bad_words",
+            "STOP_WORDS_DICT": "stop_words",
+            "END_ID": "end_id",
+            "PAD_ID": "pad_id",
+            "MESSAGES": "messages",
+        },
+        {
+            "REQUEST_INPUT_LEN": "_REQUEST_INPUT_LEN",
+            "INPUT_ID": "_INPUT_ID",
+            "REQUEST_OUTPUT_LEN": "_REQUEST_OUTPUT_LEN",
+            "STOP_WORDS_IDS": "_STOP_WORDS_IDS",
+            "BAD_WORDS_IDS": "_BAD_WORDS_IDS",
+            "OUT_END_ID": "_PREPROCESSOR_END_ID",
+            "OUT_PAD_ID": "_PREPROCESSOR_PAD_ID",
+        },
+    ),
+    (
+        "tensorrt_llm",
+        {
+            "input_ids": "_INPUT_ID",
+            "input_lengths": "_REQUEST_INPUT_LEN",
+            "request_output_len": "_REQUEST_OUTPUT_LEN",
+            "exclude_input_in_output": "exclude_input_in_output",
+            "end_id": "_PREPROCESSOR_END_ID",
+            "pad_id": "_PREPROCESSOR_PAD_ID",
+            "runtime_top_k": "top_k",
+            "runtime_top_p": "top_p",
+            "temperature": "temperature",
+            "seed": "seed",
+            "beam_width": "beam_width",
+            "streaming": "stream",
+            "stop_words_list": "_STOP_WORDS_IDS",
+            "bad_words_list": "_BAD_WORDS_IDS",
+        },
+        {"output_ids": "_TOKENS_BATCH", "sequence_length": "_SEQUENCE_LENGTH"},
+    ),
+    (
+        "postprocessing",
+        {"TOKENS_BATCH": "_TOKENS_BATCH", "SEQUENCE_LENGTH": "_SEQUENCE_LENGTH"},
+        {"OUTPUT": "text_output"},
+    ),
 ]
 
 
@@ -170,8 +202,9 @@ def _pb():
 def _add_io(cfg, inputs: list[T], outputs) -> None:
     pb = _pb()
     for name, dtype, dims, optional, scalar, ragged in inputs:
-        i = cfg.input.add(name=name, data_type=pb.DataType.Value(dtype), dims=dims, optional=optional,
-                          allow_ragged_batch=ragged)
+        i = cfg.input.add(
+            name=name, data_type=pb.DataType.Value(dtype), dims=dims, optional=optional, allow_ragged_batch=ragged
+        )
         if scalar:
             i.reshape.SetInParent()  # reshape: { shape: [ ] }
     for name, dtype, dims in outputs:
@@ -198,6 +231,18 @@ def _instances(cfg, count: int) -> None:
     cfg.instance_group.add(count=count, kind=_pb().ModelInstanceGroup.KIND_CPU)
 
 
+# What the reference runtime cannot do of TensorRT-LLM's options: (option, refused value, why). Each is an error
+# for a reference engine, never a setting written into its config and ignored.
+REFERENCE_LIMITS = (
+    ("enable_kv_cache_reuse", True, "the reference runtime has no KV-cache reuse; drop --enable-kv-cache-reuse"),
+    (
+        "batch_scheduler_policy",
+        "max_utilization",
+        "the reference runtime schedules guaranteed_no_evict only; drop --batch-scheduler-policy max_utilization",
+    ),
+)
+
+
 def build_configs(manifest: dict, engine_dir: Path, opts: RepoOptions) -> dict[str, object]:
     """The five ModelConfig messages for an engine, keyed by model directory name."""
     backend = manifest["backend"]
@@ -205,6 +250,11 @@ def build_configs(manifest: dict, engine_dir: Path, opts: RepoOptions) -> dict[s
         raise UserError(f"engine backend {backend!r} is not servable; expected 'trtllm' or 'reference'")
     if opts.batch_scheduler_policy not in SCHEDULER_POLICIES:
         raise UserError(f"--batch-scheduler-policy must be one of {', '.join(SCHEDULER_POLICIES)}")
+    if backend == "reference":
+        for name, refused, why in REFERENCE_LIMITS:
+            if getattr(opts, name) == refused:
+                raise UserError(f"--{name.replace('_', '-')} {refused}: {why}")
+    kv_reuse = opts.enable_kv_cache_reuse if opts.enable_kv_cache_reuse is not None else backend == "trtllm"
     if not 0.0 < opts.kv_cache_free_gpu_mem_fraction <= 1.0:
         raise UserError("--kv-cache-free-gpu-mem-fraction must be in (0, 1]")
     if opts.instances < 1:
@@ -252,17 +302,19 @@ def build_configs(manifest: dict, engine_dir: Path, opts: RepoOptions) -> dict[s
         "gpt_model_path": str(engine_dir / "engine") if backend == "trtllm" else str(engine_dir),
         "batch_scheduler_policy": opts.batch_scheduler_policy,
         "kv_cache_free_gpu_mem_fraction": opts.kv_cache_free_gpu_mem_fraction,
-        "enable_kv_cache_reuse": opts.enable_kv_cache_reuse,
+        "enable_kv_cache_reuse": kv_reuse,
         "enable_chunked_context": opts.enable_chunked_context,
         "exclude_input_in_output": opts.exclude_input_in_output,
     }
     if backend == "reference" and opts.engine_class:
         llm_params["nim_build_engine"] = opts.engine_class
     if backend == "trtllm":
-        llm_params.update({
-            "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
-            "executor_worker_path": "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker",
-        })
+        llm_params.update(
+            {
+                "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
+                "executor_worker_path": "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker",
+            }
+        )
     _params(llm, llm_params)
     configs["tensorrt_llm"] = llm
 
@@ -270,8 +322,9 @@ def build_configs(manifest: dict, engine_dir: Path, opts: RepoOptions) -> dict[s
     bls.model_transaction_policy.decoupled = opts.decoupled
     _add_io(bls, ENSEMBLE_INPUTS, TEXT_OUTPUT)
     _instances(bls, opts.instances)
-    _params(bls, {"accumulate_tokens": False, "tensorrt_llm_model_name": "tensorrt_llm",
-                  "tokenizer_dir": tokenizer_dir})
+    _params(
+        bls, {"accumulate_tokens": False, "tensorrt_llm_model_name": "tensorrt_llm", "tokenizer_dir": tokenizer_dir}
+    )
     configs["tensorrt_llm_bls"] = bls
 
     ens = _base(opts.model_name, mbs, platform="ensemble")
@@ -318,8 +371,9 @@ def read_config(path: str | os.PathLike):
     return text_format.Parse(Path(path).read_text(), _pb().ModelConfig())
 
 
-def generate_repo(engine_dir: str | os.PathLike, out: str | os.PathLike, opts: RepoOptions | None = None,
-                  *, force: bool = False) -> Path:
+def generate_repo(
+    engine_dir: str | os.PathLike, out: str | os.PathLike, opts: RepoOptions | None = None, *, force: bool = False
+) -> Path:
     """Write a Triton model repository for an engine directory; returns the repository path."""
     opts = opts or RepoOptions()
     engine_dir = Path(engine_dir)

@@ -5,7 +5,7 @@ Binary: $TRITONSERVER, else /opt/tritonserver/bin/tritonserver (NVIDIA's serving
 bundled in the `nvidia-pytriton` wheel (CPU; python backend only). For the bundled one the python backend is
 assembled in a temporary backend directory (libtriton_python.so, triton_python_backend_utils.py and the stub of
 the running Python), with LD_LIBRARY_PATH = this Python's LIBDIR + nvidia_pytriton.libs and this environment's
-bin first on PATH, so model.py files import this environment's packages (TOOLING.md).
+bin first on PATH, so model.py files import this environment's packages (docs/TRITON.md).
 
 With a TensorRT-LLM engine of world size > 1 the server runs under mpirun, one process per rank: rank 0 serves
 every model, the other ranks load only `tensorrt_llm`; each has its own python-backend shared-memory prefix.
@@ -28,8 +28,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from nim_build.errors import ServerSetupError, ServingError
 
@@ -51,8 +52,10 @@ def find_tritonserver() -> Path:
     bundled = _pytriton_root()
     if bundled is not None and os.access(bundled / "bin" / "tritonserver", os.X_OK):
         return bundled / "bin" / "tritonserver"
-    raise ServerSetupError("no tritonserver found: set TRITONSERVER, use nvcr.io/nvidia/tritonserver:*-trtllm-python-py3, "
-                      "or `pip install nvidia-pytriton==0.7.0` for the CPU server")
+    raise ServerSetupError(
+        "no tritonserver found: set TRITONSERVER, use nvcr.io/nvidia/tritonserver:*-trtllm-python-py3, "
+        "or `pip install nvidia-pytriton==0.7.0` for the CPU server"
+    )
 
 
 def _pytriton_root() -> Path | None:
@@ -94,14 +97,26 @@ def engine_world_size(repo: Path) -> int:
 class TritonServer:
     """One tritonserver (or one per rank under mpirun) on a model repository."""
 
-    def __init__(self, repo: str | os.PathLike, *, host: str = "0.0.0.0", http_port: int = 8000,
-                 grpc_port: int = 8001, metrics_port: int = 8002, binary: str | os.PathLike | None = None,
-                 exit_timeout_s: int = 30, echo: TextIO | None = None, world_size: int | None = None,
-                 extra_args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        repo: str | os.PathLike,
+        *,
+        host: str = "0.0.0.0",
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        metrics_port: int = 8002,
+        binary: str | os.PathLike | None = None,
+        exit_timeout_s: int = 30,
+        echo: TextIO | None = None,
+        world_size: int | None = None,
+        extra_args: tuple[str, ...] = (),
+    ):
         self.repo = Path(repo).resolve()
         if not (self.repo.is_dir() and any(self.repo.glob("*/config.pbtxt"))):
-            raise ServerSetupError(f"{repo} is not a Triton model repository (no */config.pbtxt); "
-                              f"generate one with `nim_build repo ENGINE_DIR --out {repo}`")
+            raise ServerSetupError(
+                f"{repo} is not a Triton model repository (no */config.pbtxt); "
+                f"generate one with `nim_build repo ENGINE_DIR --out {repo}`"
+            )
         self.host = host
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.binary = Path(binary) if binary else None
@@ -142,8 +157,11 @@ class TritonServer:
             raise ServerSetupError(f"nvidia-pytriton has no python backend stub for Python {version}")
         out = Path(self._workdir) / "backends" / "python"
         out.mkdir(parents=True, exist_ok=True)
-        for src in (bundled / "backends" / "python" / "libtriton_python.so",
-                    bundled / "backends" / "python" / "triton_python_backend_utils.py", stub):
+        for src in (
+            bundled / "backends" / "python" / "libtriton_python.so",
+            bundled / "backends" / "python" / "triton_python_backend_utils.py",
+            stub,
+        ):
             shutil.copy2(src, out / src.name)
         return out.parent
 
@@ -160,12 +178,21 @@ class TritonServer:
         return env
 
     def rank_args(self, binary: Path, backends: Path, rank: int) -> list[str]:
-        args = [str(binary), f"--model-repository={self.repo}", f"--backend-directory={backends}",
-                f"--http-address={self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
-                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
-                f"--metrics-port={self.metrics_port}", "--allow-gpu-metrics=false",
-                f"--exit-timeout-secs={self.exit_timeout_s}", "--disable-auto-complete-config",
-                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}r{rank}_"]
+        args = [
+            str(binary),
+            f"--model-repository={self.repo}",
+            f"--backend-directory={backends}",
+            f"--http-address={self.host}",
+            f"--grpc-address={self.host}",
+            f"--metrics-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+            "--disable-auto-complete-config",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}r{rank}_",
+        ]
         if rank > 0:
             args += ["--model-control-mode=explicit", "--load-model=tensorrt_llm"]
         return args + list(self.extra_args)
@@ -182,18 +209,31 @@ class TritonServer:
         return cmd[:-1]
 
     # -- lifecycle -----------------------------------------------------------------------------------------
-    def start(self) -> "TritonServer":
+    def start(self) -> TritonServer:
         binary = self.binary or find_tritonserver()
-        for flag, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port),
-                           ("--metrics-port", self.metrics_port)):
+        for flag, port in (
+            ("--http-port", self.http_port),
+            ("--grpc-port", self.grpc_port),
+            ("--metrics-port", self.metrics_port),
+        ):
             if port_in_use(self.host, port):
-                raise ServerSetupError(f"port {port} is already in use on {self.host or '0.0.0.0'}; "
-                                  f"stop what listens there or pick another with {flag}")
+                raise ServerSetupError(
+                    f"port {port} is already in use on {self.host or '0.0.0.0'}; "
+                    f"stop what listens there or pick another with {flag}"
+                )
         self._workdir = tempfile.mkdtemp(prefix="nim_build_triton_")
         backends = self._backend_dir(binary)
-        self.proc = subprocess.Popen(self.command(binary, backends), env=self.env(binary), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                     text=True, errors="replace", bufsize=1)
+        self.proc = subprocess.Popen(
+            self.command(binary, backends),
+            env=self.env(binary),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            text=True,
+            errors="replace",
+            bufsize=1,
+        )
         self._pump = threading.Thread(target=self._read_output, daemon=True)
         self._pump.start()
         return self
@@ -224,23 +264,34 @@ class TritonServer:
             if not self.running():
                 if self._pump is not None:
                     self._pump.join(timeout=5)
-                raise ServingError(f"Triton exited (code {self.proc.returncode}) before it was ready: "
-                                  f"{self.failure_reason()}")
+                raise ServingError(
+                    f"Triton exited (code {self.proc.returncode}) before it was ready: {self.failure_reason()}"
+                )
             if self.ready():
                 return
             time.sleep(0.25)
         reason = self.failure_reason()
         self.stop()
-        raise ServingError(f"Triton was not ready after {timeout_s:.0f} s (last log line: {reason}); "
-                          "see its log above, or raise --startup-timeout")
+        raise ServingError(
+            f"Triton was not ready after {timeout_s:.0f} s (last log line: {reason}); "
+            "see its log above, or raise --startup-timeout"
+        )
 
     def failure_reason(self) -> str:
         """The most telling error line of the log, in one line."""
         # Without a GPU every start logs these errors: harmless.
         harmless = ("unable to create stream for ensemble", "CudaDriverHelper has not been initialized")
         lines = [ln for ln in self._lines if not any(h in ln for h in harmless)]
-        for marker in ("failed to load", "failed to stop", "Internal: ", "Invalid argument", "Unavailable", "error:",
-                       "E1", "E0"):
+        for marker in (
+            "failed to load",
+            "failed to stop",
+            "Internal: ",
+            "Invalid argument",
+            "Unavailable",
+            "error:",
+            "E1",
+            "E0",
+        ):
             for line in lines:
                 if marker in line:
                     return " ".join(line.split())[:600]
@@ -319,8 +370,13 @@ def _stop_group(pgid: int, grace_s: float = 5.0) -> None:
         time.sleep(0.05)
 
 
-def supervise(server: TritonServer, probe: Callable[[], None], interval_s: float = 10.0,
-              stop_event: threading.Event | None = None, failures_allowed: int = 2) -> str | None:
+def supervise(
+    server: TritonServer,
+    probe: Callable[[], None],
+    interval_s: float = 10.0,
+    stop_event: threading.Event | None = None,
+    failures_allowed: int = 2,
+) -> str | None:
     """Block while the server lives and answers `probe`; return why it stopped serving (None when asked to stop).
 
     Triton keeps reporting ready after a python stub crashed, so health is a real request: `probe` raises

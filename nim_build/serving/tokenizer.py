@@ -19,8 +19,9 @@ import json
 import os
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,13 +33,21 @@ META_FILE = "nim_build_tokenizer.json"  # kind / bos / end / pad ids and limits,
 REPO_TOKENIZER_DIR = "preprocessing/1/tokenizer"
 KINDS = ("hf", "tekken")
 # Every file a tokenizer (and its chat template and special ids) may need: what a build copies and downloads.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tekken.json",
-                   "tokenizer.model", "generation_config.json", "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tekken.json",
+    "tokenizer.model",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 TEKKEN_END_ID = 2  # </s> in every Tekken vocabulary
 
 
 def tokenizer_kind(path: str | os.PathLike) -> str | None:
-    """"tekken" when the directory has tekken.json (mistral-common renders Mistral's chats and tool calls as the
+    """ "tekken" when the directory has tekken.json (mistral-common renders Mistral's chats and tool calls as the
     model was trained), else "hf" for a tokenizer.json, else None."""
     path = Path(path)
     if (path / "tekken.json").is_file():
@@ -46,8 +55,9 @@ def tokenizer_kind(path: str | os.PathLike) -> str | None:
     return "hf" if (path / "tokenizer.json").is_file() else None
 
 
-def detect_meta(path: str | os.PathLike, *, bos_id: int | None = None, end_id: int | list | None = None,
-                pad_id: int | None = None) -> dict[str, Any] | None:
+def detect_meta(
+    path: str | os.PathLike, *, bos_id: int | None = None, end_id: int | list | None = None, pad_id: int | None = None
+) -> dict[str, Any] | None:
     """What serving needs to know of the tokenizer in path: kind, bos / end / pad ids and whether it has a chat
     template; None without tokenizer files. The given ids (the model config's) give way to generation_config.json;
     an end id found nowhere else comes from config.json in path, then tokenizer_config.json's eos token."""
@@ -65,16 +75,24 @@ def detect_meta(path: str | os.PathLike, *, bos_id: int | None = None, end_id: i
     if end_id is None:
         eos = tok_cfg.get("eos_token")
         eos = eos.get("content") if isinstance(eos, dict) else eos
-        end_id = next((int(i) for i, t in (tok_cfg.get("added_tokens_decoder") or {}).items()
-                       if t.get("content") == eos), None)
+        end_id = next(
+            (int(i) for i, t in (tok_cfg.get("added_tokens_decoder") or {}).items() if t.get("content") == eos), None
+        )
     if end_id is None and kind == "tekken":
         end_id = TEKKEN_END_ID
     if end_id is None:
-        raise UserError(f"cannot tell the end-of-sequence id of the tokenizer in {path}: add eos_token_id to its "
-                        "generation_config.json")
+        raise UserError(
+            f"cannot tell the end-of-sequence id of the tokenizer in {path}: add eos_token_id to its "
+            "generation_config.json"
+        )
     chat = bool(tok_cfg.get("chat_template")) or (path / "chat_template.jinja").is_file() or kind == "tekken"
-    return {"kind": kind, "bos_id": bos_id, "end_id": int(end_id), "pad_id": end_id if pad_id is None else pad_id,
-            "chat_template": chat}
+    return {
+        "kind": kind,
+        "bos_id": bos_id,
+        "end_id": int(end_id),
+        "pad_id": end_id if pad_id is None else pad_id,
+        "chat_template": chat,
+    }
 
 
 def _json(path: Path) -> dict:
@@ -88,8 +106,16 @@ def _first(x):
 class Tokenizer:
     """Encode, decode, render chats and build stop/bad word lists for one model."""
 
-    def __init__(self, kind: str, path: Path, *, bos_id: int | None, end_id: int, pad_id: int | None,
-                 max_seq_len: int | None = None):
+    def __init__(
+        self,
+        kind: str,
+        path: Path,
+        *,
+        bos_id: int | None,
+        end_id: int,
+        pad_id: int | None,
+        max_seq_len: int | None = None,
+    ):
         if kind not in KINDS:
             raise UserError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")
         self.kind = kind
@@ -119,7 +145,7 @@ class Tokenizer:
 
     # -- loading ---------------------------------------------------------------------------------------------
     @classmethod
-    def from_dir(cls, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> "Tokenizer":
+    def from_dir(cls, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> Tokenizer:
         """Load from a tokenizer directory; ids come from `meta` or the directory's nim_build_tokenizer.json."""
         path = Path(path)
         if meta is None:
@@ -131,15 +157,23 @@ class Tokenizer:
         end_id = meta.get("end_id")
         if end_id is None:
             end_id = detect_meta(path)["end_id"]
-        return cls(kind, path, bos_id=meta.get("bos_id"), end_id=end_id, pad_id=meta.get("pad_id"),
-                   max_seq_len=meta.get("max_seq_len"))
+        return cls(
+            kind,
+            path,
+            bos_id=meta.get("bos_id"),
+            end_id=end_id,
+            pad_id=meta.get("pad_id"),
+            max_seq_len=meta.get("max_seq_len"),
+        )
 
     @classmethod
-    def from_engine_dir(cls, engine_dir: str | os.PathLike) -> "Tokenizer":
+    def from_engine_dir(cls, engine_dir: str | os.PathLike) -> Tokenizer:
         from nim_build.builder.manifest import load_manifest
 
         manifest = load_manifest(engine_dir)
-        return cls.from_dir(Path(engine_dir) / manifest["tokenizer"].get("dir", "tokenizer"), meta_from_manifest(manifest))
+        return cls.from_dir(
+            Path(engine_dir) / manifest["tokenizer"].get("dir", "tokenizer"), meta_from_manifest(manifest)
+        )
 
     # -- encode / decode -------------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -182,7 +216,7 @@ class Tokenizer:
             return None
         return pieces, strip
 
-    def stream_decoder(self) -> "StreamDecoder":
+    def stream_decoder(self) -> StreamDecoder:
         """A new incremental decoder for one sequence of generated ids."""
         if self.kind == "hf":
             return _HFStreamDecoder(self)
@@ -284,7 +318,7 @@ class _HFStreamDecoder(StreamDecoder):
         # Bytes still held back (an incomplete character at the very end) decode as U+FFFD in a one-shot
         # decode too: emit whatever the full decode has beyond what was already streamed.
         full = self._tok.decode(self._ids)
-        rest = full[self._emitted:]
+        rest = full[self._emitted :]
         self._emitted = len(full)
         return rest
 
@@ -308,8 +342,9 @@ _PIECE_CHECK_TEXTS = (" Hello world", "  two  spaces\tand\ttabs\n", "中文分�
 
 def _byte_level_decoder() -> dict[str, int]:
     """GPT-2's bytes_to_unicode, inverted: the printable character that stands for each byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:

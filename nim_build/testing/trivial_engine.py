@@ -21,18 +21,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nim_build import TOKENS_PER_BLOCK
-from nim_build.errors import UserError
 from nim_build.builder.manifest import load_manifest, write_manifest
+from nim_build.errors import UserError
 
 
-def write_engine_dir(out: Path, tokenizer_dir: Path, tokenizer: dict, vocab_size: int, *, max_batch_size: int = 64,
-                     max_seq_len: int = 4096) -> Path:
+def write_engine_dir(
+    out: Path,
+    tokenizer_dir: Path,
+    tokenizer: dict,
+    vocab_size: int,
+    *,
+    max_batch_size: int = 64,
+    max_seq_len: int = 4096,
+) -> Path:
     """An engine directory this engine serves: a copy of the tokenizer folder and a manifest, no weights.
     `tokenizer` is the manifest's tokenizer section (kind, bos / end / pad ids, chat_template)."""
     shutil.copytree(tokenizer_dir, out / "tokenizer")
-    write_manifest(out, {"name": out.name, "backend": "reference", "spec": {"vocab_size": vocab_size},
-                         "build": {"max_batch_size": max_batch_size, "max_seq_len": max_seq_len, "world_size": 1},
-                         "tokenizer": {**tokenizer, "dir": "tokenizer"}})
+    write_manifest(
+        out,
+        {
+            "name": out.name,
+            "backend": "reference",
+            "spec": {"vocab_size": vocab_size},
+            "build": {"max_batch_size": max_batch_size, "max_seq_len": max_seq_len, "world_size": 1},
+            "tokenizer": {**tokenizer, "dir": "tokenizer"},
+        },
+    )
     return out
 
 
@@ -65,8 +79,16 @@ class _Seq:
 
 
 class TrivialEngine:
-    def __init__(self, *, max_seq_len: int, max_batch_size: int, end_id: int, pad_id: int, vocab_size: int,
-                 step_delay_s: float = 0.0):
+    def __init__(
+        self,
+        *,
+        max_seq_len: int,
+        max_batch_size: int,
+        end_id: int,
+        pad_id: int,
+        vocab_size: int,
+        step_delay_s: float = 0.0,
+    ):
         self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
         self.end_id, self.pad_id, self.vocab_size = end_id, pad_id, vocab_size
         self.max_num_tokens = max_seq_len
@@ -80,17 +102,33 @@ class TrivialEngine:
         self._stats = {"steps": 0, "max_seqs_in_step": 0, "last_step_seqs": 0}
 
     @classmethod
-    def from_engine_dir(cls, engine_dir, *, device="auto", max_batch_size=None, max_num_tokens=None,
-                        kv_cache_bytes=None, tokens_per_block=TOKENS_PER_BLOCK, step_delay_s: float = 0.0) -> "TrivialEngine":
+    def from_engine_dir(
+        cls,
+        engine_dir,
+        *,
+        device="auto",
+        max_batch_size=None,
+        max_num_tokens=None,
+        kv_cache_bytes=None,
+        kv_cache_free_mem_fraction=None,
+        enable_chunked_context=False,
+        tokens_per_block=TOKENS_PER_BLOCK,
+        step_delay_s: float = 0.0,
+    ) -> TrivialEngine:
+        """LLMEngine.from_engine_dir's signature; it has no KV cache, so the cache's settings change nothing."""
         m = load_manifest(Path(engine_dir))
         tok = m["tokenizer"]
         extra = Path(engine_dir) / "trivial_engine.json"
         if extra.is_file():
             step_delay_s = float(json.loads(extra.read_text()).get("step_delay_s", step_delay_s))
-        return cls(max_seq_len=int(m["build"]["max_seq_len"]),
-                   max_batch_size=int(max_batch_size or m["build"]["max_batch_size"]),
-                   end_id=int(tok["end_id"]), pad_id=int(tok["pad_id"] if tok["pad_id"] is not None else tok["end_id"]),
-                   vocab_size=int(m["spec"]["vocab_size"]), step_delay_s=step_delay_s)
+        return cls(
+            max_seq_len=int(m["build"]["max_seq_len"]),
+            max_batch_size=int(max_batch_size or m["build"]["max_batch_size"]),
+            end_id=int(tok["end_id"]),
+            pad_id=int(tok["pad_id"] if tok["pad_id"] is not None else tok["end_id"]),
+            vocab_size=int(m["spec"]["vocab_size"]),
+            step_delay_s=step_delay_s,
+        )
 
     def start(self) -> None:
         with self._cv:
@@ -105,8 +143,10 @@ class TrivialEngine:
         if params.max_new_tokens <= 0:
             raise UserError(f"max_new_tokens must be positive, got {params.max_new_tokens}")
         if len(prompt) + params.max_new_tokens > self.max_seq_len:
-            raise UserError(f"prompt ({len(prompt)}) + max_new_tokens ({params.max_new_tokens}) exceeds "
-                            f"max_seq_len ({self.max_seq_len})")
+            raise UserError(
+                f"prompt ({len(prompt)}) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                f"max_seq_len ({self.max_seq_len})"
+            )
         if any(not 0 <= i < self.vocab_size for i in prompt):
             raise UserError("token id out of range")
         seq = _Seq(next(self._ids), prompt, params, callback)
@@ -138,8 +178,13 @@ class TrivialEngine:
 
     def stats(self) -> dict:
         with self._cv:
-            return {**self._stats, "active": len(self._active), "waiting": len(self._waiting),
-                    "free_blocks": 0, "total_blocks": 0}
+            return {
+                **self._stats,
+                "active": len(self._active),
+                "waiting": len(self._waiting),
+                "free_blocks": 0,
+                "total_blocks": 0,
+            }
 
     def shutdown(self) -> None:
         with self._cv:
@@ -178,7 +223,7 @@ class TrivialEngine:
             return TokenEvent(seq.rid, [], True, "end_id")
         seq.out.append(token)
         for word in seq.params.stop_words:
-            if word and seq.out[-len(word):] == word:
+            if word and seq.out[-len(word) :] == word:
                 return TokenEvent(seq.rid, [], True, "stop")
         if len(seq.out) >= seq.params.max_new_tokens:
             return TokenEvent(seq.rid, [token], True, "length")

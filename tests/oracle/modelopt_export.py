@@ -73,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     quant_cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
     if args.kv_cache_fp8:
-        quant_cfg["quant_cfg"] = list(quant_cfg["quant_cfg"]) + copy.deepcopy(
-            mtq.FP8_KV_CFG["quant_cfg"]
-        )
+        quant_cfg["quant_cfg"] = list(quant_cfg["quant_cfg"]) + copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"])
 
     def forward_loop(m=None):
         with torch.no_grad():

@@ -149,17 +149,26 @@ def main(argv=None) -> int:
     for r in range(tp):
         got = load_file(args.oracle / f"rank{r}.safetensors")
         if set(got) != set(want[r]):
-            print(f"rank{r}: names differ: only oracle {sorted(set(got) - set(want[r]))}, "
-                  f"only expected {sorted(set(want[r]) - set(got))}")
+            print(
+                f"rank{r}: names differ: only oracle {sorted(set(got) - set(want[r]))}, "
+                f"only expected {sorted(set(want[r]) - set(got))}"
+            )
             return 1
         for k in sorted(got):
             a, b = got[k], want[r][k]
-            same = a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-                a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
-                b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
+            same = (
+                a.dtype == b.dtype
+                and a.shape == b.shape
+                and torch.equal(
+                    a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                    b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b,
+                )
+            )
             if not same:
-                print(f"rank{r} {k}: oracle {a.dtype}{tuple(a.shape)} {a.flatten()[:4].tolist()} "
-                      f"!= expected {b.dtype}{tuple(b.shape)} {b.flatten()[:4].tolist()}")
+                print(
+                    f"rank{r} {k}: oracle {a.dtype}{tuple(a.shape)} {a.flatten()[:4].tolist()} "
+                    f"!= expected {b.dtype}{tuple(b.shape)} {b.flatten()[:4].tolist()}"
+                )
                 return 1
             n += 1
     print(f"ALL EQUAL ({n} tensors, tp={tp}, kv_fp8={kv_fp8}, attn={model.config._attn_implementation})")

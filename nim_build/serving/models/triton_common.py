@@ -35,8 +35,16 @@ def load_tokenizer(args: dict, params: dict[str, str]) -> tuple[Tokenizer, dict]
     return Tokenizer.from_dir(path, meta), meta
 
 
-def prompt(request, tok: Tokenizer, max_seq_len: int | None, *, messages: str, text_input: str,
-           max_tokens: str, add_special_tokens: bool = True) -> tuple[list[int], int]:
+def prompt(
+    request,
+    tok: Tokenizer,
+    max_seq_len: int | None,
+    *,
+    messages: str,
+    text_input: str,
+    max_tokens: str,
+    add_special_tokens: bool = True,
+) -> tuple[list[int], int]:
     """Validated (prompt ids, max_tokens) of a request: the chat input (messages) rendered with the model's chat
     template when given, else the text input; names are the request's input names in this model."""
     raw = first(request, messages)
@@ -53,8 +61,9 @@ def prompt(request, tok: Tokenizer, max_seq_len: int | None, *, messages: str, t
     if n <= 0:
         raise UserError(f"max_tokens must be positive, got {n}")
     if max_seq_len and len(ids) + n > max_seq_len:
-        raise UserError(f"prompt ({len(ids)} tokens) + max_tokens ({n}) exceeds the engine's max_seq_len "
-                        f"({max_seq_len})")
+        raise UserError(
+            f"prompt ({len(ids)} tokens) + max_tokens ({n}) exceeds the engine's max_seq_len ({max_seq_len})"
+        )
     return ids, n
 
 
@@ -109,16 +118,22 @@ def error(message: str):
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
 
 
-def tensor(name: str, value, dtype) -> "pb_utils.Tensor":
+def tensor(name: str, value, dtype) -> pb_utils.Tensor:
     return pb_utils.Tensor(name, np.asarray(value, dtype=dtype))
 
 
 def stop_llm_request(llm_model: str, request_id: str) -> None:
     """Cancel the tensorrt_llm request with this id: a `stop` request (TensorRT-LLM backend convention; the
     reference model honours it too), waited for."""
-    stop = pb_utils.InferenceRequest(model_name=llm_model, request_id=request_id, requested_output_names=[],
-                                     inputs=[tensor("input_lengths", [[1]], np.int32),
-                                             tensor("request_output_len", [[1]], np.int32),
-                                             tensor("stop", [[True]], np.bool_)])
+    stop = pb_utils.InferenceRequest(
+        model_name=llm_model,
+        request_id=request_id,
+        requested_output_names=[],
+        inputs=[
+            tensor("input_lengths", [[1]], np.int32),
+            tensor("request_output_len", [[1]], np.int32),
+            tensor("stop", [[True]], np.bool_),
+        ],
+    )
     for _ in stop.exec(decoupled=True):
         pass

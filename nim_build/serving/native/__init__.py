@@ -28,7 +28,6 @@ FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-Wall"]
 _MAGIC = b"NIMDTOK1"
 
 
-
 def build_detokenizer() -> Path:
     """The compiled backend library: from the cache, or compiled now (about 2 s) and cached."""
     source = SOURCE.read_bytes()
@@ -38,13 +37,17 @@ def build_detokenizer() -> Path:
         return out
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not cxx:
-        raise NativeBuildError("no C++ compiler to build the native postprocessing backend: install g++ (or set "
-                               "CXX), or pass --postprocessing python")
+        raise NativeBuildError(
+            "no C++ compiler to build the native postprocessing backend: install g++ (or set "
+            "CXX), or pass --postprocessing python"
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a read-only cache (an image's, under another user)
-        raise NativeBuildError(f"cannot write the native postprocessing backend to {out.parent} ({e.strerror}): set "
-                               "NIM_BUILD_NATIVE_DIR to a writable folder, or pass --postprocessing python") from None
+        raise NativeBuildError(
+            f"cannot write the native postprocessing backend to {out.parent} ({e.strerror}): set "
+            "NIM_BUILD_NATIVE_DIR to a writable folder, or pass --postprocessing python"
+        ) from None
     tmp = out.with_name(f".{LIBRARY}.{os.getpid()}.tmp")
     try:
         proc = subprocess.run([*shlex.split(cxx), *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True)
@@ -53,8 +56,9 @@ def build_detokenizer() -> Path:
         failure = e.strerror
     if failure:
         tmp.unlink(missing_ok=True)
-        raise NativeBuildError(f"{cxx} could not build the native postprocessing backend ({failure}); pass "
-                               "--postprocessing python")
+        raise NativeBuildError(
+            f"{cxx} could not build the native postprocessing backend ({failure}); pass --postprocessing python"
+        )
     os.replace(tmp, out)
     return out
 

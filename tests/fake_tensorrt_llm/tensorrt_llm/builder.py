@@ -3,7 +3,6 @@ import copy
 import json
 import os
 from dataclasses import dataclass, field, fields
-from typing import Optional
 
 from . import __version__
 from ._fake_log import log
@@ -19,7 +18,7 @@ class BuildConfig:
     max_batch_size: int = 2048
     max_beam_width: int = 1
     max_num_tokens: int = 8192
-    opt_num_tokens: Optional[int] = None
+    opt_num_tokens: int | None = None
     max_prompt_embedding_table_size: int = 0
     kv_cache_type: KVCacheType = None
     gather_context_logits: int = False
@@ -47,11 +46,24 @@ class Engine:
         os.makedirs(engine_dir, exist_ok=True)
         if rank == 0:
             with open(os.path.join(engine_dir, "config.json"), "w") as f:
-                json.dump({"version": __version__, "pretrained_config": self.model.config,
-                           "build_config": self.build_config.to_dict()}, f)
+                json.dump(
+                    {
+                        "version": __version__,
+                        "pretrained_config": self.model.config,
+                        "build_config": self.build_config.to_dict(),
+                    },
+                    f,
+                )
         with open(os.path.join(engine_dir, f"rank{rank}.engine"), "w") as f:
-            json.dump({"rank": rank, "pid": os.getpid(), "checkpoint_dir": self.model.checkpoint_dir,
-                       "build_config": self.build_config.to_dict()}, f)
+            json.dump(
+                {
+                    "rank": rank,
+                    "pid": os.getpid(),
+                    "checkpoint_dir": self.model.checkpoint_dir,
+                    "build_config": self.build_config.to_dict(),
+                },
+                f,
+            )
 
 
 def build(model, build_config: BuildConfig) -> Engine:

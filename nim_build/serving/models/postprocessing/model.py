@@ -59,8 +59,11 @@ class TritonPythonModel:
                     else:
                         row.append(self.tok.decode(ids))
                 texts.append([t.encode("utf-8") for t in row])
-            responses.append(tc.pb_utils.InferenceResponse(
-                output_tensors=[tc.pb_utils.Tensor("OUTPUT", np.array(texts, dtype=np.object_))]))
+            responses.append(
+                tc.pb_utils.InferenceResponse(
+                    output_tensors=[tc.pb_utils.Tensor("OUTPUT", np.array(texts, dtype=np.object_))]
+                )
+            )
         self._expire(now)
         return responses
 

@@ -31,18 +31,27 @@ class TritonPythonModel:
         return responses
 
     def _one(self, request):
-        ids, max_tokens = tc.prompt(request, self.tok, self.max_seq_len, messages="MESSAGES", text_input="QUERY",
-                                    max_tokens="REQUEST_OUTPUT_LEN", add_special_tokens=self.add_special_tokens)
+        ids, max_tokens = tc.prompt(
+            request,
+            self.tok,
+            self.max_seq_len,
+            messages="MESSAGES",
+            text_input="QUERY",
+            max_tokens="REQUEST_OUTPUT_LEN",
+            add_special_tokens=self.add_special_tokens,
+        )
         end_id = tc.first(request, "END_ID")
         pad_id = tc.first(request, "PAD_ID")
         stop = to_word_list_format(self.tok.words_to_ids(tc.strings(request, "STOP_WORDS_DICT")))
         bad = to_word_list_format(self.tok.words_to_ids(tc.strings(request, "BAD_WORDS_DICT")))
-        return tc.pb_utils.InferenceResponse(output_tensors=[
-            tc.tensor("INPUT_ID", [ids], np.int32),
-            tc.tensor("REQUEST_INPUT_LEN", [[len(ids)]], np.int32),
-            tc.tensor("REQUEST_OUTPUT_LEN", [[max_tokens]], np.int32),
-            tc.tensor("STOP_WORDS_IDS", stop[None], np.int32),
-            tc.tensor("BAD_WORDS_IDS", bad[None], np.int32),
-            tc.tensor("OUT_END_ID", [[self.tok.end_id if end_id is None else int(end_id)]], np.int32),
-            tc.tensor("OUT_PAD_ID", [[self.tok.pad_id if pad_id is None else int(pad_id)]], np.int32),
-        ])
+        return tc.pb_utils.InferenceResponse(
+            output_tensors=[
+                tc.tensor("INPUT_ID", [ids], np.int32),
+                tc.tensor("REQUEST_INPUT_LEN", [[len(ids)]], np.int32),
+                tc.tensor("REQUEST_OUTPUT_LEN", [[max_tokens]], np.int32),
+                tc.tensor("STOP_WORDS_IDS", stop[None], np.int32),
+                tc.tensor("BAD_WORDS_IDS", bad[None], np.int32),
+                tc.tensor("OUT_END_ID", [[self.tok.end_id if end_id is None else int(end_id)]], np.int32),
+                tc.tensor("OUT_PAD_ID", [[self.tok.pad_id if pad_id is None else int(pad_id)]], np.int32),
+            ]
+        )

@@ -9,8 +9,10 @@ that cancels or disconnects has its request cancelled in the engine, which frees
 TensorRT-LLM backend, a request with `stop` = true cancels the in-flight request that has the same request id
 (how tensorrt_llm_bls cancels, since Triton 2.51's BLS and ensembles do not forward cancellation).
 
-Parameters: gpt_model_path (the engine directory), exclude_input_in_output, and nim_build_engine
-("module:Class", default nim_build.runtime:LLMEngine; benchmarks use a trivial engine with the same API).
+Parameters: gpt_model_path (the engine directory), exclude_input_in_output, kv_cache_free_gpu_mem_fraction (the
+share of the memory left after loading the weights that the KV pool may take), enable_chunked_context, and
+nim_build_engine ("module:Class", default nim_build.runtime:LLMEngine; benchmarks use a trivial engine with the same
+API). enable_kv_cache_reuse = true and batch_scheduler_policy = max_utilization are refused: the runtime has neither.
 Engine statistics are exported as Prometheus gauges (nim_build_engine_*) on the metrics port.
 """
 
@@ -30,8 +32,19 @@ STATS_KEYS = ("steps", "max_seqs_in_step", "last_step_seqs", "active", "waiting"
 
 
 class _Request:
-    __slots__ = ("sender", "request", "streaming", "prefix", "tokens", "rid", "done", "response", "key", "lock",
-                 "closed")
+    __slots__ = (
+        "sender",
+        "request",
+        "streaming",
+        "prefix",
+        "tokens",
+        "rid",
+        "done",
+        "response",
+        "key",
+        "lock",
+        "closed",
+    )
 
     def __init__(self, request, streaming, prefix):
         self.request = request
@@ -59,9 +72,27 @@ class TritonPythonModel:
         engine_module = importlib.import_module(module)
         engine_cls = getattr(engine_module, cls)
         self.sampling_params = engine_module.SamplingParams
-        self.engine = engine_cls.from_engine_dir(params["gpt_model_path"], max_batch_size=cfg["max_batch_size"])
-        self.engine.start()
+        # The TensorRT-LLM backend's parameters the reference runtime implements; the others are refused, never
+        # ignored (`nim_build repo` refuses them first).
+        if tc.is_true(params.get("enable_kv_cache_reuse")):
+            raise UserError("enable_kv_cache_reuse: the reference runtime has no KV-cache reuse; set it to false")
+        policy = params.get("batch_scheduler_policy") or "guaranteed_no_evict"
+        if policy != "guaranteed_no_evict":
+            raise UserError(
+                f"batch_scheduler_policy {policy}: the reference runtime schedules guaranteed_no_evict only"
+            )
+        limits = {"enable_chunked_context": tc.is_true(params.get("enable_chunked_context"))}
+        fraction = params.get("kv_cache_free_gpu_mem_fraction")
+        if fraction and not fraction.startswith("${"):  # unset: the engine's default (TensorRT-LLM's, 0.9)
+            limits["kv_cache_free_mem_fraction"] = float(fraction)
+        self.engine = engine_cls.from_engine_dir(
+            params["gpt_model_path"], max_batch_size=cfg["max_batch_size"], **limits
+        )
         self.logger = pb_utils.Logger
+        note = getattr(self.engine, "kv_cache_note", None)
+        if note:
+            self.logger.log_info(note)
+        self.engine.start()
         self.events: queue.Queue = queue.Queue()
         self.active: dict[int, _Request] = {}
         self.by_key: dict[str, _Request] = {}  # request id -> request, for `stop` requests
@@ -86,10 +117,13 @@ class TritonPythonModel:
                     continue
                 prompt, params, streaming = self._parse(request)
                 if streaming and not self.decoupled:
-                    raise UserError("streaming needs the decoupled transaction policy (generate the repository "
-                                    "without --no-decoupled)")
-                state = _Request(request if self.decoupled else None, streaming,
-                                 [] if self._exclude(request) else prompt)
+                    raise UserError(
+                        "streaming needs the decoupled transaction policy (generate the repository "
+                        "without --no-decoupled)"
+                    )
+                state = _Request(
+                    request if self.decoupled else None, streaming, [] if self._exclude(request) else prompt
+                )
                 with self.lock:
                     state.rid = self.engine.submit(prompt, params, lambda ev, s=state: self.events.put((s, ev)))
                     self.active[state.rid] = state
@@ -122,8 +156,9 @@ class TritonPythonModel:
         if target is not None:
             self.engine.cancel(target.rid)
         if self.decoupled:
-            request.get_response_sender().send(self._response(None, []),
-                                               flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            request.get_response_sender().send(
+                self._response(None, []), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+            )
 
     def _exclude(self, request) -> bool:
         value = tc.first(request, "exclude_input_in_output")
@@ -148,9 +183,13 @@ class TritonPythonModel:
         if beam != 1:
             raise UserError(f"beam_width {beam} is not supported by the reference runtime (only 1)")
         kwargs = {"max_new_tokens": max_new}
-        for name, key, cast in (("temperature", "temperature", float), ("runtime_top_k", "top_k", int),
-                                ("runtime_top_p", "top_p", float), ("seed", "seed", int),
-                                ("end_id", "end_id", int)):
+        for name, key, cast in (
+            ("temperature", "temperature", float),
+            ("runtime_top_k", "top_k", int),
+            ("runtime_top_p", "top_p", float),
+            ("seed", "seed", int),
+            ("end_id", "end_id", int),
+        ):
             value = tc.first(request, name)
             if value is not None:
                 kwargs[key] = cast(value)
@@ -166,10 +205,12 @@ class TritonPythonModel:
     # -- responses -----------------------------------------------------------------------------------------
     def _response(self, state: _Request, ids: list[int]):
         n = len(ids)
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32).reshape(1, 1, n)),
-            pb_utils.Tensor("sequence_length", np.asarray([[n]], dtype=np.int32)),
-        ])
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32).reshape(1, 1, n)),
+                pb_utils.Tensor("sequence_length", np.asarray([[n]], dtype=np.int32)),
+            ]
+        )
 
     def _send_loop(self):
         while not self.stopping.is_set():
@@ -248,9 +289,13 @@ class TritonPythonModel:
                 self.logger.log_info(f"tensorrt_llm: in-flight batch reached {best} sequences in one step")
 
     def _make_gauges(self):
-        family = pb_utils.MetricFamily(name="nim_build_engine", description="nim_build reference engine statistics "
-                                       "(label stat: steps, max_seqs_in_step, last_step_seqs, active, waiting, "
-                                       "free_blocks, total_blocks)", kind=pb_utils.MetricFamily.GAUGE)
+        family = pb_utils.MetricFamily(
+            name="nim_build_engine",
+            description="nim_build reference engine statistics "
+            "(label stat: steps, max_seqs_in_step, last_step_seqs, active, waiting, "
+            "free_blocks, total_blocks)",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
         self.metric_family = family  # must outlive its metrics
         return {key: family.Metric(labels={"stat": key}) for key in STATS_KEYS}
 

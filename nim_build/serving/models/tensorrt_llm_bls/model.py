@@ -45,8 +45,12 @@ class TritonPythonModel:
             if streaming and sender is None:
                 raise UserError("streaming needs the decoupled transaction policy")
             inner_id = uuid.uuid4().hex
-            llm_request = pb_utils.InferenceRequest(model_name=self.llm, inputs=inputs, request_id=inner_id,
-                                                    requested_output_names=["output_ids", "sequence_length"])
+            llm_request = pb_utils.InferenceRequest(
+                model_name=self.llm,
+                inputs=inputs,
+                request_id=inner_id,
+                requested_output_names=["output_ids", "sequence_length"],
+            )
             decoder = self.tok.stream_decoder()
             pieces = []
             if sender is None:
@@ -64,8 +68,11 @@ class TritonPythonModel:
             else:
                 sender.send(self._text([tail] if streaming else pieces + [tail]), flags=FINAL)
         except Exception as e:  # every request gets an answer, even on an unexpected failure
-            message = str(e) if isinstance(e, (UserError, ValueError, pb_utils.TritonModelException)) else \
-                f"tensorrt_llm_bls internal error: {type(e).__name__}: {e}"
+            message = (
+                str(e)
+                if isinstance(e, (UserError, ValueError, pb_utils.TritonModelException))
+                else f"tensorrt_llm_bls internal error: {type(e).__name__}: {e}"
+            )
             if sender is None:
                 return tc.error(message)
             sender.send(tc.error(message), flags=FINAL)
@@ -90,12 +97,16 @@ class TritonPythonModel:
 
     @staticmethod
     def _text(pieces):
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("text_output", np.array(["".join(pieces).encode("utf-8")], dtype=np.object_))])
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("text_output", np.array(["".join(pieces).encode("utf-8")], dtype=np.object_))
+            ]
+        )
 
     def _llm_inputs(self, request):
-        ids, max_tokens = tc.prompt(request, self.tok, self.max_seq_len, messages="messages", text_input="text_input",
-                                    max_tokens="max_tokens")
+        ids, max_tokens = tc.prompt(
+            request, self.tok, self.max_seq_len, messages="messages", text_input="text_input", max_tokens="max_tokens"
+        )
         streaming = bool(tc.first(request, "stream", False))
         end_id = tc.first(request, "end_id")
         pad_id = tc.first(request, "pad_id")
@@ -108,9 +119,13 @@ class TritonPythonModel:
             tc.tensor("streaming", [[streaming]], np.bool_),
             tc.tensor("exclude_input_in_output", [[True]], np.bool_),
         ]
-        for src, dst, dtype in (("temperature", "temperature", np.float32), ("top_k", "runtime_top_k", np.int32),
-                                ("top_p", "runtime_top_p", np.float32), ("seed", "seed", np.uint64),
-                                ("beam_width", "beam_width", np.int32)):
+        for src, dst, dtype in (
+            ("temperature", "temperature", np.float32),
+            ("top_k", "runtime_top_k", np.int32),
+            ("top_p", "runtime_top_p", np.float32),
+            ("seed", "seed", np.uint64),
+            ("beam_width", "beam_width", np.int32),
+        ):
             value = tc.first(request, src)
             if value is not None:
                 inputs.append(tc.tensor(dst, [[value]], dtype))

@@ -1,0 +1,115 @@
+"""Memory and CPUs from the container's cgroup (v2 and v1, read from fake cgroup trees), and the reference
+runtime's KV pool sized from them: the fraction of the memory left that kv_cache_free_gpu_mem_fraction allows,
+never the host's free memory, and in agreement with the memory `nim_build chart` gives the pod."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+import pytest
+
+from nim_build import KV_CACHE_FREE_MEM_FRACTION, limits
+
+GIB = 1 << 30
+
+
+def cgroup_v2(root: Path, *, limit: str, current: int, cpu: str = "max 100000", path: str = "kubepods/pod1") -> Path:
+    """A cgroup v2 tree with the process in `path` (as /proc/self/cgroup says)."""
+    d = root / "fs" / path
+    d.mkdir(parents=True)
+    (d / "memory.max").write_text(f"{limit}\n")
+    (d / "memory.current").write_text(f"{current}\n")
+    (d / "cpu.max").write_text(f"{cpu}\n")
+    (root / "cgroup").write_text(f"0::/{path}\n")
+    return root
+
+
+def cgroup_v1(root: Path, *, limit: int, usage: int, quota: int = -1, period: int = 100000) -> Path:
+    """A cgroup v1 hierarchy as a Docker container sees it (controllers mounted at their root)."""
+    (root / "fs" / "memory").mkdir(parents=True)
+    (root / "fs" / "memory" / "memory.limit_in_bytes").write_text(f"{limit}\n")
+    (root / "fs" / "memory" / "memory.usage_in_bytes").write_text(f"{usage}\n")
+    (root / "fs" / "cpu").mkdir()
+    (root / "fs" / "cpu" / "cpu.cfs_quota_us").write_text(f"{quota}\n")
+    (root / "fs" / "cpu" / "cpu.cfs_period_us").write_text(f"{period}\n")
+    (root / "cgroup").write_text("12:memory:/\n4:cpu,cpuacct:/\n0::/\n")
+    return root
+
+
+def use(monkeypatch, root: Path) -> None:
+    monkeypatch.setattr(limits, "CGROUP_ROOT", root / "fs")
+    monkeypatch.setattr(limits, "PROC_CGROUP", root / "cgroup")
+
+
+def test_v2_limit_caps_what_the_host_has(tmp_path, monkeypatch):
+    use(monkeypatch, cgroup_v2(tmp_path, limit=str(8 * GIB), current=3 * GIB, cpu="150000 100000"))
+    mem = limits.memory()
+    assert (mem.limit, mem.used) == (8 * GIB, 3 * GIB)
+    assert mem.available == min(5 * GIB, psutil.virtual_memory().available)
+    assert "container memory limit 8.0 GiB, 3.0 GiB used" in mem.describe()
+    assert limits.cpu_count() == min(2, len(psutil.Process().cpu_affinity()))  # 1.5 CPUs: 2 threads
+
+
+def test_v2_without_limits_is_the_host(tmp_path, monkeypatch):
+    use(monkeypatch, cgroup_v2(tmp_path, limit="max", current=GIB))
+    mem = limits.memory()
+    assert mem.limit is None and mem.available == mem.host_available and "no container memory limit" in mem.describe()
+    assert limits.cpu_count() == len(psutil.Process().cpu_affinity())
+
+
+def test_v1_limit_and_quota(tmp_path, monkeypatch):
+    use(monkeypatch, cgroup_v1(tmp_path, limit=6 * GIB, usage=GIB, quota=100000))
+    assert limits.memory_limit() == (6 * GIB, GIB)
+    assert limits.cpu_count() == 1
+    use(monkeypatch, cgroup_v1(tmp_path / "unlimited", limit=9223372036854771712, usage=GIB))
+    assert limits.memory_limit() is None
+
+
+@pytest.fixture(scope="module")
+def engine_model(reference_engine_dir):
+    from nim_build.runtime import DecoderModel
+
+    return DecoderModel.from_checkpoint(reference_engine_dir / "checkpoint")
+
+
+def _engine(model, **kw):
+    from nim_build.runtime import LLMEngine
+
+    return LLMEngine(model, max_seq_len=512, max_batch_size=32, end_id=-1, **kw)
+
+
+def test_kv_pool_takes_the_fraction_of_the_container_not_the_host(engine_model, tmp_path, monkeypatch):
+    """In an 8 GiB pod on a big node the pool is sized from the pod; kv_cache_free_gpu_mem_fraction is honoured."""
+    from nim_build.runtime.kv_cache import PagedKVCache
+
+    c = engine_model.cfg
+    per_block = PagedKVCache.bytes_per_block(c.num_layers, 32, c.num_kv_heads, c.head_size, 4)
+    need_blocks = 32 * 512 // 32
+    free = 100 * per_block  # far less than the full need (512 blocks)
+    use(monkeypatch, cgroup_v2(tmp_path, limit=str(8 * GIB), current=8 * GIB - free))
+    for fraction in (0.9, 0.3):
+        engine = _engine(engine_model, kv_cache_free_mem_fraction=fraction)
+        assert engine.allocator.total == int(free * fraction) // per_block < need_blocks
+        assert f"{fraction:g} of" in engine.kv_cache_note and "container memory limit 8.0 GiB" in engine.kv_cache_note
+    use(monkeypatch, cgroup_v2(tmp_path / "roomy", limit=str(64 * GIB), current=GIB))
+    engine = _engine(engine_model)
+    assert engine.allocator.total == need_blocks and "all max_batch_size x max_seq_len" in engine.kv_cache_note
+
+
+def test_chart_memory_gives_the_runtime_its_whole_kv_pool(reference_engine_dir, engine_model, tmp_path, monkeypatch):
+    """The memory limit `nim_build chart` writes for a CPU pod holds what loading the engine really takes plus the
+    KV pool the runtime then sizes in full (max_batch_size x max_seq_len), at the repository's default fraction."""
+    from nim_build.builder.manifest import load_manifest
+    from nim_build.deploy.chart import chart_values, kv_cache_memory
+
+    values, _ = chart_values(reference_engine_dir)
+    limit = int(values["resources"]["limits"]["memory"].removesuffix("Gi")) * GIB
+    shm = int(values["shm"]["sizeLimit"].removesuffix("Gi")) * GIB
+    kv_share = kv_cache_memory(load_manifest(reference_engine_dir))
+    loaded = psutil.Process().memory_info().rss  # this process with the engine's model loaded (and pytest...)
+    assert loaded < limit - shm - kv_share, "the chart leaves too little for loading the engine"
+    use(monkeypatch, cgroup_v2(tmp_path, limit=str(limit), current=int(limit - kv_share)))
+    engine = _engine(engine_model)  # everything but the KV share already used: the pool still gets its full need
+    assert engine.allocator.total == 32 * 512 // 32
+    assert KV_CACHE_FREE_MEM_FRACTION == 0.9
