@@ -2,8 +2,8 @@
 
 The suite leaves nothing behind: every cache a tool would put in ~/.cache (Hugging Face, torch, nim_build's native
 build and default-model caches, XDG) is redirected before any test module is imported, and at the end of the
-session `leaves_nothing_behind` fails the run if ~/.cache changed, or if a Triton server, a python-backend stub or
-a /dev/shm region that the session created is still there.
+session `leaves_nothing_behind` fails the run if ~/.cache changed, if a file appeared in the checkout outside its
+.cache/, or if a Triton server, a python-backend stub or a /dev/shm region that the session created is still there.
 """
 
 from __future__ import annotations
@@ -43,6 +43,17 @@ def _tree(root: Path) -> dict[str, tuple[int, int]]:
     )
 
 
+def _checkout() -> set[str]:
+    """Untracked and ignored paths of the checkout, but for the caches the suite may use (.cache, pytest's)."""
+    import subprocess
+
+    out = subprocess.run(
+        ["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=REPO, capture_output=True, text=True
+    ).stdout.splitlines()
+    keep = (".cache/", ".pytest_cache/", ".ruff_cache/", ".venv/")
+    return {line for line in out if not line[3:].startswith(keep) and "__pycache__" not in line}
+
+
 def _servers() -> set[int]:
     import psutil
 
@@ -58,14 +69,17 @@ def _servers() -> set[int]:
 def leaves_nothing_behind():
     """Set up first, torn down last: after every other fixture has stopped its servers."""
     cache_before, shm_before, servers_before = _tree(USER_CACHE), set(os.listdir("/dev/shm")), _servers()
+    checkout_before = _checkout()
     yield
     deadline = time.monotonic() + 15  # stubs of a server stopped a moment ago may still be exiting
     while (left := _servers() - servers_before) and time.monotonic() < deadline:
         time.sleep(0.2)
     shm_left = sorted(set(os.listdir("/dev/shm")) - shm_before)
     cache_changed = sorted(set(_tree(USER_CACHE).items()) ^ set(cache_before.items()))
+    checkout_changed = sorted(_checkout() - checkout_before)
     shutil.rmtree(SCRATCH, ignore_errors=True)
     assert not left, f"server processes left running: {sorted(left)}"
+    assert not checkout_changed, f"the tests wrote into the checkout: {checkout_changed[:10]}"
     assert not shm_left, f"/dev/shm regions left behind: {shm_left}"
     assert not cache_changed, f"the tests changed ~/.cache: {cache_changed[:10]}"
 

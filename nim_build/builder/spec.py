@@ -63,9 +63,6 @@ def load_config(model_dir: str | Path) -> dict:
     return cfg
 
 
-def load_spec(model_dir: str | Path) -> ModelSpec:
-    return parse_config(load_config(model_dir), source=str(Path(model_dir) / "config.json"))
-
 
 def _need(cfg: dict, key: str, source: str):
     if key not in cfg or cfg[key] is None:
