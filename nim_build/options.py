@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nim_build import TOKENS_PER_BLOCK
+from nim_build.builder.default_model import FP8_GATE
 from nim_build.errors import ConfigError
 
 # --quant -> TensorRT-LLM quant_algo (None: not quantized)
@@ -34,6 +35,10 @@ KV_CACHES = ("auto", "fp8")
 TP_SIZES = (1, 2, 4, 8)
 BACKENDS = ("auto", "trtllm", "reference")
 DEFAULT_MAX_SEQ_LEN = 8192  # the max_seq_len default: min(the model's max_position_embeddings, this)
+# The accuracy gate's defaults (min top-1 agreement, max relative perplexity increase): what FP8 (per-tensor) costs
+# a 7B-12B model is well inside these; a wrong tensor mapping or scale is far outside them. The embedded 135M
+# model has its own (default_model.FP8_GATE).
+DEFAULT_GATE = (0.95, 0.03)
 
 
 def _opt(
@@ -148,7 +153,8 @@ class BuildOptions:
     min_top1: float | None = field(
         default=None,
         metadata=_opt(
-            "Gate: least top-1 agreement with the HF model [default: 0.95; 0.80 for the embedded 135M model].",
+            f"Gate: least top-1 agreement with the HF model [default: {DEFAULT_GATE[0]}; {FP8_GATE[0]} for the "
+            "embedded 135M model].",
             min=0,
             max=1,
         ),
@@ -156,7 +162,9 @@ class BuildOptions:
     max_ppl_increase: float | None = field(
         default=None,
         metadata=_opt(
-            "Gate: largest relative perplexity increase [default: 0.03; 0.15 for the embedded 135M model].", min=0
+            f"Gate: largest relative perplexity increase [default: {DEFAULT_GATE[1]}; {FP8_GATE[1]} for the "
+            "embedded 135M model].",
+            min=0,
         ),
     )
     allow_pickle: bool = field(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -131,11 +132,19 @@ def free_ports(n: int) -> list[int]:
 
 
 class ServedRepo:
-    """A `nim_build serve` process (the real CLI) on a generated repository, for the whole test session."""
+    """A `nim_build serve` process (the real CLI, or `command`) on a repository, on free loopback ports."""
 
-    def __init__(self, repo: Path, engine_dir: Path, log: Path):
+    def __init__(
+        self,
+        repo: Path,
+        engine_dir: Path | None,
+        log: Path,
+        *,
+        args: tuple[str, ...] = ("--health-interval", "2", "--exit-timeout", "5"),
+        command: tuple[str, ...] = (sys.executable, "-m", "nim_build"),
+        **popen,
+    ):
         import subprocess
-        import sys
 
         self.repo, self.engine_dir, self.log = repo, engine_dir, log
         self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
@@ -143,29 +152,20 @@ class ServedRepo:
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self._log_file = open(log, "w")
+        ports = [
+            "--http-port",
+            str(self.http_port),
+            "--grpc-port",
+            str(self.grpc_port),
+            "--metrics-port",
+            str(self.metrics_port),
+        ]
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "nim_build",
-                "serve",
-                str(repo),
-                "--host",
-                "127.0.0.1",
-                "--http-port",
-                str(self.http_port),
-                "--grpc-port",
-                str(self.grpc_port),
-                "--metrics-port",
-                str(self.metrics_port),
-                "--health-interval",
-                "2",
-                "--exit-timeout",
-                "5",
-            ],
+            [*command, "serve", str(repo), "--host", "127.0.0.1", *ports, *args],
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            **popen,
         )
 
     def output(self) -> str:
@@ -193,7 +193,8 @@ class ServedRepo:
             for m in re.finditer(r'^nim_build_engine\{stat="(\w+)"\} ([0-9.e+-]+)$', text, re.M)
         }
 
-    def stop(self) -> None:
+    def stop(self) -> int:
+        """SIGTERM (what Kubernetes sends), then wait; serve's exit code."""
         import signal
         import subprocess
 
@@ -205,6 +206,7 @@ class ServedRepo:
                 self.proc.kill()
                 self.proc.wait()
         self._log_file.close()
+        return self.proc.returncode
 
 
 def tokenizer_engine_dir(root: Path, tok_dir: Path) -> Path:

@@ -152,10 +152,9 @@ def test_default_model_gate_still_fails_a_wrong_scale(smollm2_fp8_build, default
 
 
 def test_gate_thresholds_per_model(default_model_dir, tmp_path):
-    from nim_build.builder.accuracy import DEFAULT_GATE
     from nim_build.builder.default_model import FP8_GATE
     from nim_build.builder.pipeline import gate_thresholds
-    from nim_build.options import BuildOptions
+    from nim_build.options import DEFAULT_GATE, BuildOptions
 
     assert gate_thresholds(BuildOptions(model="default"), default_model_dir) == FP8_GATE
     assert gate_thresholds(BuildOptions(model=str(default_model_dir)), default_model_dir) == FP8_GATE

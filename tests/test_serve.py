@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_ports
+from conftest import ServedRepo, free_ports
 
 from nim_build.errors import ServerSetupError, ServingError
 from nim_build.serving.server import TritonServer
@@ -153,48 +153,17 @@ def test_world_size_runs_one_process_per_rank_under_mpirun(tmp_path, monkeypatch
 
 
 def test_cli_serves_until_sigterm_then_exits_cleanly(tmp_path):
-    import signal
     import time
 
-    http, grpc, metrics = free_ports(3)
-    log = tmp_path / "serve.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "nim_build",
-                "serve",
-                str(_repo(tmp_path)),
-                "--host",
-                "127.0.0.1",
-                "--http-port",
-                str(http),
-                "--grpc-port",
-                str(grpc),
-                "--metrics-port",
-                str(metrics),
-                "--exit-timeout",
-                "3",
-                "--quiet",
-                "--health-interval",
-                "1",
-            ],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while "ready:" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert f"ready: HTTP 127.0.0.1:{http}  gRPC 127.0.0.1:{grpc}" in log.read_text()
-            time.sleep(1.5)  # at least one health check
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    assert "stopped (Triton exit code 0)" in log.read_text()
+    args = ("--exit-timeout", "3", "--quiet", "--health-interval", "1")
+    served = ServedRepo(_repo(tmp_path), None, tmp_path / "serve.log", args=args)
+    try:
+        served.wait_ready(60)
+        assert f"ready: HTTP {served.http_url}  gRPC {served.grpc_url}" in served.output()
+        time.sleep(1.5)  # at least one health check
+    finally:
+        assert served.stop() == 0
+    assert "stopped (Triton exit code 0)" in served.output()
 
 
 def test_stops_in_time_after_many_client_streams(default_model_dir, tmp_path):
@@ -239,15 +208,6 @@ def test_stops_in_time_after_many_client_streams(default_model_dir, tmp_path):
 # --- every way `nim_build serve` ends stops everything it started --------------------------------------------
 
 
-def _wait_for(predicate, timeout_s: float, what: str) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 @pytest.mark.parametrize("ending", ["sigterm", "stub-hangs-at-exit", "triton-crashes", "triton-hangs"])
 def test_serve_leaves_no_process_and_no_shared_memory(tmp_path, ending):
     """Whatever way serve exits, no process it started survives and /dev/shm holds none of its python stubs'
@@ -266,34 +226,11 @@ def test_serve_leaves_no_process_and_no_shared_memory(tmp_path, ending):
         tmp_path,
         finalize=f"{ignore_signals}; time.sleep(120)" if ending == "stub-hangs-at-exit" else "pass",
     )
-    http, grpc, metrics = free_ports(3)
-    log = tmp_path / "serve.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "nim_build",
-                "serve",
-                str(repo),
-                "--host",
-                "127.0.0.1",
-                "--http-port",
-                str(http),
-                "--grpc-port",
-                str(grpc),
-                "--metrics-port",
-                str(metrics),
-                "--exit-timeout",
-                "5" if ending == "sigterm" else "1",
-                "--health-interval",
-                "0.5",
-            ],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        )
+    args = ("--exit-timeout", "5" if ending == "sigterm" else "1", "--health-interval", "0.5")
+    served = ServedRepo(repo, None, tmp_path / "serve.log", args=args)
+    proc = served.proc
     try:
-        _wait_for(lambda: "ready:" in log.read_text() or proc.poll() is not None, 60, "serve to be ready")
+        served.wait_ready(60)
         started = psutil.Process(proc.pid).children(recursive=True)
         triton = next(p for p in started if p.name() == "tritonserver")
         assert any("triton_python_backend_stub" in p.name() for p in started)
@@ -308,9 +245,8 @@ def test_serve_leaves_no_process_and_no_shared_memory(tmp_path, ending):
             proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    out = log.read_text()
+        served.stop()
+    out = served.output()
     alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"left running: {alive}"
     assert not list(Path("/dev/shm").glob(shm + "*"))

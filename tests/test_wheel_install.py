@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from conftest import REPO, free_ports
+from conftest import REPO, ServedRepo
 
 
 def _run(cmd: list[str], cwd: Path, env: dict, timeout: float = 900) -> str:
@@ -54,72 +52,17 @@ def test_built_wheel_in_a_fresh_venv_runs_engine_repo_serve_infer(tmp_path):
 
     work = tmp_path / "work"  # outside the checkout: nothing may be read from it
     work.mkdir()
-    _run(
-        [
-            nim_build,
-            "engine",
-            "default",
-            "--out",
-            "engines/smollm2",
-            "--max-seq-len",
-            "512",
-            "--max-batch-size",
-            "8",
-            "--calib-samples",
-            "8",
-        ],
-        work,
-        env,
-    )
+    build = "engine default --out engines/smollm2 --max-seq-len 512 --max-batch-size 8 --calib-samples 8"
+    _run([nim_build, *build.split()], work, env)
     _run([nim_build, "repo", "engines/smollm2", "--out", "repo"], work, env)
     assert (work / "repo" / "preprocessing" / "1" / "model.py").is_file()
-    http, grpc, metrics = free_ports(3)
     log = tmp_path / "serve.log"
-    with open(log, "w") as f:
-        serve = subprocess.Popen(
-            [
-                nim_build,
-                "serve",
-                "repo",
-                "--host",
-                "127.0.0.1",
-                "--http-port",
-                str(http),
-                "--grpc-port",
-                str(grpc),
-                "--metrics-port",
-                str(metrics),
-                "--exit-timeout",
-                "10",
-            ],
-            cwd=work,
-            env=env,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        )
+    served = ServedRepo(Path("repo"), None, log, args=("--exit-timeout", "10"), command=(nim_build,), cwd=work, env=env)
     try:
-        deadline = time.monotonic() + 240
-        while "ready:" not in log.read_text():
-            assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
-        answer = _run(
-            [
-                nim_build,
-                "infer",
-                "--url",
-                f"127.0.0.1:{grpc}",
-                "--prompt",
-                "What is the capital of France?",
-                "--chat",
-                "--max-tokens",
-                "16",
-            ],
-            work,
-            env,
-            timeout=120,
-        )
+        served.wait_ready()
+        question = ["--prompt", "What is the capital of France?", "--chat", "--max-tokens", "16"]
+        answer = _run([nim_build, "infer", "--url", served.grpc_url, *question], work, env, timeout=120)
         assert "Paris" in answer, answer
     finally:
-        serve.send_signal(signal.SIGTERM)
-        code = serve.wait(timeout=60)
-    assert code == 0, log.read_text()[-3000:]
+        code = served.stop()
+    assert code == 0, served.output()[-3000:]

@@ -19,6 +19,7 @@ import torch
 
 from nim_build.builder.manifest import CHECKPOINT_DIR
 from nim_build.builder.source import SourceModel
+from nim_build.options import DEFAULT_GATE
 
 
 def evaluate(
@@ -100,11 +101,6 @@ def _accumulate(acc: dict, ref: torch.Tensor, ours: torch.Tensor, batch: torch.T
         acc["nll_hf"] -= float(keep(lp_ref).gather(1, targets).sum())
         acc["nll_q"] -= float(keep(lp_q).gather(1, targets).sum())
         acc["targets"] += targets.numel()
-
-
-# (min top-1 agreement, max relative perplexity increase): what FP8 (per-tensor) costs a 7B-12B model is well
-# inside these; a wrong tensor mapping or scale is far outside them.
-DEFAULT_GATE = (0.95, 0.03)
 
 
 def check_gate(report: dict, min_top1: float = DEFAULT_GATE[0], max_ppl_increase: float = DEFAULT_GATE[1]) -> list[str]:

@@ -19,8 +19,10 @@ manifest.json keys (all present; values null where not applicable)::
     spec            {architecture, vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
                      num_key_value_heads, head_size, intermediate_size, max_position_embeddings,
                      rotary_base, rotary_scaling, norm_epsilon, tie_word_embeddings, dtype}
-    build           {quant, quant_algo, kv_cache, kv_cache_quant_algo, tp, pp, world_size, max_batch_size,
-                     max_seq_len, max_input_len, max_num_tokens, calib_samples, calib_seq_len, calib_data}
+    build           {options: every portable build option (nim_build.options, what `nim_build chart` reads),
+                     converter_version, quant, quant_algo, kv_cache, kv_cache_quant_algo, tp, pp, world_size,
+                     max_batch_size, max_seq_len (resolved), max_input_len, max_num_tokens, calib_samples,
+                     calib_seq_len, calib_data, parallel_plan, trtllm_build_config}
     tokenizer       {dir: "tokenizer", kind: "hf" | "tekken", bos_id, end_id, pad_id, chat_template: bool}
     versions        {nim_build, torch, transformers, tensorrt_llm_target, tensorrt_llm (null unless built)}
     gpu             {name, compute_capability, arch} or null when built without a GPU

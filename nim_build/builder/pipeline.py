@@ -27,7 +27,7 @@ from pathlib import Path
 from nim_build import TRTLLM_VERSION, __version__
 from nim_build.builder.manifest import CHECKPOINT_DIR, ENGINE_DIR, TOKENIZER_DIR, hash_files, hash_tree, write_manifest
 from nim_build.errors import AccuracyGateError, OutputExistsError, UserError
-from nim_build.options import DEFAULT_MAX_SEQ_LEN, FP8_QUANTS, BuildOptions
+from nim_build.options import DEFAULT_GATE, DEFAULT_MAX_SEQ_LEN, FP8_QUANTS, BuildOptions
 
 
 @dataclass
@@ -280,8 +280,7 @@ def _accuracy_gate(opts: BuildOptions, source, engine_dir: Path) -> dict:
 
 def gate_thresholds(opts: BuildOptions, model_dir: Path) -> tuple[float, float]:
     """The user's thresholds, else the embedded default model's own (see default_model.FP8_GATE), else
-    accuracy.DEFAULT_GATE."""
-    from nim_build.builder.accuracy import DEFAULT_GATE
+    options.DEFAULT_GATE."""
     from nim_build.builder.default_model import FP8_GATE, is_default_model, is_default_model_dir
 
     own = FP8_GATE if is_default_model(opts.model) or is_default_model_dir(model_dir) else DEFAULT_GATE

@@ -63,7 +63,6 @@ def load_config(model_dir: str | Path) -> dict:
     return cfg
 
 
-
 def _need(cfg: dict, key: str, source: str):
     if key not in cfg or cfg[key] is None:
         raise ConfigError(f"{source}: missing required field {key!r}")
