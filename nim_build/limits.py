@@ -1,8 +1,8 @@
 """What this process may use: memory and CPUs from the container's cgroup limits (v2 and v1), not the host's.
 
 In a pod with an 8 GiB limit on a 512 GB node, the host's free memory is irrelevant: sizing from it gets the
-process OOM-killed at start. Every "how much can I take" question (the reference runtime's KV-cache pool, thread
-counts) goes through here.
+process OOM-killed at start; with a 2-CPU quota on a 64-core node, 64 torch threads fight over 2 CPUs. Every "how
+much can I take" question (the reference runtime's KV-cache pool, torch's thread count) goes through here.
 """
 
 from __future__ import annotations
@@ -107,3 +107,15 @@ def cpu_count(root: Path | None = None, proc_cgroup: Path | None = None) -> int:
                 quota = None if int(q) <= 0 else int(q) / period
                 break
     return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+
+
+def configure_torch_threads() -> int:
+    """Set torch's intra-op threads to cpu_count() (the container's CPUs, not the node's) unless OMP_NUM_THREADS
+    says otherwise (torch reads it itself); returns the count in use."""
+    import torch
+
+    if not os.environ.get("OMP_NUM_THREADS"):
+        n = cpu_count()
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+    return torch.get_num_threads()

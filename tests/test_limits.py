@@ -66,6 +66,21 @@ def test_v1_limit_and_quota(tmp_path, monkeypatch):
     assert limits.memory_limit() is None
 
 
+def test_torch_threads_follow_the_cpu_quota(tmp_path, monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        use(monkeypatch, cgroup_v2(tmp_path, limit="max", current=0, cpu="100000 100000"))  # one CPU
+        assert limits.configure_torch_threads() == 1 == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's setting wins
+        torch.set_num_threads(2)
+        assert limits.configure_torch_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def engine_model(reference_engine_dir):
     from nim_build.runtime import DecoderModel
@@ -94,7 +109,7 @@ def test_kv_pool_takes_the_fraction_of_the_container_not_the_host(engine_model, 
         assert f"{fraction:g} of" in engine.kv_cache_note and "container memory limit 8.0 GiB" in engine.kv_cache_note
     use(monkeypatch, cgroup_v2(tmp_path / "roomy", limit=str(64 * GIB), current=GIB))
     engine = _engine(engine_model)
-    assert engine.allocator.total == need_blocks and "all max_batch_size x max_seq_len" in engine.kv_cache_note
+    assert engine.allocator.total == need_blocks and "enough for max_batch_size x max_seq_len" in engine.kv_cache_note
 
 
 def test_chart_memory_gives_the_runtime_its_whole_kv_pool(reference_engine_dir, engine_model, tmp_path, monkeypatch):

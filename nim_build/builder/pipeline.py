@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nim_build import TRTLLM_VERSION, __version__
+from nim_build import TRTLLM_VERSION, __version__, limits
 from nim_build.builder.manifest import CHECKPOINT_DIR, ENGINE_DIR, TOKENIZER_DIR, hash_files, hash_tree, write_manifest
 from nim_build.errors import AccuracyGateError, OutputExistsError, UserError
 from nim_build.options import DEFAULT_GATE, DEFAULT_MAX_SEQ_LEN, FP8_QUANTS, BuildOptions
@@ -67,6 +67,7 @@ def build(opts: BuildOptions, progress: bool = True, argv: Sequence[str] | None 
     from nim_build.builder.source import open_source
 
     t0 = time.monotonic()
+    limits.configure_torch_threads()  # calibration and the gate compute on the container's CPUs
     out = Path(opts.out) if opts.out else default_out(opts.model)
     if out.exists() and not opts.force:
         raise OutputExistsError(f"{out} already exists; pass --force to replace it or choose another --out")

@@ -454,5 +454,5 @@ def kv_pool_bytes(device: torch.device, need: int, fraction: float) -> tuple[int
         free, left = mem.available, mem.describe()
     budget = int(free * fraction)
     if need <= budget:
-        return need, f"all max_batch_size x max_seq_len can use; {fraction:g} of {left} would allow more"
-    return budget, f"{fraction:g} of {left}; max_batch_size x max_seq_len would use {need / 2**30:.1f} GiB"
+        return need, f"enough for max_batch_size x max_seq_len, within {fraction:g} of {left}"
+    return budget, f"{fraction:g} of {left}; max_batch_size x max_seq_len would need {need / 2**30:.1f} GiB"

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nim_build import limits
 from nim_build.runtime import fp8, rope
 from nim_build.runtime.checkpoint import Checkpoint, Layer, Linear, load_checkpoint
 from nim_build.runtime.kv_cache import PagedKVCache
@@ -81,6 +82,7 @@ class DecoderModel:
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str | Path, **kw) -> DecoderModel:
+        limits.configure_torch_threads()  # before the first parallel op: the container's CPUs, not the node's
         # On a thread of its own, so that the caller's thread starts no OpenMP team (see runtime/threads.py).
         return on_own_thread(lambda: cls(load_checkpoint(ckpt_dir), **kw))
 
