@@ -4,7 +4,8 @@ nothing of nim_build can still catch it (`except FileExistsError`).
 Which exit code and which next step each class gets on the command line is one table: nim_build/cli/_errors.py.
 UserError and its subclasses are bad input the user can fix (exit 2, one line, no traceback); AccuracyGateError is
 a build whose result was refused (exit 3); ServingError and InferenceError are failures of a running server or of
-a request to it (exit 4). Any other exception is an internal error: exit 1 with a traceback.
+a request to it (exit 4); HostError is the machine refusing (a full disk, a permission denied: exit 5). Any other
+exception is an internal error: exit 1 with a traceback.
 """
 
 
@@ -50,3 +51,7 @@ class ServingError(NimBuildError, RuntimeError):
 
 class InferenceError(NimBuildError, ConnectionError):
     """A request to the server failed: it answered with an error, or could not be reached."""
+
+
+class HostError(NimBuildError, OSError):
+    """The machine refused: no space left on a device, a permission denied, a read-only filesystem."""

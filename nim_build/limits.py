@@ -35,20 +35,19 @@ class Memory:
 
 
 def _cgroup_dirs(root: Path, proc_cgroup: Path, controller: str) -> list[Path]:
-    """The process's own cgroup directory first (v2: "0::/path"; v1: "N:memory:/path"), then the root."""
-    dirs = []
+    """The process's own cgroup directory (v2: "0::/path"; v1: "N:memory:/path") and its ancestors up to the
+    hierarchy's root: a limit set on any of them applies."""
+    base = root / controller if controller else root
+    path = "/"
     try:
-        lines = proc_cgroup.read_text().splitlines()
+        for line in proc_cgroup.read_text().splitlines():
+            _, controllers, where = (line.split(":", 2) + ["", ""])[:3]
+            if (controller == "" and controllers == "") or (controller and controller in controllers.split(",")):
+                path = where
     except OSError:
-        lines = []
-    for line in lines:
-        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        if controllers == "" and controller == "":  # v2 unified hierarchy
-            dirs.append(root / path.lstrip("/"))
-        elif controller and controller in controllers.split(","):
-            dirs.append(root / controller / path.lstrip("/"))
-    dirs.append(root / controller if controller else root)
-    return [d for i, d in enumerate(dirs) if d not in dirs[:i]]
+        pass
+    own = base / path.lstrip("/")
+    return [own, *[d for d in own.parents if d.is_relative_to(base)]] if own != base else [base]
 
 
 def _read(path: Path) -> str | None:
@@ -58,22 +57,35 @@ def _read(path: Path) -> str | None:
         return None
 
 
+def _stat(d: Path, key: str) -> int:
+    """A counter of d/memory.stat (0 when absent)."""
+    for line in (_read(d / "memory.stat") or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
 def memory_limit(root: Path | None = None, proc_cgroup: Path | None = None) -> tuple[int, int] | None:
-    """(limit, current usage) in bytes of the cgroup this process runs in, or None when it has no memory limit."""
+    """(limit, working set) in bytes of the tightest memory limit on this process's cgroup or its ancestors, or
+    None without one. The working set is usage minus the inactive file cache (what kubelet counts, and what the
+    kernel reclaims before it would kill): a checkpoint just read does not count as used."""
     root, proc_cgroup = root or CGROUP_ROOT, proc_cgroup or PROC_CGROUP
-    for d in _cgroup_dirs(root, proc_cgroup, ""):  # v2
-        limit = _read(d / "memory.max")
-        if limit is not None:
-            if limit == "max":
-                return None
-            return int(limit), int(_read(d / "memory.current") or 0)
-    for d in _cgroup_dirs(root, proc_cgroup, "memory"):  # v1
-        limit = _read(d / "memory.limit_in_bytes")
-        if limit is not None:
-            if int(limit) >= _V1_UNLIMITED:
-                return None
-            return int(limit), int(_read(d / "memory.usage_in_bytes") or 0)
-    return None
+    v2 = [d for d in _cgroup_dirs(root, proc_cgroup, "") if (d / "memory.max").is_file()]
+    levels = []
+    if v2:
+        for d in v2:
+            limit = _read(d / "memory.max")
+            if limit and limit != "max":
+                used = int(_read(d / "memory.current") or 0) - _stat(d, "inactive_file")
+                levels.append((int(limit), max(used, 0)))
+    else:
+        for d in _cgroup_dirs(root, proc_cgroup, "memory"):
+            limit = _read(d / "memory.limit_in_bytes")
+            if limit and limit.isdigit() and int(limit) < _V1_UNLIMITED:
+                used = int(_read(d / "memory.usage_in_bytes") or 0) - _stat(d, "total_inactive_file")
+                levels.append((int(limit), max(used, 0)))
+    return min(levels, key=lambda lu: lu[0] - lu[1]) if levels else None
 
 
 def memory(root: Path | None = None, proc_cgroup: Path | None = None) -> Memory:
@@ -89,24 +101,21 @@ def memory(root: Path | None = None, proc_cgroup: Path | None = None) -> Memory:
 
 
 def cpu_count(root: Path | None = None, proc_cgroup: Path | None = None) -> int:
-    """CPUs this process may use: its affinity mask, capped by the cgroup's CPU quota (rounded up)."""
+    """CPUs this process may use: its affinity mask, capped by the tightest CPU quota on its cgroup or its
+    ancestors (rounded up)."""
     root, proc_cgroup = root or CGROUP_ROOT, proc_cgroup or PROC_CGROUP
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    quota = None
-    for d in _cgroup_dirs(root, proc_cgroup, ""):  # v2: "max 100000" or "200000 100000"
-        text = _read(d / "cpu.max")
-        if text is not None:
-            q, _, period = text.partition(" ")
-            quota = None if q == "max" else int(q) / int(period or 100000)
-            break
-    else:
-        for d in _cgroup_dirs(root, proc_cgroup, "cpu"):  # v1: quota -1 = none
-            q = _read(d / "cpu.cfs_quota_us")
-            if q is not None:
-                period = int(_read(d / "cpu.cfs_period_us") or 100000)
-                quota = None if int(q) <= 0 else int(q) / period
-                break
-    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+    quotas = []
+    v2 = [d for d in _cgroup_dirs(root, proc_cgroup, "") if (d / "cpu.max").is_file()]
+    for d in v2:  # "max 100000" or "200000 100000"
+        q, _, period = (_read(d / "cpu.max") or "max").partition(" ")
+        if q.isdigit():
+            quotas.append(int(q) / int(period or 100000))
+    for d in [] if v2 else _cgroup_dirs(root, proc_cgroup, "cpu"):  # v1: quota -1 = none
+        q = _read(d / "cpu.cfs_quota_us")
+        if q and q.lstrip("-").isdigit() and int(q) > 0:
+            quotas.append(int(q) / int(_read(d / "cpu.cfs_period_us") or 100000))
+    return max(1, min(cpus, math.ceil(min(quotas)))) if quotas else cpus
 
 
 def configure_torch_threads() -> int:

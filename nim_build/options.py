@@ -17,10 +17,12 @@ the engine cache and the chart; local ones name this machine's paths or this run
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from nim_build import TOKENS_PER_BLOCK
@@ -195,6 +197,11 @@ class BuildOptions:
         return {f.name: getattr(self, f.name) for f in fields(portable=True)}
 
 
+def default(name: str):
+    """The declared default of an option."""
+    return next(f.default for f in dataclasses.fields(BuildOptions) if f.name == name)
+
+
 def fields(*, portable: bool | None = None, argument: bool = False) -> list[dataclasses.Field]:
     """The declared options (MODEL excluded unless argument=True), optionally only the portable or local ones."""
     out = []
@@ -220,7 +227,7 @@ def _base_type(f: dataclasses.Field) -> tuple[type, bool]:
     return hint, False
 
 
-_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
 
 
 def _check(f: dataclasses.Field, value: Any) -> None:
@@ -234,7 +241,7 @@ def _check(f: dataclasses.Field, value: Any) -> None:
     ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True
-    if not ok:
+    if not ok or (kind is float and not math.isfinite(value)):
         raise ConfigError(f"{f.name}: {value!r} is not {_TYPE_NAMES[kind]}")
     if m["choices"] is not None and value not in m["choices"]:
         raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(map(str, m['choices']))}")
@@ -242,8 +249,10 @@ def _check(f: dataclasses.Field, value: Any) -> None:
         raise ConfigError(f"{f.name}: {value!r} is below the minimum {m['min']}")
     if m["max"] is not None and value > m["max"]:
         raise ConfigError(f"{f.name}: {value!r} is above the maximum {m['max']}")
-    if kind is str and not m["argument"] and value == "":
-        raise ConfigError(f"{f.name}: an empty string; leave the option out instead")
+    if kind is str and not value.strip():
+        raise ConfigError(f"{f.name}: an empty string; " + ("give one" if m["argument"] else "leave the option out"))
+    if m["path"] == "file" and not Path(value).is_file():  # checked by click for flags, here for YAML values
+        raise ConfigError(f"{f.name}: {value} is not a file")
 
 
 def from_mapping(data: Any, source: str | None = None) -> BuildOptions:

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Gitignored; survives between test sessions so expensive artifacts are built once per checkout.
 TEST_CACHE = REPO / ".cache"
 SCRATCH = Path(tempfile.mkdtemp(prefix="nim_build_tests_"))  # this session's caches, removed at its end
+SESSION_MARK = "NIM_BUILD_TEST_SESSION"
 os.environ.update(
     {
         "HF_HOME": str(SCRATCH / "hf"),  # huggingface_hub reads it at import: set before anything imports it
@@ -30,18 +31,23 @@ os.environ.update(
         "NIM_BUILD_NATIVE_DIR": str(SCRATCH / "native"),
         "NIM_BUILD_CACHE": str(TEST_CACHE / "nim_build"),  # the default model, materialized once per checkout
         "PIP_CACHE_DIR": str(TEST_CACHE / "pip"),  # what scripts/setup.sh filled
+        SESSION_MARK: str(SCRATCH),  # inherited by every process a test starts
     }
 )
 USER_CACHE = Path.home() / ".cache"
 SERVER_PROCESSES = ("tritonserver", "triton_python_backend_stub")
+SHM_PREFIXES = ("nimb", "triton_python_backend_shm_region")  # python-backend regions: nim_build's and the default
 
 
-def _tree(root: Path) -> dict[str, tuple[int, int]]:
-    return (
-        {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*") if p.is_file()}
-        if root.is_dir()
-        else {}
-    )
+def _tree(root: Path) -> set[tuple[str, int, int]]:
+    found = set()
+    for p in root.rglob("*") if root.is_dir() else []:
+        try:
+            if p.is_file():
+                found.add((str(p), p.stat().st_mtime_ns, p.stat().st_size))
+        except OSError:  # gone between the listing and the stat
+            pass
+    return found
 
 
 def _checkout() -> set[str]:
@@ -56,27 +62,36 @@ def _checkout() -> set[str]:
 
 
 def _servers() -> set[int]:
+    """Triton servers and python stubs this session started (they inherit its SESSION_MARK), still running."""
     import psutil
 
     found = set()
     for proc in psutil.process_iter(["pid", "name", "cmdline", "status"]):
         words = [proc.info["name"] or "", *(proc.info["cmdline"] or [])[:1]]
-        if proc.info["status"] != psutil.STATUS_ZOMBIE and any(n in w for w in words for n in SERVER_PROCESSES):
-            found.add(proc.info["pid"])
+        if proc.info["status"] == psutil.STATUS_ZOMBIE or not any(n in w for w in words for n in SERVER_PROCESSES):
+            continue
+        try:
+            if proc.environ().get(SESSION_MARK) == str(SCRATCH):
+                found.add(proc.info["pid"])
+        except psutil.Error:
+            pass
     return found
+
+
+def _shm() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIXES)}
 
 
 @pytest.fixture(scope="session", autouse=True)
 def leaves_nothing_behind():
     """Set up first, torn down last: after every other fixture has stopped its servers."""
-    cache_before, shm_before, servers_before = _tree(USER_CACHE), set(os.listdir("/dev/shm")), _servers()
-    checkout_before = _checkout()
+    cache_before, shm_before, checkout_before = _tree(USER_CACHE), _shm(), _checkout()
     yield
     deadline = time.monotonic() + 15  # stubs of a server stopped a moment ago may still be exiting
-    while (left := _servers() - servers_before) and time.monotonic() < deadline:
+    while (left := _servers()) and time.monotonic() < deadline:
         time.sleep(0.2)
-    shm_left = sorted(set(os.listdir("/dev/shm")) - shm_before)
-    cache_changed = sorted(set(_tree(USER_CACHE).items()) ^ set(cache_before.items()))
+    shm_left = sorted(_shm() - shm_before)
+    cache_changed = sorted(_tree(USER_CACHE) ^ cache_before)
     checkout_changed = sorted(_checkout() - checkout_before)
     shutil.rmtree(SCRATCH, ignore_errors=True)
     assert not left, f"server processes left running: {sorted(left)}"

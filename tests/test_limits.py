@@ -51,6 +51,18 @@ def test_v2_limit_caps_what_the_host_has(tmp_path, monkeypatch):
     assert limits.cpu_count() == min(2, len(psutil.Process().cpu_affinity()))  # 1.5 CPUs: 2 threads
 
 
+def test_v2_counts_the_working_set_and_the_tightest_ancestor(tmp_path, monkeypatch):
+    """Page cache the kernel can drop (a checkpoint just read) is not used memory; a limit on the pod's cgroup holds
+    for the container's child cgroup that has none."""
+    root = cgroup_v2(tmp_path, limit="max", current=GIB, path="kubepods/pod1/container")
+    pod = root / "fs" / "kubepods" / "pod1"
+    (pod / "memory.max").write_text(f"{6 * GIB}\n")
+    (pod / "memory.current").write_text(f"{5 * GIB}\n")
+    (pod / "memory.stat").write_text(f"anon {GIB}\ninactive_file {3 * GIB}\nactive_file 0\n")
+    use(monkeypatch, root)
+    assert limits.memory_limit() == (6 * GIB, 2 * GIB)
+
+
 def test_v2_without_limits_is_the_host(tmp_path, monkeypatch):
     use(monkeypatch, cgroup_v2(tmp_path, limit="max", current=GIB))
     mem = limits.memory()
@@ -122,9 +134,20 @@ def test_chart_memory_gives_the_runtime_its_whole_kv_pool(reference_engine_dir, 
     limit = int(values["resources"]["limits"]["memory"].removesuffix("Gi")) * GIB
     shm = int(values["shm"]["sizeLimit"].removesuffix("Gi")) * GIB
     kv_share = kv_cache_memory(load_manifest(reference_engine_dir))
-    loaded = psutil.Process().memory_info().rss  # this process with the engine's model loaded (and pytest...)
+    loaded = _rss_after_loading(reference_engine_dir)  # a process like the tensorrt_llm stub, engine loaded
     assert loaded < limit - shm - kv_share, "the chart leaves too little for loading the engine"
     use(monkeypatch, cgroup_v2(tmp_path, limit=str(limit), current=int(limit - kv_share)))
     engine = _engine(engine_model)  # everything but the KV share already used: the pool still gets its full need
     assert engine.allocator.total == 32 * 512 // 32
     assert KV_CACHE_FREE_MEM_FRACTION == 0.9
+
+
+def _rss_after_loading(engine_dir: Path) -> int:
+    import subprocess
+    import sys
+
+    code = (
+        "import psutil; from nim_build.runtime import LLMEngine; "
+        f"LLMEngine.from_engine_dir({str(engine_dir)!r}); print(psutil.Process().memory_info().rss)"
+    )
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)

@@ -282,7 +282,7 @@ def test_reference_backend_refuses_what_its_runtime_cannot_do(tmp_path, tekken_t
     reference engine (kept for trtllm); what it honours (the memory fraction, chunked context: tests/test_limits.py,
     tests/test_scheduler.py) is written for both."""
     ref, trt = _engine_dir(tmp_path, "reference", tekken_tok), _engine_dir(tmp_path, "trtllm", tekken_tok)
-    with pytest.raises(UserError, match="--enable-kv-cache-reuse True: the reference runtime has no KV-cache reuse"):
+    with pytest.raises(UserError, match="enable_kv_cache_reuse True: the reference runtime has no KV-cache reuse"):
         generate_repo(ref, tmp_path / "r1", RepoOptions(enable_kv_cache_reuse=True))
     with pytest.raises(UserError, match="max_utilization: the reference runtime schedules guaranteed_no_evict only"):
         generate_repo(ref, tmp_path / "r1", RepoOptions(batch_scheduler_policy="max_utilization"))

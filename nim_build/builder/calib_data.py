@@ -31,15 +31,15 @@ def token_batch(
 
     When the texts are too short, the stream is reused from a shifted start so rows are not identical.
     """
-    if num_samples < 1 or seq_len < 2:
-        raise UserError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
     stream: list[int] = []
     for text in load_texts(path):
         stream.extend(tokenizer.encode(text, add_special_tokens=False))
         if separator_id is not None:
             stream.append(separator_id)
+    if not stream:
+        raise UserError(f"{path or 'the built-in text'} encodes to no tokens with this model's tokenizer")
     if len(stream) < seq_len:
-        stream = stream * (seq_len // max(len(stream), 1) + 1)
+        stream = stream * (seq_len // len(stream) + 1)
     rows, start = [], 0
     for _ in range(num_samples):
         if start + seq_len > len(stream):

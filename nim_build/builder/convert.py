@@ -296,6 +296,26 @@ class _LayerStream:
         self.pool.shutdown(cancel_futures=True)
 
 
+def _dtype(source: SourceModel, quant: str, dtype: str | None) -> str:
+    return dtype or ("float16" if quant == "fp16" else "bfloat16" if quant == "bf16" else source.spec.dtype)
+
+
+def _groups(source: SourceModel, plan: ParallelPlan, quant: str, kv_cache: str, dtype: str):
+    """The builder and its groups of output tensors: head, [per layer], tail (planned, nothing read)."""
+    builder = _Builder(source, plan, quant, kv_cache, dtype)
+    layers = [builder.layer(i) for i in range(source.spec.num_hidden_layers)]
+    return builder, builder.head(), layers, builder.tail()
+
+
+def planned_bytes(
+    source: SourceModel, plan: ParallelPlan, *, quant: str, kv_cache: str = "auto", dtype: str | None = None
+) -> int:
+    """Bytes of tensor data the checkpoint of these options will hold, over all ranks (nothing is read)."""
+    _, head, layers, tail = _groups(source, plan, quant, kv_cache, _dtype(source, quant, dtype))
+    groups = head + [g for gs in layers for g in gs] + tail
+    return sum(t.nbytes for g in groups for rank in g.specs for t in rank)
+
+
 def convert_checkpoint(
     source: SourceModel,
     out_dir: str | Path,
@@ -315,12 +335,10 @@ def convert_checkpoint(
     """
     out_dir = Path(out_dir)
     spec, tp = source.spec, plan.tp
-    dtype = dtype or ("float16" if quant == "fp16" else "bfloat16" if quant == "bf16" else spec.dtype)
+    dtype = _dtype(source, quant, dtype)
     if quant == "fp8" and calib_ids is None:
         raise ValueError("FP8 conversion needs a calibration batch (calib_ids)")
-    builder = _Builder(source, plan, quant, kv_cache, dtype)
-    layers = [builder.layer(i) for i in range(spec.num_hidden_layers)]
-    head, tail = builder.head(), builder.tail()
+    builder, head, layers, tail = _groups(source, plan, quant, kv_cache, dtype)
     all_groups = head + [g for gs in layers for g in gs] + tail
     rank_specs = [[t for g in all_groups for t in g.specs[r]] for r in range(tp)]
     writers = [StreamingWriter(out_dir / f"rank{r}.safetensors", rank_specs[r]) for r in range(tp)]

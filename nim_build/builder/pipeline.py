@@ -9,13 +9,12 @@
     manifest  written last                                                                    manifest.py
 
 Everything is written into a temporary sibling of the output directory, which is renamed into place when
-complete; manifest.json is its last file. A build killed at any point (SIGKILL included) leaves at most a
-`.<name>.partial-<pid>` directory, which the next build removes.
+complete (nim_build/outputs.py); manifest.json is its last file. A build killed at any point (SIGKILL included)
+leaves at most a `.<name>.partial-<pid>-*` directory, which the next build removes.
 """
 
 from __future__ import annotations
 
-import os
 import resource
 import shutil
 import sys
@@ -26,8 +25,9 @@ from pathlib import Path
 
 from nim_build import TRTLLM_VERSION, __version__, limits
 from nim_build.builder.manifest import CHECKPOINT_DIR, ENGINE_DIR, TOKENIZER_DIR, hash_files, hash_tree, write_manifest
-from nim_build.errors import AccuracyGateError, OutputExistsError, UserError
+from nim_build.errors import AccuracyGateError, UserError
 from nim_build.options import DEFAULT_GATE, DEFAULT_MAX_SEQ_LEN, FP8_QUANTS, BuildOptions
+from nim_build.outputs import check_free_space, check_output, output_dir
 
 
 @dataclass
@@ -62,6 +62,7 @@ def build(opts: BuildOptions, progress: bool = True, argv: Sequence[str] | None 
     """Build opts.out (default engines/<model name>); returns the summary `nim_build engine` prints.
     argv: the user's command line after `nim_build`, reproduced in messages that suggest another command."""
     from nim_build.builder.backends import choose_backend
+    from nim_build.builder.convert import planned_bytes
     from nim_build.builder.plan import make_plan
     from nim_build.builder.resolve import resolve_model
     from nim_build.builder.source import open_source
@@ -69,8 +70,7 @@ def build(opts: BuildOptions, progress: bool = True, argv: Sequence[str] | None 
     t0 = time.monotonic()
     limits.configure_torch_threads()  # calibration and the gate compute on the container's CPUs
     out = Path(opts.out) if opts.out else default_out(opts.model)
-    if out.exists() and not opts.force:
-        raise OutputExistsError(f"{out} already exists; pass --force to replace it or choose another --out")
+    check_output(out, opts.force)
 
     # Cheap checks first: a bad --tp or an unavailable backend fails before any download or conversion.
     resolved = resolve_model(opts.model, allow_pickle=opts.allow_pickle)
@@ -103,17 +103,10 @@ def build(opts: BuildOptions, progress: bool = True, argv: Sequence[str] | None 
             )
         _log(f"backend: {backend} ({reason})")
         run = _Build(opts, resolved, source, plan, backend, max_seq_len, t0, {"resolve": resolve_s})
-
-        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-        _remove_stale_partials(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-        try:
+        need = planned_bytes(source, plan, quant=opts.quant, kv_cache=opts.kv_cache)
+        check_free_space(out, need * (2 if backend == "trtllm" else 1))  # an engine is about its checkpoint again
+        with output_dir(out, opts.force, protect=(source.dir,)) as tmp:
             summary = _build_into(tmp, run, name=opts.name or out.name, progress=progress)
-            _replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     finally:
         source.close()
     summary["out"] = str(out)
@@ -289,32 +282,3 @@ def gate_thresholds(opts: BuildOptions, model_dir: Path) -> tuple[float, float]:
         own[0] if opts.min_top1 is None else opts.min_top1,
         own[1] if opts.max_ppl_increase is None else opts.max_ppl_increase,
     )
-
-
-def _remove_stale_partials(out: Path) -> None:
-    """Remove partial outputs of builds that were killed (their pid no longer runs)."""
-    for p in out.parent.glob(f".{out.name}.partial-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename the finished directory into place; an old output (--force) is moved aside first, then deleted."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -4,6 +4,7 @@ holds only safetensors weights, config and tokenizer files."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,15 +35,58 @@ def resolve_model(model: str, allow_pickle: bool = False) -> ResolvedModel:
     if path.exists():
         if not path.is_dir():
             raise UserError(f"MODEL {model} is a file; point it at a model directory or a hub id like org/name")
-        return ResolvedModel(model, _ensure_safetensors(path.resolve(), allow_pickle), None)
-    if model.count("/") != 1 or model.startswith((".", "/")):
-        raise UserError(
-            f"MODEL {model!r} is neither an existing directory nor a hub id like "
-            "'mistralai/Mistral-Nemo-Instruct-2407[@revision]'"
-        )
+        local = path.resolve()
+        check_inside(local, local)
+        return ResolvedModel(model, _ensure_safetensors(local, allow_pickle), None)
     repo_id, _, revision = model.partition("@")
+    check_repo_id(repo_id, model)
+    if revision:
+        check_revision(revision)
     local, sha = _download(repo_id, revision or None, allow_pickle)
+    check_inside(local, local.parent.parent)  # a snapshot's files link into its repository's blobs/
     return ResolvedModel(model, _ensure_safetensors(local, allow_pickle), sha)
+
+
+def check_repo_id(repo_id: str, model: str | None = None) -> None:
+    """A hub id as the Hub spells them (org/name), or a UserError: before any path or request is made from it."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        if repo_id.count("/") != 1:
+            raise HFValidationError("not org/name")
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UserError(
+            f"MODEL {model or repo_id!r} is neither an existing directory nor a hub id like "
+            "'mistralai/Mistral-Nemo-Instruct-2407[@revision]'"
+        ) from None
+
+
+# A git commit, or a ref name as `git check-ref-format` allows it (branches, tags, refs/pr/N).
+_REF = re.compile(r"^(?!/)(?!.*//)(?!.*\.\.)(?!.*\.lock$)(?!.*/$)(?!.*@\{)[A-Za-z0-9._/-]+$")
+
+
+def check_revision(revision: str) -> None:
+    """A revision is a commit or a git ref name, never a path: checked before a cache path is made from it."""
+    if (
+        not _REF.match(revision)
+        or revision.startswith(("-", "."))
+        or any(p.startswith(".") for p in revision.split("/"))
+    ):
+        raise UserError(f"revision {revision!r} is not a git commit, branch or tag name")
+
+
+def check_inside(model_dir: Path, root: Path) -> None:
+    """Refuse input files that resolve outside root (a link to a file elsewhere on the machine would be copied
+    into the engine, and from there into a repository shipped to a cluster)."""
+    root = root.resolve()
+    for path in input_files(model_dir):
+        target = path.resolve()
+        if not target.is_relative_to(root):
+            raise CheckpointError(
+                f"{path} links to {target}, outside {root}; copy the file into the model directory instead of "
+                "linking it"
+            )
 
 
 def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> tuple[Path, str]:
@@ -116,6 +160,8 @@ def _pickle_to_safetensors(model_dir: Path, bins: list[Path]) -> Path:
 
 
 def input_files(model_dir: Path) -> list[Path]:
-    """Every file a build of model_dir reads: config, weights (+ index) and tokenizer files, sorted."""
+    """Every file a build of model_dir may read: config, weights (+ index; pickle ones, read with --allow-pickle)
+    and tokenizer files, sorted."""
     names = ["config.json", INDEX_FILE, *TOKENIZER_FILES]
-    return sorted({model_dir / n for n in names if (model_dir / n).is_file()} | set(model_dir.glob("*.safetensors")))
+    weights = {p for pattern in ["*.safetensors", *PICKLE_PATTERNS] for p in model_dir.glob(pattern) if p.is_file()}
+    return sorted({model_dir / n for n in names if (model_dir / n).is_file()} | weights)

@@ -7,14 +7,17 @@ its final offset as soon as it is computed: memory stays bounded by the tensor i
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from nim_build.errors import CheckpointError
+from nim_build.jsonfile import read_object
 
 DTYPE_TO_ST = {
     torch.float32: "F32",
@@ -30,29 +33,85 @@ ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
 INDEX_FILE = "model.safetensors.index.json"
 
 
+# Bytes per element of every safetensors dtype (the format's own list); nim_build reads those in ST_TO_DTYPE.
+ITEMSIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+}
+MAX_HEADER_BYTES = 100 << 20
+
+
 def read_header(path: Path) -> tuple[dict, int]:
     """Parse and validate a safetensors header -> (tensor entries, start of the data section).
 
-    A truncated or corrupt file is a CheckpointError."""
+    Every entry is checked before a byte of data is read, as the safetensors library checks it: a known dtype, a
+    shape of non-negative integers, integer offsets whose span is exactly the shape's bytes, and spans that tile
+    the data section from 0 to the end of the file without gaps or overlaps. Any other file is a CheckpointError
+    naming the problem."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise CheckpointError(f"{path} is truncated ({size} bytes); re-download it")
         (n,) = struct.unpack("<Q", raw)
-        if n > size - 8 or n > 100 << 20:
+        if n > size - 8 or n > MAX_HEADER_BYTES:
             raise CheckpointError(f"{path} has a corrupt header (length {n}, file {size} bytes); re-download it")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path} has a corrupt header; re-download it") from None
-    header.pop("__metadata__", None)
-    end = max((t["data_offsets"][1] for t in header.values()), default=0)
-    if 8 + n + end > size:
+        except (ValueError, RecursionError):  # bad JSON or UTF-8, or nested past Python's recursion limit
+            raise CheckpointError(f"{path} has a corrupt header (not a JSON object); re-download it") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt header (a JSON {type(header).__name__}, not an object)")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+    spans = sorted((_entry(path, name, info), name) for name, info in header.items())
+    end = 0
+    for (begin, stop), name in spans:
+        if begin != end:
+            what = "overlaps the tensor before it" if begin < end else f"leaves a gap of {begin - end} bytes"
+            raise CheckpointError(f"{path}: tensor {name!r} {what} (data_offsets start at {begin}, expected {end})")
+        end = stop
+    if 8 + n + end != size:
         raise CheckpointError(
-            f"{path} is truncated: its header needs {8 + n + end} bytes, the file has {size}; re-download it"
+            f"{path} is truncated or padded: its header describes {8 + n + end} bytes, the file "
+            f"has {size}; re-download it"
         )
     return header, 8 + n
+
+
+def _entry(path: Path, name: str, info) -> tuple[int, int]:
+    """The (begin, end) data offsets of one header entry, after checking its dtype, shape and byte length."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise CheckpointError(f"{path}: tensor {name!r} must have a dtype, a shape and data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in ITEMSIZE:
+        raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise CheckpointError(f"{path}: tensor {name!r} has shape {shape!r}; expected a list of sizes >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise CheckpointError(f"{path}: tensor {name!r} has data_offsets {offsets!r}; expected [begin, end]")
+    begin, stop = offsets
+    nbytes = math.prod(shape) * ITEMSIZE[dtype]
+    if begin < 0 or stop - begin != nbytes:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} spans data_offsets {offsets}, but {dtype}{shape} is "
+            f"{nbytes} bytes; the file is corrupt"
+        )
+    return begin, stop
 
 
 class CheckpointReader:
@@ -66,9 +125,12 @@ class CheckpointReader:
         self.dir = Path(model_dir)
         index = self.dir / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map") or {}
-            if not weight_map:
+            weight_map = read_object(index).get("weight_map") or {}
+            if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index} has no weight_map; re-download the model")
+            for shard in set(weight_map.values()):
+                if not isinstance(shard, str) or Path(shard).name != shard or shard in (".", ".."):
+                    raise CheckpointError(f"{index} names shard {shard!r}, which is not a file name in {self.dir}")
             for shard in sorted(set(weight_map.values())):
                 if not (self.dir / shard).is_file():
                     raise CheckpointError(
@@ -86,17 +148,20 @@ class CheckpointReader:
         for path in self.files:
             header, data_start = read_header(path)
             for name, info in header.items():
-                if info["dtype"] not in ST_TO_DTYPE:
-                    raise CheckpointError(f"{path.name}: tensor {name} has unsupported dtype {info['dtype']}")
                 b, e = info["data_offsets"]
                 self._meta[name] = (path, info["dtype"], info["shape"], data_start + b, e - b)
         self._fds: dict[Path, int] = {}
+        self._fds_lock = threading.Lock()
 
     def __contains__(self, name: str) -> bool:
         return name in self._meta
 
     def shape(self, name: str) -> list[int]:
         return self._meta[self._require(name)][2]
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype code ("BF16", "F32", ...)."""
+        return self._meta[self._require(name)][1]
 
     def _require(self, name: str) -> str:
         if name not in self._meta:
@@ -105,8 +170,11 @@ class CheckpointReader:
 
     def get(self, name: str) -> torch.Tensor:
         path, dtype, shape, offset, nbytes = self._meta[self._require(name)]
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
+        if dtype not in ST_TO_DTYPE:
+            raise CheckpointError(f"{path.name}: tensor {name} has dtype {dtype}, which nim_build does not read")
+        with self._fds_lock:  # the read-ahead thread and the caller's both read
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
         buf = torch.empty(nbytes, dtype=torch.uint8)
         view, done = memoryview(buf.numpy()), 0
         while done < nbytes:

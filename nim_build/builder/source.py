@@ -16,6 +16,8 @@ from nim_build.builder.safetensors_io import CheckpointReader
 from nim_build.builder.spec import ModelSpec, load_config, parse_config
 from nim_build.errors import CheckpointError
 
+WEIGHT_DTYPES = ("BF16", "F16", "F32")  # safetensors dtypes of an HF checkpoint's weights
+
 
 @dataclass
 class SourceModel:
@@ -75,4 +77,8 @@ def check_shapes(reader: CheckpointReader, spec: ModelSpec, fam: Family) -> None
             raise CheckpointError(
                 f"tensor {name} has shape {got}, config.json implies {shape}; "
                 "the config and the weights do not belong together"
+            )
+        if reader.dtype(name) not in WEIGHT_DTYPES:
+            raise CheckpointError(
+                f"tensor {name} has dtype {reader.dtype(name)}; model weights are {', '.join(WEIGHT_DTYPES)}"
             )

@@ -64,8 +64,10 @@ def main(argv=None):
     except click.ClickException as e:
         e.show()
         sys.exit(_errors.EXIT_USAGE if e.exit_code in (1, 2) else e.exit_code)
-    except NimBuildError as e:
-        if os.environ.get("NIM_BUILD_DEBUG"):
+    except (NimBuildError, OSError) as e:
+        if not isinstance(e, NimBuildError):
+            e = _errors.host_error(e) or e
+        if os.environ.get("NIM_BUILD_DEBUG") or not isinstance(e, NimBuildError):
             raise
         click.echo(_errors.message(e), err=True)
         sys.exit(_errors.exit_code(e))

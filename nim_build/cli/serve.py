@@ -53,24 +53,22 @@ def command(repo, host, http_port, grpc_port, metrics_port, startup_timeout, hea
         echo=None if quiet else sys.stderr,
     )
     stop = threading.Event()
-    signals = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signals[sig] = signal.signal(sig, lambda *_: stop.set())
-    server.start()
+    signals = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    reason = None
     try:
-        server.wait_ready(startup_timeout)
-        probe = health_probe(server.grpc_url, server.repo)
-        probe()
-        models = ", ".join(sorted(p.parent.name for p in server.repo.glob("*/config.pbtxt")))
-        click.echo(
-            f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.client_host}:"
-            f"{metrics_port}/metrics  (models: {models})",
-            err=True,
-        )
-        click.echo(
-            f"try: nim_build infer --url {server.grpc_url} --prompt 'Hello'{_chat_flag(server.repo)} --stream", err=True
-        )
-        reason = supervise(server, probe, interval_s=health_interval, stop_event=stop)
+        server.start()
+        if server.wait_ready(startup_timeout, stop):  # a SIGTERM while the engine loads stops it at once
+            probe = health_probe(server.grpc_url, server.repo)
+            probe()
+            models = ", ".join(sorted(p.parent.name for p in server.repo.glob("*/config.pbtxt")))
+            click.echo(
+                f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.client_host}:"
+                f"{metrics_port}/metrics  (models: {models})",
+                err=True,
+            )
+            chat = _chat_flag(server.repo)
+            click.echo(f"try: nim_build infer --url {server.grpc_url} --prompt 'Hello'{chat} --stream", err=True)
+            reason = supervise(server, probe, interval_s=health_interval, stop_event=stop)
     finally:
         code = server.stop()
         for sig, handler in signals.items():
@@ -86,9 +84,8 @@ def command(repo, host, http_port, grpc_port, metrics_port, startup_timeout, hea
 
 def _chat_flag(repo) -> str:
     """' --chat' when the served model has a chat template (an instruct model answers chats, not raw text)."""
-    import json
-
+    from nim_build.jsonfile import read_object
     from nim_build.serving.tokenizer import META_FILE, REPO_TOKENIZER_DIR
 
     meta = repo / REPO_TOKENIZER_DIR / META_FILE
-    return " --chat" if meta.is_file() and json.loads(meta.read_text()).get("chat_template") else ""
+    return " --chat" if meta.is_file() and read_object(meta).get("chat_template") else ""

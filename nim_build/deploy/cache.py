@@ -15,7 +15,10 @@ format version, the GPU compute capability and the TensorRT-LLM version. A local
 hashes.json by path, size, mtime and inode, so a warm start does not read a 24 GB checkpoint again. Replicas
 starting together take the lock one after the other; the first builds into a private temporary directory and
 renames it into place when complete, the others find the finished directory. Even where the filesystem ignores
-locks, the rename is atomic and the first complete directory wins, so no reader ever sees a partial engine.
+locks, the rename is atomic and the first complete directory wins, so no reader ever sees a partial engine (a
+concurrent builder may then have its temporary directory removed under it and fail: the cache stays consistent).
+The build runs in a child process that dies with its parent (PR_SET_PDEATHSIG): a killed cache-engine leaves no
+build writing on.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,7 +40,7 @@ from pathlib import Path
 from nim_build import __version__, options
 from nim_build.builder.default_model import is_default_model
 from nim_build.builder.manifest import MANIFEST, sha256_file
-from nim_build.errors import UserError
+from nim_build.errors import AccuracyGateError, HostError, NimBuildError, UserError
 from nim_build.options import BuildOptions
 
 KEY_FORMAT = 2
@@ -94,9 +98,12 @@ def local_fingerprint(model_dir: Path, hashes_file: Path | None = None) -> str:
             changed = True
         h.update(f"{path.relative_to(model_dir).as_posix()}\0{entry['sha256']}\n".encode())
     if hashes_file and changed:
-        tmp = hashes_file.with_name(f".{hashes_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo, indent=1) + "\n")
-        os.replace(tmp, hashes_file)  # a concurrent writer may win: its entries are as valid as ours
+        # a private temporary file (pods in one volume may share pids); a concurrent writer may win the rename:
+        # its entries are as valid as ours
+        fd, tmp = tempfile.mkstemp(prefix=f".{hashes_file.name}.", dir=hashes_file.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(memo, indent=1) + "\n")
+        os.replace(tmp, hashes_file)
     return "local-" + h.hexdigest()[:40]
 
 
@@ -110,6 +117,10 @@ def _read_json(path: Path) -> dict:
 
 def resolve_revision(model: str, revision: str, hf_cache: Path) -> str:
     """The commit a hub revision points to: from the Hub, or from the cache's refs when offline."""
+    from nim_build.builder.resolve import check_repo_id, check_revision
+
+    check_repo_id(model)
+    check_revision(revision)  # before a path in the cache is made from it
     if _COMMIT.match(revision):
         return revision
     from huggingface_hub import HfApi, constants
@@ -118,7 +129,10 @@ def resolve_revision(model: str, revision: str, hf_cache: Path) -> str:
     ref = hf_cache / ("models--" + model.replace("/", "--")) / "refs" / revision
     if constants.HF_HUB_OFFLINE:
         if ref.is_file():
-            return ref.read_text().strip()
+            commit = ref.read_text(errors="replace").strip()
+            if not _COMMIT.match(commit):
+                raise UserError(f"{ref} does not hold a commit; the cache is damaged: fetch the model again")
+            return commit
         raise UserError(
             f"offline mode and the cache has no {model}@{revision} (no {ref}); "
             "pre-populate the cache or pin model.revision to a commit"
@@ -167,16 +181,24 @@ def engine_argv(model: str, out: Path, opts: BuildOptions) -> list[str]:
     return ["engine", model, "--out", str(out), *options.to_argv(opts)]
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: be killed when the parent dies (Linux PR_SET_PDEATHSIG), so that a build whose
+    cache-engine was killed stops writing instead of racing the next run, which removes its temporary directory."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
 def run_engine_build(model: str, out: Path, opts: BuildOptions, hf_cache: Path) -> None:
     """Build with ``nim_build engine`` in a child process that downloads into hf_cache (its output goes to stderr)."""
     argv = engine_argv(model, out, opts)
     _log(f"running: nim_build {' '.join(argv)}")
     cmd = [sys.executable, "-m", "nim_build", *argv]
-    rc = subprocess.run(cmd, stdout=sys.stderr, env={**os.environ, "HF_HUB_CACHE": str(hf_cache)}).returncode
-    if rc != 0:
-        raise UserError(
-            f"`nim_build engine` failed with exit code {rc} (its log is above); the cache was left unchanged"
-        )
+    env = {**os.environ, "HF_HUB_CACHE": str(hf_cache)}
+    rc = subprocess.run(cmd, stdout=sys.stderr, env=env, preexec_fn=_die_with_parent).returncode
+    if rc != 0:  # the build's own exit code carries on (README: exit codes): a gate failure stays a gate failure
+        error = {2: UserError, 3: AccuracyGateError, 5: HostError}.get(rc, NimBuildError)
+        raise error(f"`nim_build engine` failed with exit code {rc} (its log is above); the cache was left unchanged")
 
 
 def ensure_engine(

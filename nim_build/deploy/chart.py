@@ -82,7 +82,7 @@ def kv_cache_memory(manifest: dict) -> float:
     from nim_build.runtime.model import CPU_COMPUTE_DTYPE
 
     spec, build = _field(manifest, "spec"), _field(manifest, "build")
-    elem = 1 if build.get("kv_cache_quant_algo") == "FP8" else CPU_COMPUTE_DTYPE.itemsize
+    elem = PagedKVCache.element_bytes(build.get("kv_cache_quant_algo") == "FP8", CPU_COMPUTE_DTYPE)
     need = PagedKVCache.full_need(
         int(spec["num_hidden_layers"]),
         TOKENS_PER_BLOCK,
@@ -129,6 +129,12 @@ def chart_values(engine_dir: str | os.PathLike) -> tuple[dict, list[str]]:
     model, note = _model_values(manifest)
     if note:
         notes.append(note)
+    calib = (manifest.get("build") or {}).get("calib_data")
+    if calib not in (None, "built-in"):  # a path on the build machine: the node calibrates with the built-in text
+        notes.append(
+            f"built with --calib-data {calib}: the chart's init container rebuilds (on a new GPU type or "
+            "TensorRT-LLM version) with the built-in calibration text, so its FP8 scales can differ"
+        )
     # The chart builds what this build built: its options, with the backend it ended up with (not `auto`).
     values: dict = {"model": model, "engine": options.to_chart(opts.replace(backend=backend))}
     if gpu:

@@ -118,7 +118,7 @@ def synced(chart: Path) -> dict[Path, str]:
     readme_path, tpl_path = chart / "README.md", chart / "templates" / "_engine.tpl"
 
     values = values_path.read_text()
-    match = re.search(r"^engine:\n(?:[ #].*\n|\n(?=[ #]))*", values, re.M)
+    match = re.search(r"^engine:\n(?: .*\n)*", values, re.M)  # the block: its indented lines
     if match is None:
         raise ValueError(f"{values_path} has no top-level `engine:` block")
     values = values[: match.start()] + values_block() + values[match.end() :]

@@ -27,18 +27,17 @@ from pathlib import Path
 
 import torch
 
-from nim_build import KV_CACHE_FREE_MEM_FRACTION, TOKENS_PER_BLOCK, limits
+from nim_build import KV_CACHE_FREE_MEM_FRACTION, TOKENS_PER_BLOCK, limits, options
 from nim_build.builder.manifest import CHECKPOINT_DIR, load_manifest
 from nim_build.errors import UserError
 from nim_build.runtime.kv_cache import BlockAllocator, PagedKVCache
 from nim_build.runtime.model import DecoderModel, SeqChunk
 from nim_build.runtime.sampling import SamplingParams, mask_bad_words, sample
-from nim_build.runtime.threads import on_own_thread
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH_SIZE = 64
-DEFAULT_MAX_NUM_TOKENS = 8192
+DEFAULT_MAX_BATCH_SIZE = options.default("max_batch_size")  # an engine directory's limits, where it records none
+DEFAULT_MAX_NUM_TOKENS = options.default("max_num_tokens")
 
 
 @dataclass
@@ -106,7 +105,7 @@ class LLMEngine:
         self.tokens_per_block = tokens_per_block
         self.enable_chunked_context = enable_chunked_context
         kv_scales = model.kv_scales()
-        elem = 1 if kv_scales is not None else torch.empty(0, dtype=model.dtype).element_size()
+        elem = PagedKVCache.element_bytes(kv_scales is not None, model.dtype)
         per_block = PagedKVCache.bytes_per_block(c.num_layers, tokens_per_block, c.num_kv_heads, c.head_size, elem)
         need = PagedKVCache.full_need(
             c.num_layers, tokens_per_block, c.num_kv_heads, c.head_size, elem, max_batch_size, max_seq_len
@@ -127,9 +126,8 @@ class LLMEngine:
         )
         log.info(self.kv_cache_note)
         self.allocator = BlockAllocator(num_blocks)
-        # Zeroing the pool runs parallel: on a thread of its own, like the weights (see runtime/threads.py).
-        self.cache = on_own_thread(
-            PagedKVCache,
+        # No parallel op here (CPU pages come zeroed from calloc), so no OpenMP team on this thread.
+        self.cache = PagedKVCache(
             c.num_layers,
             num_blocks,
             tokens_per_block,
@@ -339,7 +337,7 @@ class LLMEngine:
             req = self._waiting[0]
             n = self._chunk(req, budget)
             if n == 0:
-                break  # not one whole block left in this step's budget
+                break  # no room in this step's budget: a whole block, or without chunked context the prompt
             blocks = self.allocator.allocate(self._blocks_needed(len(req.prompt), req.params))
             if blocks is None:
                 break  # guaranteed_no_evict: wait for running requests to finish (arrival order kept)

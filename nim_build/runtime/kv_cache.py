@@ -69,6 +69,11 @@ class PagedKVCache:
         return 2 * num_layers * block_size * kv_heads * head_size * elem_bytes
 
     @staticmethod
+    def element_bytes(fp8: bool, dtype: torch.dtype) -> int:
+        """Bytes of one cached K or V value: FP8 with an FP8 KV cache, else the compute dtype's."""
+        return 1 if fp8 else dtype.itemsize
+
+    @staticmethod
     def full_need(
         num_layers: int,
         block_size: int,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, replace
@@ -39,7 +40,8 @@ from google.protobuf import text_format
 
 from nim_build import KV_CACHE_FREE_MEM_FRACTION
 from nim_build.builder.manifest import load_manifest
-from nim_build.errors import NativeBuildError, OutputExistsError, UserError
+from nim_build.errors import NativeBuildError, UserError
+from nim_build.outputs import check_output, output_dir
 from nim_build.serving import native
 from nim_build.serving.tokenizer import META_FILE, REPO_TOKENIZER_DIR, Tokenizer, meta_from_manifest
 
@@ -243,6 +245,16 @@ REFERENCE_LIMITS = (
 )
 
 
+def refused_for_reference(values: dict) -> str | None:
+    """Why the reference runtime cannot take these tensorrt_llm settings (RepoOptions values, or a config's
+    parameter strings), or None. One table for `nim_build repo` and for the python tensorrt_llm model at load."""
+    for name, refused, why in REFERENCE_LIMITS:
+        value = values.get(name)
+        if value is not None and str(value).lower() == str(refused).lower():
+            return f"{name} {value}: {why}"
+    return None
+
+
 def build_configs(manifest: dict, engine_dir: Path, opts: RepoOptions) -> dict[str, object]:
     """The five ModelConfig messages for an engine, keyed by model directory name."""
     backend = manifest["backend"]
@@ -250,10 +262,8 @@ def build_configs(manifest: dict, engine_dir: Path, opts: RepoOptions) -> dict[s
         raise UserError(f"engine backend {backend!r} is not servable; expected 'trtllm' or 'reference'")
     if opts.batch_scheduler_policy not in SCHEDULER_POLICIES:
         raise UserError(f"--batch-scheduler-policy must be one of {', '.join(SCHEDULER_POLICIES)}")
-    if backend == "reference":
-        for name, refused, why in REFERENCE_LIMITS:
-            if getattr(opts, name) == refused:
-                raise UserError(f"--{name.replace('_', '-')} {refused}: {why}")
+    if backend == "reference" and (why := refused_for_reference(vars(opts))):
+        raise UserError(why)
     kv_reuse = opts.enable_kv_cache_reuse if opts.enable_kv_cache_reuse is not None else backend == "trtllm"
     if not 0.0 < opts.kv_cache_free_gpu_mem_fraction <= 1.0:
         raise UserError("--kv-cache-free-gpu-mem-fraction must be in (0, 1]")
@@ -371,17 +381,33 @@ def read_config(path: str | os.PathLike):
     return text_format.Parse(Path(path).read_text(), _pb().ModelConfig())
 
 
+# Triton model names become directory names in the repository: a plain name, not a path.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_model_name(name: str) -> None:
+    if not MODEL_NAME.match(name or ""):
+        raise UserError(
+            f"--model-name {name!r} is not a Triton model name: letters, digits, '_', '.' and '-', "
+            "starting with a letter or digit, at most 128"
+        )
+    if name in MODELS[1:]:
+        raise UserError(
+            f"--model-name {name!r} is the name of one of the repository's own models "
+            f"({', '.join(MODELS[1:])}); choose another"
+        )
+
+
 def generate_repo(
     engine_dir: str | os.PathLike, out: str | os.PathLike, opts: RepoOptions | None = None, *, force: bool = False
 ) -> Path:
     """Write a Triton model repository for an engine directory; returns the repository path."""
     opts = opts or RepoOptions()
     engine_dir = Path(engine_dir)
-    manifest = load_manifest(engine_dir)
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise OutputExistsError(f"{out} exists and is not empty; pass --force to replace it")
+    check_model_name(opts.model_name)
+    check_output(out, force, protect=(engine_dir,))
+    manifest = load_manifest(engine_dir)
     tok_src = engine_dir / manifest["tokenizer"].get("dir", "tokenizer")
     if not tok_src.is_dir():
         raise UserError(f"{tok_src} not found: the engine directory has no tokenizer")
@@ -390,27 +416,20 @@ def generate_repo(
     opts = replace(opts, postprocessing="native" if native_post else "python")
     configs = build_configs(manifest, engine_dir, opts)
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for dirname, cfg in configs.items():
-        mdir = tmp / (opts.model_name if dirname == "ensemble" else dirname)
-        (mdir / "1").mkdir(parents=True)
-        write_config(cfg, mdir / "config.pbtxt")
-        if cfg.backend == "python":
-            shutil.copy(SOURCES / dirname / "model.py", mdir / "1" / "model.py")
-            for mod in SHARED_MODULES:
-                shutil.copy(SOURCES / mod, mdir / "1" / mod)
-
-    if native_post:
-        library, pieces, strip = native_post
-        shutil.copy(library, tmp / "postprocessing" / "1" / native.LIBRARY)
-        native.write_table(tmp / "postprocessing" / "1" / native.TABLE_FILE, pieces, strip)
-    tok_dst = tmp / REPO_TOKENIZER_DIR
-    shutil.copytree(tok_src, tok_dst)
-    (tok_dst / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with output_dir(out, force, protect=(engine_dir,)) as tmp:
+        for dirname, cfg in configs.items():
+            mdir = tmp / (opts.model_name if dirname == "ensemble" else dirname)
+            (mdir / "1").mkdir(parents=True)
+            write_config(cfg, mdir / "config.pbtxt")
+            if cfg.backend == "python":
+                shutil.copy(SOURCES / dirname / "model.py", mdir / "1" / "model.py")
+                for mod in SHARED_MODULES:
+                    shutil.copy(SOURCES / mod, mdir / "1" / mod)
+        if native_post:
+            library, pieces, strip = native_post
+            shutil.copy(library, tmp / "postprocessing" / "1" / native.LIBRARY)
+            native.write_table(tmp / "postprocessing" / "1" / native.TABLE_FILE, pieces, strip)
+        tok_dst = tmp / REPO_TOKENIZER_DIR
+        shutil.copytree(tok_src, tok_dst)
+        (tok_dst / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out

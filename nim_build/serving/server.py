@@ -14,6 +14,7 @@ every model, the other ranks load only `tensorrt_llm`; each has its own python-b
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import json
 import os
@@ -258,9 +259,12 @@ class TritonServer:
         except (urllib.error.URLError, OSError):
             return False
 
-    def wait_ready(self, timeout_s: float = 180.0) -> None:
+    def wait_ready(self, timeout_s: float = 180.0, stop_event: threading.Event | None = None) -> bool:
+        """Wait until Triton answers ready (True), or stop_event is set (False: asked to stop meanwhile)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if stop_event is not None and stop_event.is_set():
+                return False
             if not self.running():
                 if self._pump is not None:
                     self._pump.join(timeout=5)
@@ -268,7 +272,7 @@ class TritonServer:
                     f"Triton exited (code {self.proc.returncode}) before it was ready: {self.failure_reason()}"
                 )
             if self.ready():
-                return
+                return True
             time.sleep(0.25)
         reason = self.failure_reason()
         self.stop()
@@ -308,6 +312,7 @@ class TritonServer:
         if self.proc is None:
             return None
         timeout_s = timeout_s if timeout_s is not None else self.exit_timeout_s + 10
+        started = _descendants(self.proc.pid)  # also what left the process group (mpirun's ranks may)
         if self.proc.poll() is None:
             _signal(self.proc.pid, signal.SIGTERM)
             try:
@@ -317,7 +322,8 @@ class TritonServer:
                 _signal(-self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         _stop_group(self.proc.pid)
-        for region in Path(SHM_DIR).glob(f"{self.shm_prefix}*"):
+        _stop_processes(started)
+        for region in Path(SHM_DIR).glob(f"{self.shm_prefix}r*"):  # "r": not another server's s1 -> s10
             region.unlink(missing_ok=True)
         if self._pump is not None:
             self._pump.join(timeout=5)
@@ -368,6 +374,37 @@ def _stop_group(pgid: int, grace_s: float = 5.0) -> None:
                 return  # only zombies that are not ours to reap are left
             sig, deadline = signal.SIGKILL, time.monotonic() + 2.0
         time.sleep(0.05)
+
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _stop_processes(procs: list, grace_s: float = 5.0) -> None:
+    """Terminate -> wait -> kill the processes still running of those listed (psutil checks each is the same
+    process, not a reused pid)."""
+    import psutil
+
+    def running(p) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    alive = [p for p in procs if running(p)]
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=2)
 
 
 def supervise(

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from nim_build.errors import UserError
+from nim_build.jsonfile import read_object
 
 META_FILE = "nim_build_tokenizer.json"  # kind / bos / end / pad ids and limits, written next to the tokenizer files
 # Where `nim_build repo` puts the tokenizer, relative to the repository root (inside a version folder, where
@@ -96,7 +97,7 @@ def detect_meta(
 
 
 def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_object(path) if path.is_file() else {}
 
 
 def _first(x):

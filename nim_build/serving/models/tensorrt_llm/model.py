@@ -25,6 +25,7 @@ import numpy as np
 import triton_common as tc
 
 from nim_build.errors import UserError
+from nim_build.serving.repo import refused_for_reference
 
 pb_utils = tc.pb_utils
 CANCEL_POLL_S = 0.05
@@ -74,13 +75,9 @@ class TritonPythonModel:
         self.sampling_params = engine_module.SamplingParams
         # The TensorRT-LLM backend's parameters the reference runtime implements; the others are refused, never
         # ignored (`nim_build repo` refuses them first).
-        if tc.is_true(params.get("enable_kv_cache_reuse")):
-            raise UserError("enable_kv_cache_reuse: the reference runtime has no KV-cache reuse; set it to false")
-        policy = params.get("batch_scheduler_policy") or "guaranteed_no_evict"
-        if policy != "guaranteed_no_evict":
-            raise UserError(
-                f"batch_scheduler_policy {policy}: the reference runtime schedules guaranteed_no_evict only"
-            )
+        why = refused_for_reference(params)
+        if why:
+            raise UserError(why)
         limits = {"enable_chunked_context": tc.is_true(params.get("enable_chunked_context"))}
         fraction = params.get("kv_cache_free_gpu_mem_fraction")
         if fraction and not fraction.startswith("${"):  # unset: the engine's default (TensorRT-LLM's, 0.9)
