@@ -62,9 +62,14 @@ def output_dir(out: Path, force: bool, *, protect: tuple[Path, ...] = ()) -> Ite
     """A private temporary directory beside out, renamed to out when the block completes (see the module doc)."""
     out = Path(out)
     check_output(out, force, protect=protect)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL}{os.getpid()}-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL}{os.getpid()}-", dir=out.parent))
+    except OSError as e:  # /proc, a read-only or full filesystem, no permission
+        raise HostError(
+            f"cannot write in {out.parent} ({(e.strerror or str(e)).lower()}); choose another --out"
+        ) from None
     try:
         yield tmp
         with _locked(out.parent):

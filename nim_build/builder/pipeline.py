@@ -74,6 +74,7 @@ def build(opts: BuildOptions, progress: bool = True, argv: Sequence[str] | None 
 
     # Cheap checks first: a bad --tp or an unavailable backend fails before any download or conversion.
     resolved = resolve_model(opts.model, allow_pickle=opts.allow_pickle)
+    check_output(out, opts.force, protect=(resolved.local_dir,))
     resolve_s = time.monotonic() - t0
     source = open_source(resolved.local_dir)
     try:
@@ -101,10 +102,10 @@ def build(opts: BuildOptions, progress: bool = True, argv: Sequence[str] | None 
                 f"{resolved.local_dir} has neither tokenizer.json nor tekken.json, which the accuracy "
                 "gate needs for its evaluation text; add the model's tokenizer or pass --no-accuracy-gate"
             )
-        _log(f"backend: {backend} ({reason})")
         run = _Build(opts, resolved, source, plan, backend, max_seq_len, t0, {"resolve": resolve_s})
         need = planned_bytes(source, plan, quant=opts.quant, kv_cache=opts.kv_cache)
         check_free_space(out, need * (2 if backend == "trtllm" else 1))  # an engine is about its checkpoint again
+        _log(f"backend: {backend} ({reason})")
         with output_dir(out, opts.force, protect=(source.dir,)) as tmp:
             summary = _build_into(tmp, run, name=opts.name or out.name, progress=progress)
     finally:

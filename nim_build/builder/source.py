@@ -72,13 +72,13 @@ def check_shapes(reader: CheckpointReader, spec: ModelSpec, fam: Family) -> None
             }
         )
     for name, shape in expected.items():
+        if reader.dtype(name) not in WEIGHT_DTYPES:
+            raise CheckpointError(
+                f"tensor {name} has dtype {reader.dtype(name)}; model weights are {', '.join(WEIGHT_DTYPES)}"
+            )
         got = reader.shape(name)
         if list(got) != shape:
             raise CheckpointError(
                 f"tensor {name} has shape {got}, config.json implies {shape}; "
                 "the config and the weights do not belong together"
-            )
-        if reader.dtype(name) not in WEIGHT_DTYPES:
-            raise CheckpointError(
-                f"tensor {name} has dtype {reader.dtype(name)}; model weights are {', '.join(WEIGHT_DTYPES)}"
             )
