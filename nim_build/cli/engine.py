@@ -48,7 +48,8 @@ def command(ctx, model, config_file, as_json, **flags):
       nim_build engine ./my-llama --config build.yaml --json
 
     Writes OUT/checkpoint (TensorRT-LLM checkpoint), OUT/engine (trtllm backend), OUT/tokenizer and, last,
-    OUT/manifest.json. Exit codes: 0 ok, 2 bad input, 3 accuracy gate failed, 1 internal error.
+    OUT/manifest.json. Exit codes: 0 ok, 2 bad input, 3 accuracy gate failed, 5 no space or no permission,
+    1 internal error.
     """
     from nim_build.builder.pipeline import build
 
