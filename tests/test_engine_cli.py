@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_tiny_model
+from tiny_models import make_slow_model, make_tiny_model
 
 from nim_build.cli import main
 
@@ -181,16 +181,7 @@ def test_existing_output_needs_force(tmp_path, tiny, capsys):
 
 
 def test_build_killed_midway_leaves_nothing_complete_and_rerun_works(tmp_path):
-    # Big enough (~60 MB) that SIGKILL lands mid-conversion, tiny enough for CI.
-    model = make_tiny_model(
-        tmp_path / "hf",
-        hidden_size=512,
-        num_layers=6,
-        num_heads=8,
-        num_kv_heads=2,
-        intermediate_size=1536,
-        vocab_size=16000,
-    )
+    model = make_slow_model(tmp_path / "hf")
     out = tmp_path / "eng"
     cmd = [
         sys.executable,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from test_engine_cli import _add_tokenizer
-from tiny_models import make_tiny_model
+from tiny_models import make_slow_model, make_tiny_model
 
 from nim_build.cli import main
 
@@ -359,15 +359,7 @@ def test_disk_full_during_the_build_leaves_nothing(capsys, tmp_path, model, monk
 def test_orphaned_cache_engine_build_dies_with_its_parent(tmp_path):
     import psutil
 
-    model = make_tiny_model(
-        tmp_path / "hf",
-        hidden_size=512,
-        num_layers=6,
-        num_heads=8,
-        num_kv_heads=2,
-        intermediate_size=1536,
-        vocab_size=16000,
-    )
+    model = make_slow_model(tmp_path / "hf")
     parent = subprocess.Popen(
         [
             sys.executable,

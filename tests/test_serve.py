@@ -264,3 +264,29 @@ def test_serve_leaves_no_process_and_no_shared_memory(tmp_path, ending):
     assert last.startswith(expected), last
     if ending == "stub-hangs-at-exit":
         assert "Exit timeout expired" in last  # the reason, picked from Triton's log
+
+
+def test_sigterm_while_models_load_stops_serve_at_once(tmp_path):
+    """A pod stopped while its engine is still loading (the startup budget can be long) stops then, not after the
+    startup timeout: serve listens to SIGTERM from the start, and leaves no process behind."""
+    import signal
+    import time
+
+    import psutil
+
+    repo = _repo(tmp_path, init="time.sleep(60)")  # a model that takes a minute to load
+    served = ServedRepo(repo, None, tmp_path / "serve.log", args=("--exit-timeout", "2", "--startup-timeout", "600"))
+    try:
+        deadline = time.monotonic() + 60
+        while not any("triton_python_backend_stub" in p.name() for p in psutil.Process(served.proc.pid).children(True)):
+            assert served.proc.poll() is None and time.monotonic() < deadline, served.output()[-2000:]
+            time.sleep(0.2)
+        started = psutil.Process(served.proc.pid).children(recursive=True)
+        t0 = time.monotonic()
+        served.proc.send_signal(signal.SIGTERM)
+        served.proc.wait(timeout=30)
+        assert time.monotonic() - t0 < 30
+    finally:
+        served.stop()
+    assert "ready:" not in served.output() and "Traceback" not in served.output()
+    assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

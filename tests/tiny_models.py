@@ -166,6 +166,14 @@ def make_calib_ids(vocab_size: int = 256, n: int = 4, seq: int = 32, seed: int =
     return np.random.default_rng(seed).integers(0, vocab_size, size=(n, seq), dtype=np.int64)
 
 
+def make_slow_model(out_dir: str | Path) -> Path:
+    """A random model big enough (~60 MB) that its build takes seconds, so a signal can land in the middle of it;
+    small enough for CI."""
+    return make_tiny_model(
+        out_dir, hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=2, intermediate_size=1536, vocab_size=16000
+    )
+
+
 def convert(
     model_dir, out_dir, *, quant: str = "bf16", tp: int = 1, kv_cache: str = "auto", calib_ids=None, **kwargs
 ) -> dict:
