@@ -218,7 +218,7 @@ def fields(*, portable: bool | None = None, argument: bool = False) -> list[data
 _HINTS = typing.get_type_hints(BuildOptions)
 
 
-def _base_type(f: dataclasses.Field) -> tuple[type, bool]:
+def value_type(f: dataclasses.Field) -> tuple[type, bool]:
     """(int | float | str | bool, whether None is allowed) of a field."""
     hint = _HINTS[f.name]
     if isinstance(hint, types.UnionType):
@@ -232,7 +232,7 @@ _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number
 
 def _check(f: dataclasses.Field, value: Any) -> None:
     """Raise ConfigError unless value is valid for the option (exact types: YAML's "no" is not a boolean)."""
-    kind, nullable = _base_type(f)
+    kind, nullable = value_type(f)
     m = f.metadata
     if value is None:
         if nullable:
@@ -295,7 +295,7 @@ def click_options(*, portable_only: bool = False) -> Callable:
 
 
 def _click_decls(f: dataclasses.Field) -> list[str]:
-    kind, _ = _base_type(f)
+    kind, _ = value_type(f)
     if kind is bool:
         return [f"{flag(f)}/--no-{flag(f)[2:]}", f.name]
     return [d for d in (flag(f), f.metadata["short"], f.name) if d]
@@ -304,7 +304,7 @@ def _click_decls(f: dataclasses.Field) -> list[str]:
 def _click_kwargs(f: dataclasses.Field) -> dict:
     import click
 
-    kind, _ = _base_type(f)
+    kind, _ = value_type(f)
     m = f.metadata
     kwargs = {"default": f.default, "help": m["help"], "show_default": f.default is not None}
     if m["choices"] is not None:

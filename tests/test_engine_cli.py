@@ -165,6 +165,7 @@ def test_pickle_weights_refused_unless_opted_in(tmp_path, tiny, capsys):
         "--allow-pickle",
     )
     assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "o"]  # converted in nim_build's cache, not beside it
 
 
 def test_existing_output_needs_force(tmp_path, tiny, capsys):

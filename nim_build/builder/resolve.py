@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,24 +139,32 @@ def _ensure_safetensors(model_dir: Path, allow_pickle: bool) -> Path:
 
 
 def _pickle_to_safetensors(model_dir: Path, bins: list[Path]) -> Path:
-    import shutil
+    """A safetensors copy of a pickle checkpoint, made once in nim_build's cache (never beside the user's model),
+    keyed by the directory and each file's size and mtime: weights changed in place are converted again."""
+    import hashlib
 
     import torch
     from safetensors.torch import save_file
 
-    out = model_dir.parent / f"{model_dir.name}.safetensors-converted"
+    from nim_build import paths
+    from nim_build.outputs import output_dir
+
+    files = sorted(f for f in model_dir.iterdir() if f.is_file())
+    stamp = [str(model_dir)] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    out = (
+        paths.cache_root()
+        / "pickle-converted"
+        / f"{model_dir.name}-{hashlib.sha256(str(stamp).encode()).hexdigest()[:16]}"
+    )
     if (out / "config.json").is_file():
         return out
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for i, b in enumerate(bins):
-        state = torch.load(b, map_location="cpu", weights_only=True, mmap=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp / f"model-{i:05d}.safetensors")
-    for f in model_dir.iterdir():
-        if f.is_file() and not f.name.startswith("pytorch_model"):
-            shutil.copy2(f, tmp / f.name)
-    os.replace(tmp, out)
+    with output_dir(out, force=True) as tmp:
+        for i, b in enumerate(bins):
+            state = torch.load(b, map_location="cpu", weights_only=True, mmap=True)
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp / f"model-{i:05d}.safetensors")
+        for f in files:
+            if not f.name.startswith("pytorch_model"):
+                shutil.copy2(f, tmp / f.name)
     return out
 
 

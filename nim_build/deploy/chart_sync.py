@@ -30,7 +30,7 @@ def _fields():
 
 
 def _type(f) -> tuple[str, bool]:
-    kind, nullable = options._base_type(f)
+    kind, nullable = options.value_type(f)
     return _JSON_TYPES[kind], nullable
 
 
