@@ -118,13 +118,23 @@ def cpu_count(root: Path | None = None, proc_cgroup: Path | None = None) -> int:
     return max(1, min(cpus, math.ceil(min(quotas)))) if quotas else cpus
 
 
-def configure_torch_threads() -> int:
-    """Set torch's intra-op threads to cpu_count() (the container's CPUs, not the node's) unless OMP_NUM_THREADS
-    says otherwise (torch reads it itself); returns the count in use."""
+THREADS_ENV = "NIM_BUILD_THREADS"  # `--threads` of serve and run: torch's threads in every engine process
+
+
+def configure_torch_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads: `threads`, else NIM_BUILD_THREADS, else OMP_NUM_THREADS (torch reads it
+    itself), else cpu_count() (the container's CPUs, not the node's); returns the count in use. Two servers on one
+    machine each see all its CPUs: give each its share with --threads."""
     import torch
 
-    if not os.environ.get("OMP_NUM_THREADS"):
-        n = cpu_count()
-        if torch.get_num_threads() != n:
-            torch.set_num_threads(n)
+    if threads is None and os.environ.get(THREADS_ENV):
+        raw = os.environ[THREADS_ENV]
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"{THREADS_ENV}={raw!r} is not a positive integer")
+        threads = int(raw)
+    if threads is None and os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    n = threads or cpu_count()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
     return torch.get_num_threads()

@@ -93,6 +93,35 @@ def test_torch_threads_follow_the_cpu_quota(tmp_path, monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_threads_override_wins_over_the_cpu_quota(tmp_path, monkeypatch):
+    """--threads (NIM_BUILD_THREADS, what serve passes to Triton's engine processes) beats the quota and
+    OMP_NUM_THREADS; a bad value is an error, not a silent default."""
+    import torch
+
+    before = torch.get_num_threads()
+    use(monkeypatch, cgroup_v2(tmp_path, limit="max", current=0, cpu="200000 100000"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    try:
+        monkeypatch.setenv(limits.THREADS_ENV, "1")
+        assert limits.configure_torch_threads() == 1 == torch.get_num_threads()
+        monkeypatch.setenv(limits.THREADS_ENV, "zero")
+        with pytest.raises(ValueError, match="NIM_BUILD_THREADS='zero'"):
+            limits.configure_torch_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_serve_threads_reach_the_engine_processes(tmp_path, monkeypatch):
+    from nim_build.serving.server import TritonServer
+
+    monkeypatch.delenv(limits.THREADS_ENV, raising=False)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.pbtxt").write_text('name: "m"')
+    env = TritonServer(tmp_path, threads=3).env(Path("/bin/true"))
+    assert env[limits.THREADS_ENV] == "3"
+    assert limits.THREADS_ENV not in TritonServer(tmp_path).env(Path("/bin/true"))
+
+
 @pytest.fixture(scope="module")
 def engine_model(reference_engine_dir):
     from nim_build.runtime import DecoderModel

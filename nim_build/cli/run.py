@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
 import click
 
+from nim_build import limits
 from nim_build.errors import NimBuildError
 
 
@@ -24,12 +26,15 @@ from nim_build.errors import NimBuildError
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, help="Sampling seed (reproducible output).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads [default: the CPUs this process may use].")
 @click.option("--json", "as_json", is_flag=True, help="Print text, token ids, finish reason and timings as JSON.")
-def command(engine, prompt, chat, max_tokens, stream, temperature, top_k, top_p, seed, device, as_json):
+def command(engine, prompt, chat, max_tokens, stream, temperature, top_k, top_p, seed, device, threads, as_json):
     """Generate text for PROMPT with the engine directory ENGINE (its checkpoint/ and tokenizer/)."""
     from nim_build.runtime import LLMEngine, SamplingParams
     from nim_build.serving.tokenizer import Tokenizer
 
+    if threads:
+        os.environ[limits.THREADS_ENV] = str(threads)  # read where the model loads
     tok = Tokenizer.from_engine_dir(engine)
     ids = tok.encode_chat([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt)
     llm = LLMEngine.from_engine_dir(engine, device=device, max_batch_size=1)

@@ -36,8 +36,16 @@ import click
     show_default=True,
     help="Seconds Triton waits for open requests when stopping.",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="CPU threads of the reference engine [default: the CPUs this process may use (affinity, cgroup quota)]; "
+    "give each server its share when several share a machine.",
+)
 @click.option("--quiet", is_flag=True, help="Do not echo Triton's log to stderr.")
-def command(repo, host, http_port, grpc_port, metrics_port, startup_timeout, health_interval, exit_timeout, quiet):
+def command(
+    repo, host, http_port, grpc_port, metrics_port, startup_timeout, health_interval, exit_timeout, threads, quiet
+):
     """Serve REPO (from `nim_build repo`) with Triton; exits non-zero when a model stops answering."""
     from nim_build.errors import ServingError
     from nim_build.serving.client import health_probe
@@ -51,6 +59,7 @@ def command(repo, host, http_port, grpc_port, metrics_port, startup_timeout, hea
         metrics_port=metrics_port,
         exit_timeout_s=exit_timeout,
         echo=None if quiet else sys.stderr,
+        threads=threads,
     )
     stop = threading.Event()
     signals = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}

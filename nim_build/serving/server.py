@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from nim_build import limits
 from nim_build.errors import ServerSetupError, ServingError
 
 NGC_BINARY = "/opt/tritonserver/bin/tritonserver"
@@ -111,6 +112,7 @@ class TritonServer:
         echo: TextIO | None = None,
         world_size: int | None = None,
         extra_args: tuple[str, ...] = (),
+        threads: int | None = None,
     ):
         self.repo = Path(repo).resolve()
         if not (self.repo.is_dir() and any(self.repo.glob("*/config.pbtxt"))):
@@ -125,6 +127,7 @@ class TritonServer:
         self.echo = echo
         self.world_size = world_size if world_size is not None else engine_world_size(self.repo)
         self.extra_args = tuple(extra_args)
+        self.threads = threads  # torch threads of each engine process (default: the CPUs it may use)
         self.proc: subprocess.Popen | None = None
         self._lines: collections.deque[str] = collections.deque(maxlen=400)
         self._pump: threading.Thread | None = None
@@ -176,6 +179,8 @@ class TritonServer:
             libs.append(env["LD_LIBRARY_PATH"])
         env["LD_LIBRARY_PATH"] = ":".join(p for p in libs if p)
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        if self.threads:
+            env[limits.THREADS_ENV] = str(self.threads)
         return env
 
     def rank_args(self, binary: Path, backends: Path, rank: int) -> list[str]:
