@@ -30,26 +30,15 @@ import torch
 from nim_build import KV_CACHE_FREE_MEM_FRACTION, TOKENS_PER_BLOCK, limits, options
 from nim_build.builder.manifest import CHECKPOINT_DIR, load_manifest
 from nim_build.errors import UserError
+from nim_build.runtime.api import SamplingParams, TokenEvent
 from nim_build.runtime.kv_cache import BlockAllocator, PagedKVCache
 from nim_build.runtime.model import DecoderModel, SeqChunk
-from nim_build.runtime.sampling import SamplingParams, mask_bad_words, sample
+from nim_build.runtime.sampling import choose, log_probs, process_logits
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_SIZE = options.default("max_batch_size")  # an engine directory's limits, where it records none
 DEFAULT_MAX_NUM_TOKENS = options.default("max_num_tokens")
-
-
-@dataclass
-class TokenEvent:
-    request_id: int
-    token_ids: list[int]  # tokens new since the previous event of this request
-    finished: bool
-    finish_reason: str | None  # "end_id" | "stop" | "length" | "cancelled" | "error"
-    error: str | None = None
-    arrival: float | None = None  # time.monotonic() of submit
-    first_token: float | None = None
-    last_token: float | None = None
 
 
 @dataclass
@@ -62,17 +51,18 @@ class _Request:
     generator: torch.Generator | None
     arrival: float
     tokens: list[int] = field(default_factory=list)  # prompt + generated: what the cache will hold
-    generated: list[int] = field(default_factory=list)  # output tokens (stop-sequence candidates held back)
-    emitted: int = 0  # generated tokens already sent
+    generated: list[int] = field(default_factory=list)  # output tokens
     computed: int = 0  # tokens whose K/V are in the cache
     blocks: list[int] = field(default_factory=list)
     first_token: float | None = None
     last_token: float | None = None
     done: bool = False
+    cum_log_prob: float = 0.0
+    context_logits: list[torch.Tensor] = field(default_factory=list)  # prompt rows so far (return_context_logits)
 
-    def event(self, tokens: list[int], reason: str | None = None, error: str | None = None) -> TokenEvent:
+    def event(self, tokens: list[int], reason: str | None = None, error: str | None = None, **extra) -> TokenEvent:
         return TokenEvent(
-            self.id, tokens, reason is not None, reason, error, self.arrival, self.first_token, self.last_token
+            self.id, tokens, reason is not None, reason, error, self.arrival, self.first_token, self.last_token, **extra
         )
 
 
@@ -199,7 +189,7 @@ class LLMEngine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, callback: Callable[[TokenEvent], None]) -> int:
         prompt = [int(t) for t in prompt_ids]
-        params.validate()
+        params.validate(self.vocab_size)
         if not prompt:
             raise UserError("empty prompt: give at least one token")
         if len(prompt) + params.max_new_tokens > self.max_seq_len:
@@ -209,6 +199,10 @@ class LLMEngine:
             )
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise UserError(f"prompt token ids must be in [0, {self.vocab_size})")
+        for name, words in (("stop_words", params.stop_words), ("bad_words", params.bad_words)):
+            bad = next((i for w in words for i in w if not 0 <= i < self.vocab_size), None)
+            if bad is not None:
+                raise UserError(f"{name}: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         if not self.enable_chunked_context and len(prompt) > self.max_num_tokens:
             raise UserError(
                 f"the prompt ({len(prompt)} tokens) is longer than max_num_tokens {self.max_num_tokens}, "
@@ -230,7 +224,7 @@ class LLMEngine:
                 params,
                 callback,
                 end_id,
-                None if params.greedy else params.generator(),
+                None if params.greedy else _generator(params.seed),
                 time.monotonic(),
                 tokens=list(prompt),
             )
@@ -360,8 +354,16 @@ class LLMEngine:
     def _run(self, batch: list[tuple[_Request, int]]) -> list[tuple[_Request, TokenEvent]]:
         ids = torch.tensor([t for req, n in batch for t in req.tokens[req.computed : req.computed + n]])
         chunks = [SeqChunk(req.computed, n, req.blocks) for req, n in batch]
+        # Every row's logits only when a prompt chunk here asks for its context logits (the last rows are the same).
+        context = any(r.params.return_context_logits and r.computed < len(r.prompt) for r, _ in batch)
         try:
-            logits = self.model.forward(ids, chunks, self.cache).logits.cpu()
+            logits = self.model.forward(ids, chunks, self.cache, all_logits=context).logits.cpu()
+            if context:
+                ends = torch.tensor([n for _, n in batch]).cumsum(0)
+                for (req, n), end in zip(batch, ends.tolist()):
+                    if req.params.return_context_logits and req.computed < len(req.prompt):
+                        req.context_logits.append(logits[end - n : end - n + min(n, len(req.prompt) - req.computed)])
+                logits = logits[ends - 1]
         except Exception as e:  # fail this step's requests, keep serving
             log.exception("forward pass failed")
             with self._lock:
@@ -388,32 +390,39 @@ class LLMEngine:
         return events
 
     def _append(self, req: _Request, logits: torch.Tensor, now: float) -> TokenEvent | None:
-        """Sample the next token and apply the stop conditions; the event to send, if any."""
+        """Sample the next token and apply the stop conditions (as TensorRT-LLM: the end id is not output, a stop
+        sequence is); the event to send."""
         p = req.params
-        if p.bad_words:
-            logits = logits.clone()  # the forward's output is an inference tensor: not writable here
-            mask_bad_words(logits, p.bad_words, req.tokens)
-        tok = sample(logits, p, req.generator)
+        x = process_logits(logits, p, req.tokens, len(req.generated), req.end_id)
+        tok = choose(x, p, req.generator)
         req.first_token = req.first_token or now
         req.last_token = now
+        extra = {}
+        if p.return_context_logits and not req.generated:
+            extra["context_logits"] = torch.cat(req.context_logits)
+            req.context_logits = []
         reason = None
         if tok == req.end_id:
-            reason = "end_id"
+            reason, new = "end_id", []
         else:
             req.tokens.append(tok)
             req.generated.append(tok)
-            stop = next((w for w in p.stop_words if req.generated[-len(w) :] == w), None)
-            if stop is not None:
-                del req.generated[len(req.generated) - len(stop) :]
+            new = [tok]
+            if p.return_log_probs:
+                out, raw = log_probs(x, tok, p)
+                req.cum_log_prob += raw
+                extra.update(log_probs=[out], cum_log_prob=req.cum_log_prob)
+            if p.return_generation_logits:
+                extra["generation_logits"] = [logits.float()]
+            if any(req.tokens[-len(w) :] == w for w in p.stop_words):  # may straddle the prompt, as upstream
                 reason = "stop"
             elif len(req.generated) >= p.max_new_tokens or len(req.tokens) >= self.max_seq_len:
                 reason = "length"
-        ready = len(req.generated) if reason else len(req.generated) - _held_back(req.generated, p.stop_words)
-        new = req.generated[req.emitted : ready]
-        req.emitted = max(req.emitted, ready)
         if reason:
             self._finish(req)
-        return req.event(new, reason) if (new or reason) else None
+            if p.return_log_probs and "cum_log_prob" not in extra:
+                extra.update(log_probs=[], cum_log_prob=req.cum_log_prob)
+        return req.event(new, reason, **extra)
 
     def _finish(self, req: _Request) -> None:
         """Mark done and free the blocks at once (caller holds the lock)."""
@@ -429,15 +438,13 @@ class LLMEngine:
         return req, req.event([], "error", f"{type(error).__name__}: {error}")
 
 
-def _held_back(generated: list[int], stop_words: list[list[int]]) -> int:
-    """How many trailing tokens could still become a stop sequence (not sent yet)."""
-    best = 0
-    for w in stop_words:
-        for k in range(min(len(w) - 1, len(generated)), best, -1):
-            if generated[-k:] == w[:k]:
-                best = k
-                break
-    return best
+def _generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
 
 
 def kv_pool_bytes(device: torch.device, need: int, fraction: float) -> tuple[int, str]:

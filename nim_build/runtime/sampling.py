@@ -1,48 +1,13 @@
-"""Per-request sampling parameters and token selection (greedy, temperature, top-k, top-p, bad words)."""
+"""Token selection with TensorRT-LLM's logit processing: bias, temperature, penalties, min tokens, bad words,
+then greedy or top-k / top-p sampling, and the log probability of the chosen token."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from nim_build.errors import UserError
+from nim_build.runtime.api import SamplingParams
 
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 0.0  # 0 -> greedy
-    top_k: int = 0  # 0 -> off, 1 -> greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    end_id: int | None = None  # None -> the engine's end id; -1 -> never stop on an end id
-    stop_words: list[list[int]] = field(default_factory=list)  # stop sequences (not included in the output)
-    bad_words: list[list[int]] = field(default_factory=list)  # never generated
-
-    def validate(self) -> None:
-        if self.max_new_tokens <= 0:
-            raise UserError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise UserError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        if any(not w for w in self.stop_words + self.bad_words):
-            raise UserError("stop_words and bad_words entries must be non-empty token lists")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
-
-    def generator(self) -> torch.Generator:
-        g = torch.Generator()
-        if self.seed is None:
-            g.seed()
-        else:
-            g.manual_seed(self.seed)
-        return g
+__all__ = ["SamplingParams", "mask_bad_words", "process_logits", "choose", "log_probs"]
 
 
 def mask_bad_words(logits: torch.Tensor, bad_words: list[list[int]], context: list[int]) -> None:
@@ -53,18 +18,58 @@ def mask_bad_words(logits: torch.Tensor, bad_words: list[list[int]], context: li
             logits[w[-1]] = float("-inf")
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token id from float32 logits [vocab]."""
-    if params.greedy:
-        return int(logits.argmax())
-    logits = logits / params.temperature
-    if params.top_k > 0 and params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
+def process_logits(
+    logits: torch.Tensor, p: SamplingParams, context: list[int], generated: int, end_id: int
+) -> torch.Tensor:
+    """The logits sampling chooses from (float32 [vocab], a new tensor): TensorRT-LLM's penalty layer then its
+    bad-words layer. `context` is the prompt + the generated tokens (what penalties count), `generated` how many
+    tokens were generated so far."""
+    x = logits.float().clone()
+    if p.embedding_bias is not None:
+        x += torch.tensor(p.embedding_bias, dtype=torch.float32)
+    if p.temperature > 0 and p.temperature != 1.0:
+        x /= p.temperature
+    if p.penalized:
+        counts = torch.bincount(torch.tensor(context), minlength=x.numel())[: x.numel()].float()
+        seen = counts > 0
+        if p.repetition_penalty != 1.0:
+            x = torch.where(seen, torch.where(x < 0, x * p.repetition_penalty, x / p.repetition_penalty), x)
+        x -= p.presence_penalty * seen + p.frequency_penalty * counts
+    if p.min_tokens > 1 and generated < p.min_tokens and 0 <= end_id < x.numel():  # 1: TensorRT-LLM skips it
+        x[end_id] = float("-inf")
+    if p.bad_words:
+        mask_bad_words(x, p.bad_words, context)
+    return x
+
+
+def _top_k(p: SamplingParams, vocab: int) -> int:
+    """The top-k set sampling draws from: 1 for greedy, 0 for the whole vocabulary."""
+    return 1 if p.greedy else (p.top_k if 0 < p.top_k < vocab else 0)
+
+
+def choose(x: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    """The next token from processed logits: greedy, or top-k then top-p (within the top-k set) sampling."""
+    k = _top_k(p, x.numel())
+    if k == 1:
+        return int(x.argmax())
+    if k:
+        kth = torch.topk(x, k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(x, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(-1) - probs >= params.top_p  # keep the smallest prefix reaching top_p (never empty)
-        logits = logits.index_fill(0, order[drop], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        drop = probs.cumsum(-1) - probs >= p.top_p  # keep the smallest prefix reaching top_p (never empty)
+        x = x.index_fill(0, order[drop], float("-inf"))
+    return int(torch.multinomial(torch.softmax(x, dim=-1), 1, generator=generator))
+
+
+def log_probs(x: torch.Tensor, tok: int, p: SamplingParams) -> tuple[float, float]:
+    """(output log prob, cumulative log prob term) of `tok` under processed logits: log-softmax over the vocabulary;
+    the output one, with top-k and normalize_log_probs, renormalised over the top-k set (TensorRT-LLM's top-k
+    sampling layer: greedy gives 0.0)."""
+    logp = torch.log_softmax(x, dim=-1)
+    raw = float(logp[tok])
+    k = _top_k(p, x.numel())
+    if k and p.normalize_log_probs:
+        return raw - float(torch.logsumexp(torch.topk(logp, k).values, dim=0)), raw
+    return raw, raw

@@ -270,16 +270,24 @@ def to_word_list_format(word_ids: list[list[int]]) -> np.ndarray:
     return out
 
 
-def from_word_list_format(arr: np.ndarray) -> list[list[int]]:
-    """Inverse of to_word_list_format (a [2, L] array, or [1, 2, L] with a batch dimension)."""
-    arr = np.asarray(arr).reshape(2, -1)
+def from_word_list_format(arr: np.ndarray, name: str = "word list") -> list[list[int]]:
+    """Inverse of to_word_list_format: a [2, L] array (or [1, 2, L]). Offsets must increase and stay within the
+    row (the first -1 ends them): a malformed list is an error, never a silently different set of words."""
+    arr = np.asarray(arr)
+    if arr.size == 0:
+        return []
+    if arr.ndim not in (2, 3) or arr.shape[-2] != 2 or (arr.ndim == 3 and arr.shape[0] != 1):
+        raise UserError(f"{name} must be shaped [2, L] (ids row, end offsets row), got {list(arr.shape)}")
+    arr = arr.reshape(2, -1)
     words, start = [], 0
-    for end in arr[1]:
+    for end in arr[1].tolist():
         if end < 0:
             break
+        if not start < end <= arr.shape[1]:
+            raise UserError(f"{name}: end offsets must increase and be at most {arr.shape[1]}, got {end} after {start}")
         words.append([int(i) for i in arr[0, start:end]])
         start = int(end)
-    return [w for w in words if w]
+    return words
 
 
 class StreamDecoder(ABC):

@@ -17,12 +17,12 @@ import shutil
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from nim_build import TOKENS_PER_BLOCK
 from nim_build.builder.manifest import load_manifest, write_manifest
 from nim_build.errors import UserError
+from nim_build.runtime.api import SamplingParams, TokenEvent
 
 
 def write_engine_dir(
@@ -48,27 +48,6 @@ def write_engine_dir(
         },
     )
     return out
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    end_id: int | None = None
-    stop_words: list[list[int]] = field(default_factory=list)
-    bad_words: list[list[int]] = field(default_factory=list)
-
-
-@dataclass
-class TokenEvent:
-    request_id: int
-    token_ids: list[int]
-    finished: bool
-    finish_reason: str | None
-    error: str | None = None
 
 
 class _Seq:
@@ -224,7 +203,7 @@ class TrivialEngine:
         seq.out.append(token)
         for word in seq.params.stop_words:
             if word and seq.out[-len(word) :] == word:
-                return TokenEvent(seq.rid, [], True, "stop")
+                return TokenEvent(seq.rid, [token], True, "stop")  # the stop sequence is output, as upstream
         if len(seq.out) >= seq.params.max_new_tokens:
             return TokenEvent(seq.rid, [token], True, "length")
         return TokenEvent(seq.rid, [token], False, None)
