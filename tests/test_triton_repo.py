@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,84 +13,27 @@ from click.testing import CliRunner
 from nim_build.builder.manifest import write_manifest
 from nim_build.cli.repo import command as repo_command
 from nim_build.errors import OutputExistsError, UserError
-from nim_build.serving.repo import MODELS, RepoOptions, generate_repo, read_config
+from nim_build.serving.repo import MODELS, RepoOptions, generate_repo, read_config, read_config_text
 
-# Upstream facts (tensorrtllm_backend all_models/inflight_batcher_llm/*/config.pbtxt, May 2025), for the inputs and
-# outputs this project serves: name -> (data type, dims, optional, reshaped to a scalar).
-S, I32, U64, F32, B = "TYPE_STRING", "TYPE_INT32", "TYPE_UINT64", "TYPE_FP32", "TYPE_BOOL"
-ENSEMBLE_IO = {
-    "text_input": (S, [1], False),
-    "max_tokens": (I32, [1], False),
-    "bad_words": (S, [-1], True),
-    "stop_words": (S, [-1], True),
-    "exclude_input_in_output": (B, [1], True),
-    "end_id": (I32, [1], True),
-    "pad_id": (I32, [1], True),
-    "top_k": (I32, [1], True),
-    "top_p": (F32, [1], True),
-    "temperature": (F32, [1], True),
-    "seed": (U64, [1], True),
-    "beam_width": (I32, [1], True),
-    "stream": (B, [1], True),
-    "text_output": (S, [-1], None),
-}
-UPSTREAM = {
-    "ensemble": ENSEMBLE_IO,
-    "tensorrt_llm_bls": ENSEMBLE_IO,
-    "preprocessing": {
-        "QUERY": (S, [1], False),
-        "REQUEST_OUTPUT_LEN": (I32, [1], False),
-        "BAD_WORDS_DICT": (S, [-1], True),
-        "STOP_WORDS_DICT": (S, [-1], True),
-        "END_ID": (I32, [1], True),
-        "PAD_ID": (I32, [1], True),
-        "INPUT_ID": (I32, [-1], None),
-        "REQUEST_INPUT_LEN": (I32, [1], None),
-        "BAD_WORDS_IDS": (I32, [2, -1], None),
-        "STOP_WORDS_IDS": (I32, [2, -1], None),
-        "REQUEST_OUTPUT_LEN#out": (I32, [-1], None),
-        "OUT_END_ID": (I32, [1], None),
-        "OUT_PAD_ID": (I32, [1], None),
-    },
-    "tensorrt_llm": {
-        "input_ids": (I32, [-1], True),
-        "input_lengths": (I32, [1], False),
-        "request_output_len": (I32, [1], False),
-        "end_id": (I32, [1], True),
-        "pad_id": (I32, [1], True),
-        "stop_words_list": (I32, [2, -1], True),
-        "bad_words_list": (I32, [2, -1], True),
-        "beam_width": (I32, [1], True),
-        "temperature": (F32, [1], True),
-        "runtime_top_k": (I32, [1], True),
-        "runtime_top_p": (F32, [1], True),
-        "seed": (U64, [1], True),
-        "exclude_input_in_output": (B, [1], True),
-        "streaming": (B, [1], True),
-        "stop": (B, [1], True),
-        "output_ids": (I32, [-1, -1], None),
-        "sequence_length": (I32, [-1], None),
-    },
-    "postprocessing": {
-        "TOKENS_BATCH": (I32, [-1, -1], False),
-        "SEQUENCE_LENGTH": (I32, [-1], False),
-        "OUTPUT": (S, [-1], None),
-    },
-}
-UPSTREAM_SCALAR_INPUTS = {
-    "input_lengths",
-    "request_output_len",
-    "end_id",
-    "pad_id",
-    "beam_width",
-    "temperature",
-    "runtime_top_k",
-    "runtime_top_p",
-    "seed",
-    "exclude_input_in_output",
-    "streaming",
-    "stop",
-}
+UPSTREAM_DIR = Path(__file__).parent / "upstream"  # tensorrtllm_backend c2e65b8's configs, unmodified
+
+
+def upstream_config(model: str):
+    """Upstream's template for `model`, its ${placeholders} filled with values of the right type."""
+    text = (UPSTREAM_DIR / f"{model}.config.pbtxt").read_text()
+    text = re.sub(r"data_type: \$\{[^}]*\}", "data_type: TYPE_FP32", text)  # logits_datatype: FP32 here
+    text = re.sub(r"decoupled: \$\{[^}]*\}", "decoupled: true", text)
+    text = re.sub(r"(?<!\")\$\{[^}]*\}", "1", text)  # max_batch_size, counts, queue delays
+    return read_config_text(text)
+
+
+def _io(item) -> tuple:
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    reshape = list(item.reshape.shape) if item.HasField("reshape") else None
+    return pb.DataType.Name(item.data_type), list(item.dims), getattr(item, "optional", None), reshape
+
+
 UPSTREAM_KEYS = {
     "tensorrt_llm": {
         "max_beam_width",
@@ -139,6 +83,10 @@ OUR_ADDITIONS = {
     ("ensemble", "messages"),
     ("tensorrt_llm_bls", "messages"),
     ("preprocessing", "MESSAGES"),
+    ("tensorrt_llm", "stream_key"),  # an ensemble stream's private key (reference backend)
+    ("tensorrt_llm", "stream_key#out"),
+    ("postprocessing", "STREAM_KEY"),
+    ("tensorrt_llm", "min_length"),  # min_tokens' name before c2e65b8
     ("tensorrt_llm_bls", "#tokenizer_dir"),
     ("tensorrt_llm", "#nim_build_engine"),
     ("postprocessing", "#tensorrt_llm_model_name"),
@@ -179,27 +127,32 @@ def engine(request, tmp_path, tekken_tok) -> Path:
 
 
 def test_configs_parse_and_match_upstream(engine, tmp_path):
+    """Every input and output has upstream's name, type, dims, optionality and reshape (the configs of
+    tensorrtllm_backend c2e65b8, read from tests/upstream); ours are the few additions listed."""
     repo = generate_repo(engine, tmp_path / "repo")
     assert sorted(p.name for p in repo.iterdir()) == sorted(MODELS)
     for model in MODELS:
         cfg = read_config(repo / model / "config.pbtxt")
         assert cfg.name == model and cfg.max_batch_size == 16
-        from tritonclient.grpc import model_config_pb2 as pb
-
-        seen_inputs = {i.name for i in cfg.input}
+        up = upstream_config(model)
+        up_inputs = {i.name: _io(i) for i in up.input}
+        up_outputs = {o.name: _io(o) for o in up.output}
         for i in cfg.input:
-            if (model, i.name) in OUR_ADDITIONS:
-                continue
-            dtype, dims, optional = UPSTREAM[model][i.name]
-            assert (pb.DataType.Name(i.data_type), list(i.dims), i.optional) == (dtype, dims, optional), i.name
-            if model == "tensorrt_llm":
-                assert i.HasField("reshape") == (i.name in UPSTREAM_SCALAR_INPUTS), i.name
+            if (model, i.name) not in OUR_ADDITIONS:
+                assert _io(i) == up_inputs.get(i.name), (model, i.name)
         for o in cfg.output:
-            key = o.name + "#out" if o.name in seen_inputs else o.name
-            dtype, dims, _ = UPSTREAM[model][key]
-            assert (pb.DataType.Name(o.data_type), list(o.dims)) == (dtype, dims), o.name
+            if (model, o.name + "#out") not in OUR_ADDITIONS:
+                assert _io(o) == up_outputs.get(o.name), (model, o.name)
+        if model == "tensorrt_llm":
+            assert cfg.model_transaction_policy.decoupled == up.model_transaction_policy.decoupled
         for key in cfg.parameters:
             assert key in UPSTREAM_KEYS.get(model, set()) or (model, "#" + key) in OUR_ADDITIONS, (model, key)
+    # what the issue names as missing, present on both backends
+    llm = {i.name for i in read_config(repo / "tensorrt_llm" / "config.pbtxt").input}
+    assert {"num_return_sequences", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens"} <= llm
+    assert {"return_log_probs", "return_context_logits", "return_generation_logits", "beam_width"} <= llm
+    ens_out = {o.name for o in read_config(repo / "ensemble" / "config.pbtxt").output}
+    assert {"batch_index", "sequence_index", "cum_log_probs", "output_log_probs", "context_logits"} <= ens_out
     pre = read_config(repo / "preprocessing" / "config.pbtxt")
     assert pre.parameters["tokenizer_dir"].string_value == "preprocessing/1/tokenizer"
     assert (repo / "preprocessing" / "1" / "tokenizer" / "tekken.json").is_file()
@@ -266,7 +219,9 @@ def test_reference_backend_is_python_with_same_interface(tmp_path, tekken_tok):
     trt = generate_repo(_engine_dir(tmp_path, "trtllm", tekken_tok), tmp_path / "r2")
     a, b = (read_config(r / "tensorrt_llm" / "config.pbtxt") for r in (ref, trt))
     assert a.backend == "python" and b.backend == "tensorrtllm"
-    assert list(a.input) == list(b.input) and list(a.output) == list(b.output)
+    # the same interface, plus the reference backend's private stream key (tensorrt_llm/model.py)
+    assert [i for i in a.input if i.name != "stream_key"] == list(b.input)
+    assert [o for o in a.output if o.name != "stream_key"] == list(b.output)
     assert a.model_transaction_policy.decoupled and b.model_transaction_policy.decoupled
     assert a.parameters["gpt_model_path"].string_value == str((tmp_path / "engine-reference").resolve())
     assert (ref / "tensorrt_llm" / "1" / "model.py").is_file()

@@ -185,11 +185,8 @@ class Client:
         finally:
             # Cancel only an unfinished stream: cancelling one that already had its final response leaves Triton
             # 2.51 holding the model, which then cannot unload at shutdown (tests/test_serve.py).
+            # (an ensemble's postprocessing turns the cancellation into a stop for tensorrt_llm)
             client.stop_stream(cancel_requests=not finished)
-            if not finished and self.model != "tensorrt_llm_bls":
-                # Interrupted or timed out: Triton 2.51 does not forward the stream's cancellation into an
-                # ensemble's steps, so stop our tensorrt_llm request by its id (TensorRT-LLM backend convention).
-                _send_stop(client, req.request_id)
             client.close()
 
     # -- HTTP ------------------------------------------------------------------------------------------------
@@ -222,26 +219,6 @@ class Client:
             raise InferenceError(f"{self.model}: HTTP {e.code}: {detail}") from None
         except urllib.error.URLError as e:
             raise InferenceError(f"cannot reach Triton at {self.url}: {e.reason}") from None
-
-
-def _send_stop(client, request_id: str) -> None:
-    import tritonclient.grpc as grpcclient
-
-    inputs = []
-    for name, dtype, value in (
-        ("input_lengths", "INT32", np.int32(1)),
-        ("request_output_len", "INT32", np.int32(1)),
-        ("stop", "BOOL", np.bool_(True)),
-    ):
-        inp = grpcclient.InferInput(name, [1, 1], dtype)
-        inp.set_data_from_numpy(np.array([[value]]))
-        inputs.append(inp)
-    try:
-        client.start_stream(callback=lambda result, error: None)
-        client.async_stream_infer("tensorrt_llm", inputs, request_id=request_id)
-        client.stop_stream()
-    except Exception:  # best effort: the server may be gone
-        pass
 
 
 def _http_text(data: dict) -> str:

@@ -79,38 +79,91 @@ def _in(name, dtype, dims, optional=True, scalar=False, ragged=False) -> T:
     return (name, dtype, dims, optional, scalar, ragged)
 
 
-ENSEMBLE_INPUTS: list[T] = [
-    _in("text_input", "TYPE_STRING", [1], optional=False),
-    _in("max_tokens", "TYPE_INT32", [1], optional=False),
-    _in("bad_words", "TYPE_STRING", [-1]),
-    _in("stop_words", "TYPE_STRING", [-1]),
-    _in("exclude_input_in_output", "TYPE_BOOL", [1]),
+# Names, types and dims as upstream's templates (tensorrtllm_backend c2e65b8 all_models/inflight_batcher_llm), for
+# what the reference runtime serves or answers with an error naming it; `messages` / `MESSAGES` (a chat request as
+# JSON) and `stream_key` / `STREAM_KEY` (an ensemble stream's private key, see tensorrt_llm/model.py) are ours.
+SAMPLING_INPUTS: list[T] = [  # the ensemble's and the BLS's, forwarded to tensorrt_llm under LLM_NAMES' names
     _in("end_id", "TYPE_INT32", [1]),
     _in("pad_id", "TYPE_INT32", [1]),
     _in("top_k", "TYPE_INT32", [1]),
     _in("top_p", "TYPE_FP32", [1]),
     _in("temperature", "TYPE_FP32", [1]),
+    _in("length_penalty", "TYPE_FP32", [1]),
+    _in("repetition_penalty", "TYPE_FP32", [1]),
+    _in("min_tokens", "TYPE_INT32", [1]),
+    _in("presence_penalty", "TYPE_FP32", [1]),
+    _in("frequency_penalty", "TYPE_FP32", [1]),
     _in("seed", "TYPE_UINT64", [1]),
+    _in("return_log_probs", "TYPE_BOOL", [1]),
+    _in("return_context_logits", "TYPE_BOOL", [1]),
+    _in("return_generation_logits", "TYPE_BOOL", [1]),
+    _in("return_perf_metrics", "TYPE_BOOL", [1]),
+    _in("num_return_sequences", "TYPE_INT32", [1]),
     _in("beam_width", "TYPE_INT32", [1]),
     _in("stream", "TYPE_BOOL", [1]),
+]
+# ensemble / BLS input -> tensorrt_llm input, where the names differ
+LLM_NAMES = {"top_k": "runtime_top_k", "top_p": "runtime_top_p", "length_penalty": "len_penalty", "stream": "streaming"}
+ENSEMBLE_INPUTS: list[T] = [
+    _in("text_input", "TYPE_STRING", [1], optional=False),
+    _in("decoder_text_input", "TYPE_STRING", [1]),
+    _in("max_tokens", "TYPE_INT32", [1], optional=False),
+    _in("bad_words", "TYPE_STRING", [-1]),
+    _in("stop_words", "TYPE_STRING", [-1]),
+    _in("embedding_bias_words", "TYPE_STRING", [-1]),
+    _in("embedding_bias_weights", "TYPE_FP32", [-1]),
+    _in("exclude_input_in_output", "TYPE_BOOL", [1]),
+    *SAMPLING_INPUTS,
     _in("messages", "TYPE_STRING", [1]),
 ]
-TEXT_OUTPUT = [("text_output", "TYPE_STRING", [-1])]
+# upstream's BLS declares these reshaped to scalars (the ensemble does not)
+BLS_SCALARS = {"return_log_probs", "return_context_logits", "return_generation_logits", "return_perf_metrics"}
+BLS_INPUTS: list[T] = [
+    _in(n, t, d, optional=o, scalar=n in BLS_SCALARS | {"num_return_sequences"}, ragged=r)
+    for n, t, d, o, _, r in ENSEMBLE_INPUTS
+]
+PERF_OUTPUTS = [
+    *[(n, "TYPE_INT32", [1]) for n in ("kv_cache_alloc_new_blocks", "kv_cache_reused_blocks")],
+    ("kv_cache_alloc_total_blocks", "TYPE_INT32", [1]),
+    *[
+        (n, "TYPE_INT64", [1])
+        for n in ("arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns")
+    ],
+    ("acceptance_rate", "TYPE_FP32", [1]),
+    *[(n, "TYPE_INT32", [1]) for n in ("total_accepted_draft_tokens", "total_draft_tokens")],
+]
+# what tensorrt_llm returns beside output_ids / sequence_length, and the ensemble and the BLS pass on
+EXTRA_OUTPUTS = [
+    ("cum_log_probs", "TYPE_FP32", [-1]),
+    ("output_log_probs", "TYPE_FP32", [-1, -1]),
+    ("context_logits", "TYPE_FP32", [-1, -1]),
+    ("generation_logits", "TYPE_FP32", [-1, -1, -1]),
+    ("batch_index", "TYPE_INT32", [1]),
+    ("sequence_index", "TYPE_INT32", [1]),
+    *PERF_OUTPUTS,
+]
+TEXT_OUTPUTS = [("text_output", "TYPE_STRING", [-1]), *EXTRA_OUTPUTS]
 
 PRE_INPUTS: list[T] = [
     _in("QUERY", "TYPE_STRING", [1], optional=False),
+    _in("DECODER_QUERY", "TYPE_STRING", [1]),
     _in("REQUEST_OUTPUT_LEN", "TYPE_INT32", [1], optional=False),
     _in("BAD_WORDS_DICT", "TYPE_STRING", [-1]),
     _in("STOP_WORDS_DICT", "TYPE_STRING", [-1]),
+    _in("EMBEDDING_BIAS_WORDS", "TYPE_STRING", [-1]),
+    _in("EMBEDDING_BIAS_WEIGHTS", "TYPE_FP32", [-1]),
     _in("END_ID", "TYPE_INT32", [1]),
     _in("PAD_ID", "TYPE_INT32", [1]),
     _in("MESSAGES", "TYPE_STRING", [1]),
 ]
 PRE_OUTPUTS = [
     ("INPUT_ID", "TYPE_INT32", [-1]),
+    ("DECODER_INPUT_ID", "TYPE_INT32", [-1]),
     ("REQUEST_INPUT_LEN", "TYPE_INT32", [1]),
+    ("REQUEST_DECODER_INPUT_LEN", "TYPE_INT32", [1]),
     ("BAD_WORDS_IDS", "TYPE_INT32", [2, -1]),
     ("STOP_WORDS_IDS", "TYPE_INT32", [2, -1]),
+    ("EMBEDDING_BIAS", "TYPE_FP32", [-1]),
     ("REQUEST_OUTPUT_LEN", "TYPE_INT32", [-1]),
     ("OUT_END_ID", "TYPE_INT32", [1]),
     ("OUT_PAD_ID", "TYPE_INT32", [1]),
@@ -118,81 +171,73 @@ PRE_OUTPUTS = [
 
 LLM_INPUTS: list[T] = [
     _in("input_ids", "TYPE_INT32", [-1], ragged=True),
+    _in("decoder_input_ids", "TYPE_INT32", [-1], ragged=True),  # encoder-decoder models only: unused here
+    _in("draft_input_ids", "TYPE_INT32", [-1], ragged=True),
     _in("input_lengths", "TYPE_INT32", [1], optional=False, scalar=True),
+    _in("decoder_input_lengths", "TYPE_INT32", [1], scalar=True),
     _in("request_output_len", "TYPE_INT32", [1], optional=False, scalar=True),
-    _in("end_id", "TYPE_INT32", [1], scalar=True),
-    _in("pad_id", "TYPE_INT32", [1], scalar=True),
+    *[
+        _in(LLM_NAMES.get(name, name), dtype, dims, scalar=True)
+        for name, dtype, dims, *_ in SAMPLING_INPUTS
+        if name != "stream"
+    ],
+    _in("min_length", "TYPE_INT32", [1], scalar=True),  # min_tokens' name before tensorrtllm_backend c2e65b8
+    _in("early_stopping", "TYPE_BOOL", [1], scalar=True),
     _in("stop_words_list", "TYPE_INT32", [2, -1], ragged=True),
     _in("bad_words_list", "TYPE_INT32", [2, -1], ragged=True),
-    _in("beam_width", "TYPE_INT32", [1], scalar=True),
-    _in("temperature", "TYPE_FP32", [1], scalar=True),
-    _in("runtime_top_k", "TYPE_INT32", [1], scalar=True),
-    _in("runtime_top_p", "TYPE_FP32", [1], scalar=True),
-    _in("seed", "TYPE_UINT64", [1], scalar=True),
+    _in("embedding_bias", "TYPE_FP32", [-1], ragged=True),
     _in("exclude_input_in_output", "TYPE_BOOL", [1], scalar=True),
     _in("stop", "TYPE_BOOL", [1], scalar=True),
     _in("streaming", "TYPE_BOOL", [1], scalar=True),
 ]
-LLM_OUTPUTS = [
-    ("output_ids", "TYPE_INT32", [-1, -1]),
-    ("sequence_length", "TYPE_INT32", [-1]),
-]
+LLM_OUTPUTS = [("output_ids", "TYPE_INT32", [-1, -1]), ("sequence_length", "TYPE_INT32", [-1]), *EXTRA_OUTPUTS]
+STREAM_KEY_INPUT = _in("stream_key", "TYPE_UINT64", [1], scalar=True)
+STREAM_KEY_OUTPUT = ("stream_key", "TYPE_UINT64", [1])
 
 POST_INPUTS: list[T] = [
     _in("TOKENS_BATCH", "TYPE_INT32", [-1, -1], optional=False),
     _in("SEQUENCE_LENGTH", "TYPE_INT32", [-1], optional=False),
+    _in("STREAM_KEY", "TYPE_UINT64", [1]),
 ]
 POST_OUTPUTS = [("OUTPUT", "TYPE_STRING", [-1])]
 
-# ensemble step wiring: (model, {model input: ensemble tensor}, {model output: ensemble tensor})
-ENSEMBLE_STEPS = [
-    (
-        "preprocessing",
-        {
-            "QUERY": "text_input",
-            "REQUEST_OUTPUT_LEN": "max_tokens",
-            "BAD_WORDS_DICT": "bad_words",
-            "STOP_WORDS_DICT": "stop_words",
-            "END_ID": "end_id",
-            "PAD_ID": "pad_id",
-            "MESSAGES": "messages",
-        },
-        {
-            "REQUEST_INPUT_LEN": "_REQUEST_INPUT_LEN",
-            "INPUT_ID": "_INPUT_ID",
-            "REQUEST_OUTPUT_LEN": "_REQUEST_OUTPUT_LEN",
-            "STOP_WORDS_IDS": "_STOP_WORDS_IDS",
-            "BAD_WORDS_IDS": "_BAD_WORDS_IDS",
-            "OUT_END_ID": "_PREPROCESSOR_END_ID",
-            "OUT_PAD_ID": "_PREPROCESSOR_PAD_ID",
-        },
-    ),
-    (
-        "tensorrt_llm",
-        {
-            "input_ids": "_INPUT_ID",
-            "input_lengths": "_REQUEST_INPUT_LEN",
-            "request_output_len": "_REQUEST_OUTPUT_LEN",
-            "exclude_input_in_output": "exclude_input_in_output",
-            "end_id": "_PREPROCESSOR_END_ID",
-            "pad_id": "_PREPROCESSOR_PAD_ID",
-            "runtime_top_k": "top_k",
-            "runtime_top_p": "top_p",
-            "temperature": "temperature",
-            "seed": "seed",
-            "beam_width": "beam_width",
-            "streaming": "stream",
-            "stop_words_list": "_STOP_WORDS_IDS",
-            "bad_words_list": "_BAD_WORDS_IDS",
-        },
-        {"output_ids": "_TOKENS_BATCH", "sequence_length": "_SEQUENCE_LENGTH"},
-    ),
-    (
-        "postprocessing",
-        {"TOKENS_BATCH": "_TOKENS_BATCH", "SEQUENCE_LENGTH": "_SEQUENCE_LENGTH"},
-        {"OUTPUT": "text_output"},
-    ),
-]
+
+def ensemble_steps(stream_keys: bool) -> list[tuple[str, dict[str, str], dict[str, str]]]:
+    """The ensemble's wiring: (model, {model input: ensemble tensor}, {model output: ensemble tensor}).
+    stream_keys: tensorrt_llm hands postprocessing each stream's private key (the reference backend's)."""
+    pre_in = {"QUERY": "text_input", "DECODER_QUERY": "decoder_text_input", "REQUEST_OUTPUT_LEN": "max_tokens"}
+    pre_in.update(BAD_WORDS_DICT="bad_words", STOP_WORDS_DICT="stop_words", END_ID="end_id", PAD_ID="pad_id")
+    pre_in.update(EMBEDDING_BIAS_WORDS="embedding_bias_words", EMBEDDING_BIAS_WEIGHTS="embedding_bias_weights")
+    pre_in["MESSAGES"] = "messages"
+    pre_out = {name: f"_{name}" for name, *_ in PRE_OUTPUTS}
+    pre_out.update(OUT_END_ID="_PREPROCESSOR_END_ID", OUT_PAD_ID="_PREPROCESSOR_PAD_ID")
+    llm_in = {
+        "input_ids": "_INPUT_ID",
+        "decoder_input_ids": "_DECODER_INPUT_ID",
+        "input_lengths": "_REQUEST_INPUT_LEN",
+        "decoder_input_lengths": "_REQUEST_DECODER_INPUT_LEN",
+        "request_output_len": "_REQUEST_OUTPUT_LEN",
+        "exclude_input_in_output": "exclude_input_in_output",
+        "end_id": "_PREPROCESSOR_END_ID",
+        "pad_id": "_PREPROCESSOR_PAD_ID",
+        "stop_words_list": "_STOP_WORDS_IDS",
+        "bad_words_list": "_BAD_WORDS_IDS",
+        "embedding_bias": "_EMBEDDING_BIAS",
+    }
+    for name, *_ in SAMPLING_INPUTS:
+        if name not in ("end_id", "pad_id"):
+            llm_in[LLM_NAMES.get(name, name)] = name
+    llm_out = {"output_ids": "_TOKENS_BATCH", "sequence_length": "_SEQUENCE_LENGTH"}
+    llm_out.update({name: name for name, *_ in EXTRA_OUTPUTS})
+    post_in = {"TOKENS_BATCH": "_TOKENS_BATCH", "SEQUENCE_LENGTH": "_SEQUENCE_LENGTH"}
+    if stream_keys:
+        llm_out["stream_key"] = "_STREAM_KEY"
+        post_in["STREAM_KEY"] = "_STREAM_KEY"
+    return [
+        ("preprocessing", pre_in, pre_out),
+        ("tensorrt_llm", llm_in, llm_out),
+        ("postprocessing", post_in, {"OUTPUT": "text_output"}),
+    ]
 
 
 def _pb():
@@ -303,7 +348,8 @@ def build_configs(manifest: dict, engine_dir: Path, opts: RepoOptions) -> dict[s
     llm.model_transaction_policy.decoupled = opts.decoupled
     llm.dynamic_batching.preferred_batch_size.append(mbs)
     llm.dynamic_batching.max_queue_delay_microseconds = opts.max_queue_delay_microseconds
-    _add_io(llm, LLM_INPUTS, LLM_OUTPUTS)
+    reference = backend == "reference"
+    _add_io(llm, LLM_INPUTS + [STREAM_KEY_INPUT] * reference, LLM_OUTPUTS + [STREAM_KEY_OUTPUT] * reference)
     _instances(llm, 1)
     engine_dir = Path(engine_dir).resolve()
     llm_params: dict[str, object] = {
@@ -330,7 +376,7 @@ def build_configs(manifest: dict, engine_dir: Path, opts: RepoOptions) -> dict[s
 
     bls = _base("tensorrt_llm_bls", mbs, backend="python")
     bls.model_transaction_policy.decoupled = opts.decoupled
-    _add_io(bls, ENSEMBLE_INPUTS, TEXT_OUTPUT)
+    _add_io(bls, BLS_INPUTS, TEXT_OUTPUTS)
     _instances(bls, opts.instances)
     _params(
         bls, {"accumulate_tokens": False, "tensorrt_llm_model_name": "tensorrt_llm", "tokenizer_dir": tokenizer_dir}
@@ -338,8 +384,8 @@ def build_configs(manifest: dict, engine_dir: Path, opts: RepoOptions) -> dict[s
     configs["tensorrt_llm_bls"] = bls
 
     ens = _base(opts.model_name, mbs, platform="ensemble")
-    _add_io(ens, ENSEMBLE_INPUTS, TEXT_OUTPUT)
-    for model, inputs, outputs in ENSEMBLE_STEPS:
+    _add_io(ens, ENSEMBLE_INPUTS, TEXT_OUTPUTS)
+    for model, inputs, outputs in ensemble_steps(stream_keys=reference):
         step = ens.ensemble_scheduling.step.add(model_name=model, model_version=-1)
         for k, v in inputs.items():
             step.input_map[k] = v
@@ -378,7 +424,11 @@ def write_config(cfg, path: Path) -> None:
 
 def read_config(path: str | os.PathLike):
     """Parse a config.pbtxt into a ModelConfig message (raises on any invalid field)."""
-    return text_format.Parse(Path(path).read_text(), _pb().ModelConfig())
+    return read_config_text(Path(path).read_text())
+
+
+def read_config_text(text: str):
+    return text_format.Parse(text, _pb().ModelConfig())
 
 
 # Triton model names become directory names in the repository: a plain name, not a path.

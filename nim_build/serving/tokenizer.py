@@ -419,4 +419,5 @@ def meta_from_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
         "chat_template": tok.get("chat_template"),
         "max_seq_len": build.get("max_seq_len"),
         "max_batch_size": build.get("max_batch_size"),
+        "vocab_size": (manifest.get("spec") or {}).get("vocab_size"),  # the model's (embedding_bias' length)
     }

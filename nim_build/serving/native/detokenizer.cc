@@ -1,12 +1,13 @@
 // nim_detokenizer: a Triton backend that runs the `postprocessing` model natively.
 //
 // Same inputs and outputs as the python postprocessing model (TOKENS_BATCH [batch, beam, len] INT32,
-// SEQUENCE_LENGTH [batch, beam] INT32 -> OUTPUT [batch, beam] BYTES) and the same text: every token id maps to
-// the bytes it contributes to a decode (the table `nim_build repo` writes after checking it against the
-// tokenizer itself), the bytes are decoded as UTF-8 with U+FFFD for each maximal invalid subpart (what Python's
-// errors="replace" and Rust's from_utf8_lossy do), and a streaming request, recognised by its request id,
-// keeps the bytes of a character that is not complete yet for its next step. A request that Triton marks
-// cancelled (its ensemble client left) makes the backend send `tensorrt_llm` a stop request with that id.
+// SEQUENCE_LENGTH [batch, beam] INT32, optional STREAM_KEY UINT64 -> OUTPUT [batch * beam] BYTES, flat as upstream)
+// and the same text: every token id maps to the bytes it contributes to a decode (the table `nim_build repo` writes
+// after checking it against the tokenizer itself), the bytes are decoded as UTF-8 with U+FFFD for each maximal
+// invalid subpart (what Python's errors="replace" and Rust's from_utf8_lossy do), and a streaming request,
+// recognised by its stream key or else its request id, keeps the bytes of a character that is not complete yet for
+// its next step. A request that Triton marks cancelled (its ensemble client left) makes the backend send
+// `tensorrt_llm` a stop request for that stream.
 //
 // The python backend costs tens of microseconds per request (shared-memory IPC with a stub process); a stream
 // step here costs a few, so detokenization keeps up with one response per token at GPU decoding rates.
@@ -241,7 +242,7 @@ struct ModelState {
 
   std::mutex mu;
   std::unordered_map<std::string, Stream> streams;
-  std::unordered_set<std::string> cancelled;  // request ids already stopped (their later steps arrive cancelled)
+  std::unordered_set<std::string> cancelled;  // streams already stopped (their later steps arrive cancelled)
   std::deque<std::string> cancelled_order;
   uint64_t last_sweep_ns = 0;
 
@@ -355,30 +356,39 @@ TRITONSERVER_Error* ReleaseCpu(TRITONSERVER_ResponseAllocator*, void* buffer, vo
   return nullptr;
 }
 
-void StopRequestReleased(TRITONSERVER_InferenceRequest* request, const uint32_t flags, void*) {
-  if (flags & REQUEST_RELEASE_ALL) TRITONSERVER_InferenceRequestDelete(request);
+void StopRequestReleased(TRITONSERVER_InferenceRequest* request, const uint32_t flags, void* key_data) {
+  if (flags & REQUEST_RELEASE_ALL) {
+    TRITONSERVER_InferenceRequestDelete(request);
+    delete static_cast<uint64_t*>(key_data);
+  }
 }
 
 void StopResponseComplete(TRITONSERVER_InferenceResponse* response, const uint32_t, void*) {
   if (response) TRITONSERVER_InferenceResponseDelete(response);
 }
 
-// Ask tensorrt_llm to end the request with this id: the TensorRT-LLM backend's `stop` input, as the python
-// models send it (triton_common.stop_llm_request). Asynchronous: the engine answers within a step.
-void SendStop(ModelState* state, const std::string& id) {
+// Ask tensorrt_llm to end a stream: the TensorRT-LLM backend's `stop` input for the requests with this id, or, with
+// a stream key, for that one stream (as the python models send it: triton_common.stop_llm_request). Asynchronous:
+// the engine answers within a step.
+void SendStop(ModelState* state, const std::string& id, bool has_key, uint64_t key) {
   static const int64_t shape[2] = {1, 1};
-  static const int32_t one = 1;
+  static const int32_t zero = 0;
   static const bool stop = true;
+  auto* key_data = new uint64_t(key);  // freed with the request
   TRITONSERVER_InferenceRequest* request = nullptr;
   TRITONSERVER_Error* err = TRITONSERVER_InferenceRequestNew(&request, state->server, state->llm_model.c_str(), -1);
   if (!err) err = TRITONSERVER_InferenceRequestSetId(request, id.c_str());
   if (!err) err = TRITONSERVER_InferenceRequestAddInput(request, "input_lengths", TYPE_INT32, shape, 2);
-  if (!err) err = TRITONSERVER_InferenceRequestAppendInputData(request, "input_lengths", &one, 4, MEMORY_CPU, 0);
+  if (!err) err = TRITONSERVER_InferenceRequestAppendInputData(request, "input_lengths", &zero, 4, MEMORY_CPU, 0);
   if (!err) err = TRITONSERVER_InferenceRequestAddInput(request, "request_output_len", TYPE_INT32, shape, 2);
-  if (!err) err = TRITONSERVER_InferenceRequestAppendInputData(request, "request_output_len", &one, 4, MEMORY_CPU, 0);
+  if (!err) err = TRITONSERVER_InferenceRequestAppendInputData(request, "request_output_len", &zero, 4, MEMORY_CPU, 0);
   if (!err) err = TRITONSERVER_InferenceRequestAddInput(request, "stop", TYPE_BOOL, shape, 2);
   if (!err) err = TRITONSERVER_InferenceRequestAppendInputData(request, "stop", &stop, 1, MEMORY_CPU, 0);
-  if (!err) err = TRITONSERVER_InferenceRequestSetReleaseCallback(request, StopRequestReleased, nullptr);
+  if (!err && has_key) err = TRITONSERVER_InferenceRequestAddInput(request, "stream_key", TYPE_UINT64, shape, 2);
+  if (!err && has_key) {
+    err = TRITONSERVER_InferenceRequestAppendInputData(request, "stream_key", key_data, 8, MEMORY_CPU, 0);
+  }
+  if (!err) err = TRITONSERVER_InferenceRequestSetReleaseCallback(request, StopRequestReleased, key_data);
   if (!err) {
     err = TRITONSERVER_InferenceRequestSetResponseCallback(request, state->allocator, nullptr, StopResponseComplete,
                                                            nullptr);
@@ -388,6 +398,7 @@ void SendStop(ModelState* state, const std::string& id) {
     LOG(LOG_ERROR, "could not stop " + state->llm_model + " request '" + id + "': " + TRITONSERVER_ErrorMessage(err));
     TRITONSERVER_ErrorDelete(err);
     if (request) TRITONSERVER_InferenceRequestDelete(request);
+    delete key_data;
   }
 }
 
@@ -424,7 +435,34 @@ TRITONSERVER_Error* ReadInput(TRITONBACKEND_Request* request, const char* name, 
   return nullptr;
 }
 
-// The OUTPUT texts of one request: [batch, beam] strings.
+// The optional STREAM_KEY input (UINT64 [1, 1]): the reference tensorrt_llm's private key of an ensemble stream.
+TRITONSERVER_Error* ReadStreamKey(TRITONBACKEND_Request* request, bool* has_key, uint64_t* key) {
+  *has_key = false;
+  TRITONBACKEND_Input* input;
+  if (TRITONSERVER_Error* absent = TRITONBACKEND_RequestInput(request, "STREAM_KEY", &input)) {
+    TRITONSERVER_ErrorDelete(absent);
+    return nullptr;
+  }
+  TRITONSERVER_DataType dtype;
+  const int64_t* dims;
+  uint32_t dims_count, buffer_count;
+  uint64_t byte_size;
+  RETURN_IF_ERROR(TRITONBACKEND_InputProperties(input, nullptr, &dtype, &dims, &dims_count, &byte_size,
+                                                &buffer_count));
+  if (dtype != TYPE_UINT64 || byte_size != 8 || buffer_count != 1) {
+    return Error(ERROR_INVALID_ARG, "STREAM_KEY must be one UINT64");
+  }
+  const void* buffer;
+  uint64_t size;
+  TRITONSERVER_MemoryType memory_type;
+  int64_t memory_type_id;
+  RETURN_IF_ERROR(TRITONBACKEND_InputBuffer(input, 0, &buffer, &size, &memory_type, &memory_type_id));
+  std::memcpy(key, buffer, 8);
+  *has_key = true;
+  return nullptr;
+}
+
+// The OUTPUT texts of one request: batch x beam strings, flat (upstream's shape).
 TRITONSERVER_Error* DecodeRequest(ModelState* state, TRITONBACKEND_Request* request, const char* id, uint64_t now,
                                   std::vector<int64_t>* out_shape, std::vector<std::string>* texts) {
   std::vector<int64_t> tshape, lshape;
@@ -440,7 +478,7 @@ TRITONSERVER_Error* DecodeRequest(ModelState* state, TRITONBACKEND_Request* requ
   if (lcount != batch * beams) return Error(ERROR_INVALID_ARG, "SEQUENCE_LENGTH must be [batch, beam]");
   // A stream step is one sequence of a request with an id (every step of a stream carries the client's id).
   const bool stream = id[0] != '\0' && batch == 1 && beams == 1;
-  *out_shape = {batch, beams};
+  *out_shape = {batch * beams};
   texts->assign(batch * beams, std::string());
   for (int64_t s = 0; s < batch * beams; ++s) {
     const int64_t n = lengths[s];
@@ -546,19 +584,24 @@ TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(TRITONBACKEND_ModelInstan
     TRITONBACKEND_Request* request = requests[r];
     const uint64_t req_start = NowNs();
     const char* id = "";
-    bool cancelled = false;
+    bool cancelled = false, has_key = false;
+    uint64_t stream_key = 0;
     TRITONSERVER_Error* err = TRITONBACKEND_RequestId(request, &id);
+    if (!err) err = ReadStreamKey(request, &has_key, &stream_key);
+    if (!id) id = "";
+    // a stream's state: by its key when tensorrt_llm gave one, else by the request id
+    const std::string key = has_key ? "k" + std::to_string(stream_key) : std::string(id);
     if (!err) err = TRITONBACKEND_RequestIsCancelled(request, &cancelled);
     if (!err && cancelled) {
       bool first = false;
-      if (id && id[0]) {
+      if (!key.empty()) {
         std::lock_guard<std::mutex> lock(state->mu);
-        first = state->MarkCancelled(id);
+        first = state->MarkCancelled(key);
       }
-      if (first) SendStop(state, id);  // once per stream: its later steps arrive cancelled too
+      if (first) SendStop(state, id, has_key, stream_key);  // once per stream: its later steps arrive cancelled too
       err = Error(ERROR_CANCELLED, "the request was cancelled");
     }
-    if (!err) err = DecodeRequest(state, request, id ? id : "", start, &shape, &texts);
+    if (!err) err = DecodeRequest(state, request, key.c_str(), start, &shape, &texts);
     TRITONBACKEND_Response* response;
     TRITONSERVER_Error* rerr = TRITONBACKEND_ResponseNew(&response, request);
     if (!rerr && !err) err = FillOutput(response, shape, texts);

@@ -1,66 +1,110 @@
 """tensorrt_llm for a reference engine: nim_build.runtime.LLMEngine behind the TensorRT-LLM backend's interface.
 
-Same inputs, outputs and parameters as the `tensorrtllm` C++ backend's model (input_ids, input_lengths,
-request_output_len, end_id, pad_id, streaming, sampling inputs, stop/bad word lists -> output_ids
-[batch, beam, tokens], sequence_length [batch, beam]). Requests join a running in-flight batch: the engine's
-step loop runs in a background thread, `execute` only submits; a sender thread streams each request's new
-tokens through its decoupled response sender (all tokens in one response when `streaming` is false). A client
-that cancels or disconnects has its request cancelled in the engine, which frees its KV blocks; as in the
-TensorRT-LLM backend, a request with `stop` = true cancels the in-flight request that has the same request id
-(how tensorrt_llm_bls cancels, since Triton 2.51's BLS and ensembles do not forward cancellation).
+Same inputs, outputs, parameters and semantics as the `tensorrtllm` C++ backend's model (tensorrtllm_backend
+inflight_batcher_llm/src/utils.cc and model_instance_state.cc; docs/TRITON.md): sampling inputs map through
+nim_build.runtime.from_trtllm; a request of batch B is B engine requests, and num_return_sequences n makes n per row,
+each answered in its own responses (batch_index / sequence_index when asked for); output_ids are [1, 1, len]
+(prompt included unless excluded, except when streaming: new tokens only); log probs, context and generation
+logits and the perf-metric outputs when asked for; beam_width > 1 is answered with an error naming it.
 
-Parameters: gpt_model_path (the engine directory), exclude_input_in_output, kv_cache_free_gpu_mem_fraction (the
-share of the memory left after loading the weights that the KV pool may take), enable_chunked_context, and
-nim_build_engine ("module:Class", default nim_build.runtime:LLMEngine; benchmarks use a trivial engine with the same
-API). enable_kv_cache_reuse = true and batch_scheduler_policy = max_utilization are refused: the runtime has neither.
-Engine statistics are exported as Prometheus gauges (nim_build_engine_*) on the metrics port.
+Requests join a running in-flight batch in both transaction policies: the engine's step loop runs in a background
+thread, `execute` only submits and returns, and a sender thread answers each request through its response sender
+(one response when the model is not decoupled). A client that cancels or disconnects has its request cancelled in
+the engine, which frees its KV blocks. A `stop` request cancels, as in the TensorRT-LLM backend, the requests with
+its request id, except those that asked for the `stream_key` output: the ensemble does, and its postprocessing
+stops a stream by that random key, so no other client can stop it (Triton 2.51's ensembles do not forward
+cancellation, and every step of an ensemble carries its client's request id).
+
+Parameters: gpt_model_path (the engine directory), exclude_input_in_output, kv_cache_free_gpu_mem_fraction,
+enable_chunked_context, normalize_log_probs (default true, as TensorRT-LLM's), and nim_build_engine ("module:Class",
+default nim_build.runtime:LLMEngine; benchmarks use a trivial engine with the same API). enable_kv_cache_reuse = true
+and batch_scheduler_policy = max_utilization are refused: the runtime has neither. Engine statistics are exported as
+Prometheus gauges (nim_build_engine_*) on the metrics port.
 """
 
 import importlib
 import json
+import math
 import queue
+import secrets
 import threading
 
 import numpy as np
 import triton_common as tc
 
 from nim_build.errors import UserError
+from nim_build.runtime.api import from_trtllm
 from nim_build.serving.repo import refused_for_reference
+from nim_build.serving.tokenizer import from_word_list_format
 
 pb_utils = tc.pb_utils
 CANCEL_POLL_S = 0.05
 STATS_KEYS = ("steps", "max_seqs_in_step", "last_step_seqs", "active", "waiting", "free_blocks", "total_blocks")
+PERF_OUTPUTS = (
+    "kv_cache_alloc_new_blocks",
+    "kv_cache_reused_blocks",
+    "kv_cache_alloc_total_blocks",
+    "arrival_time_ns",
+    "first_scheduled_time_ns",
+    "first_token_time_ns",
+    "last_token_time_ns",
+    "acceptance_rate",
+    "total_accepted_draft_tokens",
+    "total_draft_tokens",
+)
 
 
-class _Request:
-    __slots__ = (
-        "sender",
-        "request",
-        "streaming",
-        "prefix",
-        "tokens",
-        "rid",
-        "done",
-        "response",
-        "key",
-        "lock",
-        "closed",
-    )
+class _Call:
+    """One Triton request: its response sender and the engine streams (rows x sequences) it is waiting for."""
 
-    def __init__(self, request, streaming, prefix):
-        self.request = request
-        self.sender = request.get_response_sender() if request is not None else None
-        self.streaming = streaming
-        self.prefix = prefix  # prompt ids to prepend when the input is not excluded from the output
-        self.tokens: list[int] = []
-        self.rid = None
-        self.key = request.request_id() if request is not None else ""
-        self.done = threading.Event()
-        self.response = None
+    __slots__ = ("request", "sender", "streaming", "wanted", "open", "lock", "closed", "key", "keyed", "batch")
+
+    def __init__(self, request, streaming: bool, wanted: set[str], batch: int):
+        self.request, self.sender = request, request.get_response_sender()
+        self.streaming, self.wanted, self.batch = streaming, wanted, batch
+        self.open = 0  # streams not finished yet
+        self.key = request.request_id()
+        self.keyed = "stream_key" in wanted  # stopped by its streams' keys only, never by request id
         # Asking Triton whether a request is cancelled after its final response crashes the server (the
         # response factory is gone): `closed` is set, under `lock`, before the final response is sent.
         self.lock = threading.Lock()
         self.closed = False
+
+
+class _Stream:
+    """One engine request: a (batch row, returned sequence) of a call."""
+
+    __slots__ = (
+        "call",
+        "rid",
+        "row",
+        "seq",
+        "n",
+        "prompt",
+        "prefix",
+        "params",
+        "tokens",
+        "log_probs",
+        "cum",
+        "context_logits",
+        "generation_logits",
+        "stream_key",
+        "arrival",
+        "first",
+        "last",
+    )
+
+    def __init__(self, call, row, seq, n, prompt, prefix, params):
+        self.call, self.row, self.seq, self.n = call, row, seq, n
+        self.prompt, self.prefix, self.params = prompt, prefix, params
+        self.rid = None
+        self.tokens: list[int] = []
+        self.log_probs: list[float] = []
+        self.cum = 0.0
+        self.context_logits = None
+        self.generation_logits: list = []
+        self.stream_key = secrets.randbits(63)  # random: only the ensemble that asked for it can stop this stream
+        self.arrival = self.first = self.last = None
 
 
 class TritonPythonModel:
@@ -69,10 +113,9 @@ class TritonPythonModel:
         params = tc.parameters(cfg)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(cfg)
         self.exclude_input = tc.is_true(params.get("exclude_input_in_output"), default=True)
+        self.normalize_log_probs = tc.is_true(params.get("normalize_log_probs"), default=True)
         module, _, cls = (params.get("nim_build_engine") or "nim_build.runtime:LLMEngine").partition(":")
-        engine_module = importlib.import_module(module)
-        engine_cls = getattr(engine_module, cls)
-        self.sampling_params = engine_module.SamplingParams
+        engine_cls = getattr(importlib.import_module(module), cls)
         # The TensorRT-LLM backend's parameters the reference runtime implements; the others are refused, never
         # ignored (`nim_build repo` refuses them first).
         why = refused_for_reference(params)
@@ -85,14 +128,16 @@ class TritonPythonModel:
         self.engine = engine_cls.from_engine_dir(
             params["gpt_model_path"], max_batch_size=cfg["max_batch_size"], **limits
         )
+        self.tokens_per_block = getattr(self.engine, "tokens_per_block", 1)
         self.logger = pb_utils.Logger
         note = getattr(self.engine, "kv_cache_note", None)
         if note:
             self.logger.log_info(note)
         self.engine.start()
         self.events: queue.Queue = queue.Queue()
-        self.active: dict[int, _Request] = {}
-        self.by_key: dict[str, _Request] = {}  # request id -> request, for `stop` requests
+        self.active: dict[int, _Stream] = {}  # engine request id -> stream
+        self.by_id: dict[str, list[_Call]] = {}  # client request id -> calls a `stop` may cancel
+        self.by_key: dict[int, _Stream] = {}  # stream key -> stream (ensemble streams)
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.gauges = self._make_gauges()
@@ -102,113 +147,127 @@ class TritonPythonModel:
 
     # -- requests ------------------------------------------------------------------------------------------
     def execute(self, requests):
-        pending = []
-        responses = [] if not self.decoupled else None
         for request in requests:
-            state = None
             try:
-                if tc.first(request, "stop", False):
+                if _flag(request, "stop"):
                     self._stop(request)
-                    if not self.decoupled:
-                        pending.append(self._response(None, []))
-                    continue
-                prompt, params, streaming = self._parse(request)
-                if streaming and not self.decoupled:
-                    raise UserError(
-                        "streaming needs the decoupled transaction policy (generate the repository "
-                        "without --no-decoupled)"
-                    )
-                state = _Request(
-                    request if self.decoupled else None, streaming, [] if self._exclude(request) else prompt
-                )
-                with self.lock:
-                    state.rid = self.engine.submit(prompt, params, lambda ev, s=state: self.events.put((s, ev)))
-                    self.active[state.rid] = state
-                    if state.key:
-                        self.by_key[state.key] = state
-                pending.append(state)
-            except (UserError, ValueError, TypeError) as e:
-                if self.decoupled:
-                    sender = state.sender if state is not None else request.get_response_sender()
-                    sender.send(tc.error(str(e)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 else:
-                    pending.append(str(e))
-        if self.decoupled:
-            return None
-        for item in pending:  # non-decoupled: wait for every request of this batch, answer in order
-            if isinstance(item, str):
-                responses.append(tc.error(item))
-                continue
-            if not isinstance(item, _Request):
-                responses.append(item)
-                continue
-            item.done.wait()
-            responses.append(item.response)
-        return responses
+                    self._submit(request)
+            except Exception as e:
+                request.get_response_sender().send(
+                    tc.error(tc.error_message(e, "tensorrt_llm")), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+                )
+        return None  # responses go out through each request's sender, from the send loop
 
-    def _stop(self, request) -> None:
-        """A `stop` request: cancel the in-flight request with the same request id (if any), answer empty."""
-        with self.lock:
-            target = self.by_key.get(request.request_id())
-        if target is not None:
-            self.engine.cancel(target.rid)
-        if self.decoupled:
-            request.get_response_sender().send(
-                self._response(None, []), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-            )
-
-    def _exclude(self, request) -> bool:
-        value = tc.first(request, "exclude_input_in_output")
-        return self.exclude_input if value is None else bool(value)
-
-    def _parse(self, request):
+    def _submit(self, request) -> None:
         ids = tc.array(request, "input_ids")
         if ids is None:
             raise UserError("input_ids is required")
-        if ids.ndim > 1 and ids.shape[0] != 1:
-            raise UserError(f"send one sequence per request (batch size 1), got batch {ids.shape[0]}")
-        ids = ids.reshape(-1)
-        length = tc.first(request, "input_lengths")
-        if length is not None:
-            ids = ids[: int(length)]
-        if ids.size == 0:
-            raise UserError("the prompt is empty")
-        max_new = int(tc.first(request, "request_output_len", 0))
+        ids = ids.reshape(ids.shape[0], -1) if ids.ndim else ids.reshape(1, 1)
+        batch = ids.shape[0]
+        streaming = _flag(request, "streaming")
+        n = int(tc.row(request, "num_return_sequences", 0, 1))
+        if not self.decoupled:
+            needs = ((streaming, "streaming"), (batch > 1, "a batch size > 1"), (n > 1, "num_return_sequences > 1"))
+            for cond, what in needs:
+                if cond:
+                    raise UserError(f"{what} needs the decoupled transaction policy (no --no-decoupled)")
+        if n < 1:
+            raise UserError(f"num_return_sequences must be >= 1, got {n}")
+        beam = int(tc.row(request, "beam_width", 0, 1))  # len_penalty, early_stopping: beam search only, unused
+        if beam != 1:
+            raise UserError(f"beam_width {beam}: the reference runtime decodes one beam (beam_width 1)")
+        if tc.array(request, "draft_input_ids") is not None:
+            raise UserError("draft_input_ids: the reference runtime has no speculative decoding")
+        wanted = set(request.requested_output_names())
+        call = _Call(request, streaming, wanted, batch)
+        streams = [s for b in range(batch) for s in self._parse_row(request, call, ids, b, n)]
+        submitted = []
+        try:
+            with self.lock:
+                for s in streams:
+                    s.rid = self.engine.submit(s.prompt, s.params, lambda ev, s=s: self.events.put((s, ev)))
+                    submitted.append(s)
+                    self.active[s.rid] = s
+                    if call.keyed:
+                        self.by_key[s.stream_key] = s
+                call.open = len(streams)
+                if call.key and not call.keyed:
+                    self.by_id.setdefault(call.key, []).append(call)
+        except Exception:
+            for s in submitted:  # all rows or none
+                self.engine.cancel(s.rid)
+            raise
+
+    def _parse_row(self, request, call: _Call, ids: np.ndarray, b: int, n: int) -> list[_Stream]:
+        length = tc.row(request, "input_lengths", b)
+        row = ids[b][: int(length)] if length is not None else ids[b]
+        if row.size == 0:
+            raise UserError("the prompt is empty (input_ids / input_lengths)")
+        max_new = int(tc.row(request, "request_output_len", b, 0))
         if max_new <= 0:
             raise UserError(f"request_output_len must be positive, got {max_new}")
-        beam = int(tc.first(request, "beam_width", 1))
-        if beam != 1:
-            raise UserError(f"beam_width {beam} is not supported by the reference runtime (only 1)")
-        kwargs = {"max_new_tokens": max_new}
+        kwargs = {}
         for name, key, cast in (
-            ("temperature", "temperature", float),
             ("runtime_top_k", "top_k", int),
             ("runtime_top_p", "top_p", float),
+            ("temperature", "temperature", float),
             ("seed", "seed", int),
-            ("end_id", "end_id", int),
+            ("repetition_penalty", "repetition_penalty", float),
+            ("presence_penalty", "presence_penalty", float),
+            ("frequency_penalty", "frequency_penalty", float),
+            ("min_tokens", "min_tokens", int),
+            ("min_length", "min_tokens", int),
+            ("return_log_probs", "return_log_probs", bool),
+            ("return_context_logits", "return_context_logits", bool),
+            ("return_generation_logits", "return_generation_logits", bool),
         ):
-            value = tc.first(request, name)
+            value = tc.row(request, name, b)
             if value is not None:
                 kwargs[key] = cast(value)
-        from nim_build.serving.tokenizer import from_word_list_format
-
+        end_id = tc.row(request, "end_id", b)
+        kwargs["end_id"] = -1 if end_id is None else int(end_id)  # TensorRT-LLM: no end id -> none
         for name, key in (("stop_words_list", "stop_words"), ("bad_words_list", "bad_words")):
             arr = tc.array(request, name)
             if arr is not None and arr.size:
-                kwargs[key] = from_word_list_format(arr)
-        streaming = bool(tc.first(request, "streaming", False))
-        return ids.astype(np.int64).tolist(), self.sampling_params(**kwargs), streaming
+                arr = arr.reshape(-1, 2, arr.shape[-1])
+                kwargs[key] = from_word_list_format(arr[b if arr.shape[0] > 1 else 0], name)
+        bias = tc.array(request, "embedding_bias")
+        if bias is not None and bias.size:
+            bias = bias.reshape(-1, bias.shape[-1])
+            kwargs["embedding_bias"] = bias[b if bias.shape[0] > 1 else 0].astype(np.float32).tolist()
+        prompt = row.astype(np.int64).tolist()
+        exclude = tc.row(request, "exclude_input_in_output", b)
+        exclude = self.exclude_input if exclude is None else bool(exclude)
+        streams = []
+        for seq in range(n):
+            seq_kwargs = dict(kwargs)
+            if n > 1 and seq_kwargs.get("seed") is not None:
+                seq_kwargs["seed"] += seq  # TensorRT-LLM's child requests: seed + sequence index
+            params = from_trtllm(max_new, normalize_log_probs=self.normalize_log_probs, **seq_kwargs)
+            streams.append(_Stream(call, b, seq, n, prompt, [] if exclude else prompt, params))
+        return streams
 
-    # -- responses -----------------------------------------------------------------------------------------
-    def _response(self, state: _Request, ids: list[int]):
-        n = len(ids)
-        return pb_utils.InferenceResponse(
-            output_tensors=[
-                pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32).reshape(1, 1, n)),
-                pb_utils.Tensor("sequence_length", np.asarray([[n]], dtype=np.int32)),
-            ]
+    def _stop(self, request) -> None:
+        """A `stop` request: cancel the requests it names, answer one empty final response (as upstream)."""
+        key = tc.row(request, "stream_key", 0)
+        with self.lock:
+            if key is not None:
+                target = self.by_key.get(int(key))
+                streams = [target] if target is not None else []
+            else:
+                if not request.request_id():
+                    raise UserError("stop: a stop request needs the request id of the request to stop")
+                calls = self.by_id.get(request.request_id(), [])
+                streams = [s for s in self.active.values() if s.call in calls]
+        for s in streams:
+            self.logger.log_info(f"tensorrt_llm: request '{s.call.key}' stopped by a stop request")
+            self.engine.cancel(s.rid)
+        request.get_response_sender().send(
+            pb_utils.InferenceResponse(output_tensors=[]), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         )
 
+    # -- responses -----------------------------------------------------------------------------------------
     def _send_loop(self):
         while not self.stopping.is_set():
             try:
@@ -220,64 +279,136 @@ class TritonPythonModel:
                     batch.append(self.events.get_nowait())
                 except queue.Empty:
                     break
-            # When responses fall behind the engine, a request's waiting tokens go out in one response
+            # When responses fall behind the engine, a stream's waiting tokens go out in one response
             # (streams stay in order; clients concatenate pieces either way).
             merged: dict[int, list] = {}
-            for state, ev in batch:
-                entry = merged.setdefault(id(state), [state, [], ev])
-                entry[1].extend(ev.token_ids)
+            for s, ev in batch:
+                entry = merged.setdefault(id(s), [s, [], ev])
+                entry[1].append(ev)
                 entry[2] = ev
-            for state, tokens, ev in merged.values():
-                self._deliver(state, tokens, ev)
+            for s, events, last in merged.values():
+                self._deliver(s, events, last)
 
-    def _deliver(self, state: _Request, tokens: list[int], ev) -> None:
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    def _deliver(self, s: _Stream, events: list, last) -> None:
+        final_flag = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        call = s.call
+        new = [t for ev in events for t in ev.token_ids]
+        for ev in events:
+            s.tokens.extend(ev.token_ids)
+            if ev.log_probs is not None:
+                s.log_probs.extend(ev.log_probs)
+                s.cum = ev.cum_log_prob
+            if ev.context_logits is not None:
+                s.context_logits = ev.context_logits
+            if ev.generation_logits:
+                s.generation_logits.extend(ev.generation_logits)
+        s.arrival, s.first, s.last = last.arrival, last.first_token, last.last_token
         try:
-            if ev.finished:
+            if last.finished:
                 with self.lock:
-                    self.active.pop(state.rid, None)
-                    if state.key and self.by_key.get(state.key) is state:
-                        del self.by_key[state.key]
-            if ev.error or ev.finish_reason == "error":
-                response = tc.error(f"generation failed: {ev.error}")
-            elif state.streaming:
-                if not tokens and not ev.finished:
-                    return
-                response = self._response(state, tokens)
+                    self.active.pop(s.rid, None)
+                    self.by_key.pop(s.stream_key, None)
+                    call.open -= 1
+                    ends_call = call.open == 0
+                    if ends_call and call.key in self.by_id:
+                        rest = [c for c in self.by_id[call.key] if c is not call]
+                        if rest:
+                            self.by_id[call.key] = rest
+                        else:
+                            del self.by_id[call.key]
             else:
-                state.tokens.extend(tokens)
-                if not ev.finished:
+                ends_call = False
+            flags = final_flag if ends_call else 0
+            if last.error or last.finish_reason == "error":
+                response = tc.error(f"generation failed: {last.error}")
+            elif call.streaming:
+                if not new and not last.finished:
                     return
-                response = self._response(state, list(state.prefix) + state.tokens)
-            if state.sender is not None:
-                if ev.finished:
-                    with state.lock:
-                        state.closed = True
-                if ev.finish_reason == "cancelled":
-                    state.sender.send(flags=final)
-                else:
-                    state.sender.send(response, flags=final if ev.finished else 0)
+                response = None if (last.finish_reason == "cancelled" and not new) else self._response(s, new)
+            elif last.finished:
+                response = self._response(s, list(s.prefix) + s.tokens)
             else:
-                state.response = response
-            if ev.finished:
-                state.done.set()
+                return
+            if ends_call:
+                with call.lock:
+                    call.closed = True
+            if response is None:
+                if flags:
+                    call.sender.send(flags=flags)
+            else:
+                call.sender.send(response, flags=flags)
         except Exception as e:  # a client gone mid-stream: cancel its request, keep serving the others
-            self.logger.log_warn(f"tensorrt_llm: response for request {state.rid} not delivered: {e}")
-            self.engine.cancel(state.rid)
+            self.logger.log_warn(f"tensorrt_llm: response for request {s.rid} not delivered: {e}")
+            self.engine.cancel(s.rid)
+
+    def _response(self, s: _Stream, ids: list[int]):
+        """One response of stream `s` with output ids `ids` and the optional outputs its request asked for."""
+        call, p = s.call, s.params
+        out = [
+            pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32).reshape(1, 1, len(ids))),
+            pb_utils.Tensor("sequence_length", np.asarray([[len(ids)]], dtype=np.int32)),
+        ]
+        if p.return_log_probs:
+            out.append(pb_utils.Tensor("cum_log_probs", np.asarray([[s.cum]], dtype=np.float32)))
+            lp = np.asarray(s.log_probs, dtype=np.float32).reshape(1, 1, -1)
+            out.append(pb_utils.Tensor("output_log_probs", lp))
+        if p.return_context_logits and s.context_logits is not None:
+            out.append(pb_utils.Tensor("context_logits", s.context_logits.numpy()[None]))
+        if p.return_generation_logits and s.generation_logits:
+            rows = np.stack([r.numpy() for r in s.generation_logits])
+            if call.streaming:  # [1, new tokens, beam, vocab], the rows of this response
+                rows = rows[-len(ids) :] if ids else rows[:0]
+                out.append(pb_utils.Tensor("generation_logits", rows[None, :, None]))
+            else:  # [1, beam, max_new_tokens, vocab]: TensorRT-LLM's buffer, rows past the end are zero
+                full = np.zeros((p.max_new_tokens, rows.shape[-1]), dtype=np.float32)
+                full[: len(rows)] = rows
+                out.append(pb_utils.Tensor("generation_logits", full[None, None]))
+        if "batch_index" in call.wanted and call.batch > 1:
+            out.append(pb_utils.Tensor("batch_index", np.asarray([[s.row]], dtype=np.int32)))
+        if "sequence_index" in call.wanted and s.n > 1:
+            out.append(pb_utils.Tensor("sequence_index", np.asarray([[s.seq]], dtype=np.int32)))
+        if call.keyed and call.streaming:  # postprocessing keys its stream state by it
+            out.append(pb_utils.Tensor("stream_key", np.asarray([[s.stream_key]], dtype=np.uint64)))
+        if _flag(call.request, "return_perf_metrics"):
+            out += self._perf_metrics(s)
+        return pb_utils.InferenceResponse(output_tensors=out)
+
+    def _perf_metrics(self, s: _Stream) -> list:
+        blocks = math.ceil((len(s.prompt) + s.params.max_new_tokens) / self.tokens_per_block)
+
+        def ns(t):
+            return int(t * 1e9) if t is not None else 0
+
+        values = {
+            "kv_cache_alloc_new_blocks": blocks,  # guaranteed_no_evict: every block at admission, none reused
+            "kv_cache_reused_blocks": 0,
+            "kv_cache_alloc_total_blocks": blocks,
+            "arrival_time_ns": ns(s.arrival),
+            "first_scheduled_time_ns": ns(s.arrival),
+            "first_token_time_ns": ns(s.first),
+            "last_token_time_ns": ns(s.last),
+            "acceptance_rate": 0.0,
+            "total_accepted_draft_tokens": 0,
+            "total_draft_tokens": 0,
+        }
+        dtypes = {"acceptance_rate": np.float32}
+        return [
+            pb_utils.Tensor(k, np.asarray([[v]], dtype=dtypes.get(k, np.int64 if k.endswith("_ns") else np.int32)))
+            for k, v in values.items()
+            if k in s.call.wanted
+        ]
 
     def _watch_loop(self):
         """Cancel requests whose client cancelled or disconnected; export engine statistics."""
         best = 0
         while not self.stopping.wait(CANCEL_POLL_S):
             with self.lock:
-                states = list(self.active.values())
-            for state in states:
-                if state.request is None:
-                    continue
-                with state.lock:
-                    cancelled = not state.closed and state.request.is_cancelled()
+                streams = list(self.active.values())
+            for s in streams:
+                with s.call.lock:
+                    cancelled = not s.call.closed and s.call.request.is_cancelled()
                 if cancelled:
-                    self.engine.cancel(state.rid)
+                    self.engine.cancel(s.rid)
             stats = self.engine.stats()
             for key, gauge in self.gauges.items():
                 gauge.set(float(stats.get(key, 0)))
@@ -301,3 +432,7 @@ class TritonPythonModel:
         for t in self.threads:
             t.join(timeout=5)
         self.engine.shutdown()
+
+
+def _flag(request, name: str) -> bool:
+    return bool(tc.first(request, name, False))
