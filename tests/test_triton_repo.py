@@ -86,6 +86,7 @@ OUR_ADDITIONS = {
     ("tensorrt_llm", "stream_key"),  # an ensemble stream's private key (reference backend)
     ("tensorrt_llm", "stream_key#out"),
     ("postprocessing", "STREAM_KEY"),
+    ("preprocessing", "STREAM_KEY#out"),
     ("tensorrt_llm", "min_length"),  # min_tokens' name before c2e65b8
     ("tensorrt_llm_bls", "#tokenizer_dir"),
     ("tensorrt_llm", "#nim_build_engine"),

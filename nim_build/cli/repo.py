@@ -53,6 +53,13 @@ from nim_build.serving.repo import POSTPROCESSING, SCHEDULER_POLICIES
     help="max_utilization (trtllm only) admits more requests and may pause some.",
 )
 @click.option(
+    "--exclude-input-in-output/--no-exclude-input-in-output",
+    default=True,
+    show_default=True,
+    help="One-shot output_ids / text without the prompt (a request's exclude_input_in_output overrides it); "
+    "True is what tensorrtllm_backend's docs fill in, the backend's own default is False.",
+)
+@click.option(
     "--postprocessing",
     type=click.Choice(POSTPROCESSING),
     default="auto",

@@ -8,6 +8,8 @@ import threading
 
 import click
 
+from nim_build.serving.http_guard import DEFAULT_MAX_BODY, TRITON_SAFE_MAX_BODY
+
 
 @click.command("serve")
 @click.argument("repo", type=click.Path(exists=True, file_okay=False))
@@ -42,9 +44,27 @@ import click
     help="CPU threads of the reference engine [default: the CPUs this process may use (affinity, cgroup quota)]; "
     "give each server its share when several share a machine.",
 )
+@click.option(
+    "--http-max-body",
+    type=click.IntRange(1, TRITON_SAFE_MAX_BODY),
+    default=DEFAULT_MAX_BODY,
+    show_default=True,
+    help="Largest HTTP request body in bytes; larger ones get 413 before they reach Triton (whose 2.51 "
+    "HTTP frontend crashes from about 4 MB).",
+)
 @click.option("--quiet", is_flag=True, help="Do not echo Triton's log to stderr.")
 def command(
-    repo, host, http_port, grpc_port, metrics_port, startup_timeout, health_interval, exit_timeout, threads, quiet
+    repo,
+    host,
+    http_port,
+    grpc_port,
+    metrics_port,
+    startup_timeout,
+    health_interval,
+    exit_timeout,
+    threads,
+    http_max_body,
+    quiet,
 ):
     """Serve REPO (from `nim_build repo`) with Triton; exits non-zero when a model stops answering."""
     from nim_build.errors import ServingError
@@ -60,6 +80,7 @@ def command(
         exit_timeout_s=exit_timeout,
         echo=None if quiet else sys.stderr,
         threads=threads,
+        http_max_body=http_max_body,
     )
     stop = threading.Event()
     signals = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -167,6 +167,7 @@ PRE_OUTPUTS = [
     ("REQUEST_OUTPUT_LEN", "TYPE_INT32", [-1]),
     ("OUT_END_ID", "TYPE_INT32", [1]),
     ("OUT_PAD_ID", "TYPE_INT32", [1]),
+    ("STREAM_KEY", "TYPE_UINT64", [1]),  # ours: a random key per row (see tensorrt_llm/model.py)
 ]
 
 LLM_INPUTS: list[T] = [
@@ -204,12 +205,13 @@ POST_OUTPUTS = [("OUTPUT", "TYPE_STRING", [-1])]
 
 def ensemble_steps(stream_keys: bool) -> list[tuple[str, dict[str, str], dict[str, str]]]:
     """The ensemble's wiring: (model, {model input: ensemble tensor}, {model output: ensemble tensor}).
-    stream_keys: tensorrt_llm hands postprocessing each stream's private key (the reference backend's)."""
+    stream_keys: the reference backend's private stream keys, from preprocessing through tensorrt_llm to
+    postprocessing."""
     pre_in = {"QUERY": "text_input", "DECODER_QUERY": "decoder_text_input", "REQUEST_OUTPUT_LEN": "max_tokens"}
     pre_in.update(BAD_WORDS_DICT="bad_words", STOP_WORDS_DICT="stop_words", END_ID="end_id", PAD_ID="pad_id")
     pre_in.update(EMBEDDING_BIAS_WORDS="embedding_bias_words", EMBEDDING_BIAS_WEIGHTS="embedding_bias_weights")
     pre_in["MESSAGES"] = "messages"
-    pre_out = {name: f"_{name}" for name, *_ in PRE_OUTPUTS}
+    pre_out = {name: f"_{name}" for name, *_ in PRE_OUTPUTS if name != "STREAM_KEY" or stream_keys}
     pre_out.update(OUT_END_ID="_PREPROCESSOR_END_ID", OUT_PAD_ID="_PREPROCESSOR_PAD_ID")
     llm_in = {
         "input_ids": "_INPUT_ID",
@@ -230,9 +232,10 @@ def ensemble_steps(stream_keys: bool) -> list[tuple[str, dict[str, str], dict[st
     llm_out = {"output_ids": "_TOKENS_BATCH", "sequence_length": "_SEQUENCE_LENGTH"}
     llm_out.update({name: name for name, *_ in EXTRA_OUTPUTS})
     post_in = {"TOKENS_BATCH": "_TOKENS_BATCH", "SEQUENCE_LENGTH": "_SEQUENCE_LENGTH"}
-    if stream_keys:
-        llm_out["stream_key"] = "_STREAM_KEY"
-        post_in["STREAM_KEY"] = "_STREAM_KEY"
+    if stream_keys:  # preprocessing's random key -> tensorrt_llm -> each stream's key -> postprocessing
+        llm_in["stream_key"] = "_STREAM_KEY"
+        llm_out["stream_key"] = "_STREAM_KEY_OUT"
+        post_in["STREAM_KEY"] = "_STREAM_KEY_OUT"
     return [
         ("preprocessing", pre_in, pre_out),
         ("tensorrt_llm", llm_in, llm_out),

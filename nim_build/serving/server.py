@@ -35,6 +35,7 @@ from typing import TextIO
 
 from nim_build import limits
 from nim_build.errors import ServerSetupError, ServingError
+from nim_build.serving.http_guard import DEFAULT_MAX_BODY, HttpGuard
 
 NGC_BINARY = "/opt/tritonserver/bin/tritonserver"
 SHM_DIR = "/dev/shm"
@@ -67,6 +68,13 @@ def _pytriton_root() -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for Triton's private HTTP port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -113,6 +121,7 @@ class TritonServer:
         world_size: int | None = None,
         extra_args: tuple[str, ...] = (),
         threads: int | None = None,
+        http_max_body: int | None = DEFAULT_MAX_BODY,
     ):
         self.repo = Path(repo).resolve()
         if not (self.repo.is_dir() and any(self.repo.glob("*/config.pbtxt"))):
@@ -128,6 +137,10 @@ class TritonServer:
         self.world_size = world_size if world_size is not None else engine_world_size(self.repo)
         self.extra_args = tuple(extra_args)
         self.threads = threads  # torch threads of each engine process (default: the CPUs it may use)
+        # Triton's own HTTP port: private, behind the body-size guard on http_port (None: Triton on http_port)
+        self.http_max_body = http_max_body
+        self._guard: HttpGuard | None = None
+        self._triton_http_port = http_port
         self.proc: subprocess.Popen | None = None
         self._lines: collections.deque[str] = collections.deque(maxlen=400)
         self._pump: threading.Thread | None = None
@@ -188,10 +201,10 @@ class TritonServer:
             str(binary),
             f"--model-repository={self.repo}",
             f"--backend-directory={backends}",
-            f"--http-address={self.host}",
+            f"--http-address={'127.0.0.1' if self.http_max_body else self.host}",
             f"--grpc-address={self.host}",
             f"--metrics-address={self.host}",
-            f"--http-port={self.http_port}",
+            f"--http-port={self._triton_http_port}",
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
@@ -227,6 +240,8 @@ class TritonServer:
                     f"port {port} is already in use on {self.host or '0.0.0.0'}; "
                     f"stop what listens there or pick another with {flag}"
                 )
+        if self.http_max_body:
+            self._triton_http_port = free_port()
         self._workdir = tempfile.mkdtemp(prefix="nim_build_triton_")
         backends = self._backend_dir(binary)
         self.proc = subprocess.Popen(
@@ -242,6 +257,15 @@ class TritonServer:
         )
         self._pump = threading.Thread(target=self._read_output, daemon=True)
         self._pump.start()
+        if self.http_max_body:
+            self._guard = HttpGuard(
+                self.host, self.http_port, f"127.0.0.1:{self._triton_http_port}", self.http_max_body
+            )
+            try:
+                self._guard.start()
+            except OSError as e:
+                self.stop()
+                raise ServerSetupError(f"cannot listen on {self.host}:{self.http_port}: {e.strerror or e}") from None
         return self
 
     def _read_output(self):
@@ -259,7 +283,8 @@ class TritonServer:
 
     def ready(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+            url = f"http://127.0.0.1:{self._triton_http_port}/v2/health/ready"  # Triton itself
+            with urllib.request.urlopen(url, timeout=2) as r:
                 return r.status == 200
         except (urllib.error.URLError, OSError):
             return False
@@ -328,6 +353,9 @@ class TritonServer:
                 self.proc.wait(timeout=10)
         _stop_group(self.proc.pid)
         _stop_processes(started)
+        if self._guard is not None:  # after Triton: its last answers to open HTTP requests still pass
+            self._guard.stop()
+            self._guard = None
         for region in Path(SHM_DIR).glob(f"{self.shm_prefix}r*"):  # "r": not another server's s1 -> s10
             region.unlink(missing_ok=True)
         if self._pump is not None:

@@ -3,12 +3,14 @@
 Inputs and outputs follow tensorrtllm_backend's inflight_batcher_llm preprocessing model (c2e65b8): a request may
 carry B rows; INPUT_ID is [B, longest] right-padded with the pad id (tensorrt_llm trims each row to its
 REQUEST_INPUT_LEN), word lists [B, 2, L], EMBEDDING_BIAS [B, vocab] (or [B, 0] without bias words), DECODER_INPUT_ID
-[B, 1] of the pad id for a decoder-only model. MESSAGES (optional, JSON: a list of OpenAI-style messages or
-{"messages": [...], "tools": [...]}) is rendered with the model's chat template instead of QUERY. Every invalid
-request gets its own error response.
+[B, 1] of the pad id for a decoder-only model. STREAM_KEY ([B, 1], ours) is a random key per row: in the reference
+backend's ensemble, tensorrt_llm lets only that key stop the row's streams. MESSAGES (optional, JSON: a list of
+OpenAI-style messages or {"messages": [...], "tools": [...]}) is rendered with the model's chat template instead of
+QUERY. Every invalid request gets its own error response.
 """
 
 import json
+import secrets
 
 import numpy as np
 import triton_common as tc
@@ -66,5 +68,6 @@ class TritonPythonModel:
                 tc.tensor("EMBEDDING_BIAS", bias, np.float32),
                 tc.tensor("OUT_END_ID", [[e] for e in end_ids], np.int32),
                 tc.tensor("OUT_PAD_ID", [[p] for p in pad_ids], np.int32),
+                tc.tensor("STREAM_KEY", [[secrets.randbits(63)] for _ in range(rows)], np.uint64),
             ]
         )

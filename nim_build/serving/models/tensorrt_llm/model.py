@@ -11,9 +11,10 @@ Requests join a running in-flight batch in both transaction policies: the engine
 thread, `execute` only submits and returns, and a sender thread answers each request through its response sender
 (one response when the model is not decoupled). A client that cancels or disconnects has its request cancelled in
 the engine, which frees its KV blocks. A `stop` request cancels, as in the TensorRT-LLM backend, the requests with
-its request id, except those that asked for the `stream_key` output: the ensemble does, and its postprocessing
-stops a stream by that random key, so no other client can stop it (Triton 2.51's ensembles do not forward
-cancellation, and every step of an ensemble carries its client's request id).
+its request id, except those that bring a `stream_key`: the ensemble's do (a random key preprocessing makes per
+row, which its client never sees), and its postprocessing, which gets each stream's key in the `stream_key` output
+and keys its detokenizer state by it, stops a stream by that key; so no other client can stop it (Triton 2.51's
+ensembles do not forward cancellation, and every step of an ensemble carries its client's request id).
 
 Parameters: gpt_model_path (the engine directory), exclude_input_in_output, kv_cache_free_gpu_mem_fraction,
 enable_chunked_context, normalize_log_probs (default true, as TensorRT-LLM's), and nim_build_engine ("module:Class",
@@ -26,7 +27,6 @@ import importlib
 import json
 import math
 import queue
-import secrets
 import threading
 
 import numpy as np
@@ -64,7 +64,9 @@ class _Call:
         self.streaming, self.wanted, self.batch = streaming, wanted, batch
         self.open = 0  # streams not finished yet
         self.key = request.request_id()
-        self.keyed = "stream_key" in wanted  # stopped by its streams' keys only, never by request id
+        # a request that brings a stream key (the ensemble's, from preprocessing) is stopped by its streams' keys
+        # only, never by request id
+        self.keyed = tc.array(request, "stream_key") is not None
         # Asking Triton whether a request is cancelled after its final response crashes the server (the
         # response factory is gone): `closed` is set, under `lock`, before the final response is sent.
         self.lock = threading.Lock()
@@ -103,7 +105,7 @@ class _Stream:
         self.cum = 0.0
         self.context_logits = None
         self.generation_logits: list = []
-        self.stream_key = secrets.randbits(63)  # random: only the ensemble that asked for it can stop this stream
+        self.stream_key = None  # keyed calls: the row's key + the sequence index
         self.arrival = self.first = self.last = None
 
 
@@ -245,7 +247,10 @@ class TritonPythonModel:
             if n > 1 and seq_kwargs.get("seed") is not None:
                 seq_kwargs["seed"] += seq  # TensorRT-LLM's child requests: seed + sequence index
             params = from_trtllm(max_new, normalize_log_probs=self.normalize_log_probs, **seq_kwargs)
-            streams.append(_Stream(call, b, seq, n, prompt, [] if exclude else prompt, params))
+            stream = _Stream(call, b, seq, n, prompt, [] if exclude else prompt, params)
+            if call.keyed:
+                stream.stream_key = (int(tc.row(request, "stream_key", b)) + seq) % 2**64
+            streams.append(stream)
         return streams
 
     def _stop(self, request) -> None:
