@@ -53,5 +53,9 @@ class InferenceError(NimBuildError, ConnectionError):
     """A request to the server failed: it answered with an error, or could not be reached."""
 
 
+class ResponseTimeout(InferenceError):
+    """The server did not answer within the client's timeout (dead, or busy: supervision tells them apart)."""
+
+
 class HostError(NimBuildError, OSError):
     """The machine refused: no space left on a device, a permission denied, a read-only filesystem."""

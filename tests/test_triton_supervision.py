@@ -35,3 +35,48 @@ def test_dead_stub_makes_serve_exit_nonzero(triton_serve):
     alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, alive
     assert not list(Path("/dev/shm").glob(f"nimb{triton_serve.proc.pid}s*"))
+
+
+class _Alive:
+    """What supervise() asks of a server: it is running."""
+
+    proc = None
+
+    @staticmethod
+    def running() -> bool:
+        return True
+
+
+def _supervise(probe_error, steps, rounds=6):
+    """supervise() with a probe that always fails with probe_error while the step counter follows `steps`."""
+    import itertools
+    import threading
+
+    from nim_build.serving.server import supervise
+
+    stop, calls = threading.Event(), itertools.count(1)
+    counter = iter(steps)
+
+    def probe():
+        if next(calls) >= rounds:
+            stop.set()
+        raise probe_error
+
+    return supervise(_Alive(), probe, interval_s=0.001, stop_event=stop, progress=lambda: next(counter))
+
+
+def test_a_busy_engine_is_never_taken_for_a_dead_one():
+    """Issue 12, item 6: under load the health request queues behind generation and times out; while the
+    engine's step counter moves on, that is no failure, however long it lasts."""
+    from nim_build.errors import ResponseTimeout
+
+    assert _supervise(ResponseTimeout("no response within 30 s"), steps=range(100)) is None
+
+
+def test_a_stuck_engine_or_an_error_is_a_failure():
+    from nim_build.errors import InferenceError, ResponseTimeout
+
+    stuck = _supervise(ResponseTimeout("no response within 30 s"), steps=[7.0] * 100)
+    assert stuck.startswith("health request failed 3 times in a row: no response")
+    broken = _supervise(InferenceError("Stub process is not healthy"), steps=range(100))  # progress, but an error
+    assert "Stub process is not healthy" in broken

@@ -69,7 +69,7 @@ def command(
     """Serve REPO (from `nim_build repo`) with Triton; exits non-zero when a model stops answering."""
     from nim_build.errors import ServingError
     from nim_build.serving.client import health_probe
-    from nim_build.serving.server import TritonServer, supervise
+    from nim_build.serving.server import TritonServer, engine_steps, supervise
 
     server = TritonServer(
         repo,
@@ -98,7 +98,10 @@ def command(
             )
             chat = _chat_flag(server.repo)
             click.echo(f"try: nim_build infer --url {server.grpc_url} --prompt 'Hello'{chat} --stream", err=True)
-            reason = supervise(server, probe, interval_s=health_interval, stop_event=stop)
+            metrics = f"http://{server.client_host}:{metrics_port}/metrics"
+            reason = supervise(
+                server, probe, interval_s=health_interval, stop_event=stop, progress=lambda: engine_steps(metrics)
+            )
     finally:
         code = server.stop()
         for sig, handler in signals.items():

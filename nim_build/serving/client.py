@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from nim_build.errors import InferenceError, UserError
+from nim_build.errors import InferenceError, ResponseTimeout, UserError
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
@@ -166,7 +166,7 @@ class Client:
                 try:
                     result, error = results.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
-                    raise InferenceError(
+                    raise ResponseTimeout(
                         f"no response from {self.model} at {self.url} within {self.timeout_s:.0f} s"
                     ) from None
                 if error is not None:

@@ -30,6 +30,7 @@ class HttpGuard:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._stopped: asyncio.Event | None = None
+        self._session = None  # aiohttp.ClientSession to Triton, made on the guard's loop
 
     # -- lifecycle (called from the serve thread) ---------------------------------------------------------
     def start(self) -> None:
@@ -63,13 +64,14 @@ class HttpGuard:
         app = web.Application(client_max_size=self.max_body)
         app.router.add_route("*", "/{path:.*}", self._proxy)
         # no total timeout: a stream lasts as long as its generation
-        # responses pass through as Triton encoded them (gzip when the client asked for it)
+        # responses pass through as Triton encoded them (gzip when the client asked for it); one connection per
+        # request: on SIGTERM Triton waits for every open HTTP connection, an idle keep-alive one included
         session = ClientSession(
-            connector=TCPConnector(limit=0),
+            connector=TCPConnector(limit=0, force_close=True),
             timeout=ClientTimeout(total=None, connect=10),
             auto_decompress=False,
         )
-        app["session"] = session
+        self._session = session
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
         try:
@@ -91,8 +93,7 @@ class HttpGuard:
         # aiohttp has already decoded a compressed body (and counted the decoded bytes against the limit)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS | {"content-encoding"}}
         url = f"http://{self.upstream}{request.rel_url}"
-        session = request.app["session"]
-        async with session.request(request.method, url, headers=headers, data=body, allow_redirects=False) as up:
+        async with self._session.request(request.method, url, headers=headers, data=body, allow_redirects=False) as up:
             out_headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP_HEADERS}
             if up.headers.get("Content-Length") is not None:  # a whole response: pass it on as one
                 return web.Response(status=up.status, headers=out_headers, body=await up.read())

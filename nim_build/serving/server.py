@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import TextIO
 
 from nim_build import limits
-from nim_build.errors import ServerSetupError, ServingError
+from nim_build.errors import ResponseTimeout, ServerSetupError, ServingError
 from nim_build.serving.http_guard import DEFAULT_MAX_BODY, HttpGuard
 
 NGC_BINARY = "/opt/tritonserver/bin/tritonserver"
@@ -446,22 +447,55 @@ def supervise(
     interval_s: float = 10.0,
     stop_event: threading.Event | None = None,
     failures_allowed: int = 2,
+    progress: Callable[[], float | None] | None = None,
 ) -> str | None:
     """Block while the server lives and answers `probe`; return why it stopped serving (None when asked to stop).
 
     Triton keeps reporting ready after a python stub crashed, so health is a real request: `probe` raises
-    when a model does not answer. `failures_allowed` consecutive failures are tolerated (a busy server).
+    when a model does not answer. A busy server is not a dead one: a probe that timed out (it queued behind the
+    generation of others) while `progress` (the engine's step counter) moved on is no failure. Otherwise
+    `failures_allowed` consecutive failures are tolerated.
     """
     stop_event = stop_event or threading.Event()
     failures = 0
     while not stop_event.wait(interval_s):
         if not server.running():
             return f"Triton exited with code {server.proc.returncode}: {server.failure_reason()}"
+        before = _safe(progress)
         try:
             probe()
             failures = 0
-        except Exception as e:  # any failure of the real request counts
+        except Exception as e:  # any failure of the real request counts, but a timeout of a busy engine
+            after = _safe(progress)
+            if isinstance(e, ResponseTimeout) and before is not None and after is not None and after > before:
+                failures = 0
+                continue
             failures += 1
             if failures > failures_allowed:
                 return f"health request failed {failures} times in a row: {' '.join(str(e).split())[:500]}"
+    return None
+
+
+def _safe(read: Callable[[], float | None] | None) -> float | None:
+    try:
+        return read() if read is not None else None
+    except Exception:
+        return None
+
+
+# The engine's step counter, as each backend exports it on the metrics port.
+STEP_COUNTERS = (
+    re.compile(r'^nim_build_engine\{stat="steps"\} ([0-9.e+]+)$', re.M),  # the reference runtime
+    re.compile(r'^nv_trt_llm_general_metrics\{[^}]*general_type="iteration_counter"[^}]*\} ([0-9.e+]+)$', re.M),
+)
+
+
+def engine_steps(metrics_url: str) -> float | None:
+    """The engine's step counter from Triton's metrics (None when the backend exports none)."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as r:
+        text = r.read().decode("utf-8", errors="replace")
+    for pattern in STEP_COUNTERS:
+        m = pattern.search(text)
+        if m:
+            return float(m.group(1))
     return None
