@@ -39,6 +39,11 @@ SERVER_PROCESSES = ("tritonserver", "triton_python_backend_stub")
 SHM_PREFIXES = ("nimb", "triton_python_backend_shm_region")  # python-backend regions: nim_build's and the default
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked kills_session_server run last: nothing may need the session's server after them."""
+    items.sort(key=lambda item: item.get_closest_marker("kills_session_server") is not None)
+
+
 def _tree(root: Path) -> set[tuple[str, int, int]]:
     found = set()
     for p in root.rglob("*") if root.is_dir() else []:

@@ -1,7 +1,7 @@
 """`nim_build serve` supervision: Triton keeps reporting ready after a python stub died, serve notices with a
 real request and exits non-zero with the reason (so an orchestrator restarts it).
 
-This runs last among the server tests: it kills a model of the session's server on purpose.
+It kills a model of the session's server on purpose, so it runs after every other test (conftest.py).
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+import pytest
 
 
+@pytest.mark.kills_session_server
 def test_dead_stub_makes_serve_exit_nonzero(triton_serve):
     started = psutil.Process(triton_serve.proc.pid).children(recursive=True)
     stubs = [

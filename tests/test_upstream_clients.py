@@ -197,3 +197,19 @@ def test_benchmark_core_model_tool(trivial_served, tmp_path):
     # its statistics read output_ids' length from dimension 2 of the first output of each response
     stats = dict(re.findall(r"\|\s*([A-Za-z][^|]*?)\s*\|\s*([0-9.]+)\s*\|", out))
     assert stats.get("Total requests") == "6.00" and float(stats.get("Avg. OP tokens per request", 0)) > 0, out
+
+
+def test_not_decoupled_requests_still_batch_in_flight(non_decoupled, greedy):
+    """Issue 12, item 5: without the decoupled policy tensorrt_llm still answers through its response sender,
+    so concurrent one-shot requests share the engine's steps (as under the TensorRT-LLM backend)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nim_build.serving.client import Client, GenerateRequest
+
+    before = non_decoupled.engine_stats()["max_seqs_in_step"]
+    c = Client(non_decoupled.grpc_url, "grpc", "ensemble")
+    with ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(lambda p: c.generate(GenerateRequest(prompt=p, max_tokens=16)).text, PROMPTS * 2))
+    gen, tok = greedy
+    assert texts == [tok.decode(gen(tok.encode(p), 16)) for p in PROMPTS * 2]
+    assert non_decoupled.engine_stats()["max_seqs_in_step"] >= max(before, 2)

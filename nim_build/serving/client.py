@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from nim_build.errors import InferenceError, ResponseTimeout, UserError
+from nim_build.serving.repo import ENSEMBLE_INPUTS
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
@@ -47,6 +48,7 @@ class GenerateRequest:
         if (self.prompt is None) == (self.messages is None):
             raise UserError("give exactly one of a prompt or messages")
         body: dict[str, Any] = {"text_input": self.prompt or "", "max_tokens": self.max_tokens, "stream": self.stream}
+        body["exclude_input_in_output"] = True  # the completion only, whatever the repository's default
         if self.messages is not None:
             body["messages"] = json.dumps(
                 {"messages": self.messages, "tools": self.tools} if self.tools else self.messages
@@ -81,18 +83,8 @@ class GenerateResult:
         }
 
 
-_DTYPES = {
-    "text_input": "BYTES",
-    "messages": "BYTES",
-    "stop_words": "BYTES",
-    "bad_words": "BYTES",
-    "max_tokens": "INT32",
-    "top_k": "INT32",
-    "stream": "BOOL",
-    "temperature": "FP32",
-    "top_p": "FP32",
-    "seed": "UINT64",
-}
+# the ensemble's input types, from the repository's own declaration (Triton's names: STRING is BYTES on the wire)
+_DTYPES = {name: "BYTES" if t == "TYPE_STRING" else t.removeprefix("TYPE_") for name, t, *_ in ENSEMBLE_INPUTS}
 _NUMPY = {"BYTES": np.object_, "INT32": np.int32, "BOOL": np.bool_, "FP32": np.float32, "UINT64": np.uint64}
 
 
