@@ -28,6 +28,7 @@ def test_fields_map_to_ensemble_inputs():
     assert body == {
         "text_input": "hi",
         "max_tokens": 5,
+        "exclude_input_in_output": True,  # the completion only, whatever the repository's default
         "stream": True,
         "temperature": 0.5,
         "top_k": 3,

@@ -240,8 +240,8 @@ def test_a_foreign_stop_leaves_another_clients_stream_intact(triton_serve, model
 
     import tritonclient.grpc as grpcclient
 
-    body = {"text_input": PROMPTS[0], "max_tokens": 64}
-    alone = client(triton_serve, "grpc", model).generate(GenerateRequest(prompt=PROMPTS[0], max_tokens=64)).text
+    body = {"text_input": PROMPTS[0], "max_tokens": 24}
+    alone = client(triton_serve, "grpc", model).generate(GenerateRequest(prompt=PROMPTS[0], max_tokens=24)).text
     results = queue.Queue()
     c = grpcclient.InferenceServerClient(triton_serve.grpc_url)
     c.start_stream(callback=lambda result, error: results.put((result, error)))
