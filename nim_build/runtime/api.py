@@ -33,6 +33,7 @@ class SamplingParams:
     return_generation_logits: bool = False  # TokenEvent.generation_logits, one row per new token
 
     def validate(self, vocab_size: int | None = None) -> None:
+        """Raise UserError for a bad value; with vocab_size, also for token ids and a bias outside it."""
         if self.max_new_tokens <= 0:
             raise UserError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -47,7 +48,13 @@ class SamplingParams:
             raise UserError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if any(not w for w in self.stop_words + self.bad_words):
             raise UserError("stop_words and bad_words entries must be non-empty token lists")
-        if vocab_size is not None and self.embedding_bias is not None and len(self.embedding_bias) != vocab_size:
+        if vocab_size is None:
+            return
+        for name, words in (("stop_words", self.stop_words), ("bad_words", self.bad_words)):
+            bad = next((i for w in words for i in w if not 0 <= i < vocab_size), None)
+            if bad is not None:
+                raise UserError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+        if self.embedding_bias is not None and len(self.embedding_bias) != vocab_size:
             raise UserError(f"embedding_bias has {len(self.embedding_bias)} values; the vocabulary has {vocab_size}")
 
     @property

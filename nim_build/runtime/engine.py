@@ -199,10 +199,6 @@ class LLMEngine:
             )
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise UserError(f"prompt token ids must be in [0, {self.vocab_size})")
-        for name, words in (("stop_words", params.stop_words), ("bad_words", params.bad_words)):
-            bad = next((i for w in words for i in w if not 0 <= i < self.vocab_size), None)
-            if bad is not None:
-                raise UserError(f"{name}: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         if not self.enable_chunked_context and len(prompt) > self.max_num_tokens:
             raise UserError(
                 f"the prompt ({len(prompt)} tokens) is longer than max_num_tokens {self.max_num_tokens}, "

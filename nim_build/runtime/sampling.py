@@ -21,13 +21,17 @@ def mask_bad_words(logits: torch.Tensor, bad_words: list[list[int]], context: li
 def process_logits(
     logits: torch.Tensor, p: SamplingParams, context: list[int], generated: int, end_id: int
 ) -> torch.Tensor:
-    """The logits sampling chooses from (float32 [vocab], a new tensor): TensorRT-LLM's penalty layer then its
-    bad-words layer. `context` is the prompt + the generated tokens (what penalties count), `generated` how many
-    tokens were generated so far."""
+    """The logits sampling chooses from (float32 [vocab]; a new tensor when changed): TensorRT-LLM's penalty layer
+    then its bad-words layer. `context` is the prompt + the generated tokens (what penalties count), `generated` how
+    many tokens were generated so far."""
+    end_masked = p.min_tokens > 1 and generated < p.min_tokens and 0 <= end_id < logits.numel()  # 1: TRT-LLM skips
+    scaled = p.temperature > 0 and p.temperature != 1.0
+    if not (p.embedding_bias is not None or scaled or p.penalized or end_masked or p.bad_words):
+        return logits  # nothing to change: no copy on the hot path of plain requests
     x = logits.float().clone()
     if p.embedding_bias is not None:
         x += torch.tensor(p.embedding_bias, dtype=torch.float32)
-    if p.temperature > 0 and p.temperature != 1.0:
+    if scaled:
         x /= p.temperature
     if p.penalized:
         counts = torch.bincount(torch.tensor(context), minlength=x.numel())[: x.numel()].float()
@@ -35,7 +39,7 @@ def process_logits(
         if p.repetition_penalty != 1.0:
             x = torch.where(seen, torch.where(x < 0, x * p.repetition_penalty, x / p.repetition_penalty), x)
         x -= p.presence_penalty * seen + p.frequency_penalty * counts
-    if p.min_tokens > 1 and generated < p.min_tokens and 0 <= end_id < x.numel():  # 1: TensorRT-LLM skips it
+    if end_masked:
         x[end_id] = float("-inf")
     if p.bad_words:
         mask_bad_words(x, p.bad_words, context)

@@ -82,9 +82,8 @@ def _in(name, dtype, dims, optional=True, scalar=False, ragged=False) -> T:
 # Names, types and dims as upstream's templates (tensorrtllm_backend c2e65b8 all_models/inflight_batcher_llm), for
 # what the reference runtime serves or answers with an error naming it; `messages` / `MESSAGES` (a chat request as
 # JSON) and `stream_key` / `STREAM_KEY` (an ensemble stream's private key, see tensorrt_llm/model.py) are ours.
+END_PAD_INPUTS: list[T] = [_in("end_id", "TYPE_INT32", [1]), _in("pad_id", "TYPE_INT32", [1])]
 SAMPLING_INPUTS: list[T] = [  # the ensemble's and the BLS's, forwarded to tensorrt_llm under LLM_NAMES' names
-    _in("end_id", "TYPE_INT32", [1]),
-    _in("pad_id", "TYPE_INT32", [1]),
     _in("top_k", "TYPE_INT32", [1]),
     _in("top_p", "TYPE_FP32", [1]),
     _in("temperature", "TYPE_FP32", [1]),
@@ -113,6 +112,7 @@ ENSEMBLE_INPUTS: list[T] = [
     _in("embedding_bias_words", "TYPE_STRING", [-1]),
     _in("embedding_bias_weights", "TYPE_FP32", [-1]),
     _in("exclude_input_in_output", "TYPE_BOOL", [1]),
+    *END_PAD_INPUTS,  # preprocessing's, the tokenizer's when absent
     *SAMPLING_INPUTS,
     _in("messages", "TYPE_STRING", [1]),
 ]
@@ -179,7 +179,7 @@ LLM_INPUTS: list[T] = [
     _in("request_output_len", "TYPE_INT32", [1], optional=False, scalar=True),
     *[
         _in(LLM_NAMES.get(name, name), dtype, dims, scalar=True)
-        for name, dtype, dims, *_ in SAMPLING_INPUTS
+        for name, dtype, dims, *_ in END_PAD_INPUTS + SAMPLING_INPUTS
         if name != "stream"
     ],
     _in("min_length", "TYPE_INT32", [1], scalar=True),  # min_tokens' name before tensorrtllm_backend c2e65b8
@@ -207,10 +207,18 @@ def ensemble_steps(stream_keys: bool) -> list[tuple[str, dict[str, str], dict[st
     """The ensemble's wiring: (model, {model input: ensemble tensor}, {model output: ensemble tensor}).
     stream_keys: the reference backend's private stream keys, from preprocessing through tensorrt_llm to
     postprocessing."""
-    pre_in = {"QUERY": "text_input", "DECODER_QUERY": "decoder_text_input", "REQUEST_OUTPUT_LEN": "max_tokens"}
-    pre_in.update(BAD_WORDS_DICT="bad_words", STOP_WORDS_DICT="stop_words", END_ID="end_id", PAD_ID="pad_id")
-    pre_in.update(EMBEDDING_BIAS_WORDS="embedding_bias_words", EMBEDDING_BIAS_WEIGHTS="embedding_bias_weights")
-    pre_in["MESSAGES"] = "messages"
+    pre_in = {
+        "QUERY": "text_input",
+        "DECODER_QUERY": "decoder_text_input",
+        "REQUEST_OUTPUT_LEN": "max_tokens",
+        "BAD_WORDS_DICT": "bad_words",
+        "STOP_WORDS_DICT": "stop_words",
+        "EMBEDDING_BIAS_WORDS": "embedding_bias_words",
+        "EMBEDDING_BIAS_WEIGHTS": "embedding_bias_weights",
+        "END_ID": "end_id",
+        "PAD_ID": "pad_id",
+        "MESSAGES": "messages",
+    }
     pre_out = {name: f"_{name}" for name, *_ in PRE_OUTPUTS if name != "STREAM_KEY" or stream_keys}
     pre_out.update(OUT_END_ID="_PREPROCESSOR_END_ID", OUT_PAD_ID="_PREPROCESSOR_PAD_ID")
     llm_in = {
@@ -226,9 +234,7 @@ def ensemble_steps(stream_keys: bool) -> list[tuple[str, dict[str, str], dict[st
         "bad_words_list": "_BAD_WORDS_IDS",
         "embedding_bias": "_EMBEDDING_BIAS",
     }
-    for name, *_ in SAMPLING_INPUTS:
-        if name not in ("end_id", "pad_id"):
-            llm_in[LLM_NAMES.get(name, name)] = name
+    llm_in.update({LLM_NAMES.get(name, name): name for name, *_ in SAMPLING_INPUTS})
     llm_out = {"output_ids": "_TOKENS_BATCH", "sequence_length": "_SEQUENCE_LENGTH"}
     llm_out.update({name: name for name, *_ in EXTRA_OUTPUTS})
     post_in = {"TOKENS_BATCH": "_TOKENS_BATCH", "SEQUENCE_LENGTH": "_SEQUENCE_LENGTH"}

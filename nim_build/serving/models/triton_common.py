@@ -78,15 +78,21 @@ def batch_size(request, *names: str) -> int:
     return 1
 
 
+def row_of(arr: np.ndarray, b: int, name: str) -> np.ndarray:
+    """Row b of a [batch, ...] array; a single row serves every row of the request."""
+    if arr.shape[0] == 1:
+        return arr[0]
+    if b >= arr.shape[0]:
+        raise UserError(f"{name} has {arr.shape[0]} rows; the request has more")
+    return arr[b]
+
+
 def row(request, name: str, b: int, default=None):
-    """Row b's value of an optional [batch, 1] input (a single row serves every row), or default when absent."""
+    """Row b's value of an optional [batch, 1] input, or default when absent."""
     arr = array(request, name)
     if arr is None or arr.size == 0:
         return default
-    arr = arr.reshape(arr.shape[0], -1) if arr.ndim else arr.reshape(1, 1)
-    if arr.shape[0] > 1 and b >= arr.shape[0]:
-        raise UserError(f"{name} has {arr.shape[0]} rows; the request has more")
-    value = arr[b if arr.shape[0] > 1 else 0][0]
+    value = row_of(arr.reshape(arr.shape[0], -1) if arr.ndim else arr.reshape(1, 1), b, name)[0]
     return value.item() if isinstance(value, np.generic) else value
 
 
@@ -115,9 +121,7 @@ def strings(request, name: str, b: int = 0) -> list[str]:
     if arr is None or arr.size == 0:
         return []
     arr = arr.reshape(arr.shape[0], -1) if arr.ndim > 1 else arr.reshape(1, -1)
-    if arr.shape[0] > 1 and b >= arr.shape[0]:
-        raise UserError(f"{name} has {arr.shape[0]} rows; the request has more")
-    return [text(v, name) for v in arr[b if arr.shape[0] > 1 else 0]]
+    return [text(v, name) for v in row_of(arr, b, name)]
 
 
 def word_lists(tok: Tokenizer, request, name: str, rows: int) -> np.ndarray:
@@ -140,7 +144,7 @@ def embedding_bias(tok: Tokenizer, vocab_size: int, request, rows: int, words: s
     given = given.reshape(given.shape[0], -1)
     bias = np.zeros((rows, vocab_size), dtype=np.float32)
     for b in range(rows):
-        row_words, row_weights = strings(request, words, b), given[b if given.shape[0] > 1 else 0]
+        row_words, row_weights = strings(request, words, b), row_of(given, b, weights)
         if len(row_words) != len(row_weights):
             raise UserError(
                 f"{words} has {len(row_words)} words but {weights} {len(row_weights)} weights; give one weight per word"

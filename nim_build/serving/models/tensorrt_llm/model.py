@@ -233,11 +233,11 @@ class TritonPythonModel:
             arr = tc.array(request, name)
             if arr is not None and arr.size:
                 arr = arr.reshape(-1, 2, arr.shape[-1])
-                kwargs[key] = from_word_list_format(arr[b if arr.shape[0] > 1 else 0], name)
+                kwargs[key] = from_word_list_format(tc.row_of(arr, b, name), name)
         bias = tc.array(request, "embedding_bias")
         if bias is not None and bias.size:
             bias = bias.reshape(-1, bias.shape[-1])
-            kwargs["embedding_bias"] = bias[b if bias.shape[0] > 1 else 0].astype(np.float32).tolist()
+            kwargs["embedding_bias"] = tc.row_of(bias, b, "embedding_bias").astype(np.float32).tolist()
         prompt = row.astype(np.int64).tolist()
         exclude = tc.row(request, "exclude_input_in_output", b)
         exclude = self.exclude_input if exclude is None else bool(exclude)

@@ -52,7 +52,12 @@ class TritonPythonModel:
                     "streaming, a batch size > 1 and num_return_sequences > 1 need the decoupled transaction policy"
                 )
             wanted = set(request.requested_output_names())
-            calls = [self._call(request, b, rows, wanted) for b in range(rows)]  # all validated before any runs
+            # every row's words and bias at once (one [rows, ...] tensor each), then every row validated before any runs
+            words = {src: tc.word_lists(self.tok, request, src, rows) for src in ("stop_words", "bad_words")}
+            bias = tc.embedding_bias(
+                self.tok, self.vocab_size, request, rows, "embedding_bias_words", "embedding_bias_weights"
+            )
+            calls = [self._call(request, b, words, bias, wanted) for b in range(rows)]
             running = [(call, call.exec(decoupled=True)) for call in calls]  # every row joins the engine's batch now
             pending = None
             for response in (
@@ -63,14 +68,14 @@ class TritonPythonModel:
                 if pending is not None:
                     sender.send(pending)
                 pending = response
-            if request.is_cancelled():
+            if pending is None or request.is_cancelled():
                 sender.send(flags=FINAL)
             else:
-                sender.send(pending, flags=FINAL) if pending is not None else sender.send(flags=FINAL)
+                sender.send(pending, flags=FINAL)
         except Exception as e:  # every request gets an answer, even on an unexpected failure
             sender.send(tc.error(tc.error_message(e, "tensorrt_llm_bls")), flags=FINAL)
 
-    def _call(self, request, b: int, rows: int, wanted: set[str]):
+    def _call(self, request, b: int, words: dict, bias: np.ndarray, wanted: set[str]):
         """The tensorrt_llm request for row b (with a random id: only this model can stop it)."""
         ids, max_tokens = tc.prompt(
             request,
@@ -94,15 +99,11 @@ class TritonPythonModel:
             inputs.append(tc.tensor("exclude_input_in_output", [[bool(exclude)]], np.bool_))
         for name, dtype, *_ in SAMPLING_INPUTS:
             value = tc.row(request, name, b)
-            if value is not None and name not in ("end_id", "pad_id"):
+            if value is not None:
                 inputs.append(tc.tensor(LLM_NAMES.get(name, name), [[value]], SAMPLING_DTYPES[dtype]))
         for src, dst in (("stop_words", "stop_words_list"), ("bad_words", "bad_words_list")):
-            words = tc.word_lists(self.tok, request, src, rows)[b : b + 1]
-            if (words[0, 1] >= 0).any():
-                inputs.append(tc.tensor(dst, words, np.int32))
-        bias = tc.embedding_bias(
-            self.tok, self.vocab_size, request, rows, "embedding_bias_words", "embedding_bias_weights"
-        )
+            if (words[src][b, 1] >= 0).any():
+                inputs.append(tc.tensor(dst, words[src][b : b + 1], np.int32))
         if bias.size:
             inputs.append(tc.tensor("embedding_bias", bias[b : b + 1], np.float32))
         outputs = ["output_ids", "sequence_length", "sequence_index"] + [o for o in PASSED_ON if o in wanted]
