@@ -32,7 +32,7 @@ from nim_build.builder.manifest import CHECKPOINT_DIR, load_manifest
 from nim_build.errors import UserError
 from nim_build.runtime.api import SamplingParams, TokenEvent
 from nim_build.runtime.kv_cache import BlockAllocator, PagedKVCache
-from nim_build.runtime.model import DecoderModel, SeqChunk
+from nim_build.runtime.model import DecoderModel, SeqChunk, serving_compute_dtype
 from nim_build.runtime.sampling import choose, log_probs, process_logits
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class LLMEngine:
         self.tokens_per_block = tokens_per_block
         self.enable_chunked_context = enable_chunked_context
         kv_scales = model.kv_scales()
-        elem = PagedKVCache.element_bytes(kv_scales is not None, model.dtype)
+        elem = PagedKVCache.element_bytes(kv_scales is not None, model.kv_dtype)
         per_block = PagedKVCache.bytes_per_block(c.num_layers, tokens_per_block, c.num_kv_heads, c.head_size, elem)
         need = PagedKVCache.full_need(
             c.num_layers, tokens_per_block, c.num_kv_heads, c.head_size, elem, max_batch_size, max_seq_len
@@ -123,7 +123,7 @@ class LLMEngine:
             tokens_per_block,
             c.num_kv_heads,
             c.head_size,
-            model.dtype,
+            model.kv_dtype,
             model.device,
             kv_scales,
         )
@@ -160,7 +160,7 @@ class LLMEngine:
         model = DecoderModel.from_checkpoint(
             Path(engine_dir) / CHECKPOINT_DIR,
             device=device,
-            compute_dtype=compute_dtype,
+            compute_dtype=compute_dtype or serving_compute_dtype(device),
             fake_quant_activations=fake_quant_activations,
         )
         build = manifest.get("build") or {}

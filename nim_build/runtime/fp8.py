@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from nim_build.runtime.checkpoint import FP8, Linear
+from nim_build.runtime.checkpoint import FP8
 
 FP8_MAX = 448.0
 # the 256 E4M3 values as float32: a table lookup dequantizes faster on CPU than the elementwise cast
@@ -46,20 +46,7 @@ def native_fp8_available(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def linear(x: torch.Tensor, lin: Linear, dtype: torch.dtype, fake_quant_act: bool, native_fp8: bool) -> torch.Tensor:
-    """x [T, in] -> [T, out] in `dtype`."""
-    if not lin.is_fp8:
-        return x @ lin.weight.t()
-    if native_fp8 and _scaled_mm_ok(lin):
-        return _scaled_mm_linear(x, lin, dtype)
-    if fake_quant_act and lin.per_token:
-        x = fake_quant(x, per_token_scale(x))
-    elif fake_quant_act and lin.a_scale is not None:
-        x = fake_quant(x, lin.a_scale.to(x.device))
-    return x @ dequantize(lin.weight, lin.w_scale, dtype).t()
-
-
-def _scaled_mm_ok(lin: Linear) -> bool:
+def scaled_mm_ok(lin) -> bool:
     out_f, in_f = lin.weight.shape
     # per-tensor or per-output-row scales (a per-input-column scale is not a GEMM scale); FP8 GEMM dims % 16
     w_ok = lin.w_scale.shape[1] == 1 and out_f % 16 == 0 and in_f % 16 == 0
@@ -67,7 +54,7 @@ def _scaled_mm_ok(lin: Linear) -> bool:
     return w_ok and a_ok
 
 
-def _scaled_mm_linear(x: torch.Tensor, lin: Linear, dtype: torch.dtype) -> torch.Tensor:
+def scaled_mm_linear(x: torch.Tensor, lin, dtype: torch.dtype) -> torch.Tensor:
     """torch._scaled_mm with the checkpoint's scales: per-tensor (FP8) or row-wise (FP8_PER_CHANNEL_PER_TOKEN)."""
     t = x.shape[0]
     pad = (-t) % 16  # FP8 GEMM operands need dimensions divisible by 16

@@ -7,7 +7,7 @@ tokens of all sequences together.
 
 Batch invariance: a sequence's logits are the same bits whatever else shares its steps, so in-flight batching
 changes no result (greedy text served under load equals the text generated alone). Three things make it so: GEMM
-inputs are padded to a multiple of ROW_TILE rows (MKL computes a row the same way only outside its row tails),
+inputs are padded to row counts for which the GEMM computes a row the same way whatever the count (runtime/linear.py),
 rotary tables are computed once per fixed block of positions, and attention is cut into tiles at fixed positions
 (see `_attention`); the scheduler cuts prefill chunks at the same multiples.
 """
@@ -15,6 +15,7 @@ rotary tables are computed once per fixed block of positions, and attention is c
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,16 +23,39 @@ import torch
 import torch.nn.functional as F
 
 from nim_build import limits
+from nim_build.errors import UserError
 from nim_build.runtime import fp8, rope
 from nim_build.runtime.checkpoint import Checkpoint, Layer, Linear, load_checkpoint
 from nim_build.runtime.kv_cache import PagedKVCache
+from nim_build.runtime.linear import PreparedLinear, fuse_outputs, native_bf16_cpu
 from nim_build.runtime.threads import on_own_thread
 
-ROW_TILE = 4  # CPU GEMM rows come out bit-identical for any row count that is a multiple of this
-# What the runtime computes in on CPU, unless told otherwise: half-precision GEMMs are no faster here, and less exact.
-# The KV cache is kept in it too (so nim_build chart sizes a CPU pod's memory with it).
+# What DecoderModel computes in on CPU unless told otherwise: the exact mode the accuracy gate and the correctness
+# tests use. Serving picks bf16 where the CPU multiplies it natively (`serving_compute_dtype`). The chart sizes a CPU
+# pod's KV-cache memory with this one, the larger.
 CPU_COMPUTE_DTYPE = torch.float32
+# FP8 weights are dequantized at load (never per step) when the dequantized copy takes at most this share of the
+# memory this process may still use; else they stay FP8, dequantized on every call (slow, but it fits).
+DEQUANTIZE_AT_LOAD_MAX_SHARE = 0.5
 ATTENTION_TILE = 32  # query tile without a KV cache (with one, the cache block size)
+
+
+COMPUTE_DTYPE_ENV = "NIM_BUILD_COMPUTE_DTYPE"  # serving's compute dtype: auto (default), float32 or bfloat16
+COMPUTE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def serving_compute_dtype(device: torch.device | str) -> torch.dtype | None:
+    """What an engine serves in: $NIM_BUILD_COMPUTE_DTYPE if set; else on CPU bf16 where the CPU multiplies it
+    natively (measured 2.3x faster than float32 per decode step on the embedded model), float32 elsewhere; None
+    (DecoderModel's default, the checkpoint's dtype) on CUDA."""
+    name = os.environ.get(COMPUTE_DTYPE_ENV, "auto")
+    if name not in COMPUTE_DTYPES:
+        raise UserError(f"{COMPUTE_DTYPE_ENV}={name!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+    if COMPUTE_DTYPES[name] is not None:
+        return COMPUTE_DTYPES[name]
+    if torch.device(device).type == "cpu":
+        return torch.bfloat16 if native_bf16_cpu() else CPU_COMPUTE_DTYPE
+    return None
 
 
 @dataclass
@@ -45,6 +69,18 @@ def _one_query_tail(ch: SeqChunk, tile: int) -> bool:
     """Whether the chunk's last tile holds one query (a decode token, or a prefill chunk that ends one token past a
     tile boundary): with a cache, those of all sequences attend together."""
     return ch.length == 1 or (ch.start + ch.length - 1) % tile == 0
+
+
+@dataclass
+class PreparedLayer:
+    input_layernorm: torch.Tensor
+    qkv: PreparedLinear
+    dense: PreparedLinear
+    post_layernorm: torch.Tensor
+    fc: PreparedLinear  # HF gate_proj, the SiLU branch; with gate None, gate_proj and up_proj side by side
+    gate: PreparedLinear | None  # HF up_proj, when it cannot share fc's GEMM
+    proj: PreparedLinear
+    kv_scale: torch.Tensor | None
 
 
 @dataclass
@@ -68,13 +104,18 @@ class DecoderModel:
         self.cfg = c = ckpt.config
         self.device = torch.device(device)
         self.dtype = compute_dtype or (c.dtype if self.device.type == "cuda" else CPU_COMPUTE_DTYPE)
+        # Attention and the KV cache: float32 on CPU whatever the GEMMs compute in (the tiny products of decode
+        # attention run 4x faster in float32 there than in bf16).
+        self.kv_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self.fake_quant = c.quant_algo is not None if fake_quant_activations is None else fake_quant_activations
         self.native_fp8 = fp8.native_fp8_available(self.device)
         self.kv_fp8 = c.kv_cache_quant_algo == "FP8"
+        self.dequantize_fp8 = self._dequantize_at_load(ckpt)
         self.embedding = self._t(ckpt.embedding)
         self.layers = [self._layer(layer) for layer in ckpt.layers]
         self.ln_f = self._t(ckpt.ln_f)
-        self.lm_head = Linear(self.embedding) if ckpt.lm_head.weight is ckpt.embedding else self._lin(ckpt.lm_head)
+        tied = ckpt.lm_head.weight is ckpt.embedding
+        self.lm_head = self._lin(Linear(self.embedding) if tied else ckpt.lm_head)
         self.rotary = rope.RotaryTable(
             rope.inv_freq(c.head_size, c.rotary_base, c.rotary_scaling), self.dtype, self.device
         )
@@ -89,23 +130,27 @@ class DecoderModel:
     def _t(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, self.dtype)
 
-    def _lin(self, lin: Linear) -> Linear:
-        if not lin.is_fp8:
-            return Linear(self._t(lin.weight))
+    def _dequantize_at_load(self, ckpt: Checkpoint) -> bool:
+        if self.device.type != "cpu":  # CUDA: the native FP8 GEMM, or a dequantization that costs little there
+            return False
+        fp8_linears = [
+            lin for layer in ckpt.layers for lin in (layer.qkv, layer.dense, layer.fc, layer.gate, layer.proj)
+        ]
+        need = sum(lin.weight.numel() for lin in fp8_linears if lin.is_fp8) * self.dtype.itemsize
+        return need <= DEQUANTIZE_AT_LOAD_MAX_SHARE * limits.memory().available
 
-        def move(s):
-            return None if s is None else s.to(self.device)
+    def _lin(self, lin: Linear) -> PreparedLinear:
+        return PreparedLinear.prepare(lin, self.device, self.dtype, dequantize=self.dequantize_fp8)
 
-        return Linear(lin.weight.to(self.device), move(lin.w_scale), move(lin.a_scale), lin.per_token)
-
-    def _layer(self, layer: Layer) -> Layer:
-        return Layer(
+    def _layer(self, layer: Layer) -> PreparedLayer:
+        fc_gate = fuse_outputs(layer.fc, layer.gate)  # one GEMM instead of two: the same bits, less overhead
+        return PreparedLayer(
             self._t(layer.input_layernorm),
             self._lin(layer.qkv),
             self._lin(layer.dense),
             self._t(layer.post_layernorm),
-            self._lin(layer.fc),
-            self._lin(layer.gate),
+            self._lin(fc_gate or layer.fc),
+            None if fc_gate else self._lin(layer.gate),
             self._lin(layer.proj),
             None if layer.kv_scale is None else layer.kv_scale.to(self.device),
         )
@@ -118,11 +163,8 @@ class DecoderModel:
             layer.kv_scale if layer.kv_scale is not None else torch.ones(1, device=self.device) for layer in self.layers
         ]
 
-    def linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
-        rows = x.shape[0]
-        if rows % ROW_TILE:
-            x = torch.cat([x, x.new_zeros(ROW_TILE - rows % ROW_TILE, x.shape[1])])
-        return fp8.linear(x, lin, self.dtype, self.fake_quant, self.native_fp8)[:rows]
+    def linear(self, x: torch.Tensor, lin: PreparedLinear) -> torch.Tensor:
+        return lin(x, self.dtype, self.fake_quant, self.native_fp8)
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -141,27 +183,40 @@ class DecoderModel:
     ) -> ForwardOutput:
         """input_ids [T]: the chunks' tokens packed back to back (sum of lengths == T)."""
         c = self.cfg
-        positions = torch.cat([torch.arange(ch.start, ch.start + ch.length) for ch in chunks])
+        t = input_ids.numel()
+        # Padded once to the row count the GEMMs need (runtime/linear.py), not in every GEMM: rows are independent
+        # everywhere but in attention, which reads the real rows only.
+        pad = self.layers[0].qkv.padded_rows(t) - t if self.layers else 0
+        positions = torch.cat(
+            [torch.arange(ch.start, ch.start + ch.length) for ch in chunks] + [torch.zeros(pad, dtype=torch.long)]
+        )
         cos, sin = self.rotary(positions)
         slots = self._slots(chunks, cache)
-        x = self.embedding[input_ids.to(self.device)]
-        hidden = [x] if output_hidden_states else None
+        x = self.embedding[F.pad(input_ids, (0, pad)).to(self.device)]
+        hidden = [x[:t]] if output_hidden_states else None
         nq, nkv = c.num_heads * c.head_size, c.num_kv_heads * c.head_size
         for i, layer in enumerate(self.layers):
             qkv = self.linear(self.rmsnorm(x, layer.input_layernorm), layer.qkv)
-            q = rope.apply(qkv[:, :nq].reshape(-1, c.num_heads, c.head_size), cos, sin)
-            k = rope.apply(qkv[:, nq : nq + nkv].reshape(-1, c.num_kv_heads, c.head_size), cos, sin)
+            # q and k rotated in one go: [T, heads + kv_heads, D]
+            qk = rope.apply(qkv[:, : nq + nkv].view(-1, c.num_heads + c.num_kv_heads, c.head_size), cos, sin)
+            q, k = qk[:, : c.num_heads], qk[:, c.num_heads :]
             v = qkv[:, nq + nkv :].reshape(-1, c.num_kv_heads, c.head_size)
             attn = self._attention(i, q, k, v, chunks, cache, slots)
             x = x + self.linear(attn, layer.dense)
             h = self.rmsnorm(x, layer.post_layernorm)
-            x = x + self.linear(F.silu(self.linear(h, layer.fc)) * self.linear(h, layer.gate), layer.proj)
+            if layer.gate is None:
+                fc, gate = self.linear(h, layer.fc).chunk(2, dim=-1)
+            else:
+                fc, gate = self.linear(h, layer.fc), self.linear(h, layer.gate)
+            x = x + self.linear(F.silu(fc) * gate, layer.proj)
             if output_hidden_states and i < len(self.layers) - 1:
-                hidden.append(x)
+                hidden.append(x[:t])
         x = self.rmsnorm(x, self.ln_f)
         if output_hidden_states:
-            hidden.append(x)
-        if not all_logits:
+            hidden.append(x[:t])
+        if all_logits:
+            x = x[:t]
+        else:
             last = torch.tensor([ch.length for ch in chunks]).cumsum(0) - 1
             x = x[last.to(self.device)]
         logits = self.linear(x, self.lm_head).float()
@@ -203,9 +258,18 @@ class DecoderModel:
                 "rows": torch.tensor(rows, device=self.device),
                 "blocks": torch.tensor(tiles, device=self.device),
                 "row_of_tile": row_of_tile.to(self.device),
-                "hidden": (torch.arange(tile)[None, :] >= torch.tensor(last_keys)[:, None])[:, None, :].to(self.device),
+                # 0 for the keys a tile holds, -inf past the last one
+                "bias": torch.zeros(len(tiles), 1, tile, dtype=self.kv_dtype)
+                .masked_fill_((torch.arange(tile)[None, :] >= torch.tensor(last_keys)[:, None])[:, None, :], -math.inf)
+                .to(self.device),
                 # tile i's place in a [rows, max_tiles] grid
                 "grid": (row_of_tile * max_tiles + torch.arange(len(tiles)) - first[row_of_tile]).to(self.device),
+                # the grid before the tiles' parts go in: numerators and denominators 0, maxima -inf
+                "empty": torch.zeros(
+                    len(rows) * max_tiles, self.cfg.num_heads, self.cfg.head_size + 2, dtype=self.kv_dtype
+                )
+                .index_fill_(2, torch.tensor([self.cfg.head_size + 1]), -math.inf)
+                .to(self.device),
                 "max_tiles": max_tiles,
             }
         return {"write": torch.cat(write), "read": torch.cat(read) if read else None, "single": single}
@@ -219,19 +283,21 @@ class DecoderModel:
         the last bits). Tiles of several queries attend in a call of their own; with a cache, the one-query tiles
         of all sequences (every decode token) attend together, block by block (`_single_query_attention`)."""
         kv_scale = self.layers[layer].kv_scale if self.kv_fp8 else None
+        t = sum(ch.length for ch in chunks)  # q, k, v may have padding rows past these
+        k, v = k[:t].to(self.kv_dtype), v[:t].to(self.kv_dtype)
         if cache is not None:
             cache.write(layer, slots["write"], k, v)
         elif kv_scale is not None:  # what an FP8 cache would hand back
             k, v = fp8.fake_quant(k, kv_scale), fp8.fake_quant(v, kv_scale)
         tile = cache.block_size if cache is not None else ATTENTION_TILE
-        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
-        q = q * self.scale  # once here rather than on every tile's scores
+        out = q.new_zeros(q.shape[0], q.shape[1] * q.shape[2], dtype=self.kv_dtype)
+        q = q.to(self.kv_dtype) * self.scale  # once here rather than on every tile's scores
         single = slots and slots["single"]
         if single:
             out[single["rows"]] = self._single_query_attention(layer, q[single["rows"]], cache, single)
         if cache is not None:
             if slots["read"] is None:
-                return out
+                return out.to(self.dtype)
             k, v = cache.read(layer, slots["read"])  # the keys and values of every chunk read below, in one gather
         lo = kv_lo = 0
         for ch in chunks:
@@ -248,7 +314,7 @@ class DecoderModel:
                     out[rows] = self._tile_attention(q[rows], ks[:stop], vs[:stop], begin)
                 begin = stop
             lo += ch.length
-        return out
+        return out.to(self.dtype)
 
     def _single_query_attention(self, layer: int, q: torch.Tensor, cache: PagedKVCache, s: dict) -> torch.Tensor:
         """One-query tiles of all sequences at once (q [R, heads, D], pre-scaled) -> [R, heads * D].
@@ -262,22 +328,18 @@ class DecoderModel:
         g = heads // kvh
         kt, vt = cache.read_blocks(layer, s["blocks"])  # [P, kv_heads, block, D]
         p, block = kt.shape[0], kt.shape[2]
-        kt, vt = kt.view(p * kvh, block, d), vt.view(p * kvh, block, d)
         qt = q[s["row_of_tile"]].view(p * kvh, g, d)
-        scores = torch.bmm(qt, kt.transpose(1, 2)).view(p, heads, block).float()
-        scores = scores.masked_fill(s["hidden"], float("-inf"))
-        peak = scores.amax(-1, keepdim=True)  # [P, heads, 1]
+        scores = torch.bmm(qt, kt.view(p * kvh, block, d).transpose(1, 2)).view(p, heads, block) + s["bias"]
+        peak = scores.amax(-1, keepdim=True)  # [P, heads, 1]: finite, every tile holds a key
         e = torch.exp(scores - peak)
-        parts = torch.bmm(e.to(vt.dtype).view(p * kvh, g, block), vt)
-        rows, cols = q.shape[0], s["max_tiles"]
-        grid = s["grid"]
-        peaks = peak.new_full((rows * cols, heads), float("-inf")).index_copy_(0, grid, peak[..., 0])
-        peaks = peaks.view(rows, cols, heads)
-        sums = e.new_zeros(rows * cols, heads).index_copy_(0, grid, e.sum(-1)).view(rows, cols, heads)
-        outs = e.new_zeros(rows * cols, heads, d).index_copy_(0, grid, parts.view(p, heads, d).float())
-        w = torch.exp(peaks - peaks.amax(1, keepdim=True))  # each block's weight; 0 for the grid's padding
-        o = (w[..., None] * outs.view(rows, cols, heads, d)).sum(1) / (w * sums).sum(1)[..., None]
-        return o.to(q.dtype).reshape(rows, heads * d)
+        parts = torch.bmm(e.view(p * kvh, g, block), vt.view(p * kvh, block, d)).view(p, heads, d)
+        # each tile's numerator, denominator and maximum, placed in a [rows, max_tiles] grid padded with empty tiles
+        grid = s["empty"].index_copy(0, s["grid"], torch.cat([parts, e.sum(-1, keepdim=True), peak], -1))
+        grid = grid.view(q.shape[0], s["max_tiles"], heads, d + 2)
+        peaks = grid[..., d + 1 :]
+        w = torch.exp(peaks - peaks.amax(1, keepdim=True))  # each tile's weight; 0 for the padding
+        o = (w * grid[..., : d + 1]).sum(1)  # [rows, heads, D + 1]
+        return (o[..., :d] / o[..., d:]).reshape(q.shape[0], heads * d)
 
     def _tile_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int) -> torch.Tensor:
         """Causal attention of the (pre-scaled) queries at positions first.. (q [n, heads, D]) to keys 0..first+n-1

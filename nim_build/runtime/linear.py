@@ -1,0 +1,119 @@
+"""The decoder's GEMMs: each weight is prepared once, at load, for the device and the compute dtype.
+
+Three CPU choices, each measured on the embedded model's shapes (bench/runtime.py, BENCHMARKS.md section 4):
+- bf16 compute on a CPU with native bf16 matmul (AVX512-BF16 or AMX): the weight in oneDNN's blocked layout
+  (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's CPU freezing uses). For decode-sized inputs this
+  streams the weight at memory speed where a plain bf16 matmul reaches a third of it.
+- float32 compute (the accuracy gate's mode, and CPUs without native bf16): MKL's sgemm, with which the gate's
+  numbers were measured.
+- FP8 weights are dequantized once at load into the compute dtype when the dequantized copy fits the memory this
+  process may take (it doubles the weights' size in bf16); the bits are those of dequantizing on every call.
+  Otherwise, and on CUDA (where dequantizing is cheap, or `torch._scaled_mm` runs FP8 natively), they stay FP8.
+
+Batch invariance: a row's result must not depend on how many rows share the GEMM. MKL's sgemm computes a row the
+same way only for row counts that are multiples of 4; oneDNN's bf16 kernel for every count but 1 (a separate
+matrix-vector kernel). Inputs are padded accordingly (tests/test_runtime.py checks the bits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nim_build.runtime import fp8
+from nim_build.runtime.checkpoint import Linear
+
+MKL_ROW_TILE = 4  # MKL sgemm rows come out bit-identical for any row count that is a multiple of this
+ONEDNN_MIN_ROWS = 2  # oneDNN's bf16 GEMM rows are bit-identical for any row count from this up
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX) and oneDNN can use it: only then is bf16
+    compute faster than float32 (elsewhere oneDNN emulates it)."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    )
+
+
+@dataclass
+class PreparedLinear:
+    weight: torch.Tensor  # [out, in] in the compute dtype, or FP8 (then w_scale) when dequantized per call
+    w_scale: torch.Tensor | None = None
+    a_scale: torch.Tensor | None = None  # an FP8 checkpoint linear's static activation scale
+    per_token: bool = False
+    fp8_input: bool = False  # the checkpoint's linear is FP8: TensorRT-LLM rounds its input to FP8
+    packed: torch.Tensor | None = None  # oneDNN's blocked copy of `weight` (bf16 CPU compute)
+
+    @classmethod
+    def prepare(cls, lin: Linear, device: torch.device, dtype: torch.dtype, *, dequantize: bool) -> PreparedLinear:
+        """dequantize: an FP8 weight becomes `dtype` now (else it stays FP8 and is dequantized per call)."""
+
+        def move(s):
+            return None if s is None else s.to(device)
+
+        w_scale, a_scale = move(lin.w_scale), move(lin.a_scale)
+        if not lin.is_fp8:
+            weight = lin.weight.to(device, dtype)
+        elif dequantize:
+            weight = fp8.dequantize(lin.weight, w_scale, dtype)
+        else:
+            weight = lin.weight.to(device)
+        packed = None
+        if device.type == "cpu" and weight.dtype == torch.bfloat16 and native_bf16_cpu():
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, ONEDNN_MIN_ROWS)
+        return cls(weight, w_scale, a_scale, lin.per_token, lin.is_fp8, packed)
+
+    def padded_rows(self, rows: int) -> int:
+        """The row count to run `rows` rows at so that each row's bits do not depend on it."""
+        if self.packed is not None:
+            return max(rows, ONEDNN_MIN_ROWS)
+        return rows + -rows % MKL_ROW_TILE
+
+    @property
+    def is_fp8(self) -> bool:
+        """The weight is held as FP8 (multiplied by the native FP8 GEMM, or dequantized per call)."""
+        return self.weight.dtype == fp8.FP8
+
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype, fake_quant_act: bool, native_fp8: bool) -> torch.Tensor:
+        """x [T, in] -> [T, out] in `dtype`."""
+        rows = x.shape[0]
+        pad = self.padded_rows(rows) - rows
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+        if self.is_fp8 and native_fp8 and fp8.scaled_mm_ok(self):
+            return fp8.scaled_mm_linear(x, self, dtype)[:rows]
+        if fake_quant_act and self.fp8_input and self.per_token:
+            x = fp8.fake_quant(x, fp8.per_token_scale(x))
+        elif fake_quant_act and self.fp8_input and self.a_scale is not None:
+            x = fp8.fake_quant(x, self.a_scale)
+        if self.packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        elif self.is_fp8:
+            y = x @ fp8.dequantize(self.weight, self.w_scale, dtype).t()
+        else:
+            y = x @ self.weight.t()
+        return y[:rows] if pad else y
+
+
+def fuse_outputs(a: Linear, b: Linear) -> Linear | None:
+    """One linear computing a's outputs then b's from the same input (the bits of the two GEMMs: each output's sum
+    runs the same way), or None when their inputs are quantized differently or their weight scales cannot be laid
+    side by side."""
+    if (a.is_fp8, a.per_token) != (b.is_fp8, b.per_token) or not _same(a.a_scale, b.a_scale):
+        return None
+    w_scale = None
+    if a.is_fp8:
+        if a.w_scale.shape == b.w_scale.shape == (1, 1) and torch.equal(a.w_scale, b.w_scale):
+            w_scale = a.w_scale
+        elif a.w_scale.shape[1] == b.w_scale.shape[1] == 1 and a.w_scale.shape[0] > 1 and b.w_scale.shape[0] > 1:
+            w_scale = torch.cat([a.w_scale, b.w_scale])  # per output row
+        else:
+            return None
+    return Linear(torch.cat([a.weight, b.weight]), w_scale, a.a_scale, a.per_token)
+
+
+def _same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+    return (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
