@@ -10,3 +10,7 @@ TOKENS_PER_BLOCK = 32
 # TensorRT-LLM's kv_cache_free_gpu_mem_fraction default: the share of the memory left after loading the weights that
 # the KV cache may take (the repository's parameter, the reference runtime's default, the chart's sizing).
 KV_CACHE_FREE_MEM_FRACTION = 0.9
+# What the reference runtime serves in (`serve`/`run --compute-dtype`, carried to the engine processes in this
+# variable): auto = bf16 on a CPU with native bf16 matmul, float32 on other CPUs, the checkpoint's dtype on CUDA.
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+COMPUTE_DTYPE_ENV = "NIM_BUILD_COMPUTE_DTYPE"

@@ -92,26 +92,25 @@ class PagedKVCache:
         table = torch.tensor(block_table, dtype=torch.long)
         return (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(device)
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v [len(slots), kv_heads, head_size] at the slots."""
+    def write(self, layer: int, where: tuple, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [slots, kv_heads, head_size] at the slots `where` (from `locate`)."""
         if self.scales is not None:
             k = fp8.quantize(k, self.scales[layer]).view(torch.uint8)
             v = fp8.quantize(v, self.scales[layer]).view(torch.uint8)
-        where = self._where(slots)
         self.k[layer][where] = k
         self.v[layer][where] = v
 
-    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V at the slots: [len(slots), kv_heads, head_size] each."""
-        where = self._where(slots)
+    def read(self, layer: int, where: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V at the slots `where` (from `locate`): [slots, kv_heads, head_size] each."""
         return self._values(layer, self.k[layer][where]), self._values(layer, self.v[layer][where])
 
     def read_blocks(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of whole blocks: [len(blocks), kv_heads, block_size, head_size] each."""
         return self._values(layer, self.k[layer][blocks]), self._values(layer, self.v[layer][blocks])
 
-    def _where(self, slots: torch.Tensor) -> tuple:
-        """Index of the slots' entries: [len(slots), kv_heads, head_size] out of [blocks, kv_heads, block, head]."""
+    def locate(self, slots: torch.Tensor) -> tuple:
+        """Index of the slots' entries, [len(slots), kv_heads, head_size] out of [blocks, kv_heads, block, head]:
+        computed once per step, used by every layer."""
         return slots // self.block_size, slice(None), slots % self.block_size
 
     def _values(self, layer: int, stored: torch.Tensor) -> torch.Tensor:

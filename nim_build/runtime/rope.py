@@ -42,14 +42,14 @@ class RotaryTable:
         self.cos = self.sin = torch.empty(0, 1, 2 * len(inv), dtype=dtype, device=device)
 
     def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, head_size] for positions [T]."""
+        """cos, sin [T, 1, head_size] for positions [T], sin's first half negated (what `apply` takes)."""
         have, need = len(self.cos), int(positions.max()) + 1
         if need > have:
             blocks = [
                 cos_sin(torch.arange(b, b + self.BLOCK), self.inv, self.dtype) for b in range(have, need, self.BLOCK)
             ]
             self.cos = torch.cat([self.cos] + [c.to(self.device) for c, _ in blocks])
-            self.sin = torch.cat([self.sin] + [s.to(self.device) for _, s in blocks])
+            self.sin = torch.cat([self.sin] + [_negate_first_half(s).to(self.device) for _, s in blocks])
         positions = positions.to(self.device)
         return self.cos[positions], self.sin[positions]
 
@@ -61,8 +61,13 @@ def cos_sin(positions: torch.Tensor, inv: torch.Tensor, dtype: torch.dtype) -> t
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_size]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def _negate_first_half(sin: torch.Tensor) -> torch.Tensor:
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, head_size] rotated: x * cos + [-x2, x1] * sin, computed as x * cos + [x2, x1] * [-sin1, sin2]
+    (the same bits: a sign moves exactly) in three ops instead of five."""
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return x * cos + swapped * signed_sin

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from nim_build import limits
+from nim_build import COMPUTE_DTYPE_ENV, limits
 from nim_build.errors import ResponseTimeout, ServerSetupError, ServingError
 from nim_build.serving.http_guard import DEFAULT_MAX_BODY, HttpGuard
 
@@ -122,6 +122,7 @@ class TritonServer:
         world_size: int | None = None,
         extra_args: tuple[str, ...] = (),
         threads: int | None = None,
+        compute_dtype: str | None = None,
         http_max_body: int | None = DEFAULT_MAX_BODY,
     ):
         self.repo = Path(repo).resolve()
@@ -138,6 +139,7 @@ class TritonServer:
         self.world_size = world_size if world_size is not None else engine_world_size(self.repo)
         self.extra_args = tuple(extra_args)
         self.threads = threads  # torch threads of each engine process (default: the CPUs it may use)
+        self.compute_dtype = compute_dtype  # the reference engine's (default: auto)
         # Triton's own HTTP port: private, behind the body-size guard on http_port (None: Triton on http_port)
         self.http_max_body = http_max_body
         self._guard: HttpGuard | None = None
@@ -195,6 +197,8 @@ class TritonServer:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         if self.threads:
             env[limits.THREADS_ENV] = str(self.threads)
+        if self.compute_dtype:
+            env[COMPUTE_DTYPE_ENV] = self.compute_dtype
         return env
 
     def rank_args(self, binary: Path, backends: Path, rank: int) -> list[str]:
