@@ -327,7 +327,7 @@ class DecoderModel:
         g = heads // kvh
         kt, vt = cache.read_blocks(layer, s["blocks"])  # [P, kv_heads, block, D]
         p, block = kt.shape[0], kt.shape[2]
-        qt = q[s["row_of_tile"]].view(p * kvh, g, d)
+        qt = q.index_select(0, s["row_of_tile"]).view(p * kvh, g, d)
         scores = torch.bmm(qt, kt.view(p * kvh, block, d).transpose(1, 2)).view(p, heads, block) + s["bias"]
         peak = scores.amax(-1, keepdim=True)  # [P, heads, 1]: finite, every tile holds a key
         e = torch.exp(scores - peak)
