@@ -304,13 +304,15 @@ class DecoderModel:
             if cache is not None and ch.length == 1:  # attended above
                 lo += 1
                 continue
-            ks, vs = k[kv_lo : kv_lo + end], v[kv_lo : kv_lo + end]
+            # laid out for the products once per chunk, not once per tile: [kv_heads, D, keys] and [kv_heads, keys, D]
+            ks = k[kv_lo : kv_lo + end].permute(1, 2, 0).contiguous()
+            vs = v[kv_lo : kv_lo + end].transpose(0, 1).contiguous()
             kv_lo += end
             while begin < end:
                 stop = min((begin // tile + 1) * tile, end)  # this tile's queries: positions begin..stop-1
                 if not (cache is not None and stop == end and _one_query_tail(ch, tile)):  # else attended above
                     rows = slice(lo + begin - ch.start, lo + stop - ch.start)
-                    out[rows] = self._tile_attention(q[rows], ks[:stop], vs[:stop], begin)
+                    out[rows] = self._tile_attention(q[rows], ks[:, :, :stop], vs[:, :stop], begin)
                 begin = stop
             lo += ch.length
         return out.to(self.dtype)
@@ -342,16 +344,17 @@ class DecoderModel:
 
     def _tile_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int) -> torch.Tensor:
         """Causal attention of the (pre-scaled) queries at positions first.. (q [n, heads, D]) to keys 0..first+n-1
-        (k, v [first+n, kv_heads, D]), GQA without copying K/V per query head -> [n, heads * D]."""
+        (k [kv_heads, D, first+n], v [kv_heads, first+n, D]), GQA without copying K/V per query head
+        -> [n, heads * D]."""
         n, kvh, d = q.shape[0], self.cfg.num_kv_heads, self.cfg.head_size
         g = self.cfg.num_heads // kvh  # query head h uses kv head h // g
         qg = q.reshape(n, kvh, g, d).transpose(0, 1).reshape(kvh, n * g, d)
-        scores = torch.bmm(qg, k.permute(1, 2, 0))  # [kv_heads, n * g, keys]
+        scores = torch.bmm(qg, k)  # [kv_heads, n * g, keys]
         if n > 1:  # query at position p sees keys 0..p
             keys = torch.arange(first + n, device=self.device)
             hidden = keys[None, :] > torch.arange(first, first + n, device=self.device)[:, None]  # [n, keys]
             scores = (
                 scores.view(kvh, n, g, -1).masked_fill(hidden[None, :, None, :], float("-inf")).view(kvh, n * g, -1)
             )
-        o = torch.bmm(scores.float().softmax(-1).to(v.dtype), v.transpose(0, 1))  # [kv_heads, n * g, D]
+        o = torch.bmm(scores.float().softmax(-1).to(v.dtype), v)  # [kv_heads, n * g, D]
         return o.view(kvh, n, g, d).transpose(0, 1).reshape(n, -1)
