@@ -40,7 +40,7 @@ def native_bf16_cpu() -> bool:
 
 @dataclass
 class PreparedLinear:
-    weight: torch.Tensor  # [out, in] in the compute dtype, or FP8 (then w_scale) when dequantized per call
+    weight: torch.Tensor  # [out, in] in the compute dtype (on the meta device when packed), or FP8 (then w_scale)
     w_scale: torch.Tensor | None = None
     a_scale: torch.Tensor | None = None  # an FP8 checkpoint linear's static activation scale
     per_token: bool = False
@@ -64,6 +64,7 @@ class PreparedLinear:
         packed = None
         if device.type == "cpu" and weight.dtype == torch.bfloat16 and native_bf16_cpu():
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, ONEDNN_MIN_ROWS)
+            weight = weight.to("meta")  # its shape and dtype: the packed copy is the one held in memory
         return cls(weight, w_scale, a_scale, lin.per_token, lin.is_fp8, packed)
 
     def padded_rows(self, rows: int) -> int:
