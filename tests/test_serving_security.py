@@ -137,7 +137,7 @@ def test_a_client_leaving_an_http_stream_cancels_its_request(triton_serve):
 
     total = triton_serve.engine_stats()["total_blocks"]
     host, port = triton_serve.http_url.split(":")
-    body = json.dumps({"text_input": "1, 2, 3,", "max_tokens": 480, "stream": True}).encode()
+    body = json.dumps({"text_input": "1, 2, 3,", "max_tokens": 480, "min_tokens": 480, "stream": True}).encode()
     sock = socket.create_connection((host, int(port)), timeout=60)
     head = f"POST /v2/models/ensemble/generate_stream HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
     sock.sendall(head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
