@@ -100,9 +100,10 @@ class DecoderModel:
         self.cfg = c = ckpt.config
         self.device = torch.device(device)
         self.dtype = compute_dtype or (c.dtype if self.device.type == "cuda" else CPU_COMPUTE_DTYPE)
-        # Attention and the KV cache: float32 on CPU whatever the GEMMs compute in (the tiny products of decode
-        # attention run 4x faster in float32 there than in bf16).
-        self.kv_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        self.kv_dtype = self.dtype  # the KV cache's (unless FP8)
+        # Attention's products and softmax: float32 on CPU whatever the GEMMs compute in (the tiny products of
+        # decode attention run 4x faster in float32 there than in bf16); the keys and values read are cast.
+        self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self.fake_quant = c.quant_algo is not None if fake_quant_activations is None else fake_quant_activations
         self.native_fp8 = fp8.native_fp8_available(self.device)
         self.kv_fp8 = c.kv_cache_quant_algo == "FP8"
@@ -254,14 +255,14 @@ class DecoderModel:
                 "blocks": torch.tensor(tiles, device=self.device),
                 "row_of_tile": row_of_tile.to(self.device),
                 # 0 for the keys a tile holds, -inf past the last one
-                "bias": torch.zeros(len(tiles), 1, tile, dtype=self.kv_dtype)
+                "bias": torch.zeros(len(tiles), 1, tile, dtype=self.attn_dtype)
                 .masked_fill_((torch.arange(tile)[None, :] >= torch.tensor(last_keys)[:, None])[:, None, :], -math.inf)
                 .to(self.device),
                 # tile i's place in a [rows, max_tiles] grid
                 "grid": (row_of_tile * max_tiles + torch.arange(len(tiles)) - first[row_of_tile]).to(self.device),
                 # the grid before the tiles' parts go in: numerators and denominators 0, maxima -inf
                 "empty": torch.zeros(
-                    len(rows) * max_tiles, self.cfg.num_heads, self.cfg.head_size + 2, dtype=self.kv_dtype
+                    len(rows) * max_tiles, self.cfg.num_heads, self.cfg.head_size + 2, dtype=self.attn_dtype
                 )
                 .index_fill_(2, torch.tensor([self.cfg.head_size + 1]), -math.inf)
                 .to(self.device),
@@ -283,14 +284,14 @@ class DecoderModel:
         of all sequences (every decode token) attend together, block by block (`_single_query_attention`)."""
         kv_scale = self.layers[layer].kv_scale if self.kv_fp8 else None
         t = sum(ch.length for ch in chunks)  # q, k, v may have padding rows past these
-        k, v = k[:t].to(self.kv_dtype), v[:t].to(self.kv_dtype)
+        k, v = k[:t], v[:t]
         if cache is not None:
             cache.write(layer, slots["write"], k, v)
         elif kv_scale is not None:  # what an FP8 cache would hand back
             k, v = fp8.fake_quant(k, kv_scale), fp8.fake_quant(v, kv_scale)
         tile = cache.block_size if cache is not None else ATTENTION_TILE
-        out = q.new_zeros(q.shape[0], q.shape[1] * q.shape[2], dtype=self.kv_dtype)
-        q = q.to(self.kv_dtype) * self.scale  # once here rather than on every tile's scores
+        out = q.new_zeros(q.shape[0], q.shape[1] * q.shape[2], dtype=self.attn_dtype)
+        q = q.to(self.attn_dtype) * self.scale  # once here rather than on every tile's scores
         single = slots and slots["single"]
         if single:
             out[single["rows"]] = self._single_query_attention(layer, q[single["rows"]], cache, single)
@@ -305,8 +306,8 @@ class DecoderModel:
                 lo += 1
                 continue
             # laid out for the products once per chunk, not once per tile: [kv_heads, D, keys] and [kv_heads, keys, D]
-            ks = k[kv_lo : kv_lo + end].permute(1, 2, 0).contiguous()
-            vs = v[kv_lo : kv_lo + end].transpose(0, 1).contiguous()
+            ks = k[kv_lo : kv_lo + end].permute(1, 2, 0).to(self.attn_dtype, memory_format=torch.contiguous_format)
+            vs = v[kv_lo : kv_lo + end].transpose(0, 1).to(self.attn_dtype, memory_format=torch.contiguous_format)
             kv_lo += end
             while begin < end:
                 stop = min((begin // tile + 1) * tile, end)  # this tile's queries: positions begin..stop-1
@@ -327,7 +328,7 @@ class DecoderModel:
         c = self.cfg
         kvh, d, heads = c.num_kv_heads, c.head_size, c.num_heads
         g = heads // kvh
-        kt, vt = cache.read_blocks(layer, s["blocks"])  # [P, kv_heads, block, D]
+        kt, vt = (t.to(self.attn_dtype) for t in cache.read_blocks(layer, s["blocks"]))  # [P, kv_heads, block, D]
         p, block = kt.shape[0], kt.shape[2]
         qt = q.index_select(0, s["row_of_tile"]).view(p * kvh, g, d)
         scores = torch.bmm(qt, kt.view(p * kvh, block, d).transpose(1, 2)).view(p, heads, block) + s["bias"]
