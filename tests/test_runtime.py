@@ -258,3 +258,12 @@ def test_scaled_mm_path_equals_the_dequantize_path(tiny_checkpoint, quant, monke
     got = model.forward(IDS, [SeqChunk(0, len(IDS))], all_logits=True).logits
     assert len(calls) == 4 * model.cfg.num_layers  # qkv, dense, fc + gate (one GEMM), proj of every layer
     assert (got - ref).abs().max() < 0.02 * ref.abs().max()  # per-token scaling returns bf16 from the GEMM
+    # What serving computes on a CPU with native bf16, the same GEMM in bf16: FP8 input values times the packed
+    # weights with the scales folded in.
+    monkeypatch.undo()
+    bf16 = DecoderModel.from_checkpoint(ckpt, compute_dtype=torch.bfloat16)
+    if bf16.dequantize_fp8 and bf16.layers[0].qkv.packed is not None:
+        assert bf16.layers[0].qkv.scaled_input
+        served = bf16.forward(IDS, [SeqChunk(0, len(IDS))], all_logits=True).logits
+        assert (served - got).abs().max() < 0.05 * got.abs().max()
+        assert (served.argmax(-1) == got.argmax(-1)).float().mean() >= 0.9

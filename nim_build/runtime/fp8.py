@@ -13,27 +13,31 @@ import torch
 from nim_build.runtime.checkpoint import FP8
 
 FP8_MAX = 448.0
-# the 256 E4M3 values as float32: a table lookup dequantizes faster on CPU than the elementwise cast
-_FP8_TABLE = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+# The 256 E4M3 values, exact in each of these dtypes: on CPU a table lookup converts FP8 2-5x faster than the cast.
+_FP8_TABLES = {dt: torch.arange(256, dtype=torch.uint8).view(FP8).to(dt) for dt in (torch.float32, torch.bfloat16)}
+
+
+def values(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The E4M3 values of q in `dtype` (float32 or bf16: exact)."""
+    if q.device.type == "cpu":
+        return torch.take(_FP8_TABLES[dtype], q.view(torch.uint8).long())
+    return q.to(dtype)
 
 
 def dequantize(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """W_fp8 * scale in `dtype` (scale broadcastable to W)."""
-    if w.device.type == "cpu":
-        wf = torch.take(_FP8_TABLE, w.view(torch.uint8).long())
-    else:
-        wf = w.float()
-    return (wf * scale.to(w.device)).to(dtype)
+    return (values(w, torch.float32) * scale.to(w.device)).to(dtype)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Saturating cast of x / scale to E4M3 (the cast alone turns out-of-range values into NaN)."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    # One op where x.float() / scale is two, the same bits: a float32 scale of one dimension or more promotes x.
+    return torch.div(x, scale if scale.dim() else scale.reshape(1)).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Round x to the FP8 grid of `scale` and back (same dtype as x)."""
-    return (quantize(x, scale).float() * scale).to(x.dtype)
+    return (values(quantize(x, scale), torch.float32) * scale).to(x.dtype)
 
 
 def per_token_scale(x: torch.Tensor) -> torch.Tensor:

@@ -118,4 +118,6 @@ class PagedKVCache:
     def _values(self, layer: int, stored: torch.Tensor) -> torch.Tensor:
         if self.scales is None:
             return stored
-        return stored.view(fp8.FP8).float() * self.scales[layer]  # float32: what attention computes in on CPU
+        return (
+            fp8.values(stored.view(fp8.FP8), torch.float32) * self.scales[layer]
+        )  # float32: what attention computes in on CPU

@@ -44,28 +44,39 @@ class PreparedLinear:
     w_scale: torch.Tensor | None = None
     a_scale: torch.Tensor | None = None  # an FP8 checkpoint linear's static activation scale
     per_token: bool = False
-    fp8_input: bool = False  # the checkpoint's linear is FP8: TensorRT-LLM rounds its input to FP8
+    quantize_input: bool = False  # an FP8 checkpoint linear: its input is rounded to FP8, as TensorRT-LLM does
     packed: torch.Tensor | None = None  # oneDNN's blocked copy of `weight` (bf16 CPU compute)
+    # bf16 CPU compute of an FP8 linear, TensorRT-LLM's FP8 GEMM in bf16: the input's FP8 values (exact in bf16)
+    # times W_fp8 * w_scale * a_scale (a static activation scale folded into the packed weights; a per-token one
+    # multiplies the output)
+    scaled_input: bool = False
 
     @classmethod
-    def prepare(cls, lin: Linear, device: torch.device, dtype: torch.dtype, *, dequantize: bool) -> PreparedLinear:
-        """dequantize: an FP8 weight becomes `dtype` now (else it stays FP8 and is dequantized per call)."""
+    def prepare(
+        cls, lin: Linear, device: torch.device, dtype: torch.dtype, *, dequantize: bool, fake_quant: bool
+    ) -> PreparedLinear:
+        """dequantize: an FP8 weight becomes `dtype` now (else it stays FP8 and is dequantized per call).
+        fake_quant: an FP8 linear's input is rounded to FP8 at its activation scale."""
 
         def move(s):
             return None if s is None else s.to(device)
 
         w_scale, a_scale = move(lin.w_scale), move(lin.a_scale)
+        quantize_input = fake_quant and lin.is_fp8 and (lin.per_token or a_scale is not None)
+        packable = device.type == "cpu" and dtype == torch.bfloat16 and native_bf16_cpu()
+        scaled_input = packable and quantize_input and dequantize
         if not lin.is_fp8:
             weight = lin.weight.to(device, dtype)
         elif dequantize:
-            weight = fp8.dequantize(lin.weight, w_scale, dtype)
+            fold = scaled_input and not lin.per_token
+            weight = fp8.dequantize(lin.weight, w_scale * a_scale if fold else w_scale, dtype)
         else:
             weight = lin.weight.to(device)
         packed = None
-        if device.type == "cpu" and weight.dtype == torch.bfloat16 and native_bf16_cpu():
+        if packable and weight.dtype == torch.bfloat16:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, ONEDNN_MIN_ROWS)
             weight = weight.to("meta")  # its shape and dtype: the packed copy is the one held in memory
-        return cls(weight, w_scale, a_scale, lin.per_token, lin.is_fp8, packed)
+        return cls(weight, w_scale, a_scale, lin.per_token, quantize_input, packed, scaled_input)
 
     def padded_rows(self, rows: int) -> int:
         """The row count to run `rows` rows at so that each row's bits do not depend on it."""
@@ -78,7 +89,7 @@ class PreparedLinear:
         """The weight is held as FP8 (multiplied by the native FP8 GEMM, or dequantized per call)."""
         return self.weight.dtype == fp8.FP8
 
-    def __call__(self, x: torch.Tensor, dtype: torch.dtype, fake_quant_act: bool, native_fp8: bool) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype, native_fp8: bool) -> torch.Tensor:
         """x [T, in] -> [T, out] in `dtype`."""
         rows = x.shape[0]
         pad = self.padded_rows(rows) - rows
@@ -86,17 +97,25 @@ class PreparedLinear:
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
         if self.is_fp8 and native_fp8 and fp8.scaled_mm_ok(self):
             return fp8.scaled_mm_linear(x, self, dtype)[:rows]
-        if fake_quant_act and self.fp8_input and self.per_token:
-            x = fp8.fake_quant(x, fp8.per_token_scale(x))
-        elif fake_quant_act and self.fp8_input and self.a_scale is not None:
-            x = fp8.fake_quant(x, self.a_scale)
+        if self.scaled_input:
+            scale = fp8.per_token_scale(x) if self.per_token else self.a_scale
+            y = _onednn(fp8.values(fp8.quantize(x, scale), dtype), self.packed)
+            if self.per_token:
+                y = y.mul_(scale)
+            return y[:rows] if pad else y
+        if self.quantize_input:
+            x = fp8.fake_quant(x, fp8.per_token_scale(x) if self.per_token else self.a_scale)
         if self.packed is not None:
-            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+            y = _onednn(x, self.packed)
         elif self.is_fp8:
             y = x @ fp8.dequantize(self.weight, self.w_scale, dtype).t()
         else:
             y = x @ self.weight.t()
         return y[:rows] if pad else y
+
+
+def _onednn(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 def fuse_outputs(a: Linear, b: Linear) -> Linear | None:

@@ -137,7 +137,9 @@ class DecoderModel:
         return need <= DEQUANTIZE_AT_LOAD_MAX_SHARE * limits.memory().available
 
     def _lin(self, lin: Linear) -> PreparedLinear:
-        return PreparedLinear.prepare(lin, self.device, self.dtype, dequantize=self.dequantize_fp8)
+        return PreparedLinear.prepare(
+            lin, self.device, self.dtype, dequantize=self.dequantize_fp8, fake_quant=self.fake_quant
+        )
 
     def _layer(self, layer: Layer) -> PreparedLayer:
         fc_gate = fuse_outputs(layer.fc, layer.gate)  # one GEMM instead of two: the same bits, less overhead
@@ -161,7 +163,7 @@ class DecoderModel:
         ]
 
     def linear(self, x: torch.Tensor, lin: PreparedLinear) -> torch.Tensor:
-        return lin(x, self.dtype, self.fake_quant, self.native_fp8)
+        return lin(x, self.dtype, self.native_fp8)
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # in float32, as transformers' RMSNorm (F.rms_norm runs its mean-rsqrt-multiply: the same bits)
