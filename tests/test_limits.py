@@ -122,6 +122,29 @@ def test_serve_threads_reach_the_engine_processes(tmp_path, monkeypatch):
     assert limits.THREADS_ENV not in TritonServer(tmp_path).env(Path("/bin/true"))
 
 
+def test_serve_compute_dtype_reaches_the_engine_and_picks_its_dtype(tmp_path, monkeypatch):
+    """serve --compute-dtype travels in NIM_BUILD_COMPUTE_DTYPE; the engine reads it, and auto follows the CPU."""
+    import torch
+
+    from nim_build import COMPUTE_DTYPE_ENV
+    from nim_build.errors import UserError
+    from nim_build.runtime.linear import native_bf16_cpu
+    from nim_build.runtime.model import serving_compute_dtype
+    from nim_build.serving.server import TritonServer
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.pbtxt").write_text('name: "m"')
+    assert TritonServer(tmp_path, compute_dtype="float32").env(Path("/bin/true"))[COMPUTE_DTYPE_ENV] == "float32"
+    monkeypatch.setenv(COMPUTE_DTYPE_ENV, "float32")
+    assert serving_compute_dtype("cpu") == torch.float32
+    monkeypatch.setenv(COMPUTE_DTYPE_ENV, "auto")
+    assert serving_compute_dtype("cpu") == (torch.bfloat16 if native_bf16_cpu() else torch.float32)
+    assert serving_compute_dtype("cuda") is None  # the checkpoint's dtype
+    monkeypatch.setenv(COMPUTE_DTYPE_ENV, "fp64")
+    with pytest.raises(UserError, match="NIM_BUILD_COMPUTE_DTYPE='fp64'"):
+        serving_compute_dtype("cpu")
+
+
 @pytest.fixture(scope="module")
 def engine_model(reference_engine_dir):
     from nim_build.runtime import DecoderModel

@@ -9,7 +9,8 @@ import time
 
 import click
 
-from nim_build import COMPUTE_DTYPE_ENV, COMPUTE_DTYPES, limits
+from nim_build import COMPUTE_DTYPE_ENV, limits
+from nim_build.cli._options import compute_dtype_option
 from nim_build.errors import NimBuildError
 
 
@@ -27,15 +28,7 @@ from nim_build.errors import NimBuildError
 @click.option("--seed", type=int, help="Sampling seed (reproducible output).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads [default: the CPUs this process may use].")
-@click.option(
-    "--compute-dtype",
-    type=click.Choice(COMPUTE_DTYPES),
-    default="auto",
-    show_default=True,
-    help="What the reference engine computes in. auto: bf16 on a CPU with native bf16 matmul (AVX512-BF16, AMX; "
-    "2-3x faster), float32 on other CPUs (float32 reproduces the accuracy gate's numbers), the checkpoint's dtype "
-    "on CUDA.",
-)
+@compute_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print text, token ids, finish reason and timings as JSON.")
 def command(
     engine, prompt, chat, max_tokens, stream, temperature, top_k, top_p, seed, device, threads, compute_dtype, as_json

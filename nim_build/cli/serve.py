@@ -8,7 +8,7 @@ import threading
 
 import click
 
-from nim_build import COMPUTE_DTYPES
+from nim_build.cli._options import compute_dtype_option
 from nim_build.serving.http_guard import DEFAULT_MAX_BODY, TRITON_SAFE_MAX_BODY
 
 
@@ -45,15 +45,7 @@ from nim_build.serving.http_guard import DEFAULT_MAX_BODY, TRITON_SAFE_MAX_BODY
     help="CPU threads of the reference engine [default: the CPUs this process may use (affinity, cgroup quota)]; "
     "give each server its share when several share a machine.",
 )
-@click.option(
-    "--compute-dtype",
-    type=click.Choice(COMPUTE_DTYPES),
-    default="auto",
-    show_default=True,
-    help="What the reference engine computes in. auto: bf16 on a CPU with native bf16 matmul (AVX512-BF16, AMX; "
-    "2-3x faster), float32 on other CPUs (float32 reproduces the accuracy gate's numbers), the checkpoint's dtype "
-    "on CUDA.",
-)
+@compute_dtype_option
 @click.option(
     "--http-max-body",
     type=click.IntRange(1, TRITON_SAFE_MAX_BODY),
