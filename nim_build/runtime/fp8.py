@@ -1,8 +1,9 @@
 """FP8 (E4M3) numerics: dequantization, activation fake-quantization, and the native FP8 GEMM on CUDA.
 
 What TensorRT-LLM computes for an FP8 linear (per-tensor recipe): x_fp8 = saturate(x / s_act),
-y = (x_fp8 @ W_fp8.T) * (s_act * s_w) accumulated in float32. On CPU the same function is
-fake_quant(x, s_act) @ (W_fp8 * s_w).T: identical up to the summation order. With
+y = (x_fp8 @ W_fp8.T) * (s_act * s_w) accumulated in float32. On CPU in float32 the same function is
+fake_quant(x, s_act) @ (W_fp8 * s_w).T: identical up to the summation order; in bf16 it is
+x_fp8 @ (W_fp8 * s_w * s_act).T (runtime/linear.py). With
 FP8_PER_CHANNEL_PER_TOKEN the activation scale is computed per token (amax / 448) at run time.
 """
 

@@ -1,9 +1,11 @@
 """The decoder's GEMMs: each weight is prepared once, at load, for the device and the compute dtype.
 
-Three CPU choices, each measured on the embedded model's shapes (bench/runtime.py, BENCHMARKS.md section 4):
+Three CPU choices, each measured on the embedded model's shapes (bench/runtime.py, BENCHMARKS.md section 5):
 - bf16 compute on a CPU with native bf16 matmul (AVX512-BF16 or AMX): the weight in oneDNN's blocked layout
-  (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's CPU freezing uses). For decode-sized inputs this
-  streams the weight at memory speed where a plain bf16 matmul reaches a third of it.
+  (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's CPU freezing uses). For decode-sized inputs it
+  streams the weights about twice as fast as a plain bf16 matmul (measured: 14 vs 7 GB/s, 2-row inputs). An FP8
+  linear there is TensorRT-LLM's FP8 GEMM in bf16: the input's FP8 values (exact in bf16) times the weights with
+  both scales folded in (`scaled_input`).
 - float32 compute (the accuracy gate's mode, and CPUs without native bf16): MKL's sgemm, with which the gate's
   numbers were measured.
 - FP8 weights are dequantized once at load into the compute dtype when the dequantized copy fits the memory this
