@@ -387,6 +387,8 @@ def main(argv=None) -> None:
         ap.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
     torch.set_num_threads(args.threads)
     os.environ["NIM_BUILD_THREADS"] = str(args.threads)  # DecoderModel.from_checkpoint sets torch's threads from it
+    # onnxruntime writes a device id under $XDG_CACHE_HOME (default ~/.cache): keep it in this checkout's cache
+    os.environ.setdefault("XDG_CACHE_HOME", str(REPO / ".cache" / "bench" / "xdg"))
     if args.child:
         for name in names:
             try:
