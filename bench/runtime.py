@@ -145,11 +145,9 @@ class NimBuild:
 
 
 def serving_dtype() -> torch.dtype:
-    try:
-        from nim_build.runtime.model import serving_compute_dtype
-    except ImportError:
-        return torch.bfloat16
-    return serving_compute_dtype("cpu") or torch.bfloat16
+    from nim_build.runtime.model import serving_compute_dtype
+
+    return serving_compute_dtype("cpu")  # never None on CPU
 
 
 class StaticBatch:

@@ -123,7 +123,7 @@ def test_decode_attention_is_exact_and_batch_invariant(tiny_checkpoint, compute_
     model = DecoderModel.from_checkpoint(ckpt, compute_dtype=compute_dtype)
     tol = 1e-5 if compute_dtype == torch.float32 else 0.05  # a bf16 rounding of the attention output may flip
     c = model.cfg
-    cache = PagedKVCache(c.num_layers, 64, 4, c.num_kv_heads, c.head_size, model.kv_dtype, model.device)
+    cache = PagedKVCache(c.num_layers, 64, 4, c.num_kv_heads, c.head_size, model.dtype, model.device)
     seqs = [IDS[:n] for n in (1, 4, 5, 8, 9, 23)]
     tables = [list(range(60 - 8 * i, 52 - 8 * i, -1)) for i in range(len(seqs))]  # scattered, descending blocks
     for ids, table in zip(seqs, tables):

@@ -95,7 +95,7 @@ class LLMEngine:
         self.tokens_per_block = tokens_per_block
         self.enable_chunked_context = enable_chunked_context
         kv_scales = model.kv_scales()
-        elem = PagedKVCache.element_bytes(kv_scales is not None, model.kv_dtype)
+        elem = PagedKVCache.element_bytes(kv_scales is not None, model.dtype)
         per_block = PagedKVCache.bytes_per_block(c.num_layers, tokens_per_block, c.num_kv_heads, c.head_size, elem)
         need = PagedKVCache.full_need(
             c.num_layers, tokens_per_block, c.num_kv_heads, c.head_size, elem, max_batch_size, max_seq_len
@@ -123,7 +123,7 @@ class LLMEngine:
             tokens_per_block,
             c.num_kv_heads,
             c.head_size,
-            model.kv_dtype,
+            model.dtype,
             model.device,
             kv_scales,
         )

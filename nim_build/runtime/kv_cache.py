@@ -57,7 +57,6 @@ class PagedKVCache:
         fp8_scales: list[torch.Tensor] | None = None,
     ):
         self.block_size = block_size
-        self.dtype = dtype
         self.scales = None if fp8_scales is None else [s.to(device).reshape(1, 1, 1) for s in fp8_scales]
         store = torch.uint8 if fp8_scales is not None else dtype  # FP8 bytes (CPU indexing lacks float8 kernels)
         shape = (num_blocks, kv_heads, block_size, head_size)
@@ -118,6 +117,5 @@ class PagedKVCache:
     def _values(self, layer: int, stored: torch.Tensor) -> torch.Tensor:
         if self.scales is None:
             return stored
-        return (
-            fp8.values(stored.view(fp8.FP8), torch.float32) * self.scales[layer]
-        )  # float32: what attention computes in on CPU
+        # float32: what attention computes in on CPU
+        return fp8.values(stored.view(fp8.FP8), torch.float32) * self.scales[layer]

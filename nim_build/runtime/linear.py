@@ -99,14 +99,14 @@ class PreparedLinear:
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
         if self.is_fp8 and native_fp8 and fp8.scaled_mm_ok(self):
             return fp8.scaled_mm_linear(x, self, dtype)[:rows]
-        if self.scaled_input:
-            scale = fp8.per_token_scale(x) if self.per_token else self.a_scale
-            y = _onednn(fp8.values(fp8.quantize(x, scale), dtype), self.packed)
-            if self.per_token:
-                y = y.mul_(scale)
-            return y[:rows] if pad else y
         if self.quantize_input:
-            x = fp8.fake_quant(x, fp8.per_token_scale(x) if self.per_token else self.a_scale)
+            scale = fp8.per_token_scale(x) if self.per_token else self.a_scale
+            if self.scaled_input:
+                y = _onednn(fp8.values(fp8.quantize(x, scale), dtype), self.packed)
+                if self.per_token:
+                    y = y.mul_(scale)
+                return y[:rows] if pad else y
+            x = fp8.fake_quant(x, scale)
         if self.packed is not None:
             y = _onednn(x, self.packed)
         elif self.is_fp8:

@@ -100,7 +100,6 @@ class DecoderModel:
         self.cfg = c = ckpt.config
         self.device = torch.device(device)
         self.dtype = compute_dtype or (c.dtype if self.device.type == "cuda" else CPU_COMPUTE_DTYPE)
-        self.kv_dtype = self.dtype  # the KV cache's (unless FP8)
         # Attention's products and softmax: float32 on CPU whatever the GEMMs compute in (the tiny products of
         # decode attention run 4x faster in float32 there than in bf16); the keys and values read are cast.
         self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
