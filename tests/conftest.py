@@ -167,8 +167,9 @@ class ServedRepo:
         import subprocess
 
         self.repo, self.engine_dir, self.log = repo, engine_dir, log
-        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
+        self.http_port, self.grpc_port, self.metrics_port, self.openai_port = free_ports(4)
         self.http_url = f"127.0.0.1:{self.http_port}"
+        self.openai_url = f"http://127.0.0.1:{self.openai_port}/v1"  # the OpenAI API (LLM repositories)
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self._log_file = open(log, "w")
@@ -179,6 +180,8 @@ class ServedRepo:
             str(self.grpc_port),
             "--metrics-port",
             str(self.metrics_port),
+            "--openai-port",
+            str(self.openai_port),
         ]
         self.proc = subprocess.Popen(
             [*command, "serve", str(repo), "--host", "127.0.0.1", *ports, *args],
@@ -268,6 +271,21 @@ def triton_serve(reference_engine_dir, tmp_path_factory):
     repo = generate_repo(reference_engine_dir, root / "repo")
     with serving(repo, reference_engine_dir, root / "serve.log") as served:
         yield served
+
+
+@pytest.fixture(scope="session")
+def tekken_dir(tmp_path_factory) -> Path:
+    """Mistral NeMo's Tekken tokenizer (mistral-common's tekken_240718.json), as a tokenizer directory."""
+    import json
+
+    import mistral_common
+
+    from nim_build.serving.tokenizer import META_FILE
+
+    out = tmp_path_factory.mktemp("tekken")
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tekken_240718.json", out / "tekken.json")
+    (out / META_FILE).write_text(json.dumps({"kind": "tekken", "bos_id": 1, "end_id": 2, "pad_id": 11}))
+    return out
 
 
 # --- reference runtime (tests/test_runtime*.py, tests/test_scheduler.py, tests/test_accuracy.py) --------------

@@ -33,16 +33,6 @@ def hf_tokenizer_dir(default_model_dir, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tekken_dir(tmp_path_factory) -> Path:
-    import mistral_common
-
-    out = tmp_path_factory.mktemp("tekken")
-    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tekken_240718.json", out / "tekken.json")
-    (out / META_FILE).write_text(json.dumps({"kind": "tekken", "bos_id": 1, "end_id": 2, "pad_id": 11}))
-    return out
-
-
 @pytest.fixture(scope="session", params=["hf", "tekken"])
 def tok(request, hf_tokenizer_dir, tekken_dir) -> Tokenizer:
     return Tokenizer.from_dir(hf_tokenizer_dir if request.param == "hf" else tekken_dir)

@@ -9,6 +9,7 @@ import threading
 import click
 
 from nim_build.cli._options import compute_dtype_option
+from nim_build.openai import DEFAULT_OPENAI_PORT
 from nim_build.serving.http_guard import DEFAULT_MAX_BODY, TRITON_SAFE_MAX_BODY
 
 
@@ -18,6 +19,19 @@ from nim_build.serving.http_guard import DEFAULT_MAX_BODY, TRITON_SAFE_MAX_BODY
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
+@click.option(
+    "--openai-port",
+    type=click.IntRange(1, 65535),
+    default=DEFAULT_OPENAI_PORT,
+    show_default=True,
+    help="Port of the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, NIM's /v1/health/*, "
+    "/v1/metrics, /v1/metadata).",
+)
+@click.option("--openai/--no-openai", default=True, show_default=True, help="Serve the OpenAI-compatible API.")
+@click.option(
+    "--served-model-name",
+    help="The model name of the OpenAI API (the `model` clients send) [default: the engine's name, its manifest's].",
+)
 @click.option(
     "--startup-timeout",
     type=click.FloatRange(min=1),
@@ -61,6 +75,9 @@ def command(
     http_port,
     grpc_port,
     metrics_port,
+    openai_port,
+    openai,
+    served_model_name,
     startup_timeout,
     health_interval,
     exit_timeout,
@@ -69,8 +86,10 @@ def command(
     http_max_body,
     quiet,
 ):
-    """Serve REPO (from `nim_build repo`) with Triton; exits non-zero when a model stops answering."""
+    """Serve REPO (from `nim_build repo`) with Triton, and the OpenAI-compatible API beside it; exits non-zero
+    when a model stops answering or either server exits."""
     from nim_build.errors import ServingError
+    from nim_build.openai.process import OpenAIFrontend
     from nim_build.serving.client import health_probe
     from nim_build.serving.server import TritonServer, engine_steps, supervise
 
@@ -86,27 +105,60 @@ def command(
         compute_dtype=compute_dtype,
         http_max_body=http_max_body,
     )
+    metrics = f"http://{server.client_host}:{metrics_port}/metrics"
+    frontend = None
+    if openai and not _is_llm_repo(server.repo):
+        click.echo(
+            f"note: no OpenAI API: {repo} has no tensorrt_llm model and tokenizer (not an LLM repository)", err=True
+        )
+    elif openai:
+        frontend = OpenAIFrontend(
+            server.repo,
+            host=host,
+            port=openai_port,
+            grpc_url=server.grpc_url,
+            triton_metrics_url=metrics,
+            served_model_name=served_model_name,
+            health_interval_s=health_interval,
+            echo=None if quiet else sys.stderr,
+        )
     stop = threading.Event()
     signals = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     reason = None
     try:
+        if frontend is not None:
+            frontend.check_port()  # before the engine loads, which may take minutes
         server.start()
-        if server.wait_ready(startup_timeout, stop):  # a SIGTERM while the engine loads stops it at once
+        # a SIGTERM while the engine loads stops it at once
+        if server.wait_ready(startup_timeout, stop) and (frontend is None or _start(frontend, startup_timeout, stop)):
             probe = health_probe(server.grpc_url, server.repo)
             probe()
             models = ", ".join(sorted(p.parent.name for p in server.repo.glob("*/config.pbtxt")))
+            openai_url = f"  OpenAI {frontend.url}/v1" if frontend else ""
             click.echo(
                 f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.client_host}:"
-                f"{metrics_port}/metrics  (models: {models})",
+                f"{metrics_port}/metrics{openai_url}  (models: {models})",
                 err=True,
             )
             chat = _chat_flag(server.repo)
             click.echo(f"try: nim_build infer --url {server.grpc_url} --prompt 'Hello'{chat} --stream", err=True)
-            metrics = f"http://{server.client_host}:{metrics_port}/metrics"
+            if frontend:
+                click.echo(
+                    f"try: curl {frontend.url}/v1/chat/completions -H 'Content-Type: application/json' "
+                    """-d '{"messages": [{"role": "user", "content": "Hello"}]}'""",
+                    err=True,
+                )
             reason = supervise(
-                server, probe, interval_s=health_interval, stop_event=stop, progress=lambda: engine_steps(metrics)
+                server,
+                probe,
+                interval_s=health_interval,
+                stop_event=stop,
+                progress=lambda: engine_steps(metrics),
+                companion_exited=frontend.exited if frontend else None,
             )
     finally:
+        if frontend is not None:  # first: its streams end before the engine goes
+            frontend.stop()
         code = server.stop()
         for sig, handler in signals.items():
             signal.signal(sig, handler)
@@ -117,6 +169,17 @@ def command(
     if code != 0:
         raise ServingError(f"Triton exited with code {code} when asked to stop: {server.failure_reason()}")
     click.echo(f"stopped (Triton exit code {code})", err=True)
+
+
+def _start(frontend, timeout_s: float, stop: threading.Event) -> bool:
+    frontend.start()
+    return frontend.wait_ready(timeout_s, stop)
+
+
+def _is_llm_repo(repo) -> bool:
+    from nim_build.serving.tokenizer import REPO_TOKENIZER_DIR
+
+    return (repo / "tensorrt_llm" / "config.pbtxt").is_file() and (repo / REPO_TOKENIZER_DIR).is_dir()
 
 
 def _chat_flag(repo) -> str:

@@ -452,19 +452,27 @@ def supervise(
     stop_event: threading.Event | None = None,
     failures_allowed: int = 2,
     progress: Callable[[], float | None] | None = None,
+    companion_exited: Callable[[], str | None] | None = None,
 ) -> str | None:
     """Block while the server lives and answers `probe`; return why it stopped serving (None when asked to stop).
 
     Triton keeps reporting ready after a python stub crashed, so health is a real request: `probe` raises
     when a model does not answer. A busy server is not a dead one: a probe that timed out (it queued behind the
     generation of others) while `progress` (the engine's step counter) moved on is no failure. Otherwise
-    `failures_allowed` consecutive failures are tolerated.
+    `failures_allowed` consecutive failures are tolerated. `companion_exited` (the OpenAI API process) is checked
+    every half second and, like Triton's own exit, ends serving at once.
     """
     stop_event = stop_event or threading.Event()
     failures = 0
-    while not stop_event.wait(interval_s):
+    next_probe = time.monotonic() + interval_s
+    while not stop_event.wait(min(0.5, interval_s)):
         if not server.running():
             return f"Triton exited with code {server.proc.returncode}: {server.failure_reason()}"
+        why = companion_exited() if companion_exited is not None else None
+        if why:
+            return why
+        if time.monotonic() < next_probe:
+            continue
         before = _safe(progress)
         try:
             probe()
@@ -473,10 +481,11 @@ def supervise(
             after = _safe(progress)
             if isinstance(e, ResponseTimeout) and before is not None and after is not None and after > before:
                 failures = 0
-                continue
-            failures += 1
-            if failures > failures_allowed:
-                return f"health request failed {failures} times in a row: {' '.join(str(e).split())[:500]}"
+            else:
+                failures += 1
+                if failures > failures_allowed:
+                    return f"health request failed {failures} times in a row: {' '.join(str(e).split())[:500]}"
+        next_probe = time.monotonic() + interval_s
     return None
 
 

@@ -217,6 +217,24 @@ class Tokenizer:
             return None
         return pieces, strip
 
+    def special_id(self, token: str) -> int | None:
+        """The id of a special token such as "[TOOL_CALLS]", or None when the vocabulary has no such token."""
+        if self.kind == "tekken":
+            try:
+                return int(self._tk.get_special_token(token))
+            except Exception:  # mistral-common raises its own error for an unknown token
+                return None
+        i = self._tk.token_to_id(token)
+        return None if i is None else int(i)
+
+    def token_text(self, token_id: int) -> tuple[str, bytes]:
+        """One token as OpenAI's logprobs show it: its text (special tokens by name) and its bytes."""
+        if self.kind == "tekken" and self._pieces[int(token_id)]:  # a regular token: exact bytes
+            data = self._pieces[int(token_id)]
+            return data.decode("utf-8", errors="replace"), data
+        text = self.decode([token_id], skip_special_tokens=False)
+        return text, text.encode("utf-8")
+
     def stream_decoder(self) -> StreamDecoder:
         """A new incremental decoder for one sequence of generated ids."""
         if self.kind == "hf":

@@ -7,6 +7,10 @@ With no model cost, what a benchmark measures is the Triton models around it (to
 response plumbing). Select it in a repository with the tensorrt_llm parameter
 nim_build_engine = "nim_build.testing.trivial_engine:TrivialEngine". A `trivial_engine.json` file in the
 engine directory ({"step_delay_s": 0.005}) makes every step last that long, like a model would.
+
+`ScriptedEngine` (nim_build.testing.trivial_engine:ScriptedEngine) answers every request with the ids in the
+engine directory's `script.json` at the time of the request, then the end id: what tests of output parsing (tool
+calls) need from a model.
 """
 
 from __future__ import annotations
@@ -51,8 +55,9 @@ def write_engine_dir(
 
 
 class _Seq:
-    def __init__(self, rid, prompt, params, callback):
+    def __init__(self, rid, prompt, params, callback, script=None):
         self.rid, self.prompt, self.params, self.callback = rid, prompt, params, callback
+        self.script = script  # the ids to generate (ScriptedEngine), else the prompt's, cyclically
         self.out: list[int] = []
         self.cancelled = False
 
@@ -128,11 +133,14 @@ class TrivialEngine:
             )
         if any(not 0 <= i < self.vocab_size for i in prompt):
             raise UserError("token id out of range")
-        seq = _Seq(next(self._ids), prompt, params, callback)
+        seq = _Seq(next(self._ids), prompt, params, callback, self._script())
         with self._cv:
             self._waiting.append(seq)
             self._cv.notify()
         return seq.rid
+
+    def _script(self) -> list[int] | None:
+        return None
 
     def cancel(self, request_id: int) -> None:
         with self._cv:
@@ -196,7 +204,10 @@ class TrivialEngine:
     def _advance(self, seq: _Seq) -> TokenEvent:
         if seq.cancelled:
             return TokenEvent(seq.rid, [], True, "cancelled")
-        token = seq.prompt[len(seq.out) % len(seq.prompt)]
+        if seq.script is not None:
+            token = seq.script[len(seq.out)] if len(seq.out) < len(seq.script) else self.end_id
+        else:
+            token = seq.prompt[len(seq.out) % len(seq.prompt)]
         end_id = self.end_id if seq.params.end_id is None else seq.params.end_id
         if token == end_id:
             return TokenEvent(seq.rid, [], True, "end_id")
@@ -207,3 +218,18 @@ class TrivialEngine:
         if len(seq.out) >= seq.params.max_new_tokens:
             return TokenEvent(seq.rid, [token], True, "length")
         return TokenEvent(seq.rid, [token], False, None)
+
+
+class ScriptedEngine(TrivialEngine):
+    """Generates the ids of ENGINE_DIR/script.json (read at each submit), then the end id."""
+
+    SCRIPT = "script.json"
+
+    @classmethod
+    def from_engine_dir(cls, engine_dir, **kwargs) -> ScriptedEngine:
+        engine = super().from_engine_dir(engine_dir, **kwargs)
+        engine.script_path = Path(engine_dir) / cls.SCRIPT
+        return engine
+
+    def _script(self) -> list[int]:
+        return [int(i) for i in json.loads(self.script_path.read_text())]

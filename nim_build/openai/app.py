@@ -1,0 +1,800 @@
+"""The OpenAI-compatible API (and NIM's health, metrics and metadata endpoints) in front of a Triton repository.
+
+Requests are rendered and tokenized here with the repository's own tokenizer (nim_build.serving.tokenizer: HF chat
+templates, Tekken through mistral-common), sent to Triton's `tensorrt_llm` model as token ids (triton_llm.py), and
+detokenized with the same streaming detokenizer the postprocessing uses. So usage counts are exact, special tokens
+are seen as ids (tool calls), and there is no second copy of the chat template or the detokenizer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from nim_build.errors import InferenceError, UserError
+from nim_build.openai import protocol as P
+from nim_build.openai.metrics import Metrics
+from nim_build.openai.tools import ToolCallParser, forced_prefix, mistral_tool_call_id, tool_style
+from nim_build.openai.triton_llm import EngineRequest, TritonLLM
+from nim_build.serving.tokenizer import Tokenizer
+
+PROBE_TIMEOUT_S = 30.0
+
+
+@dataclass
+class ServedModel:
+    """What the API serves, read from a repository made by `nim_build repo` (and the engine's manifest)."""
+
+    name: str
+    tokenizer: Tokenizer
+    max_seq_len: int
+    max_batch_size: int
+    vocab_size: int
+    manifest: dict[str, Any]
+
+    @classmethod
+    def from_repo(cls, repo: str | Path, served_name: str | None = None) -> ServedModel:
+        from nim_build.builder.manifest import ENGINE_DIR, load_manifest
+        from nim_build.jsonfile import read_object
+        from nim_build.serving.repo import read_config
+        from nim_build.serving.tokenizer import META_FILE, REPO_TOKENIZER_DIR
+
+        repo = Path(repo)
+        cfg = read_config(repo / "tensorrt_llm" / "config.pbtxt")
+        engine = Path(cfg.parameters["gpt_model_path"].string_value)
+        manifest = load_manifest(engine.parent if engine.name == ENGINE_DIR and cfg.backend != "python" else engine)
+        tok_dir = repo / REPO_TOKENIZER_DIR
+        meta = read_object(tok_dir / META_FILE)
+        tok = Tokenizer.from_dir(tok_dir, meta)
+        return cls(
+            name=served_name or manifest.get("name") or "model",
+            tokenizer=tok,
+            max_seq_len=int(meta.get("max_seq_len") or manifest["build"]["max_seq_len"]),
+            max_batch_size=int(cfg.max_batch_size or meta.get("max_batch_size") or 1),
+            vocab_size=int(meta.get("vocab_size") or tok.vocab_size),
+            manifest=manifest,
+        )
+
+
+class Choice:
+    """One generated sequence: ids -> text (stop strings cut, tool calls parsed), log probs, finish reason."""
+
+    def __init__(self, index: int, tok: Tokenizer, parser: ToolCallParser, stops: list[str], top_logprobs: int | None):
+        self.index, self.tok, self.parser = index, tok, parser
+        self.stops, self.hold = stops, max((len(s) for s in stops), default=1) - 1
+        self.top_logprobs = top_logprobs  # None: no log probs
+        self.ids: list[int] = []
+        self.text = ""  # the content so far, as sent
+        self.pending = ""  # content held back: it may be the start of a stop string
+        self.stopped = False  # a stop string was found: the rest of the generation is dropped
+        self.logprobs: list[dict[str, Any]] = []
+        self.finish_reason: str | None = None
+        self.tool_calls: list = []
+
+    def feed(self, ids: list[int], logits: np.ndarray | None) -> tuple[str, list]:
+        """New content text and tool deltas for newly generated ids."""
+        if self.stopped:
+            return "", []
+        self.ids.extend(ids)
+        if self.top_logprobs is not None and logits is not None:
+            self.logprobs.extend(_logprobs(self.tok, ids, logits, self.top_logprobs))
+        text, deltas = self.parser.feed(ids)
+        text = self._cut(text)
+        self.text += text
+        return text, deltas
+
+    def finish(self, max_tokens: int) -> tuple[str, list]:
+        if self.stopped:
+            self.finish_reason = "stop"
+            return "", []
+        text, deltas, parsed = self.parser.finish()
+        text = self._cut(text, final=True)
+        self.text += text
+        self.tool_calls = parsed.tool_calls
+        if self.stopped:
+            self.finish_reason = "stop"
+        elif parsed.tool_calls:
+            self.finish_reason = "tool_calls"
+        else:
+            self.finish_reason = "length" if len(self.ids) >= max_tokens else "stop"
+        return text, deltas
+
+    def _cut(self, text: str, final: bool = False) -> str:
+        """OpenAI's stop: the text up to the first stop string, which is not part of it."""
+        if not self.stops:
+            return text
+        buf = self.pending + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped, self.pending = True, ""
+            return buf[: min(hits)]
+        keep = 0 if final else min(self.hold, len(buf))
+        self.pending = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep]
+
+
+def _logprobs(tok: Tokenizer, ids: list[int], logits: np.ndarray, top: int) -> list[dict[str, Any]]:
+    """OpenAI's chat logprobs entries: the log-softmax of the model's raw logits at each generated token."""
+    out = []
+    for row, i in zip(logits, ids):
+        row = row.astype(np.float64)
+        m = row.max()
+        lp = row - (m + np.log(np.exp(row - m).sum()))
+        text, data = tok.token_text(i)
+        entry = {"token": text, "logprob": float(lp[i]), "bytes": list(data), "top_logprobs": []}
+        if top:
+            best = np.argpartition(-lp, top - 1)[:top]
+            for j in best[np.argsort(-lp[best], kind="stable")]:
+                t, b = tok.token_text(int(j))
+                entry["top_logprobs"].append({"token": t, "logprob": float(lp[j]), "bytes": list(b)})
+        out.append(entry)
+    return out
+
+
+class OpenAIServer:
+    """The state behind the API: the model, the engine client, metrics and readiness."""
+
+    def __init__(self, model: ServedModel, grpc_url: str, triton_metrics_url: str | None, health_interval_s: float):
+        self.model, self.grpc_url, self.health_interval_s = model, grpc_url, health_interval_s
+        self.metrics = Metrics(model.name, triton_metrics_url)
+        self.llm: TritonLLM | None = None
+        self.ready = False
+        self.tokens_seen = 0  # generated tokens, all requests: a probe that timed out while it grew was busy
+        self._probe_task: asyncio.Task | None = None
+        self.tool_style = tool_style(model.tokenizer)
+        self.created = int(time.time())
+
+    # -- lifecycle and readiness --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.llm = TritonLLM(self.grpc_url)
+        await self.probe()
+        self._probe_task = asyncio.create_task(self._probe_loop())
+
+    async def stop(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+        if self.llm is not None:
+            await self.llm.close()
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            await self.probe()
+
+    async def probe(self) -> None:
+        """Ready while a real one-token generation succeeds; one that waits behind busy generation is no failure."""
+        tok = self.model.tokenizer
+        req = self._engine_request(tok.encode("ping"), 1, temperature=0.0, seed=0)
+        before = self.tokens_seen
+        try:
+            await asyncio.wait_for(self._drain(req), PROBE_TIMEOUT_S)
+            self.ready = True
+        except asyncio.TimeoutError:
+            self.ready = self.tokens_seen > before
+        except Exception:
+            self.ready = False
+
+    async def _drain(self, req: EngineRequest) -> None:
+        async for _ in self.llm.generate(req, f"probe-{uuid.uuid4().hex}"):
+            pass
+
+    # -- requests -----------------------------------------------------------------------------------------------
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model.name:
+            raise P.OpenAIError(
+                f"the model {name!r} does not exist; this server serves {self.model.name!r}",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
+
+    def _engine_request(self, prompt_ids: list[int], max_tokens: int, **kw) -> EngineRequest:
+        tok = self.model.tokenizer
+        return EngineRequest(
+            prompt_ids=prompt_ids,
+            max_tokens=max_tokens,
+            end_id=kw.pop("end_id", tok.end_id),
+            pad_id=tok.pad_id,
+            temperature=kw.pop("temperature"),
+            top_p=kw.pop("top_p", 1.0),
+            top_k=kw.pop("top_k", 0),
+            seed=kw.pop("seed"),
+            **kw,
+        )
+
+    def max_tokens(self, req: P._Request, prompt_len: int, requested: int | None) -> int:
+        """The request's max tokens, checked against the context (default: what fits)."""
+        context = self.model.max_seq_len
+        if prompt_len >= context:
+            raise P.OpenAIError(
+                f"the prompt is {prompt_len} tokens; this model's context is {context} tokens, which leaves no room "
+                "to generate: shorten the prompt",
+                param="messages" if isinstance(req, P.ChatCompletionRequest) else "prompt",
+                code="context_length_exceeded",
+            )
+        if requested is None:
+            return context - prompt_len
+        if prompt_len + requested > context:
+            raise P.OpenAIError(
+                f"max_tokens {requested} + the prompt's {prompt_len} tokens exceed this model's context of {context} "
+                f"tokens: ask for at most {context - prompt_len}",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return requested
+
+    def sampling(self, req: P._Request, n_choices: int) -> list[dict[str, Any]]:
+        """The engine's sampling inputs for each choice (TensorRT-LLM's semantics: docs/OPENAI.md)."""
+        if req.temperature == 0:
+            base = {"temperature": 0.0, "top_p": 1.0, "top_k": 1}
+        else:
+            top_k = req.top_k if req.top_k and req.top_k > 0 else 0
+            base = {"temperature": 1.0 if req.temperature is None else req.temperature, "top_p": req.top_p or 1.0}
+            base["top_k"] = top_k
+        tok = self.model.tokenizer
+        if req.ignore_eos:
+            base["end_id"] = -1
+        if req.repetition_penalty is not None:
+            base["repetition_penalty"] = req.repetition_penalty
+        if req.presence_penalty:
+            base["presence_penalty"] = req.presence_penalty
+        if req.frequency_penalty:
+            base["frequency_penalty"] = req.frequency_penalty
+        if req.min_tokens:
+            base["min_tokens"] = req.min_tokens
+        stops = req.stop_list()
+        if stops:
+            base["stop_words"] = tok.words_to_ids(stops)
+        if req.logit_bias:
+            bias = np.zeros(self.model.vocab_size, dtype=np.float32)
+            for key, value in req.logit_bias.items():
+                if not key.lstrip("-").isdigit() or not 0 <= int(key) < self.model.vocab_size:
+                    raise P.OpenAIError(
+                        f"logit_bias: {key!r} is not a token id in [0, {self.model.vocab_size})", param="logit_bias"
+                    )
+                bias[int(key)] = max(-100.0, min(100.0, value))
+            base["embedding_bias"] = bias
+        # an unseeded request is random, as OpenAI's are (TensorRT-LLM's default seed is 0 for every request);
+        # choice k of a seeded one uses seed + k, as TensorRT-LLM's num_return_sequences does
+        seed = req.seed if req.seed is not None else random.getrandbits(63)
+        return [{**base, "seed": (seed + k) % 2**64} for k in range(n_choices)]
+
+    async def run(
+        self, prompts: list[list[int]], req: P._Request, max_tokens: list[int], make_choice
+    ) -> AsyncIterator[tuple[Choice, str, list, bool]]:
+        """Generate every choice of every prompt concurrently; yields (choice, new text, tool deltas, done) as
+        they come, done (and the choice's finish_reason set) in each choice's last."""
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks, choices = [], []
+        n = req.n
+        t0 = time.monotonic()
+        first = []
+        for p, ids in enumerate(prompts):
+            for k, params in enumerate(self.sampling(req, n)):
+                choice = make_choice(p * n + k)
+                choices.append(choice)
+                engine_req = self._engine_request(ids, max_tokens[p], **params)
+                engine_req.generation_logits = choice.top_logprobs is not None
+                tasks.append(asyncio.create_task(self._one(choice, engine_req, max_tokens[p], queue)))
+        self.metrics.in_flight += len(tasks)
+        open_ = len(tasks)
+        ok = False
+        try:
+            while open_:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                choice, text, deltas, done = item
+                if not first:
+                    first.append(time.monotonic())
+                    self.metrics.ttft.observe(first[0] - t0)
+                open_ -= done
+                yield choice, text, deltas, done
+            ok = True
+        finally:
+            for t in tasks:
+                t.cancel()
+            self.metrics.in_flight -= len(tasks)
+            generated = sum(len(c.ids) for c in choices)
+            self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+            self.metrics.generation_tokens.inc(generated)
+            end = time.monotonic()
+            self.metrics.e2e.observe(end - t0)
+            if first and generated > len(choices):
+                self.metrics.tpot.observe((end - first[0]) / (generated - len(choices)))
+            (self.metrics.success if ok else self.metrics.failure).inc()
+
+    async def _one(self, choice: Choice, req: EngineRequest, max_tokens: int, queue: asyncio.Queue) -> None:
+        try:
+            async for delta in self.llm.generate(req, uuid.uuid4().hex):
+                self.tokens_seen += len(delta.token_ids)
+                text, deltas = choice.feed(delta.token_ids, delta.logits)
+                if text or deltas:
+                    queue.put_nowait((choice, text, deltas, False))
+                if choice.stopped:  # a stop string: this choice is done, its generation is cancelled
+                    break
+            text, deltas = choice.finish(max_tokens)
+            queue.put_nowait((choice, text, deltas, True))
+        except asyncio.CancelledError:
+            raise
+        except InferenceError as e:
+            queue.put_nowait(P.OpenAIError(f"generation failed: {e}", status=_status(str(e))))
+        except Exception as e:  # never lose the request: the client gets a server error, not a hang
+            queue.put_nowait(e)
+
+
+def _status(message: str) -> int:
+    """A user error the engine found (an id out of range, a value it refuses) is a 400; the rest are 500s."""
+    lowered = message.lower()
+    return 400 if any(w in lowered for w in ("must be", "outside", "exceeds", "out of range", "invalid")) else 500
+
+
+def render_chat(server: OpenAIServer, req: P.ChatCompletionRequest) -> tuple[list[int], str | None, str | None]:
+    """The prompt ids of a chat request, the tool-call format to parse (None: no tools) and the forced prefix."""
+    P.check_messages(req.messages)
+    messages = P.flatten_content(req.messages)
+    tok = server.model.tokenizer
+    choice = req.tool_choice
+    tools = req.tools if req.tools and choice != "none" else None
+    if choice not in (None, "none", "auto") and not req.tools:
+        raise P.OpenAIError("tool_choice needs tools", param="tool_choice")
+    function = None
+    if isinstance(choice, dict):
+        function = (choice.get("function") or {}).get("name")
+        names = [(t.get("function") or {}).get("name") for t in req.tools]
+        if choice.get("type") != "function" or function not in names:
+            raise P.OpenAIError(
+                f"tool_choice names the function {function!r}, which is not among the tools "
+                f"({', '.join(map(str, names))})",
+                param="tool_choice",
+            )
+    style = server.tool_style if tools else None
+    if style == "mistral":
+        messages = [_mistral_ids(m) for m in messages]
+    try:
+        ids = tok.encode_chat(messages, tools)
+    except UserError as e:
+        raise P.OpenAIError(str(e), param="messages") from None
+    prefix = None
+    if tools and (choice == "required" or function is not None):
+        prefix = forced_prefix(style, function)
+        if style == "mistral":
+            ids = ids + [tok.special_id("[TOOL_CALLS]")]
+        ids = ids + (tok.encode(prefix, add_special_tokens=False) if prefix else [])
+    return ids, style, prefix
+
+
+def _mistral_ids(m: dict[str, Any]) -> dict[str, Any]:
+    """Client tool call ids as Mistral's format takes them (longer ones cut to their last 9 characters)."""
+    if m.get("role") == "tool" and isinstance(m.get("tool_call_id"), str):
+        m = {**m, "tool_call_id": mistral_tool_call_id(m["tool_call_id"])}
+    if m.get("role") == "assistant" and m.get("tool_calls"):
+        m = {
+            **m,
+            "tool_calls": [{**c, "id": mistral_tool_call_id(str(c.get("id", "")))} for c in m["tool_calls"]],
+        }
+    return m
+
+
+def json_line(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+# -- the HTTP API -----------------------------------------------------------------------------------------------
+
+
+def create_app(server: OpenAIServer) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        await server.start()
+        try:
+            yield
+        finally:
+            await server.stop()
+
+    app = FastAPI(title="nim_build OpenAI-compatible API", lifespan=lifespan, openapi_url=None, docs_url=None)
+    tok = server.model.tokenizer
+
+    def error(e: P.OpenAIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(P.OpenAIError)
+    async def _openai_error(_request, e: P.OpenAIError):
+        return error(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request, e: RequestValidationError):
+        err = e.errors()[0]
+        return error(P.OpenAIError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"))
+
+    @app.exception_handler(HTTPException)
+    async def _http(_request, e: HTTPException):
+        return error(P.OpenAIError(str(e.detail), status=e.status_code))
+
+    @app.exception_handler(Exception)
+    async def _internal(_request, e: Exception):  # never a traceback or a server path to the client
+        return error(P.OpenAIError(f"internal server error ({type(e).__name__})", status=500))
+
+    async def body(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise P.OpenAIError(f"the request body is not valid JSON: {e}") from None
+
+    def usable(req: P._Request) -> None:
+        server.check_model(req.model)
+        why = P.unsupported(req)
+        if why:
+            raise P.OpenAIError(why)
+        if not server.ready:
+            raise P.OpenAIError("the model is not ready yet; retry shortly", status=503)
+
+    async def until_disconnect(request: Request, work):
+        """Await `work`; a client that disconnects meanwhile cancels it (and with it the engine's requests)."""
+        task = asyncio.ensure_future(work)
+
+        async def watch():
+            while not task.done():
+                if await request.is_disconnected():
+                    task.cancel()
+                    return
+                await asyncio.sleep(0.1)
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            return await task
+        finally:
+            watcher.cancel()
+
+    async def first_item(agen):
+        """The first item, awaited before the response starts: an immediate engine error is still an HTTP error."""
+        try:
+            head = await agen.__anext__()
+        except StopAsyncIteration:
+            head = None
+        return head
+
+    def usage(prompts: list[list[int]], choices: list[Choice]) -> dict[str, int]:
+        prompt = sum(len(p) for p in prompts)
+        completion = sum(len(c.ids) for c in choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    # -- chat ---------------------------------------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = P.parse(P.ChatCompletionRequest, await body(request))
+        usable(req)
+        if req.top_logprobs and not req.logprobs:
+            raise P.OpenAIError("top_logprobs needs logprobs: true", param="top_logprobs")
+        ids, style, prefix = render_chat(server, req)
+        max_tokens = server.max_tokens(req, len(ids), req.max_completion_tokens or req.max_tokens)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        stops = req.stop_list()
+        choices: list[Choice] = []
+
+        def make(i: int) -> Choice:
+            choices.append(Choice(i, tok, ToolCallParser(tok, style, prefix), stops, top))
+            return choices[-1]
+
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        agen = server.run([ids], req, [max_tokens], make)
+
+        def tool_calls(c: Choice) -> list[dict]:
+            calls = c.tool_calls if req.parallel_tool_calls else c.tool_calls[:1]
+            return [
+                {"id": t.id, "type": "function", "function": {"name": t.name, "arguments": t.arguments}} for t in calls
+            ]
+
+        if not req.stream:
+
+            async def collect():
+                async for _ in agen:
+                    pass
+
+            await until_disconnect(request, collect())
+            out = []
+            for c in sorted(choices, key=lambda c: c.index):
+                message: dict[str, Any] = {"role": "assistant", "content": c.text or (None if c.tool_calls else "")}
+                if c.tool_calls:
+                    message["tool_calls"] = tool_calls(c)
+                out.append(
+                    {
+                        "index": c.index,
+                        "message": message,
+                        "logprobs": {"content": c.logprobs} if top is not None else None,
+                        "finish_reason": c.finish_reason,
+                    }
+                )
+            return {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": server.model.name,
+                "choices": out,
+                "usage": usage([ids], choices),
+            }
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        head = await first_item(agen)
+
+        def chunk(c: Choice | None, delta: dict | None, finish: str | None = None, logprobs=None, **extra) -> str:
+            obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model.name}
+            obj["choices"] = (
+                [{"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}] if c else []
+            )
+            if include_usage:
+                obj["usage"] = None
+            obj.update(extra)
+            return json_line(obj)
+
+        async def events():
+            sent_logprobs: dict[int, int] = {}
+            started: set[int] = set()
+            call_count: dict[int, int] = {}
+            item = head
+            try:
+                while item is not None:
+                    c, text, deltas, done = item
+                    if c.index not in started:
+                        started.add(c.index)
+                        yield chunk(c, {"role": "assistant", "content": ""})
+                    lp = None
+                    if top is not None and len(c.logprobs) > sent_logprobs.get(c.index, 0):
+                        lp = {"content": c.logprobs[sent_logprobs.get(c.index, 0) :]}
+                        sent_logprobs[c.index] = len(c.logprobs)
+                    if text or lp:
+                        yield chunk(c, {"content": text}, logprobs=lp)
+                    for d in deltas:
+                        if not req.parallel_tool_calls and d.index > 0:
+                            continue
+                        call_count[c.index] = max(call_count.get(c.index, 0), d.index + 1)
+                        fn = {"arguments": d.arguments}
+                        entry: dict[str, Any] = {"index": d.index, "function": fn}
+                        if d.name is not None:
+                            entry.update(id=d.id, type="function")
+                            fn["name"] = d.name
+                        yield chunk(c, {"tool_calls": [entry]})
+                    if done:
+                        yield chunk(c, {}, c.finish_reason)
+                    try:
+                        item = await agen.__anext__()
+                    except StopAsyncIteration:
+                        item = None
+                if include_usage:
+                    yield chunk(None, None, usage=usage([ids], choices))
+            except P.OpenAIError as e:
+                yield json_line(e.body())
+            finally:
+                await agen.aclose()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # -- completions --------------------------------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = P.parse(P.CompletionRequest, await body(request))
+        usable(req)
+        prompts = _prompts(req.prompt)
+        if not prompts or len(prompts) * req.n > P.MAX_N * 4:
+            raise P.OpenAIError("give between 1 and 64 prompts x choices", param="prompt")
+        ids_list = []
+        for p in prompts:
+            ids = tok.encode(p) if isinstance(p, str) else p
+            if not ids:
+                raise P.OpenAIError("the prompt is empty", param="prompt")
+            bad = next((i for i in ids if not 0 <= i < server.model.vocab_size), None)
+            if bad is not None:
+                raise P.OpenAIError(
+                    f"prompt: token id {bad} is outside the vocabulary [0, {server.model.vocab_size})", param="prompt"
+                )
+            ids_list.append(ids)
+        if req.echo and req.logprobs is not None:
+            raise P.OpenAIError("echo with logprobs is not supported (no prompt log probs)", param="echo")
+        max_tokens = [server.max_tokens(req, len(ids), req.max_tokens) for ids in ids_list]
+        top = req.logprobs
+        stops = req.stop_list()
+        choices: list[Choice] = []
+
+        def make(i: int) -> Choice:
+            choices.append(Choice(i, tok, ToolCallParser(tok, None), stops, top))
+            return choices[-1]
+
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        agen = server.run(ids_list, req, max_tokens, make)
+        echo = [tok.decode(ids) if req.echo else "" for ids in ids_list]
+
+        def logprobs(entries: list[dict], offset: int) -> dict | None:
+            if top is None:
+                return None
+            offsets, pos = [], offset
+            for e in entries:
+                offsets.append(pos)
+                pos += len(e["token"])
+            return {
+                "tokens": [e["token"] for e in entries],
+                "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                "text_offset": offsets,
+            }
+
+        if not req.stream:
+
+            async def collect():
+                async for _ in agen:
+                    pass
+
+            await until_disconnect(request, collect())
+            out = [
+                {
+                    "index": c.index,
+                    "text": echo[c.index // req.n] + c.text,
+                    "logprobs": logprobs(c.logprobs, 0),
+                    "finish_reason": c.finish_reason,
+                }
+                for c in sorted(choices, key=lambda c: c.index)
+            ]
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": server.model.name,
+                "choices": out,
+                "usage": usage(ids_list, choices),
+            }
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        head = await first_item(agen)
+
+        def chunk(c: Choice | None, text: str, finish=None, lp=None, **extra) -> str:
+            obj = {"id": rid, "object": "text_completion", "created": created, "model": server.model.name}
+            obj["choices"] = [{"index": c.index, "text": text, "logprobs": lp, "finish_reason": finish}] if c else []
+            if include_usage:
+                obj["usage"] = None
+            obj.update(extra)
+            return json_line(obj)
+
+        async def events():
+            sent: dict[int, int] = {}
+            offsets: dict[int, int] = {}
+            item = head
+            try:
+                while item is not None:
+                    c, text, _, done = item
+                    if c.index not in offsets:
+                        offsets[c.index] = 0
+                        text = echo[c.index // req.n] + text
+                    k = sent.get(c.index, 0)
+                    lp = logprobs(c.logprobs[k:], offsets[c.index]) if top is not None else None
+                    sent[c.index] = len(c.logprobs)
+                    offsets[c.index] += len(text)
+                    if text or lp and lp["tokens"] or done:
+                        yield chunk(c, text, c.finish_reason if done else None, lp)
+                    try:
+                        item = await agen.__anext__()
+                    except StopAsyncIteration:
+                        item = None
+                if include_usage:
+                    yield chunk(None, "", usage=usage(ids_list, choices))
+            except P.OpenAIError as e:
+                yield json_line(e.body())
+            finally:
+                await agen.aclose()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # -- models, health, metrics, metadata ---------------------------------------------------------------------
+    def model_card() -> dict:
+        name = server.model.name
+        return {
+            "id": name,
+            "object": "model",
+            "created": server.created,
+            "owned_by": "nim_build",
+            "root": name,
+            "parent": None,
+            "max_model_len": server.model.max_seq_len,
+        }
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        server.check_model(model_id)
+        return model_card()
+
+    @app.get("/v1/health/live")
+    async def live():
+        return {"object": "health-response", "message": "live"}
+
+    @app.get("/v1/health/ready")
+    async def ready():
+        if not server.ready:
+            raise P.OpenAIError("not ready: the last health generation did not succeed", status=503)
+        return {"object": "health-response", "message": "ready"}
+
+    @app.get("/v1/metrics")
+    async def metrics():
+        data = await asyncio.to_thread(server.metrics.exposition)
+        return Response(data, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/version")
+    async def version():
+        from nim_build import __version__
+
+        return {"release": __version__, "api": "1.0.0"}
+
+    @app.get("/v1/metadata")
+    async def metadata():
+        return server_metadata(server.model)
+
+    # -- vLLM's tokenize / detokenize ---------------------------------------------------------------------------
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req = P.parse(P.TokenizeRequest, await body(request))
+        server.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise P.OpenAIError("give exactly one of prompt or messages")
+        if req.messages is not None:
+            ids, _, _ = render_chat(server, P.ChatCompletionRequest(messages=req.messages))
+        else:
+            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {"count": len(ids), "max_model_len": server.model.max_seq_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req = P.parse(P.DetokenizeRequest, await body(request))
+        server.check_model(req.model)
+        bad = next((i for i in req.tokens if not 0 <= i < tok.vocab_size), None)
+        if bad is not None:
+            raise P.OpenAIError(f"tokens: id {bad} is outside the vocabulary [0, {tok.vocab_size})", param="tokens")
+        return {"prompt": tok.decode(req.tokens)}
+
+    return app
+
+
+def _prompts(prompt) -> list:
+    """A completions prompt in any of OpenAI's four shapes -> a list of strings or of id lists."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return list(prompt)
+
+
+def server_metadata(model: ServedModel) -> dict[str, Any]:
+    """NIM's /v1/metadata, from the engine's manifest."""
+    m = model.manifest
+    build, source = m.get("build") or {}, m.get("model") or {}
+    return {
+        "modelInfo": [{"shortName": model.name, "modelUrl": source.get("source")}],
+        "model": model.name,
+        "source": source.get("source"),
+        "backend": m.get("backend"),
+        "quantization": build.get("quant"),
+        "kv_cache": build.get("kv_cache"),
+        "tensor_parallel_size": build.get("tp"),
+        "pipeline_parallel_size": build.get("pp"),
+        "max_seq_len": model.max_seq_len,
+        "max_batch_size": model.max_batch_size,
+        "tokenizer": (m.get("tokenizer") or {}).get("kind"),
+        "versions": m.get("versions"),
+    }

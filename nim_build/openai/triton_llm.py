@@ -1,0 +1,158 @@
+"""The OpenAI API's way to the engine: Triton's `tensorrt_llm` model, token ids in and out, over gRPC on loopback.
+
+Each generation is one bidirectional ModelStreamInfer call with one request (streaming, new tokens per response,
+`triton_enable_empty_final_response` so the end is always seen). Tensors travel as raw little-endian bytes.
+A generation left before its final response (a client that disconnected, a stop string found in the text)
+cancels its call, which Triton turns into a cancelled request: the engine frees its KV blocks. A call that got
+its final response is never cancelled (Triton 2.51 then holds the model at shutdown, see serving/client.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nim_build.errors import InferenceError
+
+GRPC_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+# Triton's type names for the numpy types the inputs use
+_TYPES = {np.int32: "INT32", np.uint64: "UINT64", np.float32: "FP32", np.bool_: "BOOL"}
+
+
+@dataclass
+class EngineRequest:
+    """One sequence to generate, in the `tensorrt_llm` model's terms (TensorRT-LLM's sampling semantics)."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    end_id: int  # -1: never stop on an end id (ignore_eos)
+    pad_id: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    stop_words: list[list[int]] = field(default_factory=list)
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    min_tokens: int | None = None
+    embedding_bias: np.ndarray | None = None  # float32 [vocab]
+    generation_logits: bool = False  # logprobs: the raw logits of every generated token
+
+    def tensors(self) -> list[tuple[str, np.ndarray]]:
+        def scalar(value, dtype):
+            return np.asarray([[value]], dtype=dtype)
+
+        out = [
+            ("input_ids", np.asarray([self.prompt_ids], dtype=np.int32)),
+            ("input_lengths", scalar(len(self.prompt_ids), np.int32)),
+            ("request_output_len", scalar(self.max_tokens, np.int32)),
+            ("end_id", scalar(self.end_id, np.int32)),
+            ("pad_id", scalar(self.pad_id, np.int32)),
+            ("streaming", scalar(True, np.bool_)),
+            ("exclude_input_in_output", scalar(True, np.bool_)),
+            ("temperature", scalar(self.temperature, np.float32)),
+            ("runtime_top_p", scalar(self.top_p, np.float32)),
+            ("runtime_top_k", scalar(self.top_k, np.int32)),
+            ("seed", scalar(self.seed, np.uint64)),
+        ]
+        for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+            if getattr(self, name) is not None:
+                out.append((name, scalar(getattr(self, name), np.float32)))
+        if self.min_tokens:
+            out.append(("min_tokens", scalar(self.min_tokens, np.int32)))
+        if self.stop_words:
+            from nim_build.serving.tokenizer import to_word_list_format
+
+            out.append(("stop_words_list", to_word_list_format(self.stop_words)[None]))
+        if self.embedding_bias is not None:
+            out.append(("embedding_bias", np.asarray(self.embedding_bias, dtype=np.float32)[None]))
+        if self.generation_logits:
+            out.append(("return_generation_logits", scalar(True, np.bool_)))
+        return out
+
+
+@dataclass
+class Delta:
+    token_ids: list[int]
+    logits: np.ndarray | None  # float32 [len(token_ids), vocab] when generation logits were asked for
+    final: bool
+
+
+class TritonLLM:
+    """Async client of one `tensorrt_llm` model (make it inside the event loop that uses it)."""
+
+    def __init__(self, grpc_url: str, model: str = "tensorrt_llm"):
+        import grpc
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+        self._pb = service_pb2
+        self._channel = grpc.aio.insecure_channel(grpc_url, options=GRPC_OPTIONS)
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self.model = model
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def ready(self, timeout_s: float = 2.0) -> bool:
+        """Triton's own readiness of the model (no generation)."""
+        try:
+            reply = await self._stub.ModelReady(self._pb.ModelReadyRequest(name=self.model), timeout=timeout_s)
+            return bool(reply.ready)
+        except Exception:
+            return False
+
+    def _request(self, req: EngineRequest, request_id: str):
+        pb = self._pb.ModelInferRequest(model_name=self.model, id=request_id)
+        pb.parameters["triton_enable_empty_final_response"].bool_param = True
+        for name, arr in req.tensors():
+            t = pb.inputs.add(name=name, datatype=_TYPES[arr.dtype.type])
+            t.shape.extend(arr.shape)
+            pb.raw_input_contents.append(np.ascontiguousarray(arr).tobytes())
+        pb.outputs.add(name="output_ids")
+        if req.generation_logits:
+            pb.outputs.add(name="generation_logits")
+        return pb
+
+    async def generate(self, req: EngineRequest, request_id: str) -> AsyncIterator[Delta]:
+        """The generated tokens as they come; raises InferenceError for an error response."""
+        import grpc
+
+        call = self._stub.ModelStreamInfer(iter([self._request(req, request_id)]))
+        finished = False
+        try:
+            async for reply in call:
+                if reply.error_message:
+                    finished = True
+                    raise InferenceError(reply.error_message)
+                delta = _delta(reply.infer_response)
+                if delta.final:
+                    finished = True
+                    async for _ in call:  # the call's end, before the caller may drop it (a dropped call is
+                        pass  # cancelled by grpc: see the module's docstring)
+                    yield delta
+                    return
+                yield delta
+            if not finished:
+                raise InferenceError("the engine's stream ended without a final response")
+        except grpc.aio.AioRpcError as e:
+            finished = True
+            raise InferenceError(f"Triton at loopback gRPC: {e.details() or e.code().name}") from None
+        finally:
+            if not finished:
+                call.cancel()
+
+
+def _delta(response) -> Delta:
+    ids, logits = [], None
+    for i, out in enumerate(response.outputs):
+        raw = response.raw_output_contents[i]
+        if out.name == "output_ids":
+            ids = np.frombuffer(raw, dtype=np.int32).tolist()
+        elif out.name == "generation_logits":
+            shape = list(out.shape)  # [1, new tokens, beam, vocab]
+            logits = np.frombuffer(raw, dtype=np.float32).reshape(shape[1], shape[-1]) if raw else None
+    final = response.parameters.get("triton_final_response")
+    return Delta(ids, logits, final is not None and final.bool_param)
