@@ -754,7 +754,7 @@ def create_app(server: OpenAIServer) -> FastAPI:
         if (req.prompt is None) == (req.messages is None):
             raise P.OpenAIError("give exactly one of prompt or messages")
         if req.messages is not None:
-            ids, _, _ = render_chat(server, P.ChatCompletionRequest(messages=req.messages))
+            ids, _, _ = render_chat(server, P.ChatCompletionRequest(messages=req.messages, tools=req.tools))
         else:
             ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         return {"count": len(ids), "max_model_len": server.model.max_seq_len, "tokens": ids}

@@ -7,8 +7,8 @@ Two formats, chosen by the tokenizer:
   by searching decoded text (decoding skips special tokens); text before it is the message's content, and
   whitespace around the JSON is tolerated.
 - **JSON** (Llama 3.1 and other templates that ask for a JSON object): the whole answer is
-  `{"name": ..., "parameters": {...}}` (or `"arguments"`), several separated by `;`, optionally after
-  `<|python_tag|>`. An answer whose first non-space character is not `{` is content.
+  `{"name": ..., "parameters": {...}}` (or `"arguments"`), several separated by `;`, or whatever follows the
+  `<|python_tag|>` token. An answer whose first non-space character is not `{` is content.
 
 Streamed deltas carry each call's id and name once, then its arguments as they arrive: the raw JSON text of the
 arguments value, so the concatenated deltas equal the non-streamed `arguments` exactly. An answer that is not a
@@ -71,7 +71,10 @@ class ToolCallParser:
 
     def __init__(self, tok: Tokenizer, style: str | None, forced_prefix: str | None = None):
         self.tok, self.style = tok, style
-        self.tool_calls_id = tok.special_id(MISTRAL_TOOL_CALLS) if style == "mistral" else None
+        # the token that starts the calls: Mistral's [TOOL_CALLS], Llama 3.1's <|python_tag|> (where it has one)
+        self.tool_calls_id = (
+            tok.special_id(MISTRAL_TOOL_CALLS if style == "mistral" else LLAMA_PYTHON_TAG) if style else None
+        )
         self._content_decoder = tok.stream_decoder()
         self._tool_decoder = tok.stream_decoder()
         self.content = ""
@@ -90,8 +93,8 @@ class ToolCallParser:
             if self.mode == "tools":
                 tool_ids.append(i)
             elif i == self.tool_calls_id:
-                content += self._content_decoder.flush()
-                self.mode = "tools"
+                content += self._pending + self._content_decoder.flush()
+                self.mode, self._pending = "tools", ""
             elif self.mode == "content":
                 content += self._content_decoder.step([i])
             else:  # undecided
@@ -141,7 +144,7 @@ class ToolCallParser:
 
     def _parse(self) -> list[ToolCall] | None:
         text = self.tool_text.strip()
-        parts = _split_objects(text.removeprefix(LLAMA_PYTHON_TAG).strip()) if self.style == "json" else [text]
+        parts = _split_objects(text) if self.style == "json" else [text]
         try:
             loaded = [json.loads(p) for p in parts]
         except json.JSONDecodeError:

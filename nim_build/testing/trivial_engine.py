@@ -221,15 +221,21 @@ class TrivialEngine:
 
 
 class ScriptedEngine(TrivialEngine):
-    """Generates the ids of ENGINE_DIR/script.json (read at each submit), then the end id."""
+    """Generates the ids of ENGINE_DIR/script.json (read at each submit), then the end id; writes each request's
+    prompt ids to ENGINE_DIR/last_prompt.json (what tests of prompt rendering read)."""
 
     SCRIPT = "script.json"
+    LAST_PROMPT = "last_prompt.json"
 
     @classmethod
     def from_engine_dir(cls, engine_dir, **kwargs) -> ScriptedEngine:
         engine = super().from_engine_dir(engine_dir, **kwargs)
         engine.script_path = Path(engine_dir) / cls.SCRIPT
         return engine
+
+    def submit(self, prompt_ids, params: SamplingParams, callback) -> int:
+        (self.script_path.parent / self.LAST_PROMPT).write_text(json.dumps([int(i) for i in prompt_ids]))
+        return super().submit(prompt_ids, params, callback)
 
     def _script(self) -> list[int]:
         return [int(i) for i in json.loads(self.script_path.read_text())]
