@@ -109,7 +109,7 @@ MATRIX = {
     ),
     "custom-ports-digest": (
         {
-            "service": {"ports": {"http": 9000, "grpc": 9001, "metrics": 9002}, "type": "NodePort"},
+            "service": {"ports": {"http": 9000, "grpc": 9001, "metrics": 9002, "openai": 9003}, "type": "NodePort"},
             "image": {"digest": "sha256:" + "a" * 64},
         },
         (),
@@ -214,7 +214,8 @@ def test_render_validates_and_is_secure(case, rendered):
     assert {p["name"]: p["containerPort"] for p in main["ports"]} == ports
     assert main["args"][main["args"].index("--http-port") + 1] == str(ports["http"])
     assert main["startupProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
-    assert main["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert main["readinessProbe"]["httpGet"] == {"path": "/v1/health/ready", "port": "openai"}
+    assert main["args"][main["args"].index("--openai-port") + 1] == str(ports["openai"])
     assert main["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     budget = main["startupProbe"]["periodSeconds"] * main["startupProbe"]["failureThreshold"]
     assert budget >= 600
@@ -286,9 +287,12 @@ def test_render_validates_and_is_secure(case, rendered):
     (test_pod,) = [o for o in by_kind(objects, "Pod") if o["metadata"]["annotations"]["helm.sh/hook"] == "test"]
     (wait,) = test_pod["spec"]["initContainers"]
     assert wait["image"].split(":")[-1] not in ("", "latest")
-    assert wait["args"][-1].endswith(f":{ports['http']}/v2/health/ready")
-    (infer,) = test_pod["spec"]["containers"]
+    assert wait["args"][-1].endswith(f":{ports['openai']}/v1/health/ready")
+    infer, chat = test_pod["spec"]["containers"]
     assert infer["args"][0] == "infer" and infer["args"][infer["args"].index("--url") + 1].endswith(f":{ports['grpc']}")
+    assert chat["args"][chat["args"].index("-d") - 1].endswith(f":{ports['openai']}/v1/chat/completions")
+    body = json.loads(chat["args"][chat["args"].index("-d") + 1])
+    assert body == {"messages": [{"role": "user", "content": values["tests"]["prompt"]}], "max_tokens": 32}
     selector = service["spec"]["selector"]
     assert not all(test_pod["metadata"]["labels"].get(k) == v for k, v in selector.items())
 
@@ -436,7 +440,8 @@ def test_schema_rejects(values, message):
         ({"huggingface": {"offline": True}}, "huggingface.offline=true needs a pre-populated cache"),
         ({"gpu": {"enabled": False}, "engine": {"backend": "trtllm"}}, "engine.backend=trtllm needs gpu.enabled=true"),
         ({"pdb": {"enabled": True, "minAvailable": 1}}, "set only one of pdb.minAvailable and pdb.maxUnavailable"),
-        ({"service": {"ports": {"grpc": 8000}}}, "must be three different ports"),
+        ({"service": {"ports": {"grpc": 8000}}}, "must be four different ports"),
+        ({"service": {"ports": {"openai": 8002}}}, "must be four different ports"),
         ({"workload": {"deploymentStrategy": "RollingUpdate"}}, "RollingUpdate starts the new pod"),
         ({"ingress": {"grpc": {"enabled": True}}}, "ingress.grpc.enabled=true needs ingress.grpc.host"),
         ({"gpu": {"products": ["NVIDIA-H200"]}, "affinity": {"nodeAffinity": {}}}, "set either gpu.products or"),
@@ -465,7 +470,7 @@ def test_notes_commands():
     assert "WARNING" not in notes
     notes = render_notes(
         {
-            "service": {"ports": {"http": 9000, "grpc": 9001, "metrics": 9002}},
+            "service": {"ports": {"http": 9000, "grpc": 9001, "metrics": 9002, "openai": 9003}},
             "metrics": {"serviceMonitor": {"enabled": True}},
             "persistence": {"enabled": False},
         }

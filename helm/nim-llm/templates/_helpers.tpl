@@ -182,8 +182,8 @@ nim-llm.validateValues: collects every inconsistent setting and fails with one m
 {{- end -}}
 {{- end -}}
 {{- $ports := $v.service.ports -}}
-{{- if or (eq (int $ports.http) (int $ports.grpc)) (eq (int $ports.http) (int $ports.metrics)) (eq (int $ports.grpc) (int $ports.metrics)) -}}
-{{- $errors = append $errors "service.ports.http, grpc and metrics must be three different ports" -}}
+{{- if ne (len (uniq (list (int $ports.http) (int $ports.grpc) (int $ports.metrics) (int $ports.openai)))) 4 -}}
+{{- $errors = append $errors "service.ports.http, grpc, metrics and openai must be four different ports" -}}
 {{- end -}}
 {{- if and (hasKey (default dict $v.affinity) "nodeAffinity") $v.gpu.products -}}
 {{- $errors = append $errors "set either gpu.products or affinity.nodeAffinity, not both (affinity.nodeAffinity would replace the GPU product rule)" -}}

@@ -114,6 +114,8 @@ spec:
         - {{ $ports.grpc | quote }}
         - --metrics-port
         - {{ $ports.metrics | quote }}
+        - --openai-port
+        - {{ $ports.openai | quote }}
         - --host
         - 0.0.0.0
         # serve's own startup limit = the startup probe's budget
@@ -135,6 +137,9 @@ spec:
         - name: metrics
           containerPort: {{ $ports.metrics }}
           protocol: TCP
+        - name: openai
+          containerPort: {{ $ports.openai }}
+          protocol: TCP
       startupProbe:
         httpGet:
           path: /v2/health/ready
@@ -142,10 +147,10 @@ spec:
         periodSeconds: {{ .Values.startupProbe.periodSeconds }}
         failureThreshold: {{ .Values.startupProbe.failureThreshold }}
         timeoutSeconds: {{ .Values.startupProbe.timeoutSeconds }}
-      readinessProbe:
+      readinessProbe:  # NIM's: ready while a real generation through the OpenAI API succeeds (Triton's too)
         httpGet:
-          path: /v2/health/ready
-          port: http
+          path: /v1/health/ready
+          port: openai
         periodSeconds: {{ .Values.readinessProbe.periodSeconds }}
         failureThreshold: {{ .Values.readinessProbe.failureThreshold }}
         timeoutSeconds: {{ .Values.readinessProbe.timeoutSeconds }}
