@@ -45,6 +45,7 @@ class ServedModel:
     max_batch_size: int
     vocab_size: int
     manifest: dict[str, Any]
+    backend: str  # "reference" or "trtllm"
 
     @classmethod
     def from_repo(cls, repo: str | Path, served_name: str | None = None) -> ServedModel:
@@ -67,6 +68,7 @@ class ServedModel:
             max_batch_size=int(cfg.max_batch_size or meta.get("max_batch_size") or 1),
             vocab_size=int(meta.get("vocab_size") or tok.vocab_size),
             manifest=manifest,
+            backend=manifest.get("backend") or "reference",
         )
 
 
@@ -85,13 +87,17 @@ class Choice:
         self.finish_reason: str | None = None
         self.tool_calls: list = []
 
-    def feed(self, ids: list[int], logits: np.ndarray | None) -> tuple[str, list]:
-        """New content text and tool deltas for newly generated ids."""
+    def feed(self, ids: list[int], logits: np.ndarray | None, log_probs: list[float] | None = None) -> tuple[str, list]:
+        """New content text and tool deltas for newly generated ids (with their logits or log probs)."""
         if self.stopped:
             return "", []
         self.ids.extend(ids)
         if self.top_logprobs is not None and logits is not None:
             self.logprobs.extend(_logprobs(self.tok, ids, logits, self.top_logprobs))
+        elif self.top_logprobs is not None and log_probs is not None:
+            for i, lp in zip(ids, log_probs):
+                text, data = self.tok.token_text(i)
+                self.logprobs.append({"token": text, "logprob": lp, "bytes": list(data), "top_logprobs": []})
         text, deltas = self.parser.feed(ids)
         text = self._cut(text)
         self.text += text
@@ -193,6 +199,14 @@ class OpenAIServer:
             pass
 
     # -- requests -----------------------------------------------------------------------------------------------
+    def check_logprobs(self, top: int | None) -> None:
+        if top and self.model.backend != "reference":
+            raise P.OpenAIError(
+                "top_logprobs: a TensorRT-LLM engine returns the chosen tokens' log probs only (it gathers no "
+                "logits); ask for logprobs without top_logprobs",
+                param="top_logprobs",
+            )
+
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model.name:
             raise P.OpenAIError(
@@ -242,10 +256,8 @@ class OpenAIServer:
         if req.temperature == 0:
             base = {"temperature": 0.0, "top_p": 1.0, "top_k": 1}
         else:
-            top_k = req.top_k if req.top_k and req.top_k > 0 else 0
-            base = {"temperature": 1.0 if req.temperature is None else req.temperature, "top_p": req.top_p or 1.0}
-            base["top_k"] = top_k
-        tok = self.model.tokenizer
+            temperature = 1.0 if req.temperature is None else req.temperature
+            base = {"temperature": temperature, "top_p": req.top_p or 1.0, "top_k": max(req.top_k or 0, 0)}
         if req.ignore_eos:
             base["end_id"] = -1
         if req.repetition_penalty is not None:
@@ -258,7 +270,7 @@ class OpenAIServer:
             base["min_tokens"] = req.min_tokens
         stops = req.stop_list()
         if stops:
-            base["stop_words"] = tok.words_to_ids(stops)
+            base["stop_words"] = self.model.tokenizer.words_to_ids(stops)
         if req.logit_bias:
             bias = np.zeros(self.model.vocab_size, dtype=np.float32)
             for key, value in req.logit_bias.items():
@@ -288,7 +300,9 @@ class OpenAIServer:
                 choice = make_choice(p * n + k)
                 choices.append(choice)
                 engine_req = self._engine_request(ids, max_tokens[p], **params)
-                engine_req.generation_logits = choice.top_logprobs is not None
+                if choice.top_logprobs is not None:  # the reference runtime's raw logits; TensorRT-LLM's log probs
+                    engine_req.generation_logits = self.model.backend == "reference"
+                    engine_req.log_probs = not engine_req.generation_logits
                 tasks.append(asyncio.create_task(self._one(choice, engine_req, max_tokens[p], queue)))
         self.metrics.in_flight += len(tasks)
         open_ = len(tasks)
@@ -322,7 +336,7 @@ class OpenAIServer:
         try:
             async for delta in self.llm.generate(req, uuid.uuid4().hex):
                 self.tokens_seen += len(delta.token_ids)
-                text, deltas = choice.feed(delta.token_ids, delta.logits)
+                text, deltas = choice.feed(delta.token_ids, delta.logits, delta.log_probs)
                 if text or deltas:
                     queue.put_nowait((choice, text, deltas, False))
                 if choice.stopped:  # a stop string: this choice is done, its generation is cancelled
@@ -484,6 +498,7 @@ def create_app(server: OpenAIServer) -> FastAPI:
         ids, style, prefix = render_chat(server, req)
         max_tokens = server.max_tokens(req, len(ids), req.max_completion_tokens or req.max_tokens)
         top = (req.top_logprobs or 0) if req.logprobs else None
+        server.check_logprobs(top)
         stops = req.stop_list()
         choices: list[Choice] = []
 
@@ -608,6 +623,7 @@ def create_app(server: OpenAIServer) -> FastAPI:
             raise P.OpenAIError("echo with logprobs is not supported (no prompt log probs)", param="echo")
         max_tokens = [server.max_tokens(req, len(ids), req.max_tokens) for ids in ids_list]
         top = req.logprobs
+        server.check_logprobs(top)
         stops = req.stop_list()
         choices: list[Choice] = []
 

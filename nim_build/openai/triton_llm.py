@@ -39,7 +39,8 @@ class EngineRequest:
     frequency_penalty: float | None = None
     min_tokens: int | None = None
     embedding_bias: np.ndarray | None = None  # float32 [vocab]
-    generation_logits: bool = False  # logprobs: the raw logits of every generated token
+    generation_logits: bool = False  # logprobs (reference backend): the raw logits of every generated token
+    log_probs: bool = False  # logprobs (TensorRT-LLM engines, which gather no logits by default)
 
     def tensors(self) -> list[tuple[str, np.ndarray]]:
         def scalar(value, dtype):
@@ -71,6 +72,8 @@ class EngineRequest:
             out.append(("embedding_bias", np.asarray(self.embedding_bias, dtype=np.float32)[None]))
         if self.generation_logits:
             out.append(("return_generation_logits", scalar(True, np.bool_)))
+        if self.log_probs:
+            out.append(("return_log_probs", scalar(True, np.bool_)))
         return out
 
 
@@ -79,6 +82,7 @@ class Delta:
     token_ids: list[int]
     logits: np.ndarray | None  # float32 [len(token_ids), vocab] when generation logits were asked for
     final: bool
+    log_probs: list[float] | None = None  # one per token id, when log probs were asked for
 
 
 class TritonLLM:
@@ -114,6 +118,8 @@ class TritonLLM:
         pb.outputs.add(name="output_ids")
         if req.generation_logits:
             pb.outputs.add(name="generation_logits")
+        if req.log_probs:
+            pb.outputs.add(name="output_log_probs")
         return pb
 
     async def generate(self, req: EngineRequest, request_id: str) -> AsyncIterator[Delta]:
@@ -146,7 +152,7 @@ class TritonLLM:
 
 
 def _delta(response) -> Delta:
-    ids, logits = [], None
+    ids, logits, log_probs = [], None, None
     for i, out in enumerate(response.outputs):
         raw = response.raw_output_contents[i]
         if out.name == "output_ids":
@@ -154,5 +160,9 @@ def _delta(response) -> Delta:
         elif out.name == "generation_logits":
             shape = list(out.shape)  # [1, new tokens, beam, vocab]
             logits = np.frombuffer(raw, dtype=np.float32).reshape(shape[1], shape[-1]) if raw else None
+        elif out.name == "output_log_probs":
+            log_probs = np.frombuffer(raw, dtype=np.float32).tolist()
+    if log_probs is not None:  # the last ones are the new tokens' (a backend may send those of the whole output)
+        log_probs = log_probs[len(log_probs) - len(ids) :] if ids else []
     final = response.parameters.get("triton_final_response")
-    return Delta(ids, logits, final is not None and final.bool_param)
+    return Delta(ids, logits, final is not None and final.bool_param, log_probs)
