@@ -36,6 +36,7 @@ os.environ.update(
 )
 USER_CACHE = Path.home() / ".cache"
 SERVER_PROCESSES = ("tritonserver", "triton_python_backend_stub")
+OPENAI_MODULE = "nim_build.openai"
 SHM_PREFIXES = ("nimb", "triton_python_backend_shm_region")  # python-backend regions: nim_build's and the default
 
 
@@ -67,13 +68,17 @@ def _checkout() -> set[str]:
 
 
 def _servers() -> set[int]:
-    """Triton servers and python stubs this session started (they inherit its SESSION_MARK), still running."""
+    """Triton servers, python stubs and OpenAI API processes this session started (they inherit its SESSION_MARK),
+    still running."""
     import psutil
 
     found = set()
     for proc in psutil.process_iter(["pid", "name", "cmdline", "status"]):
         words = [proc.info["name"] or "", *(proc.info["cmdline"] or [])[:1]]
-        if proc.info["status"] == psutil.STATUS_ZOMBIE or not any(n in w for w in words for n in SERVER_PROCESSES):
+        api = OPENAI_MODULE in (proc.info["cmdline"] or [])  # serve's OpenAI API process: python -m nim_build.openai
+        if proc.info["status"] == psutil.STATUS_ZOMBIE or not (
+            api or any(n in w for w in words for n in SERVER_PROCESSES)
+        ):
             continue
         try:
             if proc.environ().get(SESSION_MARK) == str(SCRATCH):

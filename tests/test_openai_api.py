@@ -306,19 +306,27 @@ def test_32_concurrent_streams_are_correct_and_independent(triton_serve, model_n
     assert together == [alone[k % 8] for k in range(32)]
 
 
-def test_a_client_leaving_a_stream_frees_its_kv_blocks(triton_serve, model_name):
-    body = {"model": model_name, "messages": CHAT, "max_tokens": 400, "min_tokens": 400, "stream": True}
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_frees_its_kv_blocks(triton_serve, model_name, stream):
+    import socket
+
+    body = {"model": model_name, "messages": CHAT, "max_tokens": 400, "min_tokens": 400, "stream": stream}
     before = triton_serve.engine_stats()
-    req = urllib.request.Request(
-        triton_serve.openai_url + "/chat/completions", data=json.dumps(body).encode(), method="POST"
-    )
-    with urllib.request.urlopen(req, timeout=60) as r:  # closed after 4 events: the client leaves
-        lines = 0
-        for line in r:
-            lines += line.startswith(b"data:")
-            if lines == 4:
-                assert triton_serve.engine_stats()["active"] >= 1
-                break
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", triton_serve.openai_port), timeout=60) as s:
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+        deadline = time.monotonic() + 30
+        while triton_serve.engine_stats()["active"] < 1:  # generating
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        if stream:
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        time.sleep(0.3)
+    # the connection is closed: the client left
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         stats = triton_serve.engine_stats()
@@ -327,3 +335,60 @@ def test_a_client_leaving_a_stream_frees_its_kv_blocks(triton_serve, model_name)
         time.sleep(0.2)
     assert stats["active"] == 0 and stats["free_blocks"] == stats["total_blocks"], stats
     assert stats["steps"] - before["steps"] < 300  # cancelled: not run to its 400 tokens
+
+
+def test_penalties_bias_min_tokens_and_ignore_eos_reach_the_engine(api, model_name, tok):
+    def ask(**kw):
+        kw.setdefault("messages", CHAT)
+        r = api.chat.completions.create(model=model_name, max_tokens=24, temperature=0, **kw)
+        return r.choices[0]
+
+    plain = ask()
+    assert plain.finish_reason == "stop"  # the greedy answer ends before 24 tokens
+    repeat = [{"role": "user", "content": "Write the word hello ten times: hello hello hello"}]
+    unpenalized = ask(messages=repeat).message.content
+    for penalty in ({"presence_penalty": 2}, {"frequency_penalty": 2}, {"extra_body": {"repetition_penalty": 3.0}}):
+        assert ask(messages=repeat, **penalty).message.content != unpenalized, penalty
+    long = ask(extra_body={"ignore_eos": True})
+    assert long.finish_reason == "length" and long.message.content.startswith(plain.message.content)
+    assert ask(extra_body={"min_tokens": 24}).finish_reason == "length"
+    first = tok.encode(plain.message.content, add_special_tokens=False)[0]
+    biased = ask(logit_bias={str(first): -100})  # the greedy first token banned
+    assert not biased.message.content.startswith(tok.decode([first]))
+
+
+def test_not_ready_is_503_in_openais_shape(reference_engine_dir, tmp_path):
+    """The API on its own, with no Triton behind it: live, not ready, requests answered 503."""
+    from conftest import free_ports
+
+    from nim_build.serving.repo import generate_repo
+
+    repo = generate_repo(reference_engine_dir, tmp_path / "repo")
+    (port, dead) = free_ports(2)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nim_build.openai", str(repo), "--host", "127.0.0.1", "--port", str(port)]
+        + ["--grpc-url", f"127.0.0.1:{dead}", "--health-interval", "600"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    class Served:
+        openai_url = f"http://127.0.0.1:{port}/v1"
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                status, _ = _raw(Served, "GET", "/v1/health/live")
+                break
+            except urllib.error.URLError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.5)
+        assert status == 200
+        status, data = _raw(Served, "GET", "/v1/health/ready")
+        assert status == 503 and data["error"]["type"] == "service_unavailable"
+        status, data = _raw(Served, "POST", "/v1/chat/completions", json.dumps({"messages": CHAT}).encode())
+        assert status == 503 and "not ready" in data["error"]["message"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

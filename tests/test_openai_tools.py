@@ -68,7 +68,9 @@ def scripted(tekken_dir, tmp_path_factory):
         served.wait_ready()
         yield served, engine
     finally:
-        served.stop()
+        code = served.stop()
+    # SIGTERM: the API stops, then Triton, and serve exits 0 (conftest checks that no process is left)
+    assert code == 0 and served.output().strip().endswith("stopped (Triton exit code 0)"), served.output()[-2000:]
 
 
 @pytest.fixture

@@ -107,11 +107,7 @@ def command(
     )
     metrics = f"http://{server.client_host}:{metrics_port}/metrics"
     frontend = None
-    if openai and not _is_llm_repo(server.repo):
-        click.echo(
-            f"note: no OpenAI API: {repo} has no tensorrt_llm model and tokenizer (not an LLM repository)", err=True
-        )
-    elif openai:
+    if openai and _is_llm_repo(server.repo):  # the ready line says whether it runs
         frontend = OpenAIFrontend(
             server.repo,
             host=host,

@@ -61,6 +61,7 @@ class ServedModel:
         tok_dir = repo / REPO_TOKENIZER_DIR
         meta = read_object(tok_dir / META_FILE)
         tok = Tokenizer.from_dir(tok_dir, meta)
+        tok.load_chat_template()  # at start: an HF template loads transformers, seconds the first chat must not wait
         return cls(
             name=served_name or manifest.get("name") or "model",
             tokenizer=tok,
@@ -462,12 +463,10 @@ def create_app(server: OpenAIServer) -> FastAPI:
         """Await `work`; a client that disconnects meanwhile cancels it (and with it the engine's requests)."""
         task = asyncio.ensure_future(work)
 
-        async def watch():
-            while not task.done():
-                if await request.is_disconnected():
-                    task.cancel()
-                    return
-                await asyncio.sleep(0.1)
+        async def watch():  # the body was read: the next ASGI message is the client's disconnect
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            task.cancel()
 
         watcher = asyncio.ensure_future(watch())
         try:

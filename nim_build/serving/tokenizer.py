@@ -263,6 +263,11 @@ class Tokenizer:
             raise UserError(f"the chat template rejected the messages: {e}") from e
         return self.encode(text, add_special_tokens=False)
 
+    def load_chat_template(self) -> None:
+        """Load what encode_chat needs now rather than at the first chat (transformers, for an HF template)."""
+        if self.kind == "hf" and (self.path / "tokenizer_config.json").is_file():
+            self._chat_tokenizer()
+
     def _chat_tokenizer(self):
         if self._hf_chat is None:
             from transformers import AutoTokenizer
