@@ -79,7 +79,7 @@ def test_non_root_entrypoint_no_secrets(name):
         == yaml.safe_load((REPO / "helm" / "nim-llm" / "values.yaml").read_text())["podSecurityContext"]["runAsUser"]
     )
     assert [a for i, a in ins if i == "ENTRYPOINT"] == ['["nim_build"]']
-    assert [a for i, a in ins if i == "EXPOSE"] == ["8000 8001 8002"]
+    assert [a for i, a in ins if i == "EXPOSE"] == ["8000 8001 8002 9000"]  # Triton's HTTP, gRPC, metrics; OpenAI
     for i, a in ins:
         if i in ("ENV", "ARG"):
             assert not re.search(r"TOKEN|SECRET|PASSWORD|API_KEY", a, re.I), f"{i} {a}"
