@@ -1,5 +1,6 @@
 """The built wheel, installed like a user installs it (a fresh venv, torch CPU first, no checkout on the path), runs
-the README's main job end to end: engine default -> repo -> serve -> infer, from a directory outside the checkout.
+the README's main job end to end: engine default -> repo -> serve -> infer and an OpenAI chat completion, from a
+directory outside the checkout.
 
 A wheel once lacked the Triton python models (they sat outside the package), so `nim_build repo` failed after
 `pip install nim_build`, and a clean install crashed on every command (importlib.util used without its import).
@@ -8,10 +9,12 @@ pip reuses scripts/setup.sh's cache (.cache/pip), so this costs installs, not do
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from conftest import REPO, ServedRepo
@@ -63,6 +66,12 @@ def test_built_wheel_in_a_fresh_venv_runs_engine_repo_serve_infer(tmp_path):
         question = ["--prompt", "What is the capital of France?", "--chat", "--max-tokens", "16"]
         answer = _run([nim_build, "infer", "--url", served.grpc_url, *question], work, env, timeout=120)
         assert "Paris" in answer, answer
+        # and the OpenAI API, as README's main job ends
+        chat = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}
+        request = urllib.request.Request(served.openai_url + "/chat/completions", data=json.dumps(chat).encode())
+        with urllib.request.urlopen(request, timeout=120) as r:
+            reply = json.loads(r.read())
+        assert "Paris" in reply["choices"][0]["message"]["content"], reply
     finally:
         code = served.stop()
     assert code == 0, served.output()[-3000:]
