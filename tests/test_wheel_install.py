@@ -67,7 +67,11 @@ def test_built_wheel_in_a_fresh_venv_runs_engine_repo_serve_infer(tmp_path):
         answer = _run([nim_build, "infer", "--url", served.grpc_url, *question], work, env, timeout=120)
         assert "Paris" in answer, answer
         # and the OpenAI API, as README's main job ends
-        chat = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}
+        chat = {
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 16,
+            "temperature": 0,
+        }
         request = urllib.request.Request(served.openai_url + "/chat/completions", data=json.dumps(chat).encode())
         with urllib.request.urlopen(request, timeout=120) as r:
             reply = json.loads(r.read())
