@@ -212,6 +212,19 @@ BAD_CHAT = [
     ("n 0", {"messages": CHAT, "n": 0}, 400),
     ("n too large", {"messages": CHAT, "n": 1000}, 400),
     ("response_format json", {"messages": CHAT, "response_format": {"type": "json_object"}}, 400),
+    ("stream_options without stream", {"messages": CHAT, "stream_options": {"include_usage": True}}, 400),
+    (
+        "tools the template does not render",
+        {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
+        400,
+    ),
+    (
+        "tool_choice function not an object",
+        {"messages": CHAT, "tools": [], "tool_choice": {"type": "function", "function": "f"}},
+        400,
+    ),
+    ("a tool that is not a function", {"messages": CHAT, "tools": [{"type": "function", "function": "f"}]}, 400),
+    ("a body over 2 MiB", {"messages": [{"role": "user", "content": "x" * (3 << 20)}]}, 413),
     ("unknown model", {"messages": CHAT, "model": "no-such-model"}, 404),
 ]
 
@@ -231,6 +244,10 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_ready(triton_serve,
 def test_non_json_body_and_unknown_fields(triton_serve, model_name):
     status, data = _raw(triton_serve, "POST", "/v1/chat/completions", b"{not json")
     assert status == 400 and "not valid JSON" in data["error"]["message"]
+    status, data = _raw(triton_serve, "POST", "/v1/chat/completions", b"[" * 100000 + b"]" * 100000)
+    assert status == 400 and "not valid JSON" in data["error"]["message"]
+    status, data = _raw(triton_serve, "POST", "/tokenize", json.dumps({"messages": []}).encode())
+    assert status == 400 and data["error"]["param"] == "messages"
     # fields of newer API versions are ignored, not refused
     body = {"messages": CHAT, "max_tokens": 2, "some_future_field": {"x": 1}, "service_tier": "auto"}
     status, data = _raw(triton_serve, "POST", "/v1/chat/completions", json.dumps(body).encode())

@@ -36,10 +36,12 @@ def test_streamed_log_probs_are_the_new_tokens_whether_the_backend_sends_all_or_
 
 
 def _sampling(req: P._Request) -> dict:
+    from types import SimpleNamespace
+
     from nim_build.openai.app import OpenAIServer
 
-    server = OpenAIServer.__new__(OpenAIServer)  # sampling() reads the model only for logit_bias and stops
-    server.model = None
+    server = OpenAIServer.__new__(OpenAIServer)  # sampling() reads the model only for stops and logit_bias
+    server.model = SimpleNamespace(tokenizer=SimpleNamespace(words_to_ids=lambda words: []), extra_end_ids=[])
     (params,) = server.sampling(req, 1)
     return params
 

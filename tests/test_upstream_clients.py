@@ -213,3 +213,21 @@ def test_not_decoupled_requests_still_batch_in_flight(non_decoupled, greedy):
     gen, tok = greedy
     assert texts == [tok.decode(gen(tok.encode(p))) for p in PROMPTS]
     assert non_decoupled.engine_stats()["max_seqs_in_step"] >= max(before, 2)
+
+
+def test_the_openai_api_on_the_non_decoupled_repository(non_decoupled, triton_serve):
+    """tensorrt_llm answers once per request there: the API asks without streaming and still streams to its
+    clients (in one piece), with the decoupled repository's greedy text."""
+    import openai
+
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    answers = []
+    for served in (triton_serve, non_decoupled):
+        client = openai.OpenAI(base_url=served.openai_url, api_key="unused", max_retries=0)
+        model = client.models.list().data[0].id
+        whole = client.chat.completions.create(model=model, messages=chat, max_tokens=16, temperature=0, n=2)
+        stream = client.chat.completions.create(model=model, messages=chat, max_tokens=16, temperature=0, stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        answers.append(([c.message.content for c in whole.choices], streamed))
+    assert answers[0] == answers[1]
+    assert answers[1][0][0] == answers[1][1]

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import random
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from nim_build.errors import InferenceError, UserError
@@ -30,9 +32,13 @@ from nim_build.openai import protocol as P
 from nim_build.openai.metrics import Metrics
 from nim_build.openai.tools import ToolCallParser, forced_prefix, mistral_tool_call_id, tool_style
 from nim_build.openai.triton_llm import EngineRequest, TritonLLM
+from nim_build.serving.http_guard import DEFAULT_MAX_BODY
+from nim_build.serving.server import HEALTH_FAILURES_ALLOWED, engine_steps
 from nim_build.serving.tokenizer import Tokenizer
 
 PROBE_TIMEOUT_S = 30.0
+MAX_BODY = DEFAULT_MAX_BODY  # bytes of a request body: what serve's HTTP guard lets through to Triton, too
+MAX_CHOICES = 4 * P.MAX_N  # prompts x n of one completions request
 
 
 @dataclass
@@ -43,9 +49,17 @@ class ServedModel:
     tokenizer: Tokenizer
     max_seq_len: int
     max_batch_size: int
-    vocab_size: int
+    vocab_size: int  # the model's (embedding_bias' length)
     manifest: dict[str, Any]
     backend: str  # "reference" or "trtllm"
+    chat_template: bool
+    extra_end_ids: list[int]  # end ids beyond the first (Llama 3's <|eot_id|>, <|eom_id|>): stop tokens
+    decoupled: bool  # tensorrt_llm's transaction policy: responses per step, or one
+
+    @property
+    def token_ids(self) -> int:
+        """Ids below this are tokens of both the model and the tokenizer (a model's vocabulary may be padded)."""
+        return min(self.vocab_size, self.tokenizer.vocab_size)
 
     @classmethod
     def from_repo(cls, repo: str | Path, served_name: str | None = None) -> ServedModel:
@@ -62,6 +76,13 @@ class ServedModel:
         meta = read_object(tok_dir / META_FILE)
         tok = Tokenizer.from_dir(tok_dir, meta)
         tok.load_chat_template()  # at start: an HF template loads transformers, seconds the first chat must not wait
+        tok.token_text(0)  # and logprobs' byte table (a quarter second)
+        eos = (
+            read_object(tok_dir / "generation_config.json").get("eos_token_id")
+            if (tok_dir / "generation_config.json").is_file()
+            else None
+        )
+        extra_end = [int(i) for i in (eos if isinstance(eos, list) else []) if int(i) != tok.end_id]
         return cls(
             name=served_name or manifest.get("name") or "model",
             tokenizer=tok,
@@ -70,6 +91,9 @@ class ServedModel:
             vocab_size=int(meta.get("vocab_size") or tok.vocab_size),
             manifest=manifest,
             backend=manifest.get("backend") or "reference",
+            chat_template=bool(meta.get("chat_template", True)),
+            extra_end_ids=extra_end,
+            decoupled=cfg.model_transaction_policy.decoupled,
         )
 
 
@@ -160,7 +184,8 @@ class OpenAIServer:
         self.metrics = Metrics(model.name, triton_metrics_url)
         self.llm: TritonLLM | None = None
         self.ready = False
-        self.tokens_seen = 0  # generated tokens, all requests: a probe that timed out while it grew was busy
+        self.probe_failures = 0
+        self.tokens_seen = 0  # generated tokens of this API: a probe that timed out while it grew was busy
         self._probe_task: asyncio.Task | None = None
         self.tool_style = tool_style(model.tokenizer)
         self.created = int(time.time())
@@ -183,21 +208,33 @@ class OpenAIServer:
             await self.probe()
 
     async def probe(self) -> None:
-        """Ready while a real one-token generation succeeds; one that waits behind busy generation is no failure."""
-        tok = self.model.tokenizer
-        req = self._engine_request(tok.encode("ping"), 1, temperature=0.0, seed=0)
-        before = self.tokens_seen
+        """Ready while a real one-token generation succeeds, as serve's supervision rules: one that timed out while
+        the engine made progress (it waited behind others) is no failure, and HEALTH_FAILURES_ALLOWED failures in a
+        row are tolerated."""
+        req = self._engine_request(self.model.tokenizer.encode("ping"), 1, temperature=0.0, seed=0)
+        before = (self.tokens_seen, await self._engine_steps())
         try:
             await asyncio.wait_for(self._drain(req), PROBE_TIMEOUT_S)
-            self.ready = True
-        except asyncio.TimeoutError:
-            self.ready = self.tokens_seen > before
+            self.probe_failures = 0
+        except Exception as e:
+            after = (self.tokens_seen, await self._engine_steps())
+            busy = isinstance(e, asyncio.TimeoutError) and (after[0] > before[0] or (after[1] or 0) > (before[1] or 0))
+            self.probe_failures = 0 if busy else self.probe_failures + 1
+        self.ready = self.probe_failures == 0 or (self.ready and self.probe_failures <= HEALTH_FAILURES_ALLOWED)
+
+    async def _engine_steps(self) -> float | None:
+        url = self.metrics.triton_metrics_url
+        if not url:
+            return None
+        try:
+            return await asyncio.to_thread(engine_steps, url)
         except Exception:
-            self.ready = False
+            return None
 
     async def _drain(self, req: EngineRequest) -> None:
-        async for _ in self.llm.generate(req, f"probe-{uuid.uuid4().hex}"):
-            pass
+        async with contextlib.aclosing(self.llm.generate(req, f"probe-{uuid.uuid4().hex}")) as deltas:
+            async for _ in deltas:
+                pass
 
     # -- requests -----------------------------------------------------------------------------------------------
     def check_logprobs(self, top: int | None) -> None:
@@ -217,18 +254,11 @@ class OpenAIServer:
                 code="model_not_found",
             )
 
-    def _engine_request(self, prompt_ids: list[int], max_tokens: int, **kw) -> EngineRequest:
+    def _engine_request(self, prompt_ids: list[int], max_tokens: int, **params) -> EngineRequest:
         tok = self.model.tokenizer
+        params.setdefault("end_id", tok.end_id)
         return EngineRequest(
-            prompt_ids=prompt_ids,
-            max_tokens=max_tokens,
-            end_id=kw.pop("end_id", tok.end_id),
-            pad_id=tok.pad_id,
-            temperature=kw.pop("temperature"),
-            top_p=kw.pop("top_p", 1.0),
-            top_k=kw.pop("top_k", 0),
-            seed=kw.pop("seed"),
-            **kw,
+            prompt_ids=prompt_ids, max_tokens=max_tokens, pad_id=tok.pad_id, streaming=self.model.decoupled, **params
         )
 
     def max_tokens(self, req: P._Request, prompt_len: int, requested: int | None) -> int:
@@ -254,6 +284,7 @@ class OpenAIServer:
 
     def sampling(self, req: P._Request, n_choices: int) -> list[dict[str, Any]]:
         """The engine's sampling inputs for each choice (TensorRT-LLM's semantics: docs/OPENAI.md)."""
+        base: dict[str, Any]
         if req.temperature == 0:
             base = {"temperature": 0.0, "top_p": 1.0, "top_k": 1}
         else:
@@ -269,15 +300,17 @@ class OpenAIServer:
             base["frequency_penalty"] = req.frequency_penalty
         if req.min_tokens:
             base["min_tokens"] = req.min_tokens
-        stops = req.stop_list()
-        if stops:
-            base["stop_words"] = self.model.tokenizer.words_to_ids(stops)
+        stop_words = self.model.tokenizer.words_to_ids(req.stop_list())
+        if not req.ignore_eos:
+            stop_words += [[i] for i in self.model.extra_end_ids]
+        if stop_words:
+            base["stop_words"] = stop_words
         if req.logit_bias:
             bias = np.zeros(self.model.vocab_size, dtype=np.float32)
             for key, value in req.logit_bias.items():
-                if not key.lstrip("-").isdigit() or not 0 <= int(key) < self.model.vocab_size:
+                if not key.lstrip("-").isdigit() or not 0 <= int(key) < self.model.token_ids:
                     raise P.OpenAIError(
-                        f"logit_bias: {key!r} is not a token id in [0, {self.model.vocab_size})", param="logit_bias"
+                        f"logit_bias: {key!r} is not a token id in [0, {self.model.token_ids})", param="logit_bias"
                     )
                 bias[int(key)] = max(-100.0, min(100.0, value))
             base["embedding_bias"] = bias
@@ -287,19 +320,18 @@ class OpenAIServer:
         return [{**base, "seed": (seed + k) % 2**64} for k in range(n_choices)]
 
     async def run(
-        self, prompts: list[list[int]], req: P._Request, max_tokens: list[int], make_choice
+        self, prompts: list[list[int]], req: P._Request, max_tokens: list[int], choices: list[Choice]
     ) -> AsyncIterator[tuple[Choice, str, list, bool]]:
-        """Generate every choice of every prompt concurrently; yields (choice, new text, tool deltas, done) as
-        they come, done (and the choice's finish_reason set) in each choice's last."""
+        """Generate `choices` (n per prompt, in order) concurrently; yields (choice, new text, tool deltas, done)
+        as they come, done (and the choice's finish_reason set) in each choice's last."""
         queue: asyncio.Queue = asyncio.Queue()
-        tasks, choices = [], []
+        tasks = []
         n = req.n
         t0 = time.monotonic()
-        first = []
+        first: float | None = None
         for p, ids in enumerate(prompts):
             for k, params in enumerate(self.sampling(req, n)):
-                choice = make_choice(p * n + k)
-                choices.append(choice)
+                choice = choices[p * n + k]
                 engine_req = self._engine_request(ids, max_tokens[p], **params)
                 if choice.top_logprobs is not None:  # the reference runtime's raw logits; TensorRT-LLM's log probs
                     engine_req.generation_logits = self.model.backend == "reference"
@@ -314,9 +346,9 @@ class OpenAIServer:
                 if isinstance(item, BaseException):
                     raise item
                 choice, text, deltas, done = item
-                if not first:
-                    first.append(time.monotonic())
-                    self.metrics.ttft.observe(first[0] - t0)
+                if first is None:
+                    first = time.monotonic()
+                    self.metrics.ttft.observe(first - t0)
                 open_ -= done
                 yield choice, text, deltas, done
             ok = True
@@ -329,57 +361,59 @@ class OpenAIServer:
             self.metrics.generation_tokens.inc(generated)
             end = time.monotonic()
             self.metrics.e2e.observe(end - t0)
-            if first and generated > len(choices):
-                self.metrics.tpot.observe((end - first[0]) / (generated - len(choices)))
+            if first is not None and generated > len(choices):
+                self.metrics.tpot.observe((end - first) / (generated - len(choices)))
             (self.metrics.success if ok else self.metrics.failure).inc()
 
     async def _one(self, choice: Choice, req: EngineRequest, max_tokens: int, queue: asyncio.Queue) -> None:
         try:
-            async for delta in self.llm.generate(req, uuid.uuid4().hex):
-                self.tokens_seen += len(delta.token_ids)
-                text, deltas = choice.feed(delta.token_ids, delta.logits, delta.log_probs)
-                if text or deltas:
-                    queue.put_nowait((choice, text, deltas, False))
-                if choice.stopped:  # a stop string: this choice is done, its generation is cancelled
-                    break
+            # closed on leaving: a stop string found in the text cancels the engine's request at once
+            async with contextlib.aclosing(self.llm.generate(req, uuid.uuid4().hex)) as engine:
+                async for delta in engine:
+                    self.tokens_seen += len(delta.token_ids)
+                    text, deltas = choice.feed(delta.token_ids, delta.logits, delta.log_probs)
+                    if text or deltas:
+                        queue.put_nowait((choice, text, deltas, False))
+                    if choice.stopped:
+                        break
             text, deltas = choice.finish(max_tokens)
             queue.put_nowait((choice, text, deltas, True))
         except asyncio.CancelledError:
             raise
         except InferenceError as e:
-            queue.put_nowait(P.OpenAIError(f"generation failed: {e}", status=_status(str(e))))
+            queue.put_nowait(engine_error(str(e)))
         except Exception as e:  # never lose the request: the client gets a server error, not a hang
             queue.put_nowait(e)
 
 
-def _status(message: str) -> int:
-    """A user error the engine found (an id out of range, a value it refuses) is a 400; the rest are 500s."""
-    lowered = message.lower()
-    return 400 if any(w in lowered for w in ("must be", "outside", "exceeds", "out of range", "invalid")) else 500
+# what the engine says of a value it refuses (the reference runtime's and TensorRT-LLM's own words)
+_USER_ERRORS = ("must be", "outside", "exceeds", "out of range", "invalid")
+
+
+def engine_error(message: str) -> P.OpenAIError:
+    """A value the engine refused is a 400 with its message; any other engine error is a 500 that says no more
+    (the engine's message may name files and lines of the server) and goes to the server's log."""
+    if any(w in message.lower() for w in _USER_ERRORS):
+        return P.OpenAIError(f"the engine refused the request: {message}")
+    print(f"nim_build.openai: generation failed: {message}", file=sys.stderr, flush=True)
+    return P.OpenAIError("generation failed in the engine (the server's log has the details)", status=500)
 
 
 def render_chat(server: OpenAIServer, req: P.ChatCompletionRequest) -> tuple[list[int], str | None, str | None]:
     """The prompt ids of a chat request, the tool-call format to parse (None: no tools) and the forced prefix."""
     P.check_messages(req.messages)
+    P.check_tools(req.tools, req.tool_choice)
+    if not server.model.chat_template:
+        raise P.OpenAIError("this model has no chat template: send plain text to /v1/completions", param="messages")
     messages = P.flatten_content(req.messages)
     tok = server.model.tokenizer
     choice = req.tool_choice
     tools = req.tools if req.tools and choice != "none" else None
-    if choice not in (None, "none", "auto") and not req.tools:
-        raise P.OpenAIError("tool_choice needs tools", param="tool_choice")
-    function = None
-    if isinstance(choice, dict):
-        function = (choice.get("function") or {}).get("name")
-        names = [(t.get("function") or {}).get("name") for t in req.tools]
-        if choice.get("type") != "function" or function not in names:
-            raise P.OpenAIError(
-                f"tool_choice names the function {function!r}, which is not among the tools "
-                f"({', '.join(map(str, names))})",
-                param="tool_choice",
-            )
+    function = choice["function"]["name"] if isinstance(choice, dict) else None
     style = server.tool_style if tools else None
-    if style == "mistral":
-        messages = [_mistral_ids(m) for m in messages]
+    if tools and not tok.renders_tools():
+        raise P.OpenAIError("this model's chat template does not render tools: send the request without them")
+    messages = [_mistral_ids(m) if style == "mistral" else _json_arguments(m) for m in messages]
     try:
         ids = tok.encode_chat(messages, tools)
     except UserError as e:
@@ -403,6 +437,23 @@ def _mistral_ids(m: dict[str, Any]) -> dict[str, Any]:
             "tool_calls": [{**c, "id": mistral_tool_call_id(str(c.get("id", "")))} for c in m["tool_calls"]],
         }
     return m
+
+
+def _json_arguments(m: dict[str, Any]) -> dict[str, Any]:
+    """An earlier call's arguments as an object for HF templates (OpenAI sends a JSON string; Llama 3.1's template
+    writes `arguments | tojson`, which would encode the string twice)."""
+    if m.get("role") != "assistant" or not m.get("tool_calls"):
+        return m
+    calls = []
+    for c in m["tool_calls"]:
+        fn = dict(c.get("function") or {})
+        if isinstance(fn.get("arguments"), str):
+            try:
+                fn["arguments"] = json.loads(fn["arguments"])
+            except json.JSONDecodeError:
+                pass  # the template gets the text as it came
+        calls.append({**c, "function": fn})
+    return {**m, "tool_calls": calls}
 
 
 def json_line(obj: Any) -> str:
@@ -445,11 +496,18 @@ def create_app(server: OpenAIServer) -> FastAPI:
         return error(P.OpenAIError(f"internal server error ({type(e).__name__})", status=500))
 
     async def body(request: Request) -> Any:
-        raw = await request.body()
+        """The request's JSON, at most MAX_BODY bytes (counted as they arrive, chunked or not)."""
+        raw = bytearray()
+        async for piece in request.stream():
+            raw += piece
+            if len(raw) > MAX_BODY:
+                raise P.OpenAIError(f"the request body is larger than this server accepts ({MAX_BODY} bytes)", 413)
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise P.OpenAIError(f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise P.OpenAIError("the request body is not valid JSON: nested too deeply") from None
 
     def usable(req: P._Request) -> None:
         server.check_model(req.model)
@@ -459,8 +517,9 @@ def create_app(server: OpenAIServer) -> FastAPI:
         if not server.ready:
             raise P.OpenAIError("the model is not ready yet; retry shortly", status=503)
 
-    async def until_disconnect(request: Request, work):
-        """Await `work`; a client that disconnects meanwhile cancels it (and with it the engine's requests)."""
+    async def until_disconnect(request: Request, work) -> tuple[bool, Any]:
+        """(True, the result of `work`), or (False, None) when the client disconnected first: that cancels `work`
+        and with it the engine's requests."""
         task = asyncio.ensure_future(work)
 
         async def watch():  # the body was read: the next ASGI message is the client's disconnect
@@ -470,22 +529,66 @@ def create_app(server: OpenAIServer) -> FastAPI:
 
         watcher = asyncio.ensure_future(watch())
         try:
-            return await task
+            return True, await task
+        except asyncio.CancelledError:
+            if watcher.done():  # the client left: nobody to answer
+                return False, None
+            raise
         finally:
             watcher.cancel()
-
-    async def first_item(agen):
-        """The first item, awaited before the response starts: an immediate engine error is still an HTTP error."""
-        try:
-            head = await agen.__anext__()
-        except StopAsyncIteration:
-            head = None
-        return head
 
     def usage(prompts: list[list[int]], choices: list[Choice]) -> dict[str, int]:
         prompt = sum(len(p) for p in prompts)
         completion = sum(len(c.ids) for c in choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    async def respond(request: Request, req: P._Request, prompts, max_tokens, choices, head: dict, whole, chunks):
+        """Generate the choices; answer `whole()` (a dict) once done, or, streaming, server-sent events: each of the
+        `chunks(item)` of each item server.run yields (with `head`'s id, object, created and model), the usage chunk
+        when asked for, then [DONE]."""
+        agen = server.run(prompts, req, max_tokens, choices)
+
+        async def drain():
+            async for _ in agen:
+                pass
+
+        async def first():  # before the response starts: an immediate engine error is still an HTTP error
+            return await anext(agen, None)
+
+        answered, item = await until_disconnect(request, drain() if not req.stream else first())
+        if not answered:
+            await agen.aclose()
+            return Response(status_code=499)  # nginx's "client closed request"; the client is gone
+        if not req.stream:
+            return whole()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def line(choice_entries: list[dict], **extra) -> str:
+            out = {**head, "choices": choice_entries}
+            if include_usage:
+                out["usage"] = None
+            out.update(extra)
+            return json_line(out)
+
+        async def events():
+            nonlocal item
+            try:
+                while item is not None:
+                    for entry in chunks(item):
+                        yield line([entry])
+                    item = await anext(agen, None)
+                if include_usage:
+                    yield line([], usage=usage(prompts, choices))
+            except P.OpenAIError as e:
+                yield json_line(e.body())
+            except Exception as e:  # the stream still ends in OpenAI's shape
+                yield json_line(P.OpenAIError(f"internal server error ({type(e).__name__})", 500).body())
+            finally:
+                await agen.aclose()
+            yield "data: [DONE]\n\n"
+
+        # the background task closes the generation also when the client left before the first chunk
+        return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(agen.aclose))
 
     # -- chat ---------------------------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
@@ -494,19 +597,14 @@ def create_app(server: OpenAIServer) -> FastAPI:
         usable(req)
         if req.top_logprobs and not req.logprobs:
             raise P.OpenAIError("top_logprobs needs logprobs: true", param="top_logprobs")
-        ids, style, prefix = render_chat(server, req)
+        ids, style, prefix = await asyncio.to_thread(render_chat, server, req)  # templates may take a while
         max_tokens = server.max_tokens(req, len(ids), req.max_completion_tokens or req.max_tokens)
         top = (req.top_logprobs or 0) if req.logprobs else None
         server.check_logprobs(top)
         stops = req.stop_list()
-        choices: list[Choice] = []
-
-        def make(i: int) -> Choice:
-            choices.append(Choice(i, tok, ToolCallParser(tok, style, prefix), stops, top))
-            return choices[-1]
-
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        agen = server.run([ids], req, [max_tokens], make)
+        choices = [Choice(i, tok, ToolCallParser(tok, style, prefix), stops, top) for i in range(req.n)]
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time())}
+        head["model"] = server.model.name
 
         def tool_calls(c: Choice) -> list[dict]:
             calls = c.tool_calls if req.parallel_tool_calls else c.tool_calls[:1]
@@ -514,90 +612,51 @@ def create_app(server: OpenAIServer) -> FastAPI:
                 {"id": t.id, "type": "function", "function": {"name": t.name, "arguments": t.arguments}} for t in calls
             ]
 
-        if not req.stream:
-
-            async def collect():
-                async for _ in agen:
-                    pass
-
-            await until_disconnect(request, collect())
+        def whole() -> dict:
             out = []
-            for c in sorted(choices, key=lambda c: c.index):
+            for c in choices:
                 message: dict[str, Any] = {"role": "assistant", "content": c.text or (None if c.tool_calls else "")}
                 if c.tool_calls:
                     message["tool_calls"] = tool_calls(c)
+                logprobs = {"content": c.logprobs} if top is not None else None
                 out.append(
-                    {
-                        "index": c.index,
-                        "message": message,
-                        "logprobs": {"content": c.logprobs} if top is not None else None,
-                        "finish_reason": c.finish_reason,
-                    }
+                    {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": c.finish_reason}
                 )
-            return {
-                "id": rid,
-                "object": "chat.completion",
-                "created": created,
-                "model": server.model.name,
-                "choices": out,
-                "usage": usage([ids], choices),
-            }
+            return {**head, "choices": out, "usage": usage([ids], choices)}
 
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        head = await first_item(agen)
+        sent_logprobs = [0] * req.n
+        started = [False] * req.n
 
-        def chunk(c: Choice | None, delta: dict | None, finish: str | None = None, logprobs=None, **extra) -> str:
-            obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model.name}
-            obj["choices"] = (
-                [{"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}] if c else []
-            )
-            if include_usage:
-                obj["usage"] = None
-            obj.update(extra)
-            return json_line(obj)
+        def chunks(item) -> list[dict]:
+            c, text, deltas, done = item
+            out = []
 
-        async def events():
-            sent_logprobs: dict[int, int] = {}
-            started: set[int] = set()
-            call_count: dict[int, int] = {}
-            item = head
-            try:
-                while item is not None:
-                    c, text, deltas, done = item
-                    if c.index not in started:
-                        started.add(c.index)
-                        yield chunk(c, {"role": "assistant", "content": ""})
-                    lp = None
-                    if top is not None and len(c.logprobs) > sent_logprobs.get(c.index, 0):
-                        lp = {"content": c.logprobs[sent_logprobs.get(c.index, 0) :]}
-                        sent_logprobs[c.index] = len(c.logprobs)
-                    if text or lp:
-                        yield chunk(c, {"content": text}, logprobs=lp)
-                    for d in deltas:
-                        if not req.parallel_tool_calls and d.index > 0:
-                            continue
-                        call_count[c.index] = max(call_count.get(c.index, 0), d.index + 1)
-                        fn = {"arguments": d.arguments}
-                        entry: dict[str, Any] = {"index": d.index, "function": fn}
-                        if d.name is not None:
-                            entry.update(id=d.id, type="function")
-                            fn["name"] = d.name
-                        yield chunk(c, {"tool_calls": [entry]})
-                    if done:
-                        yield chunk(c, {}, c.finish_reason)
-                    try:
-                        item = await agen.__anext__()
-                    except StopAsyncIteration:
-                        item = None
-                if include_usage:
-                    yield chunk(None, None, usage=usage([ids], choices))
-            except P.OpenAIError as e:
-                yield json_line(e.body())
-            finally:
-                await agen.aclose()
-            yield "data: [DONE]\n\n"
+            def entry(delta: dict, finish: str | None = None, logprobs=None) -> dict:
+                return {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+            if not started[c.index]:
+                started[c.index] = True
+                out.append(entry({"role": "assistant", "content": ""}))
+            lp = None
+            if top is not None and len(c.logprobs) > sent_logprobs[c.index]:
+                lp = {"content": c.logprobs[sent_logprobs[c.index] :]}
+                sent_logprobs[c.index] = len(c.logprobs)
+            if text or lp:
+                out.append(entry({"content": text}, logprobs=lp))
+            for d in deltas:
+                if not req.parallel_tool_calls and d.index > 0:
+                    continue
+                call: dict[str, Any] = {"index": d.index, "function": {"arguments": d.arguments}}
+                if d.name is not None:
+                    call.update(id=d.id, type="function")
+                    call["function"]["name"] = d.name
+                out.append(entry({"tool_calls": [call]}))
+            if done:
+                out.append(entry({}, c.finish_reason))
+            return out
+
+        chunk_head = {**head, "object": "chat.completion.chunk"}
+        return await respond(request, req, [ids], [max_tokens], choices, chunk_head, whole, chunks)
 
     # -- completions --------------------------------------------------------------------------------------------
     @app.post("/v1/completions")
@@ -605,34 +664,28 @@ def create_app(server: OpenAIServer) -> FastAPI:
         req = P.parse(P.CompletionRequest, await body(request))
         usable(req)
         prompts = _prompts(req.prompt)
-        if not prompts or len(prompts) * req.n > P.MAX_N * 4:
-            raise P.OpenAIError("give between 1 and 64 prompts x choices", param="prompt")
-        ids_list = []
-        for p in prompts:
-            ids = tok.encode(p) if isinstance(p, str) else p
-            if not ids:
-                raise P.OpenAIError("the prompt is empty", param="prompt")
-            bad = next((i for i in ids if not 0 <= i < server.model.vocab_size), None)
-            if bad is not None:
-                raise P.OpenAIError(
-                    f"prompt: token id {bad} is outside the vocabulary [0, {server.model.vocab_size})", param="prompt"
-                )
-            ids_list.append(ids)
+        if not prompts or len(prompts) * req.n > MAX_CHOICES:
+            raise P.OpenAIError(f"give between 1 and {MAX_CHOICES} prompts x choices", param="prompt")
         if req.echo and req.logprobs is not None:
             raise P.OpenAIError("echo with logprobs is not supported (no prompt log probs)", param="echo")
+        ids_list = await asyncio.to_thread(lambda: [tok.encode(p) if isinstance(p, str) else p for p in prompts])
+        for ids in ids_list:
+            if not ids:
+                raise P.OpenAIError("the prompt is empty", param="prompt")
+            bad = next((i for i in ids if not 0 <= i < server.model.token_ids), None)
+            if bad is not None:
+                raise P.OpenAIError(
+                    f"prompt: token id {bad} is outside the vocabulary [0, {server.model.token_ids})", param="prompt"
+                )
         max_tokens = [server.max_tokens(req, len(ids), req.max_tokens) for ids in ids_list]
         top = req.logprobs
         server.check_logprobs(top)
         stops = req.stop_list()
-        choices: list[Choice] = []
-
-        def make(i: int) -> Choice:
-            choices.append(Choice(i, tok, ToolCallParser(tok, None), stops, top))
-            return choices[-1]
-
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        agen = server.run(ids_list, req, max_tokens, make)
+        n = req.n
+        choices = [Choice(i, tok, ToolCallParser(tok, None), stops, top) for i in range(len(ids_list) * n)]
         echo = [tok.decode(ids) if req.echo else "" for ids in ids_list]
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
+        head["model"] = server.model.name
 
         def logprobs(entries: list[dict], offset: int) -> dict | None:
             if top is None:
@@ -648,71 +701,35 @@ def create_app(server: OpenAIServer) -> FastAPI:
                 "text_offset": offsets,
             }
 
-        if not req.stream:
-
-            async def collect():
-                async for _ in agen:
-                    pass
-
-            await until_disconnect(request, collect())
+        def whole() -> dict:
             out = [
                 {
                     "index": c.index,
-                    "text": echo[c.index // req.n] + c.text,
+                    "text": echo[c.index // n] + c.text,
                     "logprobs": logprobs(c.logprobs, 0),
                     "finish_reason": c.finish_reason,
                 }
-                for c in sorted(choices, key=lambda c: c.index)
+                for c in choices
             ]
-            return {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": server.model.name,
-                "choices": out,
-                "usage": usage(ids_list, choices),
-            }
+            return {**head, "choices": out, "usage": usage(ids_list, choices)}
 
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        head = await first_item(agen)
+        sent = [0] * len(choices)
+        offsets: list[int | None] = [None] * len(choices)
 
-        def chunk(c: Choice | None, text: str, finish=None, lp=None, **extra) -> str:
-            obj = {"id": rid, "object": "text_completion", "created": created, "model": server.model.name}
-            obj["choices"] = [{"index": c.index, "text": text, "logprobs": lp, "finish_reason": finish}] if c else []
-            if include_usage:
-                obj["usage"] = None
-            obj.update(extra)
-            return json_line(obj)
+        def chunks(item) -> list[dict]:
+            c, text, _, done = item
+            if offsets[c.index] is None:
+                offsets[c.index] = 0
+                text = echo[c.index // n] + text
+            lp = logprobs(c.logprobs[sent[c.index] :], offsets[c.index])
+            sent[c.index] = len(c.logprobs)
+            offsets[c.index] += len(text)
+            if not (text or (lp and lp["tokens"]) or done):
+                return []
+            finish = c.finish_reason if done else None
+            return [{"index": c.index, "text": text, "logprobs": lp, "finish_reason": finish}]
 
-        async def events():
-            sent: dict[int, int] = {}
-            offsets: dict[int, int] = {}
-            item = head
-            try:
-                while item is not None:
-                    c, text, _, done = item
-                    if c.index not in offsets:
-                        offsets[c.index] = 0
-                        text = echo[c.index // req.n] + text
-                    k = sent.get(c.index, 0)
-                    lp = logprobs(c.logprobs[k:], offsets[c.index]) if top is not None else None
-                    sent[c.index] = len(c.logprobs)
-                    offsets[c.index] += len(text)
-                    if text or lp and lp["tokens"] or done:
-                        yield chunk(c, text, c.finish_reason if done else None, lp)
-                    try:
-                        item = await agen.__anext__()
-                    except StopAsyncIteration:
-                        item = None
-                if include_usage:
-                    yield chunk(None, "", usage=usage(ids_list, choices))
-            except P.OpenAIError as e:
-                yield json_line(e.body())
-            finally:
-                await agen.aclose()
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return await respond(request, req, ids_list, max_tokens, choices, head, whole, chunks)
 
     # -- models, health, metrics, metadata ---------------------------------------------------------------------
     def model_card() -> dict:
@@ -769,7 +786,8 @@ def create_app(server: OpenAIServer) -> FastAPI:
         if (req.prompt is None) == (req.messages is None):
             raise P.OpenAIError("give exactly one of prompt or messages")
         if req.messages is not None:
-            ids, _, _ = render_chat(server, P.ChatCompletionRequest(messages=req.messages, tools=req.tools))
+            chat = P.parse(P.ChatCompletionRequest, {"messages": req.messages, "tools": req.tools})
+            ids, _, _ = await asyncio.to_thread(render_chat, server, chat)
         else:
             ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         return {"count": len(ids), "max_model_len": server.model.max_seq_len, "tokens": ids}
@@ -778,9 +796,10 @@ def create_app(server: OpenAIServer) -> FastAPI:
     async def detokenize(request: Request):
         req = P.parse(P.DetokenizeRequest, await body(request))
         server.check_model(req.model)
-        bad = next((i for i in req.tokens if not 0 <= i < tok.vocab_size), None)
+        limit = server.model.token_ids
+        bad = next((i for i in req.tokens if not 0 <= i < limit), None)
         if bad is not None:
-            raise P.OpenAIError(f"tokens: id {bad} is outside the vocabulary [0, {tok.vocab_size})", param="tokens")
+            raise P.OpenAIError(f"tokens: id {bad} is outside the vocabulary [0, {limit})", param="tokens")
         return {"prompt": tok.decode(req.tokens)}
 
     return app

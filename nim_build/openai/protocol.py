@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MAX_N = 16  # choices per request; more also needs that many free sequences in the engine's batch
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
@@ -56,6 +56,12 @@ class _Request(BaseModel):
     user: str | None = None
     best_of: int | None = None
     response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -149,6 +155,29 @@ def check_messages(messages: list[dict[str, Any]]) -> None:
             )
         elif content is None and not (role == "assistant" and m.get("tool_calls")):
             raise OpenAIError(f"messages[{k}].content is missing", param=f"messages.{k}.content")
+
+
+def check_tools(tools: list[dict[str, Any]] | None, choice: Any) -> None:
+    """tools and tool_choice in OpenAI's shape, with tool_choice naming an offered function."""
+    names = []
+    for k, t in enumerate(tools or []):
+        fn = t.get("function")
+        if t.get("type", "function") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise OpenAIError(
+                f"tools[{k}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}",
+                param=f"tools.{k}",
+            )
+        names.append(fn["name"])
+    if choice not in (None, "none", "auto") and not tools:
+        raise OpenAIError("tool_choice needs tools", param="tool_choice")
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if choice.get("type") != "function" or name not in names:
+            raise OpenAIError(
+                f"tool_choice names the function {name!r}, which is not among the tools ({', '.join(names)})",
+                param="tool_choice",
+            )
 
 
 def flatten_content(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

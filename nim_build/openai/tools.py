@@ -150,18 +150,22 @@ class ToolCallParser:
         except json.JSONDecodeError:
             return None
         items = [x for v in loaded for x in (v if isinstance(v, list) else [v])]
-        spans = self._spans()
+        spans = [s for s in self._spans() if s[2] is not None]  # the calls the deltas streamed, in order
         calls = []
-        for k, item in enumerate(items):
+        for item in items:
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 return None
             args = item.get("arguments", item.get("parameters", {}))
             if isinstance(args, str):
                 arguments = args
             elif isinstance(args, dict):
-                # the raw text the deltas streamed, when the scanner found this call; else compact JSON
-                span = spans[k] if k < len(spans) and spans[k][0] == item["name"] and spans[k][2] else None
-                arguments = self.tool_text[span[1] : span[2]] if span else json.dumps(args, ensure_ascii=False)
+                # the raw text the deltas streamed, when the scanner found this call (name, then arguments: what
+                # the models write); else compact JSON, sent whole at the end
+                if spans and spans[0][0] == item["name"]:
+                    _, start, end = spans.pop(0)
+                    arguments = self.tool_text[start:end]
+                else:
+                    arguments = json.dumps(args, ensure_ascii=False)
             else:
                 return None
             calls.append(ToolCall("", item["name"], arguments))  # ids: _tool_deltas, the ones streamed

@@ -1,7 +1,8 @@
 """The OpenAI API's way to the engine: Triton's `tensorrt_llm` model, token ids in and out, over gRPC on loopback.
 
 Each generation is one bidirectional ModelStreamInfer call with one request (streaming, new tokens per response,
-`triton_enable_empty_final_response` so the end is always seen). Tensors travel as raw little-endian bytes.
+`triton_enable_empty_final_response` so the end is always seen; a model that is not decoupled answers once).
+Tensors travel as raw little-endian bytes.
 A generation left before its final response (a client that disconnected, a stop string found in the text)
 cancels its call, which Triton turns into a cancelled request: the engine frees its KV blocks. A call that got
 its final response is never cancelled (Triton 2.51 then holds the model at shutdown, see serving/client.py).
@@ -9,6 +10,7 @@ its final response is never cancelled (Triton 2.51 then holds the model at shutd
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -29,16 +31,17 @@ class EngineRequest:
     max_tokens: int
     end_id: int  # -1: never stop on an end id (ignore_eos)
     pad_id: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # with top_p 1: sampling over the whole vocabulary; temperature 0 or top_k 1: greedy
+    seed: int = 0
     stop_words: list[list[int]] = field(default_factory=list)
     repetition_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     min_tokens: int | None = None
     embedding_bias: np.ndarray | None = None  # float32 [vocab]
+    streaming: bool = True  # a response per step; False for a model that is not decoupled (one response)
     generation_logits: bool = False  # logprobs (reference backend): the raw logits of every generated token
     log_probs: bool = False  # logprobs (TensorRT-LLM engines, which gather no logits by default)
 
@@ -52,7 +55,7 @@ class EngineRequest:
             ("request_output_len", scalar(self.max_tokens, np.int32)),
             ("end_id", scalar(self.end_id, np.int32)),
             ("pad_id", scalar(self.pad_id, np.int32)),
-            ("streaming", scalar(True, np.bool_)),
+            ("streaming", scalar(self.streaming, np.bool_)),
             ("exclude_input_in_output", scalar(True, np.bool_)),
             ("temperature", scalar(self.temperature, np.float32)),
             ("runtime_top_p", scalar(self.top_p, np.float32)),
@@ -130,14 +133,13 @@ class TritonLLM:
         finished = False
         try:
             async for reply in call:
-                if reply.error_message:
+                finished = bool(reply.error_message)  # an error response is the request's last
+                delta = None if finished else _delta(reply.infer_response)
+                if finished or delta.final:
                     finished = True
-                    raise InferenceError(reply.error_message)
-                delta = _delta(reply.infer_response)
-                if delta.final:
-                    finished = True
-                    async for _ in call:  # the call's end, before the caller may drop it (a dropped call is
-                        pass  # cancelled by grpc: see the module's docstring)
+                    await _end(call)
+                    if reply.error_message:
+                        raise InferenceError(reply.error_message)
                     yield delta
                     return
                 yield delta
@@ -151,15 +153,32 @@ class TritonLLM:
                 call.cancel()
 
 
+_ENDING: set = set()  # calls being read to their end (referenced, so they are not collected meanwhile)
+
+
+async def _end(call) -> None:
+    """Read a call that had its last response to its end. grpc cancels a call whose reading task is cancelled or
+    that is dropped unfinished, so this reading is shielded from the caller's cancellation."""
+
+    async def drain():
+        async for _ in call:
+            pass
+
+    task = asyncio.ensure_future(drain())
+    _ENDING.add(task)
+    task.add_done_callback(_ENDING.discard)
+    await asyncio.shield(task)
+
+
 def _delta(response) -> Delta:
     ids, logits, log_probs = [], None, None
     for i, out in enumerate(response.outputs):
         raw = response.raw_output_contents[i]
         if out.name == "output_ids":
             ids = np.frombuffer(raw, dtype=np.int32).tolist()
-        elif out.name == "generation_logits":
-            shape = list(out.shape)  # [1, new tokens, beam, vocab]
-            logits = np.frombuffer(raw, dtype=np.float32).reshape(shape[1], shape[-1]) if raw else None
+        elif out.name == "generation_logits" and raw:
+            # streaming [1, new tokens, beam, vocab]; one response [1, beam, max tokens, vocab], rows past the end 0
+            logits = np.frombuffer(raw, dtype=np.float32).reshape(-1, out.shape[-1])[: len(ids)]
         elif out.name == "output_log_probs":
             log_probs = np.frombuffer(raw, dtype=np.float32).tolist()
     if log_probs is not None:  # the last ones are the new tokens' (a backend may send those of the whole output)

@@ -445,12 +445,15 @@ def _stop_processes(procs: list, grace_s: float = 5.0) -> None:
     psutil.wait_procs(alive, timeout=2)
 
 
+HEALTH_FAILURES_ALLOWED = 2  # failed health requests in a row before a server counts as not serving
+
+
 def supervise(
     server: TritonServer,
     probe: Callable[[], None],
     interval_s: float = 10.0,
     stop_event: threading.Event | None = None,
-    failures_allowed: int = 2,
+    failures_allowed: int = HEALTH_FAILURES_ALLOWED,
     progress: Callable[[], float | None] | None = None,
     companion_exited: Callable[[], str | None] | None = None,
 ) -> str | None:

@@ -127,6 +127,7 @@ class Tokenizer:
         self.pad_id = int(pad_id) if pad_id is not None else self.end_id
         self.max_seq_len = max_seq_len
         self._hf_chat = None
+        self._token_bytes: list[bytes] | None = None  # token_text's table, made at its first use
         if kind == "hf":
             import tokenizers
 
@@ -228,12 +229,22 @@ class Tokenizer:
         return None if i is None else int(i)
 
     def token_text(self, token_id: int) -> tuple[str, bytes]:
-        """One token as OpenAI's logprobs show it: its text (special tokens by name) and its bytes."""
-        if self.kind == "tekken" and self._pieces[int(token_id)]:  # a regular token: exact bytes
-            data = self._pieces[int(token_id)]
+        """One token as OpenAI's logprobs show it: its text (special tokens by name) and its exact bytes, where the
+        decoder is a byte table (a token may hold part of a character; its text then has U+FFFD)."""
+        if self._token_bytes is None:
+            table = self.byte_pieces()
+            self._token_bytes = table[0] if table is not None else []
+        data = self._token_bytes[token_id] if token_id < len(self._token_bytes) else b""
+        if data:
             return data.decode("utf-8", errors="replace"), data
-        text = self.decode([token_id], skip_special_tokens=False)
+        text = self.decode([token_id], skip_special_tokens=False)  # special tokens, other decoders
         return text, text.encode("utf-8")
+
+    def renders_tools(self) -> bool:
+        """Whether the chat template renders `tools` (mistral-common always does; an HF template must use them)."""
+        if self.kind == "tekken":
+            return True
+        return "tools" in str(self._chat_tokenizer().chat_template or "")
 
     def stream_decoder(self) -> StreamDecoder:
         """A new incremental decoder for one sequence of generated ids."""
