@@ -91,7 +91,7 @@ class ServedModel:
             vocab_size=int(meta.get("vocab_size") or tok.vocab_size),
             manifest=manifest,
             backend=manifest.get("backend") or "reference",
-            chat_template=bool(meta.get("chat_template", True)),
+            chat_template=tok.has_chat_template(),
             extra_end_ids=extra_end,
             decoupled=cfg.model_transaction_policy.decoupled,
         )

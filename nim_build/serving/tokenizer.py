@@ -240,6 +240,11 @@ class Tokenizer:
         text = self.decode([token_id], skip_special_tokens=False)  # special tokens, other decoders
         return text, text.encode("utf-8")
 
+    def has_chat_template(self) -> bool:
+        if self.kind == "tekken":
+            return True
+        return (self.path / "tokenizer_config.json").is_file() and bool(self._chat_tokenizer().chat_template)
+
     def renders_tools(self) -> bool:
         """Whether the chat template renders `tools` (mistral-common always does; an HF template must use them)."""
         if self.kind == "tekken":
