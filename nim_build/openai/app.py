@@ -39,6 +39,7 @@ from nim_build.serving.tokenizer import Tokenizer
 PROBE_TIMEOUT_S = 30.0
 MAX_BODY = DEFAULT_MAX_BODY  # bytes of a request body: what serve's HTTP guard lets through to Triton, too
 MAX_CHOICES = 4 * P.MAX_N  # prompts x n of one completions request
+OFFLOAD_BYTES = 64 << 10  # requests larger than this are rendered and tokenized in a thread
 
 
 @dataclass
@@ -502,12 +503,20 @@ def create_app(server: OpenAIServer) -> FastAPI:
             raw += piece
             if len(raw) > MAX_BODY:
                 raise P.OpenAIError(f"the request body is larger than this server accepts ({MAX_BODY} bytes)", 413)
+        request.state.body_size = len(raw)
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise P.OpenAIError(f"the request body is not valid JSON: {e}") from None
         except RecursionError:
             raise P.OpenAIError("the request body is not valid JSON: nested too deeply") from None
+
+    async def offload(request: Request, fn, *args):
+        """fn(*args), in a thread for a large request (tokenizing it would hold up every stream): a thread hop costs
+        about a millisecond here, more than a small request's tokenization."""
+        if request.state.body_size > OFFLOAD_BYTES:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
 
     def usable(req: P._Request) -> None:
         server.check_model(req.model)
@@ -597,7 +606,7 @@ def create_app(server: OpenAIServer) -> FastAPI:
         usable(req)
         if req.top_logprobs and not req.logprobs:
             raise P.OpenAIError("top_logprobs needs logprobs: true", param="top_logprobs")
-        ids, style, prefix = await asyncio.to_thread(render_chat, server, req)  # templates may take a while
+        ids, style, prefix = await offload(request, render_chat, server, req)
         max_tokens = server.max_tokens(req, len(ids), req.max_completion_tokens or req.max_tokens)
         top = (req.top_logprobs or 0) if req.logprobs else None
         server.check_logprobs(top)
@@ -668,7 +677,7 @@ def create_app(server: OpenAIServer) -> FastAPI:
             raise P.OpenAIError(f"give between 1 and {MAX_CHOICES} prompts x choices", param="prompt")
         if req.echo and req.logprobs is not None:
             raise P.OpenAIError("echo with logprobs is not supported (no prompt log probs)", param="echo")
-        ids_list = await asyncio.to_thread(lambda: [tok.encode(p) if isinstance(p, str) else p for p in prompts])
+        ids_list = await offload(request, lambda: [tok.encode(p) if isinstance(p, str) else p for p in prompts])
         for ids in ids_list:
             if not ids:
                 raise P.OpenAIError("the prompt is empty", param="prompt")
@@ -787,7 +796,7 @@ def create_app(server: OpenAIServer) -> FastAPI:
             raise P.OpenAIError("give exactly one of prompt or messages")
         if req.messages is not None:
             chat = P.parse(P.ChatCompletionRequest, {"messages": req.messages, "tools": req.tools})
-            ids, _, _ = await asyncio.to_thread(render_chat, server, chat)
+            ids, _, _ = await offload(request, render_chat, server, chat)
         else:
             ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         return {"count": len(ids), "max_model_len": server.model.max_seq_len, "tokens": ids}

@@ -1,11 +1,11 @@
 """The OpenAI API's way to the engine: Triton's `tensorrt_llm` model, token ids in and out, over gRPC on loopback.
 
-Each generation is one bidirectional ModelStreamInfer call with one request (streaming, new tokens per response,
-`triton_enable_empty_final_response` so the end is always seen; a model that is not decoupled answers once).
-Tensors travel as raw little-endian bytes.
-A generation left before its final response (a client that disconnected, a stop string found in the text)
-cancels its call, which Triton turns into a cancelled request: the engine frees its KV blocks. A call that got
-its final response is never cancelled (Triton 2.51 then holds the model at shutdown, see serving/client.py).
+Generations share one bidirectional ModelStreamInfer stream (TritonLLM), each request with its own id, streaming
+(new tokens per response; a model that is not decoupled answers once) and `triton_enable_empty_final_response`,
+so its end is always seen. Tensors travel as raw little-endian bytes. A generation left before its final response
+(a client that disconnected, a stop string found in the text) is stopped by id, and the engine frees its KV blocks.
+The stream itself is never cancelled while generations are open (Triton 2.51 holds a model whose stream was
+cancelled after its final response at shutdown, see serving/client.py).
 """
 
 from __future__ import annotations
@@ -89,7 +89,13 @@ class Delta:
 
 
 class TritonLLM:
-    """Async client of one `tensorrt_llm` model (make it inside the event loop that uses it)."""
+    """Async client of one `tensorrt_llm` model (make it inside the event loop that uses it).
+
+    Every generation goes over one bidirectional stream, opened at the first and again after it breaks: a new
+    gRPC call per generation cost ~0.9 ms more per request here (p50 2.15 vs 1.25 ms for a 1-token request). A
+    reader task routes each response to its generation by request id. A generation left before its final response
+    is stopped with a `stop` request for its id, as TensorRT-LLM's clients stop one (the engine frees its KV blocks).
+    """
 
     def __init__(self, grpc_url: str, model: str = "tensorrt_llm"):
         import grpc
@@ -99,75 +105,93 @@ class TritonLLM:
         self._channel = grpc.aio.insecure_channel(grpc_url, options=GRPC_OPTIONS)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self.model = model
+        self._open: dict[str, asyncio.Queue] = {}  # request id -> its responses
+        self._outbox: asyncio.Queue | None = None  # requests to send on the stream; None ends it
+        self._reader: asyncio.Task | None = None
 
     async def close(self) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(None)
+        if self._reader is not None:
+            self._reader.cancel()
         await self._channel.close()
 
-    async def ready(self, timeout_s: float = 2.0) -> bool:
-        """Triton's own readiness of the model (no generation)."""
+    def _stream(self) -> asyncio.Queue:
+        """The stream's outbox, opening the stream when there is none (or it broke)."""
+        if self._reader is None or self._reader.done():
+            outbox: asyncio.Queue = asyncio.Queue()
+
+            async def requests():
+                while (request := await outbox.get()) is not None:
+                    yield request
+
+            self._outbox = outbox
+            self._reader = asyncio.ensure_future(self._read(self._stub.ModelStreamInfer(requests())))
+        return self._outbox
+
+    async def _read(self, call) -> None:
+        import grpc
+
+        why = "Triton closed the stream"
         try:
-            reply = await self._stub.ModelReady(self._pb.ModelReadyRequest(name=self.model), timeout=timeout_s)
-            return bool(reply.ready)
-        except Exception:
-            return False
+            async for reply in call:
+                queue = self._open.get(reply.infer_response.id)
+                if queue is not None:
+                    queue.put_nowait(reply)
+        except grpc.aio.AioRpcError as e:
+            why = f"Triton at loopback gRPC: {e.details() or e.code().name}"
+        finally:
+            for queue in self._open.values():  # the generations still open have lost their stream
+                queue.put_nowait(InferenceError(why))
 
     def _request(self, req: EngineRequest, request_id: str):
+        return self._inputs(request_id, req.tensors(), req.generation_logits, req.log_probs)
+
+    def _inputs(self, request_id: str, tensors, generation_logits=False, log_probs=False):
         pb = self._pb.ModelInferRequest(model_name=self.model, id=request_id)
         pb.parameters["triton_enable_empty_final_response"].bool_param = True
-        for name, arr in req.tensors():
+        for name, arr in tensors:
             t = pb.inputs.add(name=name, datatype=_TYPES[arr.dtype.type])
             t.shape.extend(arr.shape)
             pb.raw_input_contents.append(np.ascontiguousarray(arr).tobytes())
         pb.outputs.add(name="output_ids")
-        if req.generation_logits:
+        if generation_logits:
             pb.outputs.add(name="generation_logits")
-        if req.log_probs:
+        if log_probs:
             pb.outputs.add(name="output_log_probs")
         return pb
 
-    async def generate(self, req: EngineRequest, request_id: str) -> AsyncIterator[Delta]:
-        """The generated tokens as they come; raises InferenceError for an error response."""
-        import grpc
+    def _stop(self, request_id: str):
+        """TensorRT-LLM's stop request for the request with this id (its required inputs are placeholders)."""
+        one = np.asarray([[1]], dtype=np.int32)
+        tensors = [("input_ids", one), ("input_lengths", one), ("request_output_len", one)]
+        return self._inputs(request_id, tensors + [("stop", np.asarray([[True]]))])
 
-        call = self._stub.ModelStreamInfer(iter([self._request(req, request_id)]))
+    async def generate(self, req: EngineRequest, request_id: str) -> AsyncIterator[Delta]:
+        """The generated tokens as they come; raises InferenceError for an error response or a lost stream."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._open[request_id] = queue
+        outbox = self._stream()
+        outbox.put_nowait(self._request(req, request_id))
         finished = False
         try:
-            async for reply in call:
-                finished = bool(reply.error_message)  # an error response is the request's last
-                delta = None if finished else _delta(reply.infer_response)
-                if finished or delta.final:
+            while True:
+                reply = await queue.get()
+                if isinstance(reply, InferenceError):
                     finished = True
-                    await _end(call)
-                    if reply.error_message:
-                        raise InferenceError(reply.error_message)
-                    yield delta
-                    return
+                    raise reply
+                if reply.error_message:  # an error response is the request's last
+                    finished = True
+                    raise InferenceError(reply.error_message)
+                delta = _delta(reply.infer_response)
+                finished = delta.final
                 yield delta
-            if not finished:
-                raise InferenceError("the engine's stream ended without a final response")
-        except grpc.aio.AioRpcError as e:
-            finished = True
-            raise InferenceError(f"Triton at loopback gRPC: {e.details() or e.code().name}") from None
+                if finished:
+                    return
         finally:
-            if not finished:
-                call.cancel()
-
-
-_ENDING: set = set()  # calls being read to their end (referenced, so they are not collected meanwhile)
-
-
-async def _end(call) -> None:
-    """Read a call that had its last response to its end. grpc cancels a call whose reading task is cancelled or
-    that is dropped unfinished, so this reading is shielded from the caller's cancellation."""
-
-    async def drain():
-        async for _ in call:
-            pass
-
-    task = asyncio.ensure_future(drain())
-    _ENDING.add(task)
-    task.add_done_callback(_ENDING.discard)
-    await asyncio.shield(task)
+            del self._open[request_id]
+            if not finished:  # left early: the engine stops generating for it
+                outbox.put_nowait(self._stop(request_id))
 
 
 def _delta(response) -> Delta:
