@@ -326,7 +326,7 @@ class OpenAIServer:
         """Generate `choices` (n per prompt, in order) concurrently; yields (choice, new text, tool deltas, done)
         as they come, done (and the choice's finish_reason set) in each choice's last."""
         queue: asyncio.Queue = asyncio.Queue()
-        tasks = []
+        sinks: list[_Sink] = []
         n = req.n
         t0 = time.monotonic()
         first: float | None = None
@@ -337,9 +337,11 @@ class OpenAIServer:
                 if choice.top_logprobs is not None:  # the reference runtime's raw logits; TensorRT-LLM's log probs
                     engine_req.generation_logits = self.model.backend == "reference"
                     engine_req.log_probs = not engine_req.generation_logits
-                tasks.append(asyncio.create_task(self._one(choice, engine_req, max_tokens[p], queue)))
-        self.metrics.in_flight += len(tasks)
-        open_ = len(tasks)
+                sink = _Sink(self, choice, max_tokens[p], queue)
+                sink.stop = self.llm.submit(engine_req, uuid.uuid4().hex, sink)
+                sinks.append(sink)
+        self.metrics.in_flight += len(sinks)
+        open_ = len(sinks)
         ok = False
         try:
             while open_:
@@ -354,9 +356,9 @@ class OpenAIServer:
                 yield choice, text, deltas, done
             ok = True
         finally:
-            for t in tasks:
-                t.cancel()
-            self.metrics.in_flight -= len(tasks)
+            for sink in sinks:  # what is still generating (the client left, another choice failed)
+                sink.stop()
+            self.metrics.in_flight -= len(sinks)
             generated = sum(len(c.ids) for c in choices)
             self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
             self.metrics.generation_tokens.inc(generated)
@@ -366,23 +368,30 @@ class OpenAIServer:
                 self.metrics.tpot.observe((end - first) / (generated - len(choices)))
             (self.metrics.success if ok else self.metrics.failure).inc()
 
-    async def _one(self, choice: Choice, req: EngineRequest, max_tokens: int, queue: asyncio.Queue) -> None:
+
+class _Sink:
+    """What one choice does with each engine response, on the engine client's reader task: feed the choice, queue
+    (choice, new text, tool deltas, done) for OpenAIServer.run, stop the engine at a stop string."""
+
+    def __init__(self, server: OpenAIServer, choice: Choice, max_tokens: int, queue: asyncio.Queue):
+        self.server, self.choice, self.max_tokens, self.queue = server, choice, max_tokens, queue
+        self.stop = lambda: None  # TritonLLM.submit's
+
+    def __call__(self, item) -> None:
+        choice, queue = self.choice, self.queue
+        if isinstance(item, InferenceError):
+            queue.put_nowait(engine_error(str(item)))
+            return
         try:
-            # closed on leaving: a stop string found in the text cancels the engine's request at once
-            async with contextlib.aclosing(self.llm.generate(req, uuid.uuid4().hex)) as engine:
-                async for delta in engine:
-                    self.tokens_seen += len(delta.token_ids)
-                    text, deltas = choice.feed(delta.token_ids, delta.logits, delta.log_probs)
-                    if text or deltas:
-                        queue.put_nowait((choice, text, deltas, False))
-                    if choice.stopped:
-                        break
-            text, deltas = choice.finish(max_tokens)
-            queue.put_nowait((choice, text, deltas, True))
-        except asyncio.CancelledError:
-            raise
-        except InferenceError as e:
-            queue.put_nowait(engine_error(str(e)))
+            self.server.tokens_seen += len(item.token_ids)
+            text, deltas = choice.feed(item.token_ids, item.logits, item.log_probs)
+            if text or deltas:
+                queue.put_nowait((choice, text, deltas, False))
+            if choice.stopped or item.final:
+                if not item.final:
+                    self.stop()  # a stop string: the rest of the generation is not wanted
+                text, deltas = choice.finish(self.max_tokens)
+                queue.put_nowait((choice, text, deltas, True))
         except Exception as e:  # never lose the request: the client gets a server error, not a hang
             queue.put_nowait(e)
 
