@@ -290,3 +290,65 @@ def test_sigterm_while_models_load_stops_serve_at_once(tmp_path):
         served.stop()
     assert "ready:" not in served.output() and "Traceback" not in served.output()
     assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_sigterm_under_load_lets_the_streams_finish_then_stops_everything(default_model_dir, tmp_path):
+    """Issue 12: SIGTERM while ensemble streams run. Triton 2.51 stops its endpoints at SIGTERM, so streams in flight
+    then hung until Triton overstayed its exit timeout and was killed (12 streams: 40 s). serve now waits for the
+    engine to empty first: every stream completes, Triton exits 0, and nothing is left."""
+    import json
+    import shutil
+    import signal
+    import threading
+    import time
+
+    import psutil
+    from conftest import tokenizer_engine_dir
+
+    from nim_build.serving.client import Client, GenerateRequest
+    from nim_build.serving.repo import RepoOptions, generate_repo
+    from nim_build.serving.tokenizer import META_FILE
+
+    tok = tmp_path / "tokenizer"
+    tok.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(default_model_dir / name, tok / name)
+    (tok / META_FILE).write_text(json.dumps({"kind": "hf", "bos_id": None, "end_id": 2, "pad_id": None}))
+    engine = tokenizer_engine_dir(tmp_path, tok)
+    (engine / "trivial_engine.json").write_text(json.dumps({"step_delay_s": 0.02}))  # 120 tokens: >= 2.4 s
+    repo = generate_repo(
+        engine, tmp_path / "repo", RepoOptions(engine_class="nim_build.testing.trivial_engine:TrivialEngine")
+    )
+    served = ServedRepo(repo, engine, tmp_path / "serve.log", args=("--exit-timeout", "20", "--health-interval", "2"))
+    results: list = []
+
+    def stream(k: int) -> None:
+        try:
+            req = GenerateRequest(prompt=f"Stream number {k} says hello", max_tokens=120, stream=True)
+            results.append(("done", len(Client(served.grpc_url, timeout_s=60).generate(req).chunks)))
+        except Exception as e:
+            results.append((type(e).__name__, str(e)[:200]))
+
+    try:
+        served.wait_ready(120)
+        started = psutil.Process(served.proc.pid).children(recursive=True)
+        clients = [threading.Thread(target=stream, args=(k,)) for k in range(8)]
+        for c in clients:
+            c.start()
+        deadline = time.monotonic() + 30
+        while served.engine_stats().get("active", 0) < 8:
+            assert time.monotonic() < deadline, served.engine_stats()
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        served.proc.send_signal(signal.SIGTERM)
+        for c in clients:
+            c.join(60)
+        code = served.proc.wait(60)
+        took = time.monotonic() - t0
+    finally:
+        served.stop()
+    assert results == [("done", 120)] * 8, results
+    assert code == 0 and took < 20, (code, took, served.output()[-2000:])
+    assert served.output().strip().endswith("stopped (Triton exit code 0)")
+    assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not list(Path("/dev/shm").glob(f"nimb{served.proc.pid}s*"))

@@ -51,7 +51,8 @@ from nim_build.serving.http_guard import DEFAULT_MAX_BODY, TRITON_SAFE_MAX_BODY
     type=click.IntRange(min=0),
     default=30,
     show_default=True,
-    help="Seconds Triton waits for open requests when stopping.",
+    help="Seconds serve waits, when asked to stop, for the requests in flight to finish before it stops Triton "
+    "(which then waits as long again for what is left).",
 )
 @click.option(
     "--threads",
@@ -91,7 +92,7 @@ def command(
     from nim_build.errors import ServingError
     from nim_build.openai.process import OpenAIFrontend
     from nim_build.serving.client import health_probe
-    from nim_build.serving.server import TritonServer, engine_steps, supervise
+    from nim_build.serving.server import TritonServer, drain, engine_steps, supervise
 
     server = TritonServer(
         repo,
@@ -155,6 +156,9 @@ def command(
     finally:
         if frontend is not None:  # first: its streams end before the engine goes
             frontend.stop()
+        # asked to stop: what runs finishes first (Triton stops its endpoints at SIGTERM: streams in flight would hang)
+        if reason is None and server.running() and not drain(metrics, exit_timeout):
+            click.echo(f"note: requests still running after --exit-timeout {exit_timeout} s; stopping anyway", err=True)
         code = server.stop()
         for sig, handler in signals.items():
             signal.signal(sig, handler)

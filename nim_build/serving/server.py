@@ -506,12 +506,50 @@ STEP_COUNTERS = (
 )
 
 
+# The requests the engine holds (running or waiting), as each backend exports them.
+ENGINE_REQUESTS = (
+    re.compile(r'^nim_build_engine\{stat="(?:active|waiting)"\} ([0-9.e+]+)$', re.M),
+    re.compile(r'^nv_trt_llm_request_metrics\{[^}]*request_type="active"[^}]*\} ([0-9.e+]+)$', re.M),
+)
+
+
+def _metrics_text(metrics_url: str) -> str:
+    with urllib.request.urlopen(metrics_url, timeout=5) as r:
+        return r.read().decode("utf-8", errors="replace")
+
+
 def engine_steps(metrics_url: str) -> float | None:
     """The engine's step counter from Triton's metrics (None when the backend exports none)."""
-    with urllib.request.urlopen(metrics_url, timeout=5) as r:
-        text = r.read().decode("utf-8", errors="replace")
+    text = _metrics_text(metrics_url)
     for pattern in STEP_COUNTERS:
         m = pattern.search(text)
         if m:
             return float(m.group(1))
     return None
+
+
+def engine_requests(metrics_url: str) -> float | None:
+    """How many requests the engine holds, running or waiting (None when the backend exports no such count)."""
+    text = _metrics_text(metrics_url)
+    for pattern in ENGINE_REQUESTS:
+        found = pattern.findall(text)
+        if found:
+            return sum(map(float, found))
+    return None
+
+
+def drain(metrics_url: str, timeout_s: float, poll_s: float = 0.25) -> bool:
+    """Wait until the engine holds no request: True, or False when timeout_s passed first.
+
+    Triton 2.51 stops its endpoints as soon as it gets SIGTERM, so streams in flight then never get another response
+    and Triton waits out its whole exit timeout for them (and is killed; reproduced with 12 ensemble streams: 40 s).
+    So serve lets what runs finish before it signals Triton. An engine that exports no count, or metrics that do not
+    answer, have nothing to wait for."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        held = _safe(lambda: engine_requests(metrics_url))
+        if not held:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
