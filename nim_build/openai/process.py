@@ -6,6 +6,7 @@ A process of its own, not a thread of serve: the API's event loop never shares a
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import subprocess
@@ -40,7 +41,7 @@ class OpenAIFrontend:
             self.args += ["--served-model-name", served_model_name]
         self.echo = echo
         self.proc: subprocess.Popen | None = None
-        self._lines: list[str] = []
+        self._lines: collections.deque[str] = collections.deque(maxlen=200)
         self._pump: threading.Thread | None = None
 
     @property
@@ -59,27 +60,11 @@ class OpenAIFrontend:
 
     def start(self) -> OpenAIFrontend:
         self.check_port()
-        cmd = [sys.executable, "-m", "nim_build.openai", str(self.repo), "--host", self.host, "--port", str(self.port)]
-        self.proc = subprocess.Popen(
-            cmd + self.args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            text=True,
-            errors="replace",
-            bufsize=1,
-        )
-        self._pump = threading.Thread(target=self._read_output, daemon=True)
-        self._pump.start()
-        return self
+        from nim_build.serving.server import spawn
 
-    def _read_output(self) -> None:
-        for line in self.proc.stdout:
-            self._lines = (self._lines + [line.rstrip("\n")])[-200:]
-            if self.echo is not None:
-                self.echo.write(f"[openai] {line}")
-                self.echo.flush()
+        cmd = [sys.executable, "-m", "nim_build.openai", str(self.repo), "--host", self.host, "--port", str(self.port)]
+        self.proc, self._pump = spawn(cmd + self.args, self._lines, self.echo, prefix="[openai] ")
+        return self
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -249,19 +249,7 @@ class TritonServer:
             self._triton_http_port = free_port()
         self._workdir = tempfile.mkdtemp(prefix="nim_build_triton_")
         backends = self._backend_dir(binary)
-        self.proc = subprocess.Popen(
-            self.command(binary, backends),
-            env=self.env(binary),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            text=True,
-            errors="replace",
-            bufsize=1,
-        )
-        self._pump = threading.Thread(target=self._read_output, daemon=True)
-        self._pump.start()
+        self.proc, self._pump = spawn(self.command(binary, backends), self._lines, self.echo, env=self.env(binary))
         if self.http_max_body:
             self._guard = HttpGuard(
                 self.host, self.http_port, f"127.0.0.1:{self._triton_http_port}", self.http_max_body
@@ -272,13 +260,6 @@ class TritonServer:
                 self.stop()
                 raise ServerSetupError(f"cannot listen on {self.host}:{self.http_port}: {e.strerror or e}") from None
         return self
-
-    def _read_output(self):
-        for line in self.proc.stdout:
-            self._lines.append(line.rstrip("\n"))
-            if self.echo is not None:
-                self.echo.write(line)
-                self.echo.flush()
 
     def logs(self, n: int = 40) -> str:
         return "\n".join(list(self._lines)[-n:])
@@ -381,6 +362,35 @@ class TritonServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def spawn(
+    cmd: list[str], lines: collections.deque, echo: TextIO | None, prefix: str = "", env: dict | None = None
+) -> tuple[subprocess.Popen, threading.Thread]:
+    """Start a child in a session of its own (its process group is ours to stop), its output read by a thread into
+    `lines` and echoed (each line after `prefix`)."""
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        text=True,
+        errors="replace",
+        bufsize=1,
+    )
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if echo is not None:
+                echo.write(prefix + line)
+                echo.flush()
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    return proc, thread
 
 
 def _signal(pid: int, sig: int) -> bool:
