@@ -275,3 +275,21 @@ def test_llama31_json_calls(default_model_dir, chunk):
     for text in ("Paris is sunny today.", '{"name": "get_weather", "parameters": {"city"'):
         content, parsed, _ = _parse(tok, "json", tok.encode(text, add_special_tokens=False), chunk)
         assert content == text and not parsed.tool_calls
+
+
+def test_a_history_with_client_call_ids_renders_without_tools_too(chat, tekken):
+    """Earlier calls' ids are cut to Mistral's 9 characters whether or not this request offers tools (mistral-common
+    refuses longer ones)."""
+    long_id = "call_0123456789abcdefXYZ123456"
+    history = ASK + [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": long_id, "type": "function", "function": {"name": "get_time", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": long_id, "content": "12:00"},
+    ]
+    for extra in ({}, {"tools": TOOLS, "tool_choice": "none"}):
+        r, prompt = chat(tekken.encode("Noon.", add_special_tokens=False), messages=history, **extra)
+        assert r.choices[0].message.content == "Noon."
+        assert tekken.special_id("[TOOL_RESULTS]") in prompt

@@ -423,7 +423,9 @@ def render_chat(server: OpenAIServer, req: P.ChatCompletionRequest) -> tuple[lis
     style = server.tool_style if tools else None
     if tools and not tok.renders_tools():
         raise P.OpenAIError("this model's chat template does not render tools: send the request without them")
-    messages = [_mistral_ids(m) if style == "mistral" else _json_arguments(m) for m in messages]
+    # earlier calls in the history, as the tokenizer's format takes them (whether or not this request offers tools)
+    mistral = server.tool_style == "mistral"
+    messages = [_mistral_ids(m) if mistral else _json_arguments(m) for m in messages]
     try:
         ids = tok.encode_chat(messages, tools)
     except UserError as e:
