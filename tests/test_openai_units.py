@@ -42,8 +42,7 @@ def _sampling(req: P._Request) -> dict:
 
     server = OpenAIServer.__new__(OpenAIServer)  # sampling() reads the model only for stops and logit_bias
     server.model = SimpleNamespace(tokenizer=SimpleNamespace(words_to_ids=lambda words: []), extra_end_ids=[])
-    (params,) = server.sampling(req, 1)
-    return params
+    return {**server.sampling(req), "seed": server.seeds(req)[0]}
 
 
 @pytest.mark.parametrize(

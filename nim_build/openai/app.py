@@ -283,8 +283,8 @@ class OpenAIServer:
             )
         return requested
 
-    def sampling(self, req: P._Request, n_choices: int) -> list[dict[str, Any]]:
-        """The engine's sampling inputs for each choice (TensorRT-LLM's semantics: docs/OPENAI.md)."""
+    def sampling(self, req: P._Request) -> dict[str, Any]:
+        """The engine's sampling inputs of a request but the seed (TensorRT-LLM's semantics: docs/OPENAI.md)."""
         base: dict[str, Any]
         if req.temperature == 0:
             base = {"temperature": 0.0, "top_p": 1.0, "top_k": 1}
@@ -315,10 +315,15 @@ class OpenAIServer:
                     )
                 bias[int(key)] = max(-100.0, min(100.0, value))
             base["embedding_bias"] = bias
-        # an unseeded request is random, as OpenAI's are (TensorRT-LLM's default seed is 0 for every request);
-        # choice k of a seeded one uses seed + k, as TensorRT-LLM's num_return_sequences does
+        return base
+
+    @staticmethod
+    def seeds(req: P._Request) -> list[int]:
+        """The seed of each of a prompt's n choices. An unseeded request is random, as OpenAI's are (TensorRT-LLM's
+        default seed is 0 for every request); choice k of a seeded one uses seed + k, as TensorRT-LLM's
+        num_return_sequences does."""
         seed = req.seed if req.seed is not None else random.getrandbits(63)
-        return [{**base, "seed": (seed + k) % 2**64} for k in range(n_choices)]
+        return [(seed + k) % 2**64 for k in range(req.n)]
 
     async def run(
         self, prompts: list[list[int]], req: P._Request, max_tokens: list[int], choices: list[Choice]
@@ -330,10 +335,11 @@ class OpenAIServer:
         n = req.n
         t0 = time.monotonic()
         first: float | None = None
+        params = self.sampling(req)  # the same for every choice; the seeds differ
         for p, ids in enumerate(prompts):
-            for k, params in enumerate(self.sampling(req, n)):
+            for k, seed in enumerate(self.seeds(req)):
                 choice = choices[p * n + k]
-                engine_req = self._engine_request(ids, max_tokens[p], **params)
+                engine_req = self._engine_request(ids, max_tokens[p], seed=seed, **params)
                 if choice.top_logprobs is not None:  # the reference runtime's raw logits; TensorRT-LLM's log probs
                     engine_req.generation_logits = self.model.backend == "reference"
                     engine_req.log_probs = not engine_req.generation_logits
