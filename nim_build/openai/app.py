@@ -78,12 +78,6 @@ class ServedModel:
         tok = Tokenizer.from_dir(tok_dir, meta)
         tok.load_chat_template()  # at start: an HF template loads transformers, seconds the first chat must not wait
         tok.token_text(0)  # and logprobs' byte table (a quarter second)
-        eos = (
-            read_object(tok_dir / "generation_config.json").get("eos_token_id")
-            if (tok_dir / "generation_config.json").is_file()
-            else None
-        )
-        extra_end = [int(i) for i in (eos if isinstance(eos, list) else []) if int(i) != tok.end_id]
         return cls(
             name=served_name or manifest.get("name") or "model",
             tokenizer=tok,
@@ -93,7 +87,7 @@ class ServedModel:
             manifest=manifest,
             backend=manifest.get("backend") or "reference",
             chat_template=tok.has_chat_template(),
-            extra_end_ids=extra_end,
+            extra_end_ids=tok.other_end_ids(),
             decoupled=cfg.model_transaction_policy.decoupled,
         )
 
@@ -121,9 +115,7 @@ class Choice:
         if self.top_logprobs is not None and logits is not None:
             self.logprobs.extend(_logprobs(self.tok, ids, logits, self.top_logprobs))
         elif self.top_logprobs is not None and log_probs is not None:
-            for i, lp in zip(ids, log_probs):
-                text, data = self.tok.token_text(i)
-                self.logprobs.append({"token": text, "logprob": lp, "bytes": list(data), "top_logprobs": []})
+            self.logprobs.extend({**_token(self.tok, i, lp), "top_logprobs": []} for i, lp in zip(ids, log_probs))
         text, deltas = self.parser.feed(ids)
         text = self._cut(text)
         self.text += text
@@ -166,15 +158,16 @@ def _logprobs(tok: Tokenizer, ids: list[int], logits: np.ndarray, top: int) -> l
         row = row.astype(np.float64)
         m = row.max()
         lp = row - (m + np.log(np.exp(row - m).sum()))
-        text, data = tok.token_text(i)
-        entry = {"token": text, "logprob": float(lp[i]), "bytes": list(data), "top_logprobs": []}
-        if top:
-            best = np.argpartition(-lp, top - 1)[:top]
-            for j in best[np.argsort(-lp[best], kind="stable")]:
-                t, b = tok.token_text(int(j))
-                entry["top_logprobs"].append({"token": t, "logprob": float(lp[j]), "bytes": list(b)})
-        out.append(entry)
+        best = np.argpartition(-lp, top - 1)[:top] if top else np.zeros(0, dtype=np.int64)
+        alternatives = [_token(tok, int(j), float(lp[j])) for j in best[np.argsort(-lp[best], kind="stable")]]
+        out.append({**_token(tok, i, float(lp[i])), "top_logprobs": alternatives})
     return out
+
+
+def _token(tok: Tokenizer, token_id: int, logprob: float) -> dict[str, Any]:
+    """One token of OpenAI's logprobs: its text, log prob and bytes."""
+    text, data = tok.token_text(token_id)
+    return {"token": text, "logprob": logprob, "bytes": list(data)}
 
 
 class OpenAIServer:
@@ -510,8 +503,8 @@ def create_app(server: OpenAIServer) -> FastAPI:
         return error(P.OpenAIError(str(e.detail), status=e.status_code))
 
     @app.exception_handler(Exception)
-    async def _internal(_request, e: Exception):  # never a traceback or a server path to the client
-        return error(P.OpenAIError(f"internal server error ({type(e).__name__})", status=500))
+    async def _internal(_request, e: Exception):
+        return error(P.internal_error(e))
 
     async def body(request: Request) -> Any:
         """The request's JSON, at most MAX_BODY bytes (counted as they arrive, chunked or not)."""
@@ -608,7 +601,7 @@ def create_app(server: OpenAIServer) -> FastAPI:
             except P.OpenAIError as e:
                 yield json_line(e.body())
             except Exception as e:  # the stream still ends in OpenAI's shape
-                yield json_line(P.OpenAIError(f"internal server error ({type(e).__name__})", 500).body())
+                yield json_line(P.internal_error(e).body())
             finally:
                 await agen.aclose()
             yield "data: [DONE]\n\n"

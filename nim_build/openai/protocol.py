@@ -34,6 +34,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def internal_error(e: Exception) -> OpenAIError:
+    """A fault of the server, as clients see it: its type, never a traceback or a server path."""
+    return OpenAIError(f"internal server error ({type(e).__name__})", status=500)
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 

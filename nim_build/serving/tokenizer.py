@@ -240,6 +240,12 @@ class Tokenizer:
         text = self.decode([token_id], skip_special_tokens=False)  # special tokens, other decoders
         return text, text.encode("utf-8")
 
+    def other_end_ids(self) -> list[int]:
+        """End ids beyond end_id (Llama 3's <|eot_id|> and <|eom_id|>): generation_config.json's other eos_token_ids,
+        the list detect_meta takes end_id from."""
+        eos = _json(self.path / "generation_config.json").get("eos_token_id")
+        return [int(i) for i in eos if int(i) != self.end_id] if isinstance(eos, list) else []
+
     def has_chat_template(self) -> bool:
         if self.kind == "tekken":
             return True
