@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from typing import TextIO
@@ -77,24 +76,23 @@ class OpenAIFrontend:
         last = next((ln for ln in reversed(self._lines) if ln.strip()), "no output")
         return f"the OpenAI API process exited with code {self.proc.returncode}: {' '.join(last.split())[:500]}"
 
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/v1/health/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
     def wait_ready(self, timeout_s: float, stop_event: threading.Event | None = None) -> bool:
         """Until /v1/health/ready answers 200 (True) or stop_event is set (False)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if stop_event is not None and stop_event.is_set():
-                return False
-            if not self.running():
-                if self._pump is not None:
-                    self._pump.join(timeout=5)
-                raise ServingError(self.exit_reason())
-            try:
-                with urllib.request.urlopen(f"{self.url}/v1/health/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return True
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.25)
-        raise ServingError(f"the OpenAI API was not ready after {timeout_s:.0f} s (at {self.url})")
+        from nim_build.serving.server import wait_child
+
+        state = wait_child(self.ready, self.proc, self._pump, timeout_s, stop_event)
+        if state == "exited":
+            raise ServingError(self.exit_reason())
+        if state == "timeout":
+            raise ServingError(f"the OpenAI API was not ready after {timeout_s:.0f} s (at {self.url})")
+        return state == "ready"
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
         """SIGTERM (uvicorn stops accepting and closes its streams), then SIGKILL past timeout_s."""

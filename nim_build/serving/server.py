@@ -277,19 +277,13 @@ class TritonServer:
 
     def wait_ready(self, timeout_s: float = 180.0, stop_event: threading.Event | None = None) -> bool:
         """Wait until Triton answers ready (True), or stop_event is set (False: asked to stop meanwhile)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if stop_event is not None and stop_event.is_set():
-                return False
-            if not self.running():
-                if self._pump is not None:
-                    self._pump.join(timeout=5)
-                raise ServingError(
-                    f"Triton exited (code {self.proc.returncode}) before it was ready: {self.failure_reason()}"
-                )
-            if self.ready():
-                return True
-            time.sleep(0.25)
+        state = wait_child(self.ready, self.proc, self._pump, timeout_s, stop_event)
+        if state == "exited":
+            raise ServingError(
+                f"Triton exited (code {self.proc.returncode}) before it was ready: {self.failure_reason()}"
+            )
+        if state != "timeout":
+            return state == "ready"
         reason = self.failure_reason()
         self.stop()
         raise ServingError(
@@ -362,6 +356,29 @@ class TritonServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def wait_child(
+    ready: Callable[[], bool],
+    proc: subprocess.Popen,
+    pump: threading.Thread | None,
+    timeout_s: float,
+    stop_event: threading.Event | None = None,
+) -> str:
+    """Wait for a child started by spawn() to be ready: "ready", "stopped" (stop_event was set), "exited" (the child
+    ended; its output is read to the end) or "timeout"."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if stop_event is not None and stop_event.is_set():
+            return "stopped"
+        if proc.poll() is not None:
+            if pump is not None:
+                pump.join(timeout=5)
+            return "exited"
+        if ready():
+            return "ready"
+        time.sleep(0.25)
+    return "timeout"
 
 
 def spawn(
