@@ -234,20 +234,16 @@ def _value_end(text: str, start: int) -> int | None:
 
 def _split_objects(text: str) -> list[str]:
     """`{...}; {...}` (Llama 3.1's several calls) -> the object texts; anything else between them fails parsing."""
-    parts, pos = [], 0
-    while pos < len(text):
-        end = _value_end(text, pos)
+    parts, rest = [], text
+    while rest:
+        end = _value_end(rest, 0)
         if end is None:
             return [text]  # json.loads reports it
-        parts.append(text[pos:end])
-        pos = end
-        rest = text[pos:].lstrip()
-        if not rest:
-            break
-        if not rest.startswith(";"):
+        parts.append(rest[:end])
+        rest = rest[end:].lstrip()
+        if rest and not rest.startswith(";"):
             return [text]
-        pos = len(text) - len(rest) + 1
-        pos += len(text[pos:]) - len(text[pos:].lstrip())
+        rest = rest[1:].lstrip()
     return parts
 
 
