@@ -82,3 +82,25 @@ def test_a_stuck_engine_or_an_error_is_a_failure():
     assert stuck.startswith("health request failed 3 times in a row: no response")
     broken = _supervise(InferenceError("Stub process is not healthy"), steps=range(100))  # progress, but an error
     assert "Stub process is not healthy" in broken
+
+
+def test_engine_stats_read_both_backends_metric_lines():
+    """serve's supervision and drain and the OpenAI API's gauges read the engine's figures through one parser: the
+    reference runtime's gauges, and TensorRT-LLM's lines as tensorrtllm_backend's README shows them."""
+    from nim_build.serving.server import engine_stats
+
+    reference = "\n".join(
+        f'nim_build_engine{{stat="{k}"}} {v}'
+        for k, v in {"steps": 12, "active": 3, "waiting": 1, "free_blocks": 30, "total_blocks": 40}.items()
+    )
+    assert engine_stats(reference) == {"steps": 12, "running": 3, "waiting": 1, "cache": 0.25}
+    trtllm = """
+nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="waiting",version="1"} 1
+nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="scheduled",version="1"} 1
+nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="active",version="1"} 2
+nv_trt_llm_general_metrics{general_type="iteration_counter",model="tensorrt_llm",version="1"} 77
+nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="max",model="tensorrt_llm",version="1"} 100
+nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="used",model="tensorrt_llm",version="1"} 25
+"""
+    assert engine_stats(trtllm) == {"steps": 77, "running": 2, "waiting": 1, "cache": 0.25}
+    assert engine_stats("nv_inference_count 3") == {}

@@ -1,32 +1,19 @@
 """/v1/metrics: Prometheus metrics under NIM's names, each with a `model_name` label.
 
 Request counts, token counts and latencies are the frontend's own. The engine's running/waiting requests and its
-KV-cache use come from Triton's metrics port at scrape time: the reference runtime's `nim_build_engine` gauges, or
-TensorRT-LLM's `nv_trt_llm_*` metrics; without either, running and waiting count the frontend's requests.
+KV-cache use come from Triton's metrics port at scrape time (nim_build.serving.server.engine_stats: the reference
+runtime's `nim_build_engine` gauges, or TensorRT-LLM's `nv_trt_llm_*` metrics); without either, running counts the
+frontend's requests.
 """
 
 from __future__ import annotations
 
-import re
-import urllib.request
-
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from nim_build.serving.server import engine_stats, metrics_text
+
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 30, 60)
-_REFERENCE = re.compile(r'^nim_build_engine\{stat="(\w+)"\} ([0-9.e+-]+)$', re.M)
-
-
-def _trtllm(metric: str, label: str, value: str) -> re.Pattern:
-    return re.compile(rf'^{metric}\{{[^}}]*{label}="{value}"[^}}]*\}} ([0-9.e+-]+)$', re.M)
-
-
-_TRTLLM = {  # TensorRT-LLM backend metric lines -> our names
-    "running": _trtllm("nv_trt_llm_request_metrics", "request_type", "scheduled"),
-    "waiting": _trtllm("nv_trt_llm_request_metrics", "request_type", "waiting"),
-    "used": _trtllm("nv_trt_llm_kv_cache_block_metrics", "kv_cache_block_type", "used"),
-    "max": _trtllm("nv_trt_llm_kv_cache_block_metrics", "kv_cache_block_type", "max"),
-}
 
 
 class Metrics:
@@ -68,20 +55,9 @@ class Metrics:
         if not self.triton_metrics_url:
             return {}
         try:
-            with urllib.request.urlopen(self.triton_metrics_url, timeout=2) as resp:
-                text = resp.read().decode("utf-8", errors="replace")
+            return engine_stats(metrics_text(self.triton_metrics_url, timeout_s=2))
         except OSError:
             return {}
-        ref = {k: float(v) for k, v in _REFERENCE.findall(text)}
-        if ref:
-            total = ref.get("total_blocks", 0.0)
-            cache = (total - ref.get("free_blocks", 0.0)) / total if total else 0.0
-            return {"running": ref.get("active", 0.0), "waiting": ref.get("waiting", 0.0), "cache": cache}
-        found = {k: float(m.group(1)) for k, p in _TRTLLM.items() if (m := p.search(text))}
-        out = {k: found[k] for k in ("running", "waiting") if k in found}
-        if found.get("max"):
-            out["cache"] = found.get("used", 0.0) / found["max"]
-        return out
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

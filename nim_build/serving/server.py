@@ -526,43 +526,54 @@ def _safe(read: Callable[[], float | None] | None) -> float | None:
         return None
 
 
-# The engine's step counter, as each backend exports it on the metrics port.
-STEP_COUNTERS = (
-    re.compile(r'^nim_build_engine\{stat="steps"\} ([0-9.e+]+)$', re.M),  # the reference runtime
-    re.compile(r'^nv_trt_llm_general_metrics\{[^}]*general_type="iteration_counter"[^}]*\} ([0-9.e+]+)$', re.M),
-)
+# The reference runtime's engine statistics (tensorrt_llm/model.py STATS_KEYS), and TensorRT-LLM's metric lines
+# (tensorrtllm_backend README, "Triton Metrics") for the same figures: (metric, label, value).
+_REFERENCE_STAT = re.compile(r'^nim_build_engine\{stat="(\w+)"\} ([0-9.e+-]+)$', re.M)
+_TRTLLM_STATS = {
+    "steps": ("nv_trt_llm_general_metrics", "general_type", "iteration_counter"),
+    "running": ("nv_trt_llm_request_metrics", "request_type", "active"),
+    "waiting": ("nv_trt_llm_request_metrics", "request_type", "waiting"),
+    "used_blocks": ("nv_trt_llm_kv_cache_block_metrics", "kv_cache_block_type", "used"),
+    "max_blocks": ("nv_trt_llm_kv_cache_block_metrics", "kv_cache_block_type", "max"),
+}
 
 
-# The requests the engine holds (running or waiting), as each backend exports them.
-ENGINE_REQUESTS = (
-    re.compile(r'^nim_build_engine\{stat="(?:active|waiting)"\} ([0-9.e+]+)$', re.M),
-    re.compile(r'^nv_trt_llm_request_metrics\{[^}]*request_type="active"[^}]*\} ([0-9.e+]+)$', re.M),
-)
-
-
-def _metrics_text(metrics_url: str) -> str:
-    with urllib.request.urlopen(metrics_url, timeout=5) as r:
+def metrics_text(metrics_url: str, timeout_s: float = 5.0) -> str:
+    with urllib.request.urlopen(metrics_url, timeout=timeout_s) as r:
         return r.read().decode("utf-8", errors="replace")
+
+
+def engine_stats(text: str) -> dict[str, float]:
+    """The engine's figures in Triton's metrics, under one set of names for both backends: steps (the step
+    counter), running and waiting (requests), cache (KV-cache use, 0 to 1). What a backend does not export is left
+    out."""
+    ref = {k: float(v) for k, v in _REFERENCE_STAT.findall(text)}
+    if ref:
+        names = (("steps", "steps"), ("running", "active"), ("waiting", "waiting"))
+        out = {name: ref[key] for name, key in names if key in ref}
+        total = ref.get("total_blocks", 0.0)
+        out["cache"] = (total - ref.get("free_blocks", 0.0)) / total if total else 0.0
+        return out
+    found = {}
+    for name, (metric, label, value) in _TRTLLM_STATS.items():
+        m = re.search(rf'^{metric}\{{[^}}]*{label}="{value}"[^}}]*\}} ([0-9.e+-]+)$', text, re.M)
+        if m:
+            found[name] = float(m.group(1))
+    out = {k: found[k] for k in ("steps", "running", "waiting") if k in found}
+    if found.get("max_blocks"):
+        out["cache"] = found.get("used_blocks", 0.0) / found["max_blocks"]
+    return out
 
 
 def engine_steps(metrics_url: str) -> float | None:
     """The engine's step counter from Triton's metrics (None when the backend exports none)."""
-    text = _metrics_text(metrics_url)
-    for pattern in STEP_COUNTERS:
-        m = pattern.search(text)
-        if m:
-            return float(m.group(1))
-    return None
+    return engine_stats(metrics_text(metrics_url)).get("steps")
 
 
 def engine_requests(metrics_url: str) -> float | None:
     """How many requests the engine holds, running or waiting (None when the backend exports no such count)."""
-    text = _metrics_text(metrics_url)
-    for pattern in ENGINE_REQUESTS:
-        found = pattern.findall(text)
-        if found:
-            return sum(map(float, found))
-    return None
+    stats = engine_stats(metrics_text(metrics_url))
+    return stats["running"] + stats.get("waiting", 0.0) if "running" in stats else None
 
 
 def drain(metrics_url: str, timeout_s: float, poll_s: float = 0.25) -> bool:
