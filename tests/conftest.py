@@ -221,6 +221,21 @@ class ServedRepo:
             for m in re.finditer(r'^nim_build_engine\{stat="(\w+)"\} ([0-9.e+-]+)$', text, re.M)
         }
 
+    def wait_stats(self, condition, timeout_s: float = 30) -> dict[str, float]:
+        """Poll the engine's figures until condition(stats) holds. The model exports them as separate gauges every
+        poll interval, so one scrape may show a request as active before its KV blocks are counted."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while not condition(stats := self.engine_stats()):
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.05)
+        return stats
+
+    def wait_idle(self, timeout_s: float = 30) -> dict[str, float]:
+        """Until no request is active and every KV block is free."""
+        return self.wait_stats(lambda s: s["active"] == 0 and s["free_blocks"] == s["total_blocks"], timeout_s)
+
     def stop(self) -> int:
         """SIGTERM (what Kubernetes sends), then wait; serve's exit code."""
         import signal

@@ -335,10 +335,7 @@ def test_sigterm_under_load_lets_the_streams_finish_then_stops_everything(defaul
         clients = [threading.Thread(target=stream, args=(k,)) for k in range(8)]
         for c in clients:
             c.start()
-        deadline = time.monotonic() + 30
-        while served.engine_stats().get("active", 0) < 8:
-            assert time.monotonic() < deadline, served.engine_stats()
-            time.sleep(0.05)
+        served.wait_stats(lambda s: s.get("active", 0) >= 8)
         t0 = time.monotonic()
         served.proc.send_signal(signal.SIGTERM)
         for c in clients:

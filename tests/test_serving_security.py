@@ -133,22 +133,13 @@ def test_a_client_leaving_an_http_stream_cancels_its_request(triton_serve):
     """Issue 12, item 7: over HTTP as over gRPC, a client that leaves an ensemble stream has its request
     cancelled; the guard closes its upstream request, and the engine's KV blocks come back."""
     import socket
-    import time
 
-    total = triton_serve.engine_stats()["total_blocks"]
     host, port = triton_serve.http_url.split(":")
     body = json.dumps({"text_input": "1, 2, 3,", "max_tokens": 480, "min_tokens": 480, "stream": True}).encode()
     sock = socket.create_connection((host, int(port)), timeout=60)
     head = f"POST /v2/models/ensemble/generate_stream HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
     sock.sendall(head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     assert b"data:" in sock.recv(65536) or b"data:" in sock.recv(65536)  # the stream has started
-    busy = triton_serve.engine_stats()
-    assert busy["active"] >= 1 and busy["free_blocks"] < total, busy
+    triton_serve.wait_stats(lambda s: s["active"] >= 1 and s["free_blocks"] < s["total_blocks"])
     sock.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        stats = triton_serve.engine_stats()
-        if stats["active"] == 0 and stats["free_blocks"] == total:
-            break
-        time.sleep(0.2)
-    assert stats["active"] == 0 and stats["free_blocks"] == total, stats
+    triton_serve.wait_idle()

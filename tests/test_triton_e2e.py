@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -188,22 +187,11 @@ def test_wrong_datatype_and_unknown_model(triton_serve, reference):
     assert urllib.request.urlopen(f"http://{triton_serve.http_url}/v2/health/ready").status == 200
 
 
-def _wait_idle(served, total_blocks, timeout_s=20):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        stats = served.engine_stats()
-        if stats["active"] == 0 and stats["free_blocks"] == total_blocks:
-            return stats
-        time.sleep(0.2)
-    return stats
-
-
 def _start_long_stream(served, model, request_id):
     import queue
 
     import tritonclient.grpc as grpcclient
 
-    total_blocks = served.engine_stats()["total_blocks"]
     results = queue.Queue()
     c = grpcclient.InferenceServerClient(served.grpc_url)
     c.start_stream(callback=lambda result, error: results.put((result, error)))
@@ -212,21 +200,18 @@ def _start_long_stream(served, model, request_id):
     )
     result, error = results.get(timeout=60)
     assert error is None
-    time.sleep(0.3)
-    stats = served.engine_stats()
-    assert stats["active"] >= 1 and stats["free_blocks"] < total_blocks
-    return c, total_blocks
+    served.wait_stats(lambda s: s["active"] >= 1 and s["free_blocks"] < s["total_blocks"])
+    return c
 
 
 @pytest.mark.parametrize("model", ENTRY_POINTS)
 def test_disconnect_mid_stream_cancels(triton_serve, reference, model):
     """The client goes away mid-stream and its tensorrt_llm request stops: the KV blocks come back. BLS sees the
     cancellation itself; in the ensemble, postprocessing gets the next step marked cancelled and sends `stop`."""
-    c, total_blocks = _start_long_stream(triton_serve, model, f"gone-{model}")
+    c = _start_long_stream(triton_serve, model, f"gone-{model}")
     c.stop_stream(cancel_requests=True)  # the client goes away mid-stream
     c.close()
-    stats = _wait_idle(triton_serve, total_blocks)
-    assert stats["active"] == 0 and stats["free_blocks"] == total_blocks, stats
+    triton_serve.wait_idle()
     ok = client(triton_serve, "grpc", model).generate(GenerateRequest(prompt=PROMPTS[2], max_tokens=MAX_TOKENS))
     assert ok.text == reference[PROMPTS[2]]
 
@@ -340,12 +325,10 @@ def test_client_that_gives_up_on_a_one_shot_ensemble_request(triton_serve, refer
     """Triton 2.51 forwards no cancellation into an ensemble and a one-shot request has no postprocessing step
     before its end, so the engine finishes it (as under the TensorRT-LLM backend): bounded by max_tokens, its
     blocks come back, and the server keeps answering."""
-    total_blocks = triton_serve.engine_stats()["total_blocks"]
     impatient = Client(triton_serve.grpc_url, "grpc", "ensemble", timeout_s=0.3)
     with pytest.raises(InferenceError, match="no response"):
         impatient.generate(GenerateRequest(prompt=PROMPTS[0], max_tokens=96, stream=False))
-    stats = _wait_idle(triton_serve, total_blocks, timeout_s=60)
-    assert stats["active"] == 0 and stats["free_blocks"] == total_blocks, stats
+    triton_serve.wait_idle(timeout_s=60)
     ok = client(triton_serve, "grpc").generate(GenerateRequest(prompt=PROMPTS[2], max_tokens=MAX_TOKENS))
     assert ok.text == reference[PROMPTS[2]]
 
