@@ -30,12 +30,14 @@ from nim_build.builder.default_model import FP8_GATE
 from nim_build.errors import ConfigError
 
 # --quant -> TensorRT-LLM quant_algo (None: not quantized)
-QUANT_ALGOS = {"fp8": "FP8", "fp8-pc-pt": "FP8_PER_CHANNEL_PER_TOKEN", "bf16": None, "fp16": None}
+QUANT_ALGOS = {"fp8": "FP8", "fp8-pc-pt": "FP8_PER_CHANNEL_PER_TOKEN", "bf16": None, "fp16": None, "fp32": None}
 FP8_QUANTS = tuple(q for q in QUANT_ALGOS if q.startswith("fp8"))
+UNQUANTIZED_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --quant -> checkpoint dtype
 FP8_QUANT_ALGOS = tuple(QUANT_ALGOS[q] for q in FP8_QUANTS)
 KV_CACHES = ("auto", "fp8")
 TP_SIZES = (1, 2, 4, 8)
-BACKENDS = ("auto", "trtllm", "reference")
+SERVED_BACKENDS = ("auto", "trtllm", "reference")  # what `nim_build repo`, the engine cache and the chart take
+BACKENDS = (*SERVED_BACKENDS, "onnx")
 DEFAULT_MAX_SEQ_LEN = 8192  # the max_seq_len default: min(the model's max_position_embeddings, this)
 # The accuracy gate's defaults (min top-1 agreement, max relative perplexity increase): what FP8 (per-tensor) costs
 # a 7B-12B model is well inside these; a wrong tensor mapping or scale is far outside them. The embedded 135M
@@ -55,11 +57,14 @@ def _opt(
     short: str | None = None,
     chart: str | None = None,
     argument: bool = False,
+    chart_choices: tuple | None = None,
 ) -> dict:
     """Field metadata. local: not carried to the cache or the chart. key: part of the engine cache's key (a
     portable option that does not change the engine, like workers, is not). path: "file" / "dir" for paths.
-    chart: the chart's key when it is not the camelCase of the name. argument: a positional argument."""
+    chart: the chart's key when it is not the camelCase of the name. argument: a positional argument.
+    chart_choices: the choices the chart (and the engine cache) take, when fewer than the command line's."""
     return {
+        "chart_choices": chart_choices or choices,
         "help": help,
         "choices": choices,
         "min": min,
@@ -94,7 +99,7 @@ class BuildOptions:
         default="fp8",
         metadata=_opt(
             "fp8: per-tensor FP8 weights and activations from calibration (modelopt-exact). fp8-pc-pt: per-channel "
-            "weights, per-token activations, no calibration. bf16/fp16: no quantization.",
+            "weights, per-token activations, no calibration. bf16/fp16/fp32: no quantization.",
             choices=tuple(QUANT_ALGOS),
         ),
     )
@@ -113,8 +118,11 @@ class BuildOptions:
         default="auto",
         metadata=_opt(
             "trtllm: a TensorRT-LLM 1.2 engine (GPU; compute capability >= 8.9 for FP8). reference: the checkpoint "
-            "served by nim_build's PyTorch runtime (CPU or GPU). auto: trtllm when it can build here.",
+            "served by nim_build's PyTorch runtime (CPU or GPU). auto: trtllm when it can build here. onnx "
+            "(`nim_build engine` only, not served yet): the decoder as an ONNX graph, FP8 as Q/DQ, for TensorRT and "
+            "onnxruntime-genai, checked with ONNX Runtime.",
             choices=BACKENDS,
+            chart_choices=SERVED_BACKENDS,
         ),
     )
     max_batch_size: int = field(default=64, metadata=_opt("Most sequences in flight at once.", min=1, max=4096))
@@ -173,6 +181,14 @@ class BuildOptions:
         default=False, metadata=_opt("Accept pytorch_model*.bin weights (loading pickle can run code).")
     )
     workers: int = field(default=1, metadata=_opt("Parallel per-rank engine builds.", min=1, key=False))
+    tensorrt: bool = field(
+        default=False,
+        metadata=_opt(
+            "With --backend onnx: also build a TensorRT engine from the graph (onnx/model.plan) with the tensorrt "
+            "package; needs an NVIDIA GPU, and the engine runs on that GPU model.",
+            local=True,
+        ),
+    )
     force: bool = field(default=False, metadata=_opt("Replace an existing output directory.", local=True))
 
     def __post_init__(self):
@@ -288,7 +304,7 @@ def click_options(*, portable_only: bool = False) -> Callable:
 
     def decorate(command):
         for f in reversed(fields(portable=True if portable_only else None)):
-            command = click.option(*_click_decls(f), **_click_kwargs(f))(command)
+            command = click.option(*_click_decls(f), **_click_kwargs(f, portable_only))(command)
         return command
 
     return decorate
@@ -301,14 +317,14 @@ def _click_decls(f: dataclasses.Field) -> list[str]:
     return [d for d in (flag(f), f.metadata["short"], f.name) if d]
 
 
-def _click_kwargs(f: dataclasses.Field) -> dict:
+def _click_kwargs(f: dataclasses.Field, chart: bool) -> dict:
     import click
 
     kind, _ = value_type(f)
     m = f.metadata
     kwargs = {"default": f.default, "help": m["help"], "show_default": f.default is not None}
     if m["choices"] is not None:
-        kwargs["type"] = click.Choice(m["choices"])
+        kwargs["type"] = click.Choice(m["chart_choices"] if chart else m["choices"])
     elif m["path"] == "file":
         kwargs["type"] = click.Path(exists=True, dir_okay=False)
     elif m["path"] == "dir":
@@ -362,8 +378,12 @@ def to_chart(opts: BuildOptions) -> dict[str, Any]:
 
 def from_chart(model: str, engine: dict[str, Any]) -> BuildOptions:
     """BuildOptions from the chart's model id and `engine` values (the inverse of to_chart)."""
-    by_key = {chart_key(f): f.name for f in fields(portable=True)}
+    by_key = {chart_key(f): f for f in fields(portable=True)}
     unknown = sorted(set(engine) - set(by_key))
     if unknown:
         raise ConfigError(f"engine values: unknown keys {', '.join(unknown)}; valid: {', '.join(sorted(by_key))}")
-    return BuildOptions(model=model, **{by_key[k]: v for k, v in engine.items()})
+    for key, value in engine.items():
+        allowed = by_key[key].metadata["chart_choices"]
+        if allowed is not None and value not in allowed:
+            raise ConfigError(f"engine.{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+    return BuildOptions(model=model, **{by_key[k].name: v for k, v in engine.items()})

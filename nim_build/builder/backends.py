@@ -1,6 +1,7 @@
 """Which engine backend builds and serves: `trtllm` (TensorRT-LLM 1.2 engine) or `reference` (the checkpoint itself,
 run by nim_build's PyTorch runtime). `--backend auto` takes trtllm when this machine can build it and says why not
-otherwise; `--backend trtllm` on a machine that cannot fails with the image and the command to run there."""
+otherwise; `--backend trtllm` on a machine that cannot fails with the image and the command to run there.
+`onnx` (asked for by name only) adds the checkpoint's ONNX graph (onnx_export.py); Triton does not serve it yet."""
 
 from __future__ import annotations
 
@@ -46,8 +47,8 @@ def choose_backend(
     """(backend, reason). argv: the user's command line after `nim_build`, reproduced in the messages."""
     if requested not in BACKENDS:
         raise ConfigError(f"--backend {requested!r} is not one of {', '.join(BACKENDS)}")
-    if requested == "reference":
-        return "reference", "requested with --backend reference"
+    if requested in ("reference", "onnx"):
+        return requested, f"requested with --backend {requested}"
     if probe is None:
         from nim_build.builder.trtllm_adapter import probe
     found = probe()

@@ -27,7 +27,7 @@ from nim_build.builder.safetensors_io import CheckpointReader, StreamingWriter, 
 from nim_build.builder.source import SourceModel
 from nim_build.builder.spec import ModelSpec
 from nim_build.formats import torch_dtype
-from nim_build.options import QUANT_ALGOS
+from nim_build.options import QUANT_ALGOS, UNQUANTIZED_DTYPES
 
 FP8 = torch.float8_e4m3fn
 F32 = torch.float32
@@ -297,7 +297,7 @@ class _LayerStream:
 
 
 def _dtype(source: SourceModel, quant: str, dtype: str | None) -> str:
-    return dtype or ("float16" if quant == "fp16" else "bfloat16" if quant == "bf16" else source.spec.dtype)
+    return dtype or UNQUANTIZED_DTYPES.get(quant, source.spec.dtype)
 
 
 def _groups(source: SourceModel, plan: ParallelPlan, quant: str, kv_cache: str, dtype: str):

@@ -6,6 +6,9 @@ Layout of an engine directory (``nim_build engine MODEL --out DIR``)::
       checkpoint/config.json           TensorRT-LLM checkpoint config (docs/FORMATS.md, section 3)
       checkpoint/rank{r}.safetensors   one file per tensor-parallel rank
       engine/config.json, rank{r}.engine   only for backend "trtllm"
+      onnx/model.onnx, model.onnx.data     only for backend "onnx": the decoder graph + its tensors, with
+      onnx/genai_config.json, tokenizer    onnxruntime-genai's config and the tokenizer (a genai model directory);
+      onnx/model.plan                      the TensorRT engine built from it (--tensorrt)
       tokenizer/                       tokenizer.json / tokenizer_config.json / tekken.json / generation_config.json ...
       manifest.json                    written last: a directory with a manifest is complete
 
@@ -14,7 +17,8 @@ manifest.json keys (all present; values null where not applicable)::
     format          "nim_build.engine"
     format_version  1
     name            engine name (default: the output directory's name)
-    backend         "trtllm" | "reference"  (what serves it: TensorRT-LLM C++ backend, or nim_build.runtime)
+    backend         "trtllm" | "reference" | "onnx"  (what runs it: TensorRT-LLM C++ backend, nim_build.runtime,
+                    or ONNX Runtime / TensorRT)
     model           {source, revision, local_dir, architecture, input_files: {relpath: sha256}}
     spec            {architecture, vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
                      num_key_value_heads, head_size, intermediate_size, max_position_embeddings,
@@ -23,8 +27,11 @@ manifest.json keys (all present; values null where not applicable)::
                      converter_version, quant, quant_algo, kv_cache, kv_cache_quant_algo, tp, pp, world_size,
                      max_batch_size, max_seq_len (resolved), max_input_len, max_num_tokens, calib_samples,
                      calib_seq_len, calib_data, parallel_plan, trtllm_build_config}
+    onnx            backend "onnx": {model_file, data_file, data_sha256, data_bytes, opset, ir_version, dtype,
+                    quant_algo, nodes, initializers, onnx, tensorrt (the TensorRT build, or absent)}; else null
     tokenizer       {dir: "tokenizer", kind: "hf" | "tekken", bos_id, end_id, pad_id, chat_template: bool}
-    versions        {nim_build, torch, transformers, tensorrt_llm_target, tensorrt_llm (null unless built)}
+    versions        {nim_build, torch, transformers, tensorrt_llm_target, tensorrt_llm (null unless built),
+                    onnx and onnxruntime (backend "onnx")}
     gpu             {name, compute_capability, arch} or null when built without a GPU
     outputs         {relpath: sha256} for every file in the directory except manifest.json
     timings_s       {resolve, calibrate, convert, engine, accuracy, total}
@@ -48,6 +55,7 @@ FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoint"
 ENGINE_DIR = "engine"
 TOKENIZER_DIR = "tokenizer"
+ONNX_DIR = "onnx"
 
 
 def sha256_file(path: str | os.PathLike, bufsize: int = 8 << 20) -> str:

@@ -4,8 +4,10 @@
     open      config.json, family, weights and tokenizer, opened and checked once             source.py
     plan      tensor-parallel split; max_seq_len; the engine backend                          plan.py, backends.py
     convert   calibrate + quantize + write the TensorRT-LLM checkpoint, one pass, streamed    convert.py
-    accuracy  the checkpoint against transformers' own forward pass (FP8)                     accuracy.py
-    engine    TensorRT-LLM engine (trtllm backend only)                                       trtllm_adapter.py
+    onnx      the checkpoint as an ONNX graph, checked (onnx backend only)                    onnx_export.py, _verify.py
+    accuracy  the checkpoint (or the ONNX graph) against transformers' own forward pass (FP8) accuracy.py
+    engine    TensorRT-LLM engine (trtllm); TensorRT engine from the graph (onnx, --tensorrt)  trtllm_adapter.py,
+                                                                                              tensorrt_adapter.py
     manifest  written last                                                                    manifest.py
 
 Everything is written into a temporary sibling of the output directory, which is renamed into place when
@@ -24,7 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nim_build import TRTLLM_VERSION, __version__, limits
-from nim_build.builder.manifest import CHECKPOINT_DIR, ENGINE_DIR, TOKENIZER_DIR, hash_files, hash_tree, write_manifest
+from nim_build.builder.manifest import (
+    CHECKPOINT_DIR,
+    ENGINE_DIR,
+    ONNX_DIR,
+    TOKENIZER_DIR,
+    hash_files,
+    hash_tree,
+    write_manifest,
+)
 from nim_build.errors import AccuracyGateError, UserError
 from nim_build.options import DEFAULT_GATE, DEFAULT_MAX_SEQ_LEN, FP8_QUANTS, BuildOptions
 from nim_build.outputs import check_free_space, check_output, output_dir
@@ -92,6 +102,19 @@ def build(opts: BuildOptions, progress: bool = True, argv: Sequence[str] | None 
                 "pass --max-seq-len to build for longer contexts"
             )
         backend, reason = choose_backend(opts.backend, opts.quant, argv=argv)
+        if backend == "onnx":
+            from nim_build.builder import onnx_export, tensorrt_adapter
+
+            onnx_export.check_supported(quant=opts.quant, kv_cache=opts.kv_cache, tp=opts.tp)
+            if opts.tensorrt:
+                tensorrt_adapter.require(out)
+            if source.tokenizer is None:
+                raise UserError(
+                    f"{resolved.local_dir} has neither tokenizer.json nor tekken.json; --backend onnx writes "
+                    "onnxruntime-genai's model directory, which needs the model's tokenizer: add it"
+                )
+        elif opts.tensorrt:
+            raise UserError("--tensorrt builds a TensorRT engine from the ONNX graph: pass --backend onnx with it")
         if source.tokenizer is None and opts.quant == "fp8":
             raise UserError(
                 f"{resolved.local_dir} has neither tokenizer.json nor tekken.json, which FP8 calibration "
@@ -103,8 +126,8 @@ def build(opts: BuildOptions, progress: bool = True, argv: Sequence[str] | None 
                 "gate needs for its evaluation text; add the model's tokenizer or pass --no-accuracy-gate"
             )
         run = _Build(opts, resolved, source, plan, backend, max_seq_len, t0, {"resolve": resolve_s})
-        need = planned_bytes(source, plan, quant=opts.quant, kv_cache=opts.kv_cache)
-        check_free_space(out, need * (2 if backend == "trtllm" else 1))  # an engine is about its checkpoint again
+        need = planned_bytes(source, plan, quant=opts.quant, kv_cache=opts.kv_cache, dtype=checkpoint_dtype(run))
+        check_free_space(out, need * (1 if backend == "reference" else 2))  # an engine is about its checkpoint again
         _log(f"backend: {backend} ({reason})")
         with output_dir(out, opts.force, protect=(source.dir,)) as tmp:
             summary = _build_into(tmp, run, name=opts.name or out.name, progress=progress)
@@ -148,17 +171,35 @@ def _build_into(tmp: Path, run: _Build, *, name: str, progress: bool) -> dict:
                 f"the model's vocab_size {spec.vocab_size}: the tokenizer does not belong to this model"
             )
     report = convert_checkpoint(
-        source, ckpt, run.plan, quant=opts.quant, kv_cache=opts.kv_cache, calib_ids=calib_ids, progress=progress
+        source,
+        ckpt,
+        run.plan,
+        quant=opts.quant,
+        kv_cache=opts.kv_cache,
+        calib_ids=calib_ids,
+        dtype=checkpoint_dtype(run),
+        progress=progress,
     )
     timings["calibrate"] = report["calibrate_s"]  # interleaved with conversion: one pass over the weights
     timings["convert"] = time.monotonic() - t - report["calibrate_s"]
     quantization = report["config"]["quantization"]
 
+    onnx_info = forward = None
+    if run.backend == "onnx":
+        t = time.monotonic()
+        onnx_info = _export_onnx(run, tmp)
+        timings["onnx"] = time.monotonic() - t
+
     accuracy = None
     if opts.quant in FP8_QUANTS and opts.accuracy_gate:
         t = time.monotonic()
-        accuracy = _accuracy_gate(opts, source, tmp)
+        if onnx_info is not None:
+            from nim_build.builder.onnx_verify import OrtDecoder
+
+            forward = OrtDecoder(tmp / ONNX_DIR, onnx_info["hidden_states"]).forward
+        accuracy = _accuracy_gate(opts, source, tmp, forward)
         timings["accuracy"] = time.monotonic() - t
+        forward = None  # the session's memory goes before the engine build
 
     build_config = None
     engine_version = None
@@ -177,6 +218,14 @@ def _build_into(tmp: Path, run: _Build, *, name: str, progress: bool) -> dict:
             workers=opts.workers,
         )
         engine_version = trtllm_adapter.probe().version
+        timings["engine"] = time.monotonic() - t
+    if onnx_info is not None and opts.tensorrt:
+        from nim_build.builder import tensorrt_adapter
+
+        t = time.monotonic()
+        onnx_info["tensorrt"] = tensorrt_adapter.build_engine(
+            tmp / ONNX_DIR, max_batch_size=opts.max_batch_size, max_seq_len=run.max_seq_len
+        )
         timings["engine"] = time.monotonic() - t
 
     gpu = None
@@ -220,6 +269,7 @@ def _build_into(tmp: Path, run: _Build, *, name: str, progress: bool) -> dict:
             "parallel_plan": run.plan.to_dict(),
             "trtllm_build_config": build_config,
         },
+        "onnx": None if onnx_info is None else {k: v for k, v in onnx_info.items() if k != "hidden_states"},
         "tokenizer": {"dir": TOKENIZER_DIR, **(source.tokenizer_meta or {"kind": None})},
         "versions": {
             "nim_build": __version__,
@@ -227,6 +277,7 @@ def _build_into(tmp: Path, run: _Build, *, name: str, progress: bool) -> dict:
             "transformers": transformers.__version__,
             "tensorrt_llm_target": TRTLLM_VERSION,
             "tensorrt_llm": engine_version,
+            **(_onnx_versions() if onnx_info is not None else {}),
         },
         "gpu": gpu,
         "outputs": hash_tree(tmp),
@@ -250,12 +301,52 @@ def _build_into(tmp: Path, run: _Build, *, name: str, progress: bool) -> dict:
     }
 
 
-def _accuracy_gate(opts: BuildOptions, source, engine_dir: Path) -> dict:
+def checkpoint_dtype(run: _Build) -> str | None:
+    """The checkpoint's dtype when the backend decides it (onnx: onnx_export.ONNX_DTYPES), else None: the
+    converter's rule (the quant's, or the model's own)."""
+    from nim_build.builder.onnx_export import ONNX_DTYPES
+
+    return ONNX_DTYPES[run.opts.quant] if run.backend == "onnx" else None
+
+
+def _export_onnx(run: _Build, tmp: Path) -> dict:
+    """OUT/onnx: the graph from the checkpoint just written, the tokenizer (onnxruntime-genai reads it from the
+    model directory), checked before anything else reads it."""
+    from nim_build.builder.onnx_export import export_onnx
+    from nim_build.builder.onnx_verify import check_export
+    from nim_build.builder.tensorrt_adapter import profile_shapes, trtexec_command
+    from nim_build.serving.tokenizer import other_end_ids
+
+    meta, onnx_dir = run.source.tokenizer_meta, tmp / ONNX_DIR
+    shutil.copytree(tmp / TOKENIZER_DIR, onnx_dir)
+    info = export_onnx(
+        tmp / CHECKPOINT_DIR,
+        onnx_dir,
+        max_seq_len=run.max_seq_len,
+        bos_id=meta["bos_id"],
+        end_ids=[meta["end_id"], *other_end_ids(onnx_dir, meta["end_id"])],
+        pad_id=meta["pad_id"],
+    )
+    check_export(onnx_dir, info["data_sha256"])
+    shapes = profile_shapes(onnx_dir, max_batch_size=run.opts.max_batch_size, max_seq_len=run.max_seq_len)
+    info["trtexec"] = trtexec_command(shapes, Path(ONNX_DIR))  # run from the engine directory
+    _log(f"onnx: {info['nodes']} nodes, {info['data_bytes'] / 2**20:.1f} MiB of tensors, onnx.checker passed")
+    return info
+
+
+def _onnx_versions() -> dict:
+    import onnx
+    import onnxruntime
+
+    return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _accuracy_gate(opts: BuildOptions, source, engine_dir: Path, forward=None) -> dict:
     from nim_build.builder.accuracy import check_gate, evaluate
     from nim_build.builder.calib_data import token_batch
 
     eval_ids = token_batch(source.tokenizer, 8, 128, opts.eval_data, separator_id=source.tokenizer_meta["end_id"])
-    report = evaluate(source, engine_dir, eval_ids)
+    report = evaluate(source, engine_dir, eval_ids, forward=forward)
     min_top1, max_ppl_increase = gate_thresholds(opts, source.dir)
     failures = check_gate(report, min_top1=min_top1, max_ppl_increase=max_ppl_increase)
     report["gate"] = {

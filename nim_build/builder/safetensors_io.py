@@ -163,6 +163,11 @@ class CheckpointReader:
         """The safetensors dtype code ("BF16", "F32", ...)."""
         return self._meta[self._require(name)][1]
 
+    def location(self, name: str) -> tuple[Path, int, int]:
+        """(file, absolute byte offset, byte length) of a tensor's data: for copying its bytes unchanged."""
+        path, _, _, offset, nbytes = self._meta[self._require(name)]
+        return path, offset, nbytes
+
     def _require(self, name: str) -> str:
         if name not in self._meta:
             raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.dir}")

@@ -36,8 +36,8 @@ def _type(f) -> tuple[str, bool]:
 
 def _help(f) -> str:
     text = f.metadata["help"]
-    if f.metadata["choices"]:
-        text += f" One of: {', '.join(map(str, f.metadata['choices']))}."
+    if f.metadata["chart_choices"]:
+        text += f" One of: {', '.join(map(str, f.metadata['chart_choices']))}."
     return text
 
 
@@ -59,8 +59,8 @@ def schema_section() -> dict:
     for f in _fields():
         kind, nullable = _type(f)
         node: dict = {"type": [kind, "null"] if nullable else kind, "description": f.metadata["help"]}
-        if f.metadata["choices"]:
-            node["enum"] = list(f.metadata["choices"])
+        if f.metadata["chart_choices"]:
+            node["enum"] = list(f.metadata["chart_choices"])
         for key, schema_key in (("min", "minimum"), ("max", "maximum")):
             if f.metadata[key] is not None:
                 node[schema_key] = f.metadata[key]

@@ -312,6 +312,11 @@ def refused_for_reference(values: dict) -> str | None:
 def build_configs(manifest: dict, engine_dir: Path, opts: RepoOptions) -> dict[str, object]:
     """The five ModelConfig messages for an engine, keyed by model directory name."""
     backend = manifest["backend"]
+    if backend == "onnx":
+        raise UserError(
+            f"{engine_dir} is an onnx build, which Triton does not serve yet: run its onnx/ directory with "
+            "onnxruntime-genai (`onnxruntime_genai.Model(dir)`), or rebuild with --backend reference or trtllm"
+        )
     if backend not in ("trtllm", "reference"):
         raise UserError(f"engine backend {backend!r} is not servable; expected 'trtllm' or 'reference'")
     if opts.batch_scheduler_policy not in SCHEDULER_POLICIES:

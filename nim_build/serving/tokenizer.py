@@ -96,6 +96,13 @@ def detect_meta(
     }
 
 
+def other_end_ids(path: str | os.PathLike, end_id: int) -> list[int]:
+    """End ids beyond end_id (Llama 3's <|eot_id|> and <|eom_id|>): generation_config.json's other eos_token_ids,
+    the list detect_meta takes end_id from."""
+    eos = _json(Path(path) / "generation_config.json").get("eos_token_id")
+    return [int(i) for i in eos if int(i) != end_id] if isinstance(eos, list) else []
+
+
 def _json(path: Path) -> dict:
     return read_object(path) if path.is_file() else {}
 
@@ -241,10 +248,7 @@ class Tokenizer:
         return text, text.encode("utf-8")
 
     def other_end_ids(self) -> list[int]:
-        """End ids beyond end_id (Llama 3's <|eot_id|> and <|eom_id|>): generation_config.json's other eos_token_ids,
-        the list detect_meta takes end_id from."""
-        eos = _json(self.path / "generation_config.json").get("eos_token_id")
-        return [int(i) for i in eos if int(i) != self.end_id] if isinstance(eos, list) else []
+        return other_end_ids(self.path, self.end_id)
 
     def has_chat_template(self) -> bool:
         if self.kind == "tekken":
