@@ -159,7 +159,9 @@ def dd_baseline(inputs: list[Path], out_bytes: int, scratch: Path) -> tuple[floa
     return read_s, write_s
 
 
-def engine_cmd(model: Path, out: Path, samples: int, seq: int, quant: str = "fp8") -> list[str]:
+def engine_cmd(
+    model: Path, out: Path, samples: int, seq: int, quant: str = "fp8", backend: str = "reference"
+) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -171,7 +173,7 @@ def engine_cmd(model: Path, out: Path, samples: int, seq: int, quant: str = "fp8
         "--quant",
         quant,
         "--backend",
-        "reference",
+        backend,
         "--no-accuracy-gate",
         "--calib-samples",
         str(samples),

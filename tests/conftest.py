@@ -34,6 +34,8 @@ os.environ.update(
         SESSION_MARK: str(SCRATCH),  # inherited by every process a test starts
     }
 )
+from nim_build.testing.ports import free_ports  # noqa: E402  (after the environment above; tests import it from here)
+
 USER_CACHE = Path.home() / ".cache"
 SERVER_PROCESSES = ("tritonserver", "triton_python_backend_stub")
 OPENAI_MODULE = "nim_build.openai"
@@ -142,18 +144,6 @@ def reference_engine_dir(default_model_dir, tmp_path_factory) -> Path:
         progress=False,
     )
     return out
-
-
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 class ServedRepo:

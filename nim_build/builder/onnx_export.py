@@ -36,6 +36,7 @@ from nim_build import __version__
 from nim_build.builder.safetensors_io import CheckpointReader
 from nim_build.errors import ConfigError
 from nim_build.options import FP8_QUANTS, UNQUANTIZED_DTYPES
+from nim_build.runtime.fp8 import FP8_MAX
 
 OPSET = 21
 IR_VERSION = 10
@@ -45,7 +46,6 @@ GENAI_CONFIG = "genai_config.json"
 ALIGN = 4096  # external-data offsets: page-aligned, so ONNX Runtime may map the file instead of copying it
 INLINE_MAX = 1024  # tensors up to this many bytes stay in the graph
 COPY_CHUNK = 16 << 20
-FP8_MAX = 448.0
 # The checkpoint dtype of an onnx build, by --quant. FP8 computes in float16: ONNX Runtime has no bfloat16 CPU
 # kernels (so a bfloat16 graph could not be checked here) and float16 is what TensorRT's FP8 ONNX path runs.
 ONNX_DTYPES = {**UNQUANTIZED_DTYPES, **{q: "float16" for q in FP8_QUANTS}}
@@ -148,10 +148,10 @@ def _raw(t: torch.Tensor) -> bytes:
 
 
 class _Graph:
-    """Nodes and initializers of the decoder, named like onnxruntime-genai's builder names them."""
+    """Nodes and initializers under construction; a node's output is named after the node."""
 
-    def __init__(self, data: _ExternalData, dtype: str):
-        self.data, self.dtype = data, dtype
+    def __init__(self, data: _ExternalData):
+        self.data = data
         self.types = _onnx_types()
         self.nodes, self.inits, self.n = [], [], 0
         self.const_cache: dict = {}
@@ -189,7 +189,7 @@ class _Decoder:
         self.reader = CheckpointReader(ckpt_dir)
         self.dtype = cfg["dtype"]
         self.quant_algo = cfg["quantization"]["quant_algo"]
-        self.g = _Graph(data, self.dtype)
+        self.g = _Graph(data)
         self.t = self.g.types[self.dtype]
         self.heads, self.kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
         self.head_size, self.hidden = cfg["head_size"], cfg["hidden_size"]

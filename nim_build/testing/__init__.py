@@ -1,1 +1,2 @@
-"""Stand-ins for tests and benchmarks, never used in production: the trivial engine (trivial_engine.py)."""
+"""Stand-ins for tests and benchmarks, never used in production: the trivial engine (trivial_engine.py), free
+loopback ports (ports.py)."""
