@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -45,9 +46,10 @@ def _export(hf: Path, root: Path, quant: str, dtype: str = "float32", max_seq_le
     ckpt, onnx_dir = root / "checkpoint", root / "onnx"
     ckpt.mkdir(parents=True)
     calib = torch.as_tensor(make_calib_ids(256)) if quant == "fp8" else None
-    convert(hf, ckpt, quant=quant, calib_ids=calib, dtype=dtype)
+    written = convert(hf, ckpt, quant=quant, calib_ids=calib, dtype=dtype, hashed=True)["sha256"]
     info = onnx_export.export_onnx(ckpt, onnx_dir, max_seq_len=max_seq_len, bos_id=1, end_ids=[2], pad_id=2)
-    check_export(onnx_dir, info["data_sha256"])
+    info["written"] = written["rank0.safetensors"]
+    check_export(onnx_dir, info["written"])
     return onnx_dir, info
 
 
@@ -104,7 +106,8 @@ def test_prefill_and_decode_with_the_cache_fed_back_match_transformers(tmp_path,
 @pytest.mark.parametrize("quant", ["fp8", "fp8-pc-pt"])
 def test_fp8_graph_computes_the_reference_runtimes_function_with_the_checkpoints_bytes(tmp_path, quant):
     """In float32 compute the Q/DQ graph must equal the reference runtime on the same FP8 checkpoint (which
-    rounds activations as TensorRT-LLM does); every FP8 weight in the external data is the checkpoint's bytes."""
+    rounds activations as TensorRT-LLM does); every FP8 weight of the graph is the checkpoint's tensor, read
+    through the graph's own external-data references, and the data file is the checkpoint file itself."""
     import onnx
 
     from nim_build.runtime.model import DecoderModel, SeqChunk
@@ -119,6 +122,7 @@ def test_fp8_graph_computes_the_reference_runtimes_function_with_the_checkpoints
         expected = ref.forward(ids.reshape(-1), [SeqChunk(0, 24)], all_logits=True).logits
     torch.testing.assert_close(logits, expected, atol=2e-3, rtol=1e-3)
 
+    assert os.readlink(tmp_path / "out/checkpoint/rank0.safetensors") == "../onnx/model.onnx.data"
     reader = CheckpointReader(tmp_path / "out" / "checkpoint")
     graph = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph
     data = (onnx_dir / "model.onnx.data").read_bytes()
@@ -128,7 +132,6 @@ def test_fp8_graph_computes_the_reference_runtimes_function_with_the_checkpoints
         where = {e.key: int(e.value) for e in t.external_data if e.key != "location"}
         ours = data[where["offset"] : where["offset"] + where["length"]]
         assert ours == reader.get(t.name).view(torch.uint8).numpy().tobytes(), t.name
-        assert where["offset"] % onnx_export.ALIGN == 0
     reader.close()
 
 
@@ -160,11 +163,11 @@ def test_a_corrupted_or_truncated_data_file_fails_the_builds_own_check(tmp_path)
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     data.write_bytes(raw)
-    with pytest.raises(ExportCheckError, match="changed after it was written"):
-        check_export(onnx_dir, info["data_sha256"])
+    with pytest.raises(ExportCheckError, match="not the checkpoint as written"):
+        check_export(onnx_dir, info["written"])
     data.write_bytes(raw[: len(raw) // 3])
     with pytest.raises(ExportCheckError, match="outside model.onnx.data|fails onnx.checker"):
-        check_export(onnx_dir, info["data_sha256"])
+        check_export(onnx_dir, info["written"])
 
 
 # -- the embedded model, through `nim_build engine` ------------------------------------------------------------
@@ -218,7 +221,11 @@ def test_the_manifest_records_the_export_and_its_checks(fp32_build):
     assert m["backend"] == "onnx" and m["build"]["options"]["backend"] == "onnx"
     o = m["onnx"]
     assert (o["opset"], o["ir_version"], o["dtype"], o["quant_algo"]) == (21, 10, "float32", None)
-    assert m["outputs"]["onnx/model.onnx.data"] == o["data_sha256"]
+    assert (out / "checkpoint" / "rank0.safetensors").resolve() == (out / "onnx" / "model.onnx.data").resolve()
+    assert m["outputs"]["onnx/model.onnx.data"] == m["outputs"]["checkpoint/rank0.safetensors"]
+    from nim_build.builder.manifest import sha256_file
+
+    assert m["outputs"]["onnx/model.onnx.data"] == sha256_file(out / "onnx" / "model.onnx.data")
     assert {"onnx/model.onnx", "onnx/genai_config.json", "onnx/tokenizer.json", "onnx/model.plan"} <= set(m["outputs"])
     assert m["versions"]["onnx"] and m["versions"]["onnxruntime"]
     assert o["trtexec"].startswith("trtexec --onnx=onnx/model.onnx --stronglyTyped --saveEngine=onnx/model.plan")

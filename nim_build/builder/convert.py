@@ -113,7 +113,7 @@ class _Builder:
         specs = [[TensorSpec(out, self.dtype, tuple(per_rank))] for _ in range(self.tp)]
 
         def produce():
-            t = src().to(self.dtype)
+            t = src()  # the writer casts it to self.dtype block by block: an fp32 copy of a 131k vocab is 2.7 GB
             parts = [t] * self.tp if dim is None else _split(t, self.tp, dim)
             return [{out: p} for p in parts]
 
@@ -326,12 +326,14 @@ def convert_checkpoint(
     calib_ids: torch.Tensor | None = None,
     dtype: str | None = None,
     progress: bool = False,
+    hashed: bool = False,
 ) -> dict:
     """Write a TensorRT-LLM checkpoint (config.json + rank{r}.safetensors) into out_dir (which must exist).
 
     One pass over the weights: each decoder layer is read once (the next one read ahead), run through the
     calibration batch (FP8), quantized, split and written while the next group is computed.
-    calib_ids: int64 [n, seq] calibration batch, required for --quant fp8. Returns a small report.
+    calib_ids: int64 [n, seq] calibration batch, required for --quant fp8. hashed: compute each file's sha256 as it
+    is written (report["sha256"], by file name). Returns a small report.
     """
     out_dir = Path(out_dir)
     spec, tp = source.spec, plan.tp
@@ -341,7 +343,7 @@ def convert_checkpoint(
     builder, head, layers, tail = _groups(source, plan, quant, kv_cache, dtype)
     all_groups = head + [g for gs in layers for g in gs] + tail
     rank_specs = [[t for g in all_groups for t in g.specs[r]] for r in range(tp)]
-    writers = [StreamingWriter(out_dir / f"rank{r}.safetensors", rank_specs[r]) for r in range(tp)]
+    writers = [StreamingWriter(out_dir / f"rank{r}.safetensors", rank_specs[r], hashed=hashed) for r in range(tp)]
     total = sum(t.nbytes for specs in rank_specs for t in specs)
     stream = _LayerStream(source.reader, source.family, spec.num_hidden_layers)
     write_pool = ThreadPoolExecutor(1, thread_name_prefix="write")
@@ -376,15 +378,14 @@ def convert_checkpoint(
             write(g)
         if pending is not None:
             pending.result()
-        for w in writers:
-            w.close()
+        hashes = {w.path.name: w.close() for w in writers}
     finally:
         bar.close()
         stream.close()
         write_pool.shutdown()
     config = trtllm_config(spec, plan, quant, kv_cache, dtype)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return {"config": config, "bytes_written": total, "calibrate_s": calib_s}
+    return {"config": config, "bytes_written": total, "calibrate_s": calib_s, "sha256": hashes if hashed else None}
 
 
 def _write_ranks(writers: list[StreamingWriter], tensors: list[dict[str, torch.Tensor]], bar) -> None:

@@ -6,7 +6,8 @@ Layout of an engine directory (``nim_build engine MODEL --out DIR``)::
       checkpoint/config.json           TensorRT-LLM checkpoint config (docs/FORMATS.md, section 3)
       checkpoint/rank{r}.safetensors   one file per tensor-parallel rank
       engine/config.json, rank{r}.engine   only for backend "trtllm"
-      onnx/model.onnx, model.onnx.data     only for backend "onnx": the decoder graph + its tensors, with
+      onnx/model.onnx, model.onnx.data     only for backend "onnx": the decoder graph + its tensors (the
+                                           checkpoint's rank0.safetensors, which links there), with
       onnx/genai_config.json, tokenizer    onnxruntime-genai's config and the tokenizer (a genai model directory);
       onnx/model.plan                      the TensorRT engine built from it (--tensorrt)
       tokenizer/                       tokenizer.json / tokenizer_config.json / tekken.json / generation_config.json ...
@@ -27,8 +28,8 @@ manifest.json keys (all present; values null where not applicable)::
                      converter_version, quant, quant_algo, kv_cache, kv_cache_quant_algo, tp, pp, world_size,
                      max_batch_size, max_seq_len (resolved), max_input_len, max_num_tokens, calib_samples,
                      calib_seq_len, calib_data, parallel_plan, trtllm_build_config}
-    onnx            backend "onnx": {model_file, data_file, data_sha256, data_bytes, opset, ir_version, dtype,
-                    quant_algo, nodes, initializers, onnx, tensorrt (the TensorRT build, or absent)}; else null
+    onnx            backend "onnx": {model_file, data_file, data, graph_bytes, opset, ir_version, dtype, quant_algo,
+                    nodes, initializers, onnx, trtexec, tensorrt (the TensorRT build, or absent)}; else null
     tokenizer       {dir: "tokenizer", kind: "hf" | "tekken", bos_id, end_id, pad_id, chat_template: bool}
     versions        {nim_build, torch, transformers, tensorrt_llm_target, tensorrt_llm (null unless built),
                     onnx and onnxruntime (backend "onnx")}
@@ -75,11 +76,16 @@ def hash_files(root: str | os.PathLike, paths: list[Path]) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): d for p, d in zip(paths, digests)}
 
 
-def hash_tree(root: str | os.PathLike, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
-    """sha256 of every file under root, keyed by posix relative path, sorted."""
-    root = Path(root)
-    files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).as_posix() not in exclude]
-    return hash_files(root, files)
+def hash_tree(
+    root: str | os.PathLike, exclude: tuple[str, ...] = (MANIFEST,), known: dict[str, str] | None = None
+) -> dict[str, str]:
+    """sha256 of every file under root, keyed by posix relative path, sorted; `known` digests (of files just
+    verified against them) are taken instead of reading those files again."""
+    root, known = Path(root), known or {}
+    rel = {p: p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file()}
+    files = [p for p, r in rel.items() if r not in exclude and r not in known]
+    digests = {**hash_files(root, files), **{r: known[r] for r in rel.values() if r in known}}
+    return dict(sorted(digests.items()))
 
 
 def write_manifest(engine_dir: str | os.PathLike, manifest: dict) -> Path:

@@ -1,10 +1,12 @@
-"""The TensorRT-LLM checkpoint as an ONNX decoder (`--backend onnx`), written without holding the model.
+"""The TensorRT-LLM checkpoint as an ONNX decoder (`--backend onnx`), written without reading the weights.
 
 One quantization, two writers: this module reads the checkpoint convert.py has just written and never quantizes
-again, so an FP8 weight here has the bytes of the checkpoint's (they are copied, not re-encoded). The graph is
-built in memory as nodes only (a few hundred kB); every tensor goes straight from the checkpoint file into the
-external-data file, one at a time, page-aligned (ONNX Runtime can map it) - memory stays at one copy buffer, the
-2 GB protobuf limit never applies.
+again. The external-data file *is* the checkpoint's rank0.safetensors: the file moves to onnx/model.onnx.data and
+checkpoint/rank0.safetensors becomes a relative symlink to it (onnx.checker refuses a data file with several hard
+links). Every weight initializer points at its tensor's bytes inside it (safetensors stores raw little-endian data,
+as ONNX external data does), so an FP8 weight of the graph is the checkpoint's, byte for byte, and a 12B export
+costs no second copy of its 13 GB. Only the graph is built in memory (nodes and small constants, under a
+few MB), so the 2 GB protobuf limit never applies.
 
 The graph is onnxruntime-genai's decoder contract (genai_config.json beside it; `onnxruntime_genai.Model(dir)` loads
 it): inputs input_ids, attention_mask, position_ids [batch, seq] int64 and past_key_values.{i}.key|value [batch,
@@ -18,12 +20,12 @@ kv_heads, past, head_size]; outputs logits (float32) and present.{i}.key|value. 
     unquantized        MatMul(x, Transpose(W))
 
 Weights keep the checkpoint's [out, in] layout (hence the Transpose, folded by both runtimes). What HF computes in
-float32 (RMSNorm's statistics, the softmax) is computed in float32 here too.
+float32 (RMSNorm's statistics, the rotary angles, the softmax) is computed in float32 here too; the rotary angles are
+computed from position_ids in the graph, so no table bounds the positions.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import math
@@ -43,9 +45,7 @@ IR_VERSION = 10
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 GENAI_CONFIG = "genai_config.json"
-ALIGN = 4096  # external-data offsets: page-aligned, so ONNX Runtime may map the file instead of copying it
-INLINE_MAX = 1024  # tensors up to this many bytes stay in the graph
-COPY_CHUNK = 16 << 20
+CHECKPOINT_FILE = "rank0.safetensors"  # what DATA_FILE links to (tp 1)
 # The checkpoint dtype of an onnx build, by --quant. FP8 computes in float16: ONNX Runtime has no bfloat16 CPU
 # kernels (so a bfloat16 graph could not be checked here) and float16 is what TensorRT's FP8 ONNX path runs.
 ONNX_DTYPES = {**UNQUANTIZED_DTYPES, **{q: "float16" for q in FP8_QUANTS}}
@@ -83,65 +83,6 @@ def check_supported(*, quant: str, kv_cache: str, tp: int) -> None:
         raise ConfigError(f"--backend onnx needs {' and '.join(missing)}: pip install 'nim_build[onnx]'")
 
 
-class _ExternalData:
-    """The external-data file, written in order; each tensor page-aligned; hashed as written."""
-
-    def __init__(self, path: Path):
-        self.path, self.f, self.offset = path, open(path, "wb"), 0
-        self.sha = hashlib.sha256()
-
-    def _put(self, data: bytes | memoryview) -> None:
-        self.f.write(data)
-        self.sha.update(data)
-        self.offset += len(data)
-
-    def _begin(self) -> int:
-        self._put(b"\0" * (-self.offset % ALIGN))
-        return self.offset
-
-    def tensor(self, name: str, data_type: int, dims, data: bytes):
-        """A TensorProto of raw little-endian bytes: inline when small, else appended here."""
-        from onnx import TensorProto
-
-        t = TensorProto(name=name, data_type=data_type, dims=list(dims))
-        if len(data) <= INLINE_MAX:
-            t.raw_data = bytes(data)
-            return t
-        start = self._begin()
-        self._put(data)
-        return self._external(t, start, len(data))
-
-    def copy(self, name: str, data_type: int, dims, src: Path, offset: int, length: int):
-        """A TensorProto whose bytes are copied from src[offset:offset+length], one chunk at a time."""
-        from onnx import TensorProto
-
-        t = TensorProto(name=name, data_type=data_type, dims=list(dims))
-        start = self._begin()
-        with open(src, "rb") as f:
-            f.seek(offset)
-            left = length
-            while left:
-                chunk = f.read(min(left, COPY_CHUNK))
-                if not chunk:
-                    raise OSError(f"{src} ended early while copying {name}")
-                self._put(chunk)
-                left -= len(chunk)
-        return self._external(t, start, length)
-
-    def _external(self, t, start: int, length: int):
-        from onnx import TensorProto
-
-        t.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(start)), ("length", str(length))):
-            entry = t.external_data.add()
-            entry.key, entry.value = key, value
-        return t
-
-    def close(self) -> str:
-        self.f.close()
-        return self.sha.hexdigest()
-
-
 def _raw(t: torch.Tensor) -> bytes:
     """The little-endian bytes of t, as ONNX's raw_data holds them (bfloat16 and float8 included)."""
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -150,8 +91,7 @@ def _raw(t: torch.Tensor) -> bytes:
 class _Graph:
     """Nodes and initializers under construction; a node's output is named after the node."""
 
-    def __init__(self, data: _ExternalData):
-        self.data = data
+    def __init__(self):
         self.types = _onnx_types()
         self.nodes, self.inits, self.n = [], [], 0
         self.const_cache: dict = {}
@@ -176,32 +116,41 @@ class _Graph:
         return self.const_cache[key]
 
     def add(self, name: str, t: torch.Tensor) -> str:
+        """A constant computed here (scales in the compute dtype, rotary frequencies), kept in the graph."""
+        from onnx import TensorProto
+
         data_type = self.types[str(t.dtype).removeprefix("torch.")]
-        self.inits.append(self.data.tensor(name, data_type, t.shape, _raw(t)))
+        self.inits.append(TensorProto(name=name, data_type=data_type, dims=list(t.shape), raw_data=_raw(t)))
         return name
 
 
 class _Decoder:
-    """Writes the graph of one checkpoint (tp 1), tensor by tensor."""
+    """Builds the graph of one checkpoint (tp 1)."""
 
-    def __init__(self, ckpt_dir: Path, data: _ExternalData, max_seq_len: int):
+    def __init__(self, ckpt_dir: Path):
         self.cfg = cfg = json.loads((ckpt_dir / "config.json").read_text())
         self.reader = CheckpointReader(ckpt_dir)
         self.dtype = cfg["dtype"]
         self.quant_algo = cfg["quantization"]["quant_algo"]
-        self.g = _Graph(data)
+        self.g = _Graph()
         self.t = self.g.types[self.dtype]
         self.heads, self.kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
         self.head_size, self.hidden = cfg["head_size"], cfg["hidden_size"]
-        self.max_seq_len = max_seq_len
         self.hidden_states: list[str] = []  # what the accuracy gate compares with HF's output_hidden_states
 
     def weight(self, name: str, as_name: str | None = None) -> str:
-        """A checkpoint tensor, its bytes copied."""
+        """A checkpoint tensor: an initializer pointing at its bytes in the shared data file."""
+        from onnx import TensorProto
+
         path, offset, length = self.reader.location(name)
-        st = self.reader.dtype(name)
+        assert path.name == CHECKPOINT_FILE, path
         out = as_name or name
-        self.g.inits.append(self.g.data.copy(out, self.g.types[st], self.reader.shape(name), path, offset, length))
+        t = TensorProto(name=out, data_type=self.g.types[self.reader.dtype(name)], dims=self.reader.shape(name))
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(length))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        self.g.inits.append(t)
         return out
 
     def scale(self, name: str) -> str:
@@ -243,13 +192,19 @@ class _Decoder:
         normed = g.op("Cast", g.op("Mul", x32, inv), to=self.t)
         return g.op("Mul", self.weight(weight), normed, name=name)
 
-    def rotary_tables(self) -> tuple[str, str]:
-        """cos and sin [max_seq_len, head_size] by position, as transformers computes them (float32, then cast)."""
+    def rotary(self, position_ids: str) -> tuple[str, str]:
+        """cos and sin [batch, 1, seq, head_size] of the positions, as transformers computes them: angles
+        position * inv_freq in float32, both halves the same, cos and sin cast to the model dtype."""
         from nim_build.runtime import rope
 
-        inv = rope.inv_freq(self.head_size, self.cfg["rotary_base"], self.cfg["rotary_scaling"])
-        cos, sin = rope.cos_sin(torch.arange(self.max_seq_len), inv, getattr(torch, self.dtype))
-        return self.g.add("cos_cache", cos[:, 0]), self.g.add("sin_cache", sin[:, 0])
+        g = self.g
+        inv = g.add("inv_freq", rope.inv_freq(self.head_size, self.cfg["rotary_base"], self.cfg["rotary_scaling"]))
+        pos = g.op("Unsqueeze", g.op("Cast", position_ids, to=g.types["float32"]), g.const([-1], "int64"))
+        angles = g.op("Mul", pos, inv)  # [batch, seq, head_size / 2]
+        emb = g.op("Unsqueeze", g.op("Concat", angles, angles, axis=-1), g.const([1], "int64"))
+        cos = g.op("Cast", g.op("Cos", emb), to=self.t, name="/model/rotary_emb/cos")
+        sin = g.op("Cast", g.op("Sin", emb), to=self.t, name="/model/rotary_emb/sin")
+        return cos, sin
 
     def rotate(self, x: str, cos: str, sin: str) -> str:
         """x * cos + rotate_half(x) * sin, x [batch, heads, seq, head_size]."""
@@ -334,9 +289,7 @@ class _Decoder:
         embedding = self.weight("transformer.vocab_embedding.weight", "model.embed_tokens.weight")
         x = g.op("Gather", embedding, "input_ids", axis=0, name="/model/embed_tokens/Gather")
         self.hidden_states.append(x)
-        cos_cache, sin_cache = self.rotary_tables()
-        cos = g.op("Unsqueeze", g.op("Gather", cos_cache, "position_ids", axis=0), g.const([1], "int64"))
-        sin = g.op("Unsqueeze", g.op("Gather", sin_cache, "position_ids", axis=0), g.const([1], "int64"))
+        cos, sin = self.rotary("position_ids")
         bias = self.attention_bias("input_ids", "attention_mask")
         for i in range(n_layers):
             p = f"transformer.layers.{i}."
@@ -425,28 +378,29 @@ def genai_config(cfg: dict, *, max_seq_len: int, bos_id, end_ids: list[int], pad
 def export_onnx(
     ckpt_dir: str | Path, out_dir: str | Path, *, max_seq_len: int, bos_id, end_ids: list[int], pad_id
 ) -> dict:
-    """Write out_dir/{model.onnx, model.onnx.data, genai_config.json} from the checkpoint in ckpt_dir (the special
-    token ids go to genai_config.json). Returns what the manifest records: files, opset, IR version, the data
-    file's sha256 as written, counts."""
+    """Write out_dir/{model.onnx, model.onnx.data, genai_config.json} from the checkpoint in ckpt_dir, whose
+    rank0.safetensors becomes model.onnx.data (the special token ids and max_seq_len go to genai_config.json).
+    Returns what the manifest records: files, opset, IR version, counts, where the data file came from."""
     import onnx
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     out_dir.mkdir(exist_ok=True)
-    data = _ExternalData(out_dir / DATA_FILE)
-    decoder = _Decoder(ckpt_dir, data, max_seq_len)
+    decoder = _Decoder(ckpt_dir)
     try:
         model = decoder.build()
     finally:
         decoder.reader.close()
-        data_sha = data.close()
+    data = out_dir / DATA_FILE
+    os.replace(ckpt_dir / CHECKPOINT_FILE, data)
+    os.symlink(os.path.relpath(data, ckpt_dir), ckpt_dir / CHECKPOINT_FILE)
     (out_dir / MODEL_FILE).write_bytes(model.SerializeToString())
     config = genai_config(decoder.cfg, max_seq_len=max_seq_len, bos_id=bos_id, end_ids=end_ids, pad_id=pad_id)
     (out_dir / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return {
         "model_file": MODEL_FILE,
         "data_file": DATA_FILE,
-        "data_sha256": data_sha,
-        "data_bytes": os.path.getsize(out_dir / DATA_FILE),
+        "data": f"the checkpoint's {CHECKPOINT_FILE} (checkpoint/{CHECKPOINT_FILE} links to it)",
+        "graph_bytes": (out_dir / MODEL_FILE).stat().st_size,
         "opset": OPSET,
         "ir_version": IR_VERSION,
         "dtype": decoder.dtype,

@@ -1,8 +1,9 @@
 """Checks of an ONNX export, run by every `--backend onnx` build before its manifest is written.
 
-`check_export`: onnx's own full check (graph, types, shape inference, the external-data references), then the
-external-data file against the sha256 it had when written and every tensor's span inside it - a corrupted or
-truncated file fails the build, not the first session that loads it.
+`check_export`: onnx's own full check (graph, types, shape inference, the external-data references), then every
+tensor's span inside the external-data file and the file against the sha256 the converter computed as it wrote the
+checkpoint (the data file is that checkpoint file) - a corrupted or truncated file fails the build, not the first
+session that loads it.
 
 `OrtDecoder`: the exported graph run by ONNX Runtime (CPU), for the accuracy gate: logits and hidden states of a
 token batch, with an empty KV cache.
@@ -48,7 +49,7 @@ def check_export(onnx_dir: str | Path, data_sha256: str) -> None:
     actual = sha256_file(data_path)
     if actual != data_sha256:
         raise ExportCheckError(
-            f"{data_path} changed after it was written (sha256 {actual[:12]}..., written {data_sha256[:12]}...): "
+            f"{data_path} is not the checkpoint as written (sha256 {actual[:12]}..., written {data_sha256[:12]}...): "
             "the disk or another process corrupted it; rebuild it"
         )
 

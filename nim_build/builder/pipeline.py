@@ -179,15 +179,17 @@ def _build_into(tmp: Path, run: _Build, *, name: str, progress: bool) -> dict:
         calib_ids=calib_ids,
         dtype=checkpoint_dtype(run),
         progress=progress,
+        hashed=run.backend == "onnx",  # the ONNX export's data file is checked against it
     )
     timings["calibrate"] = report["calibrate_s"]  # interleaved with conversion: one pass over the weights
     timings["convert"] = time.monotonic() - t - report["calibrate_s"]
     quantization = report["config"]["quantization"]
 
-    onnx_info = forward = None
+    onnx_info = forward = verified = None
     if run.backend == "onnx":
         t = time.monotonic()
-        onnx_info = _export_onnx(run, tmp)
+        onnx_info = _export_onnx(run, tmp, report["sha256"])
+        hidden, verified = onnx_info.pop("hidden_states"), onnx_info.pop("verified")
         timings["onnx"] = time.monotonic() - t
 
     accuracy = None
@@ -196,7 +198,7 @@ def _build_into(tmp: Path, run: _Build, *, name: str, progress: bool) -> dict:
         if onnx_info is not None:
             from nim_build.builder.onnx_verify import OrtDecoder
 
-            forward = OrtDecoder(tmp / ONNX_DIR, onnx_info["hidden_states"]).forward
+            forward = OrtDecoder(tmp / ONNX_DIR, hidden).forward
         accuracy = _accuracy_gate(opts, source, tmp, forward)
         timings["accuracy"] = time.monotonic() - t
         forward = None  # the session's memory goes before the engine build
@@ -269,7 +271,7 @@ def _build_into(tmp: Path, run: _Build, *, name: str, progress: bool) -> dict:
             "parallel_plan": run.plan.to_dict(),
             "trtllm_build_config": build_config,
         },
-        "onnx": None if onnx_info is None else {k: v for k, v in onnx_info.items() if k != "hidden_states"},
+        "onnx": onnx_info,
         "tokenizer": {"dir": TOKENIZER_DIR, **(source.tokenizer_meta or {"kind": None})},
         "versions": {
             "nim_build": __version__,
@@ -280,7 +282,7 @@ def _build_into(tmp: Path, run: _Build, *, name: str, progress: bool) -> dict:
             **(_onnx_versions() if onnx_info is not None else {}),
         },
         "gpu": gpu,
-        "outputs": hash_tree(tmp),
+        "outputs": hash_tree(tmp, known=verified),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "peak_rss_bytes": _peak_rss(),
         "accuracy": accuracy,
@@ -309,10 +311,11 @@ def checkpoint_dtype(run: _Build) -> str | None:
     return ONNX_DTYPES[run.opts.quant] if run.backend == "onnx" else None
 
 
-def _export_onnx(run: _Build, tmp: Path) -> dict:
+def _export_onnx(run: _Build, tmp: Path, written: dict[str, str]) -> dict:
     """OUT/onnx: the graph from the checkpoint just written, the tokenizer (onnxruntime-genai reads it from the
-    model directory), checked before anything else reads it."""
-    from nim_build.builder.onnx_export import export_onnx
+    model directory), checked before anything else reads it: the data file against the checkpoint's sha256 as the
+    converter wrote it (`written`, by file name)."""
+    from nim_build.builder.onnx_export import CHECKPOINT_FILE, DATA_FILE, export_onnx
     from nim_build.builder.onnx_verify import check_export
     from nim_build.builder.tensorrt_adapter import profile_shapes, trtexec_command
     from nim_build.serving.tokenizer import other_end_ids
@@ -327,10 +330,12 @@ def _export_onnx(run: _Build, tmp: Path) -> dict:
         end_ids=[meta["end_id"], *other_end_ids(onnx_dir, meta["end_id"])],
         pad_id=meta["pad_id"],
     )
-    check_export(onnx_dir, info["data_sha256"])
+    sha = written[CHECKPOINT_FILE]
+    check_export(onnx_dir, sha)
+    info["verified"] = {f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}": sha, f"{ONNX_DIR}/{DATA_FILE}": sha}
     shapes = profile_shapes(onnx_dir, max_batch_size=run.opts.max_batch_size, max_seq_len=run.max_seq_len)
     info["trtexec"] = trtexec_command(shapes, Path(ONNX_DIR))  # run from the engine directory
-    _log(f"onnx: {info['nodes']} nodes, {info['data_bytes'] / 2**20:.1f} MiB of tensors, onnx.checker passed")
+    _log(f"onnx: {info['nodes']} nodes, data file a {info['data']}, onnx.checker passed")
     return info
 
 

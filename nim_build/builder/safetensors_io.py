@@ -6,6 +6,7 @@ its final offset as soon as it is computed: memory stays bounded by the tensor i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -210,9 +211,12 @@ class TensorSpec:
 
 
 class StreamingWriter:
-    """Writes a safetensors file whose layout is fixed up front; tensors arrive one at a time in any order."""
+    """Writes a safetensors file whose layout is fixed up front; tensors arrive one at a time in any order, or, with
+    hashed=True, in layout order, the file's sha256 computed as it is written (close() returns it)."""
 
-    def __init__(self, path: str | os.PathLike, specs: list[TensorSpec], metadata: dict | None = None):
+    def __init__(
+        self, path: str | os.PathLike, specs: list[TensorSpec], metadata: dict | None = None, hashed: bool = False
+    ):
         self.path = Path(path)
         self.specs = {s.name: s for s in specs}
         header, offset = {}, 0
@@ -231,24 +235,45 @@ class StreamingWriter:
         self._offsets = {n: h["data_offsets"][0] for n, h in header.items() if n != "__metadata__"}
         self._pending = set(self.specs)
         self._f = open(self.path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        head = struct.pack("<Q", len(raw)) + raw
+        self._f.write(head)
         self._f.truncate(self._data_start + offset)
+        self._sha = hashlib.sha256(head) if hashed else None
+        self._next = self._data_start
+
+    CAST_BLOCK_BYTES = 64 << 20
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a planned tensor; a floating-point one of another dtype is cast to the planned one in blocks of
+        rows, so no whole copy of it is ever made."""
         spec = self.specs[name]
-        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+        castable = tensor.dtype.is_floating_point and spec.dtype.is_floating_point and tensor.dim() > 0
+        if (tensor.dtype != spec.dtype and not castable) or tuple(tensor.shape) != spec.shape:
             raise AssertionError(
                 f"{name}: planned {spec.dtype}{list(spec.shape)}, got {tensor.dtype}{list(tensor.shape)}"
             )
         if name not in self._pending:
             raise AssertionError(f"{name} written twice")
-        self._f.seek(self._data_start + self._offsets[name])
-        self._f.write(tensor.contiguous().view(torch.uint8).reshape(-1).numpy().data)
+        start = self._data_start + self._offsets[name]
+        if self._sha is not None and start != self._next:
+            raise AssertionError(f"{name}: a hashed file is written in layout order")
+        self._f.seek(start)
+        blocks = [tensor]
+        if tensor.dtype != spec.dtype and tensor.dim() > 1 and spec.nbytes > self.CAST_BLOCK_BYTES:
+            blocks = tensor.split(max(1, self.CAST_BLOCK_BYTES * spec.shape[0] // spec.nbytes))
+        for block in blocks:
+            data = block.to(spec.dtype).contiguous().view(torch.uint8).reshape(-1).numpy().data
+            if self._sha is not None:
+                self._sha.update(data)
+            self._f.write(data)
+        self._next = start + spec.nbytes
         self._pending.discard(name)
 
-    def close(self) -> None:
+    def close(self) -> str | None:
+        """Flush to disk; the file's sha256 when hashed."""
         if self._pending:
             raise AssertionError(f"{self.path.name}: tensors never written: {sorted(self._pending)[:5]}")
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
+        return self._sha.hexdigest() if self._sha is not None else None
