@@ -137,7 +137,10 @@ def _load(serve: Serve, streams: int, seconds: float, stream: bool, expected: di
     rss, not_ready, t0 = [], 0, time.monotonic()
     while time.monotonic() - t0 < seconds and not stop.is_set():
         time.sleep(5)
-        rss.append((time.monotonic() - t0, serve.tree_rss()))
+        try:
+            rss.append((time.monotonic() - t0, serve.tree_rss()))
+        except psutil.Error:  # serve is gone (the SIGTERM phase)
+            break
         not_ready += not serve.ready()
     stop.set()
     for t in threads:

@@ -305,6 +305,7 @@ def test_sigterm_under_load_lets_the_streams_finish_then_stops_everything(defaul
     import psutil
     from conftest import tokenizer_engine_dir
 
+    from nim_build.errors import InferenceError
     from nim_build.serving.client import Client, GenerateRequest
     from nim_build.serving.repo import RepoOptions, generate_repo
     from nim_build.serving.tokenizer import META_FILE
@@ -340,6 +341,10 @@ def test_sigterm_under_load_lets_the_streams_finish_then_stops_everything(defaul
         served.wait_stats(lambda s: s.get("active", 0) >= 8)
         t0 = time.monotonic()
         served.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # draining: a client that keeps sending gets an error, and cannot hold the drain open
+        late = GenerateRequest(prompt="A late request", max_tokens=4)
+        with pytest.raises(InferenceError, match="shutting down and takes no new requests"):
+            Client(served.grpc_url, timeout_s=30).generate(late)
         for c in clients:
             c.join(60)
         code = served.proc.wait(60)

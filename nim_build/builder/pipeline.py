@@ -335,7 +335,7 @@ def _export_onnx(run: _Build, tmp: Path, written: dict[str, str]) -> dict:
     info["verified"] = {f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}": sha, f"{ONNX_DIR}/{DATA_FILE}": sha}
     shapes = profile_shapes(onnx_dir, max_batch_size=run.opts.max_batch_size, max_seq_len=run.max_seq_len)
     info["trtexec"] = trtexec_command(shapes, Path(ONNX_DIR))  # run from the engine directory
-    _log(f"onnx: {info['nodes']} nodes, data file a {info['data']}, onnx.checker passed")
+    _log(f"onnx: {info['nodes']} nodes; the data file is {info['data']}; onnx.checker passed")
     return info
 
 

@@ -157,6 +157,8 @@ def command(
         if frontend is not None:  # first: its streams end before the engine goes
             frontend.stop()
         # asked to stop: what runs finishes first (Triton stops its endpoints at SIGTERM: streams in flight would hang)
+        if reason is None and server.running():
+            server.begin_drain()  # clients that keep sending get an error instead of holding the drain open
         if reason is None and server.running() and not drain(metrics, exit_timeout):
             click.echo(f"note: requests still running after --exit-timeout {exit_timeout} s; stopping anyway", err=True)
         code = server.stop()

@@ -84,6 +84,7 @@ class HttpGuard:
 
     # -- one request ----------------------------------------------------------------------------------------
     async def _proxy(self, request):
+        import aiohttp
         from aiohttp import web
 
         try:
@@ -93,6 +94,15 @@ class HttpGuard:
         # aiohttp has already decoded a compressed body (and counted the decoded bytes against the limit)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS | {"content-encoding"}}
         url = f"http://{self.upstream}{request.rel_url}"
+        try:
+            return await self._forward(request, url, headers, body)
+        except aiohttp.ClientConnectorError:  # Triton closed its endpoints (stopping) or is not up yet
+            error = json.dumps({"error": "the server is not accepting requests (starting or shutting down)"})
+            return web.Response(status=503, content_type="application/json", text=error)
+
+    async def _forward(self, request, url: str, headers: dict, body: bytes):
+        from aiohttp import web
+
         async with self._session.request(request.method, url, headers=headers, data=body, allow_redirects=False) as up:
             out_headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP_HEADERS}
             if up.headers.get("Content-Length") is not None:  # a whole response: pass it on as one

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from nim_build import COMPUTE_DTYPE_ENV, limits
+from nim_build import COMPUTE_DTYPE_ENV, DRAIN_FILE_ENV, limits
 from nim_build.errors import ResponseTimeout, ServerSetupError, ServingError
 from nim_build.serving.http_guard import DEFAULT_MAX_BODY, HttpGuard
 
@@ -199,7 +199,13 @@ class TritonServer:
             env[limits.THREADS_ENV] = str(self.threads)
         if self.compute_dtype:
             env[COMPUTE_DTYPE_ENV] = self.compute_dtype
+        env[DRAIN_FILE_ENV] = str(Path(self._workdir) / "draining")
         return env
+
+    def begin_drain(self) -> None:
+        """From now on the engine refuses new requests (the running ones go on): see DRAIN_FILE_ENV."""
+        if self._workdir:
+            (Path(self._workdir) / "draining").touch()
 
     def rank_args(self, binary: Path, backends: Path, rank: int) -> list[str]:
         args = [
