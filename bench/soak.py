@@ -9,7 +9,8 @@ and a quarter of them leave every request early (close their stream after the fi
 one-shot). Checked: every completed response equals the same prompt's text generated alone; serve never restarts
 Triton and answers /v2/health/ready throughout; the server tree's RSS in the last minute is not above the first
 minute's (by more than 3%); every KV block is back in the pool after the load. Then the load starts again and
-serve gets SIGTERM: it must exit 0 within its drain bound with no process and no /dev/shm segment left.
+serve gets SIGTERM: it must exit 0 within its drain bound with no process and no /dev/shm segment left. serve's
+logs stay in --logs.
 """
 
 from __future__ import annotations
@@ -148,13 +149,13 @@ def _load(serve: Serve, streams: int, seconds: float, stream: bool, expected: di
     return {**counts, "not_ready_probes": not_ready, "rss": rss, "errors_seen": errors[:5]}
 
 
-def soak(mode: str, streams: int, seconds: float, work: Path) -> dict:
+def soak(mode: str, streams: int, seconds: float, work: Path, logs: Path) -> dict:
     from nim_build.serving.client import Client, GenerateRequest
     from nim_build.serving.repo import RepoOptions, generate_repo
 
     repo = generate_repo(work / "engine", work / f"repo-{mode}", RepoOptions(decoupled=mode == "decoupled"))
     stream = mode == "decoupled"
-    serve = Serve(repo, work / f"serve-{mode}.log")
+    serve = Serve(repo, logs / f"serve-{mode}.log")
     try:
         c = Client(f"127.0.0.1:{serve.grpc}")
         alone = {p: GenerateRequest(prompt=p, max_tokens=MAX_TOKENS, stream=stream) for p in PROMPTS}
@@ -184,7 +185,10 @@ def soak(mode: str, streams: int, seconds: float, work: Path) -> dict:
         tree = [psutil.Process(serve.proc.pid), *psutil.Process(serve.proc.pid).children(recursive=True)]
         t0 = time.monotonic()
         serve.proc.send_signal(signal.SIGTERM)
-        code = serve.proc.wait(EXIT_TIMEOUT_S + 60)
+        try:
+            code = serve.proc.wait(EXIT_TIMEOUT_S + 60)
+        except subprocess.TimeoutExpired:
+            code = f"still running {EXIT_TIMEOUT_S + 60} s after SIGTERM (killed)"
         result["sigterm_exit_code"] = code
         result["sigterm_exit_s"] = round(time.monotonic() - t0, 1)
         stop.set()
@@ -204,7 +208,9 @@ def main():
     ap.add_argument("--streams", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=120)
     ap.add_argument("--modes", default="decoupled,non-decoupled")
+    ap.add_argument("--logs", type=Path, default=REPO / ".cache" / "bench" / "soak-logs", help="serve's logs, kept")
     args = ap.parse_args()
+    args.logs.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("NIM_BUILD_CACHE", str(REPO / ".cache" / "nim_build"))
     from nim_build.builder.pipeline import build
     from nim_build.options import BuildOptions
@@ -221,8 +227,8 @@ def main():
             max_batch_size=64,
         )
         build(opts, progress=False)
-        report = {m: soak(m, args.streams, args.seconds, work) for m in args.modes.split(",")}
-    print(json.dumps(report, indent=2))
+        for mode in args.modes.split(","):  # each mode's report as soon as it is done
+            print(json.dumps({mode: soak(mode, args.streams, args.seconds, work, args.logs)}, indent=2), flush=True)
 
 
 if __name__ == "__main__":
