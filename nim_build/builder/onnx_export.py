@@ -135,7 +135,7 @@ class _Decoder:
         self.g = _Graph()
         self.t = self.g.types[self.dtype]
         self.heads, self.kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-        self.head_size, self.hidden = cfg["head_size"], cfg["hidden_size"]
+        self.head_size = cfg["head_size"]
         self.hidden_states: list[str] = []  # what the accuracy gate compares with HF's output_hidden_states
 
     def weight(self, name: str, as_name: str | None = None) -> str:
@@ -316,15 +316,6 @@ class _Decoder:
             producer_version=__version__,
         )
         return model
-
-    def hidden_outputs(self):
-        """Value infos of the hidden states, for the accuracy gate's copy of the graph."""
-        from onnx import helper
-
-        return [
-            helper.make_tensor_value_info(name, self.t, ["batch_size", "sequence_length", self.hidden])
-            for name in self.hidden_states
-        ]
 
 
 def genai_config(cfg: dict, *, max_seq_len: int, bos_id, end_ids: list[int], pad_id) -> dict:
