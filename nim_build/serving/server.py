@@ -199,7 +199,8 @@ class TritonServer:
             env[limits.THREADS_ENV] = str(self.threads)
         if self.compute_dtype:
             env[COMPUTE_DTYPE_ENV] = self.compute_dtype
-        env[DRAIN_FILE_ENV] = str(Path(self._workdir) / "draining")
+        if self._workdir:  # set by start()
+            env[DRAIN_FILE_ENV] = str(Path(self._workdir) / "draining")
         return env
 
     def begin_drain(self) -> None:
