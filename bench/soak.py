@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psutil
 
-from nim_build.testing.ports import free_ports
+from nim_build.serving.server import engine_stats, free_ports, metrics_text
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["1, 2, 3, 4,", "The capital of France is", "def add(a, b):", "Once upon a time", "Hello, my name is"]
@@ -64,10 +64,8 @@ class Serve:
             return False
 
     def stats(self) -> dict[str, float]:
-        import re
-
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=10).read().decode()
-        return {m[1]: float(m[2]) for m in re.finditer(r'^nim_build_engine\{stat="(\w+)"\} ([0-9.e+-]+)$', text, re.M)}
+        """The engine's running and waiting requests and its KV-cache use (0 to 1), as serve reads them."""
+        return engine_stats(metrics_text(f"http://127.0.0.1:{self.metrics}/metrics"))
 
     def tree_rss(self) -> int:
         procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
@@ -163,11 +161,11 @@ def soak(mode: str, streams: int, seconds: float, work: Path, logs: Path) -> dic
         triton = [p.pid for p in psutil.Process(serve.proc.pid).children() if "tritonserver" in p.name()]
         result = _load(serve, streams, seconds, stream, expected, threading.Event())
         deadline = time.monotonic() + 60
-        while (s := serve.stats())["active"] or s["free_blocks"] != s["total_blocks"]:
+        while (s := serve.stats())["running"] or s["cache"]:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        result["kv_blocks_back"] = s["free_blocks"] == s["total_blocks"] and s["active"] == 0
+        result["kv_blocks_back"] = s["cache"] == 0 and s["running"] == 0
         now = [p.pid for p in psutil.Process(serve.proc.pid).children() if "tritonserver" in p.name()]
         result["triton_restarted"] = now != triton
         result["ready_after"] = serve.ready()

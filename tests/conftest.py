@@ -34,7 +34,7 @@ os.environ.update(
         SESSION_MARK: str(SCRATCH),  # inherited by every process a test starts
     }
 )
-from nim_build.testing.ports import free_ports  # noqa: E402  (after the environment above; tests import it from here)
+from nim_build.serving.server import free_ports  # noqa: E402  (after the environment above; tests import it from here)
 
 USER_CACHE = Path.home() / ".cache"
 SERVER_PROCESSES = ("tritonserver", "triton_python_backend_stub")

@@ -82,10 +82,10 @@ def hash_tree(
     """sha256 of every file under root, keyed by posix relative path, sorted; `known` digests (of files just
     verified against them) are taken instead of reading those files again."""
     root, known = Path(root), known or {}
-    rel = {p: p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file()}
-    files = [p for p, r in rel.items() if r not in exclude and r not in known]
-    digests = {**hash_files(root, files), **{r: known[r] for r in rel.values() if r in known}}
-    return dict(sorted(digests.items()))
+    kept = {p: p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file()}
+    kept = {p: r for p, r in kept.items() if r not in exclude}
+    digests = hash_files(root, [p for p, r in kept.items() if r not in known])
+    return dict(sorted({**digests, **{r: known[r] for r in kept.values() if r in known}}.items()))
 
 
 def write_manifest(engine_dir: str | os.PathLike, manifest: dict) -> Path:

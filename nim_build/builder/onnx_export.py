@@ -106,7 +106,7 @@ class _Graph:
         return outs[0] if outputs == 1 else outs
 
     def const(self, value, dtype: str) -> str:
-        """A small constant: a scalar or list, in dtype (a torch dtype name or "int64"/"bool")."""
+        """A small constant, made once: a scalar or list, in dtype (a torch dtype name: "float32", "int64", ...)."""
         key = (str(value), dtype)
         if key not in self.const_cache:
             t = torch.tensor(value, dtype=getattr(torch, dtype))
@@ -165,7 +165,7 @@ class _Decoder:
         w = self.weight(prefix + ".weight")
         if self.quant_algo == "FP8":
             s_w, s_a = self.scale(prefix + ".weights_scaling_factor"), self.scale(prefix + ".activation_scaling_factor")
-            zero = g.add(prefix + ".activation_zero_point", torch.zeros((), dtype=torch.float8_e4m3fn))
+            zero = g.const(0.0, "float8_e4m3fn")  # the zero point that makes QuantizeLinear output float8
             x = g.op("DequantizeLinear", g.op("QuantizeLinear", x, s_a, zero), s_a)
             w = g.op("DequantizeLinear", w, s_w)
         elif self.quant_algo == "FP8_PER_CHANNEL_PER_TOKEN":

@@ -159,8 +159,10 @@ def command(
         # asked to stop: what runs finishes first (Triton stops its endpoints at SIGTERM: streams in flight would hang)
         if reason is None and server.running():
             server.begin_drain()  # clients that keep sending get an error instead of holding the drain open
-        if reason is None and server.running() and not drain(metrics, exit_timeout):
-            click.echo(f"note: requests still running after --exit-timeout {exit_timeout} s; stopping anyway", err=True)
+            if not drain(metrics, exit_timeout):
+                click.echo(
+                    f"note: requests still running after --exit-timeout {exit_timeout} s; stopping anyway", err=True
+                )
         code = server.stop()
         for sig, handler in signals.items():
             signal.signal(sig, handler)

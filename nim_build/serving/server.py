@@ -71,11 +71,21 @@ def _pytriton_root() -> Path | None:
     return Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct loopback ports nothing listens on now (bound together, then released)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (for Triton's private HTTP port)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -199,14 +209,18 @@ class TritonServer:
             env[limits.THREADS_ENV] = str(self.threads)
         if self.compute_dtype:
             env[COMPUTE_DTYPE_ENV] = self.compute_dtype
-        if self._workdir:  # set by start()
-            env[DRAIN_FILE_ENV] = str(Path(self._workdir) / "draining")
+        if self._drain_file():
+            env[DRAIN_FILE_ENV] = str(self._drain_file())
         return env
+
+    def _drain_file(self) -> Path | None:
+        """The file begin_drain creates, in the work directory start() makes (None before)."""
+        return Path(self._workdir) / "draining" if self._workdir else None
 
     def begin_drain(self) -> None:
         """From now on the engine refuses new requests (the running ones go on): see DRAIN_FILE_ENV."""
-        if self._workdir:
-            (Path(self._workdir) / "draining").touch()
+        if self._drain_file():
+            self._drain_file().touch()
 
     def rank_args(self, binary: Path, backends: Path, rank: int) -> list[str]:
         args = [

@@ -1,2 +1,1 @@
-"""Stand-ins for tests and benchmarks, never used in production: the trivial engine (trivial_engine.py), free
-loopback ports (ports.py)."""
+"""Stand-ins for tests and benchmarks, never used in production: the trivial engine (trivial_engine.py)."""
