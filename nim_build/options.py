@@ -213,6 +213,11 @@ class BuildOptions:
         return {f.name: getattr(self, f.name) for f in fields(portable=True)}
 
 
+def resolve_max_seq_len(max_seq_len: int | None, max_position_embeddings: int) -> int:
+    """max_seq_len as a build takes it: the option, or min(the model's max_position_embeddings, the default)."""
+    return max_seq_len or min(max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+
+
 def default(name: str):
     """The declared default of an option."""
     return next(f.default for f in dataclasses.fields(BuildOptions) if f.name == name)
@@ -297,13 +302,15 @@ def flag(f: dataclasses.Field) -> str:
     return "--" + f.name.replace("_", "-")
 
 
-def click_options(*, portable_only: bool = False) -> Callable:
-    """A decorator adding a click option for every declared option (only the portable ones with portable_only),
-    with the declared defaults; `given` tells which ones the command line set."""
+def click_options(*, portable_only: bool = False, exclude: tuple[str, ...] = ()) -> Callable:
+    """A decorator adding a click option for every declared option (only the portable ones with portable_only; none
+    of `exclude`), with the declared defaults; `given` tells which ones the command line set."""
     import click
 
     def decorate(command):
         for f in reversed(fields(portable=True if portable_only else None)):
+            if f.name in exclude:
+                continue
             command = click.option(*_click_decls(f), **_click_kwargs(f, portable_only))(command)
         return command
 

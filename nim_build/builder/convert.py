@@ -316,6 +316,13 @@ def planned_bytes(
     return sum(t.nbytes for g in groups for rank in g.specs for t in rank)
 
 
+def planned_spec_bytes(spec: ModelSpec, plan: ParallelPlan, *, quant: str, kv_cache: str = "auto") -> int:
+    """planned_bytes from config.json alone (what `nim_build profiles` sizes): the sizes do not depend on which
+    stored tensor the output projection comes from, so no weights are needed."""
+    source = SourceModel(Path(), {}, spec, F.family_for(spec.architecture), (), None, None)  # no tensor names
+    return planned_bytes(source, plan, quant=quant, kv_cache=kv_cache)
+
+
 def convert_checkpoint(
     source: SourceModel,
     out_dir: str | Path,

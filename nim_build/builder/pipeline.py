@@ -36,7 +36,7 @@ from nim_build.builder.manifest import (
     write_manifest,
 )
 from nim_build.errors import AccuracyGateError, UserError
-from nim_build.options import DEFAULT_GATE, DEFAULT_MAX_SEQ_LEN, FP8_QUANTS, BuildOptions
+from nim_build.options import DEFAULT_GATE, DEFAULT_MAX_SEQ_LEN, FP8_QUANTS, BuildOptions, resolve_max_seq_len
 from nim_build.outputs import check_free_space, check_output, output_dir
 
 
@@ -90,7 +90,7 @@ def build(opts: BuildOptions, progress: bool = True, argv: Sequence[str] | None 
     try:
         spec = source.spec
         plan = make_plan(spec, opts.tp)
-        max_seq_len = opts.max_seq_len or min(spec.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+        max_seq_len = resolve_max_seq_len(opts.max_seq_len, spec.max_position_embeddings)
         if max_seq_len > spec.max_position_embeddings:
             raise UserError(
                 f"--max-seq-len {max_seq_len} is outside 2..{spec.max_position_embeddings} "

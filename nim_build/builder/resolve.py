@@ -27,7 +27,8 @@ class ResolvedModel:
     revision: str | None  # hub commit sha, None for local directories
 
 
-def resolve_model(model: str, allow_pickle: bool = False) -> ResolvedModel:
+def resolve_model(model: str, allow_pickle: bool = False, cache_dir: Path | None = None) -> ResolvedModel:
+    """cache_dir: the huggingface_hub cache a hub model is read from and downloaded into [default: HF_HUB_CACHE]."""
     if is_default_model(model):
         from nim_build.builder.default_model import materialize_default_model
 
@@ -43,7 +44,8 @@ def resolve_model(model: str, allow_pickle: bool = False) -> ResolvedModel:
     check_repo_id(repo_id, model)
     if revision:
         check_revision(revision)
-    local, sha = _download(repo_id, revision or None, allow_pickle)
+    local, sha = _download(repo_id, revision or None, allow_pickle, cache_dir=cache_dir)
+    check_complete(local, repo_id)
     check_inside(local, local.parent.parent)  # a snapshot's files link into its repository's blobs/
     return ResolvedModel(model, _ensure_safetensors(local, allow_pickle), sha)
 
@@ -90,7 +92,49 @@ def check_inside(model_dir: Path, root: Path) -> None:
             )
 
 
-def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> tuple[Path, str]:
+def model_config(model: str) -> dict:
+    """MODEL's config.json without its weights (a hub model: only that file is fetched): what profiles plan with."""
+    from nim_build.builder.spec import load_config
+
+    if is_default_model(model):
+        from nim_build.builder.default_model import materialize_default_model
+
+        return load_config(materialize_default_model())
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return load_config(path)
+    repo_id, _, revision = model.partition("@")
+    check_repo_id(repo_id, model)
+    if revision:
+        check_revision(revision)
+    return load_config(_download(repo_id, revision or None, False, ["config.json"])[0])
+
+
+def check_complete(model_dir: Path, repo_id: str) -> None:
+    """Refuse a hub snapshot that lacks a file a build reads (an offline cache copied in part, an interrupted
+    download): one message naming the file and the command that fetches it."""
+    from nim_build.jsonfile import read_object
+
+    fetch = f"fetch it with `nim_build download {repo_id} --cache DIR` and point HF_HUB_CACHE at DIR"
+    missing = [n for n in ("config.json",) if not (model_dir / n).is_file()]
+    if (model_dir / INDEX_FILE).is_file():
+        shards = set((read_object(model_dir / INDEX_FILE).get("weight_map") or {}).values())
+        missing += sorted(s for s in shards if not (model_dir / s).is_file())
+    elif not any(model_dir.glob("*.safetensors")):
+        missing.append("model.safetensors")
+    if not any((model_dir / n).is_file() for n in ("tokenizer.json", "tekken.json", "tokenizer.model")):
+        missing.append("tokenizer.json")
+    if missing:
+        raise CheckpointError(f"{repo_id}: {', '.join(missing)} missing from {model_dir}; {fetch}")
+
+
+def _download(
+    repo_id: str,
+    revision: str | None,
+    allow_pickle: bool,
+    patterns: list[str] | None = None,
+    cache_dir: Path | None = None,
+) -> tuple[Path, str]:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -103,9 +147,9 @@ def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> tuple[P
         f"pre-fetch it on a connected machine with `hf download {repo_id}"
         f"{' --revision ' + revision if revision else ''}` and copy the HF_HOME cache here"
     )
-    patterns = HUB_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
+    patterns = patterns or HUB_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
     try:
-        local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, cache_dir=cache_dir))
     except GatedRepoError:
         raise UserError(
             f"{repo_id} is gated: accept its license on the Hub and set HF_TOKEN to a token that has access"

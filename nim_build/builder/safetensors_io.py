@@ -204,7 +204,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        n = torch.tensor([], dtype=self.dtype).element_size()
+        n = self.dtype.itemsize
         for d in self.shape:
             n *= d
         return n

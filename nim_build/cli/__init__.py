@@ -19,6 +19,9 @@ COMMANDS = {
     "infer": "infer",
     "chart": "chart",
     "cache-engine": "cache_engine",
+    "profiles": "profiles",
+    "store": "store",
+    "download": "download",
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from nim_build import KV_CACHE_FREE_MEM_FRACTION
+from nim_build.cli._options import profile_goal_option, profile_option
 from nim_build.serving.repo import POSTPROCESSING, SCHEDULER_POLICIES
 
 
@@ -69,10 +70,22 @@ from nim_build.serving.repo import POSTPROCESSING, SCHEDULER_POLICIES
     "tokenizer and a C++ compiler allow).",
 )
 @click.option("--force", is_flag=True, help="Replace an existing repository.")
-def command(engine_dir, out, force, **opts):
+@profile_option
+@profile_goal_option
+def command(engine_dir, out, force, profile, profile_goal, **opts):
     """Write a Triton model repository (ensemble, preprocessing, tensorrt_llm, postprocessing, tensorrt_llm_bls)
-    for ENGINE_DIR. Serve it with `nim_build serve OUT`."""
+    for ENGINE_DIR. Serve it with `nim_build serve OUT`.
+
+    ENGINE_DIR may be a model store (`nim_build store`): the repository is then written for the profile chosen
+    for this node (docs/PROFILES.md), built there first when the store lists it build-on-node."""
+    from nim_build.deploy.store import choose, is_store
+    from nim_build.errors import UserError
     from nim_build.serving.repo import RepoOptions, generate_repo
+
+    if is_store(engine_dir):
+        _, engine_dir = choose(engine_dir, goal=profile_goal, override=profile)
+    elif profile:
+        raise UserError(f"--profile applies to a model store, and {engine_dir} is an engine directory")
 
     path = generate_repo(engine_dir, out, RepoOptions(**opts), force=force)
     click.echo(f"wrote {path}")

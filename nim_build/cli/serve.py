@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 import click
 
-from nim_build.cli._options import compute_dtype_option
+from nim_build.cli._options import compute_dtype_option, profile_goal_option, profile_option
+from nim_build.deploy.profiles import PROFILE_ENV
+from nim_build.errors import UserError
 from nim_build.openai import DEFAULT_OPENAI_PORT
 from nim_build.serving.http_guard import DEFAULT_MAX_BODY, TRITON_SAFE_MAX_BODY
 
 
 @click.command("serve")
 @click.argument("repo", type=click.Path(exists=True, file_okay=False))
+@profile_option
+@profile_goal_option
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
@@ -70,7 +77,35 @@ from nim_build.serving.http_guard import DEFAULT_MAX_BODY, TRITON_SAFE_MAX_BODY
     "HTTP frontend crashes from about 4 MB).",
 )
 @click.option("--quiet", is_flag=True, help="Do not echo Triton's log to stderr.")
-def command(
+def command(repo, profile, profile_goal, **flags):
+    """Serve REPO (from `nim_build repo`) with Triton, and the OpenAI-compatible API beside it; exits non-zero
+    when a model stops answering or either server exits.
+
+    REPO may be a model store (`nim_build store`): the profile for this node is chosen (docs/PROFILES.md; every
+    profile not chosen is logged with the reason), built there first when the store lists it build-on-node, and
+    served from a repository in a temporary directory."""
+    with _repository(repo, profile, profile_goal) as path:
+        _serve(path, **flags)
+
+
+@contextlib.contextmanager
+def _repository(path: str, profile: str | None, goal: str):
+    """The repository to serve: path itself, or one written for the profile chosen from the store at path."""
+    from nim_build.deploy.store import choose, is_store
+
+    if not is_store(path):
+        if profile:
+            raise UserError(f"--profile / {PROFILE_ENV} applies to a model store, and {path} is a repository")
+        yield path
+        return
+    from nim_build.serving.repo import generate_repo
+
+    _, engine = choose(path, goal=goal, override=profile)
+    with tempfile.TemporaryDirectory(prefix="nim_build-repo-") as tmp:
+        yield generate_repo(engine, Path(tmp) / "repo")
+
+
+def _serve(
     repo,
     host,
     http_port,
@@ -87,8 +122,6 @@ def command(
     http_max_body,
     quiet,
 ):
-    """Serve REPO (from `nim_build repo`) with Triton, and the OpenAI-compatible API beside it; exits non-zero
-    when a model stops answering or either server exits."""
     from nim_build.errors import ServingError
     from nim_build.openai.process import OpenAIFrontend
     from nim_build.serving.client import health_probe

@@ -189,16 +189,17 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
-def run_engine_build(model: str, out: Path, opts: BuildOptions, hf_cache: Path) -> None:
-    """Build with ``nim_build engine`` in a child process that downloads into hf_cache (its output goes to stderr)."""
-    argv = engine_argv(model, out, opts)
+def run_engine_build(model: str, out: Path, opts: BuildOptions, hf_cache: Path | None, name: str | None = None) -> None:
+    """Build with ``nim_build engine`` in a child process that downloads into hf_cache (None: the environment's
+    huggingface_hub cache) and names the engine `name`; its output goes to stderr."""
+    argv = engine_argv(model, out, opts) + (["--name", name] if name else [])
     _log(f"running: nim_build {' '.join(argv)}")
     cmd = [sys.executable, "-m", "nim_build", *argv]
-    env = {**os.environ, "HF_HUB_CACHE": str(hf_cache)}
+    env = {**os.environ, **({"HF_HUB_CACHE": str(hf_cache)} if hf_cache else {})}
     rc = subprocess.run(cmd, stdout=sys.stderr, env=env, preexec_fn=_die_with_parent).returncode
     if rc != 0:  # the build's own exit code carries on (README: exit codes): a gate failure stays a gate failure
         error = {2: UserError, 3: AccuracyGateError, 5: HostError}.get(rc, NimBuildError)
-        raise error(f"`nim_build engine` failed with exit code {rc} (its log is above); the cache was left unchanged")
+        raise error(f"`nim_build engine` failed with exit code {rc} (its log is above); nothing of it was kept")
 
 
 def ensure_engine(
