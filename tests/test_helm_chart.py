@@ -97,6 +97,15 @@ MATRIX = {
         },
         (),
     ),
+    "store-offline-profile": (
+        {
+            "model": {"store": "stores/nemo", "profile": "trtllm-h100-sxm-fp8-tp2-latency", "revision": "0" * 40},
+            "engine": {"tensorParallelSize": 2},
+            "huggingface": {"offline": True},
+            "persistence": {"existingClaim": "llm-cache"},
+        },
+        (),
+    ),
     "cpu-reference": (
         {
             "gpu": {"enabled": False},
@@ -205,8 +214,11 @@ def test_render_validates_and_is_secure(case, rendered):
     else:
         assert "nodeAffinity" not in pod.get("affinity", {})
     assert main["args"][:2] == ["serve", "$(NIM_REPO_DIR)"]
-    assert "nim_build cache-engine" in init["args"][0] and '"$@"' in init["args"][0]
-    assert init["args"][init["args"].index("--tp") + 1] == str(tp)  # the script's "$@": the engine values
+    if values["model"]["store"]:  # the store's profile for this node (test_profiles.py runs the script)
+        assert 'nim_build repo "$store"' in init["args"][0] and len(init["args"]) == 1
+    else:
+        assert "nim_build cache-engine" in init["args"][0] and '"$@"' in init["args"][0]
+        assert init["args"][init["args"].index("--tp") + 1] == str(tp)  # the script's "$@": the engine values
     env = {e["name"]: e for e in init["env"]}
 
     # ports and probes
@@ -410,6 +422,9 @@ def test_ingress_details(rendered):
         ({"gpu": {"enabled": True, "count": 2}}, "Additional property count is not allowed"),
         ({"workload": {"kind": "DaemonSet"}}, "workload.kind must be one of the following"),
         ({"service": {"ports": {"http": 70000}}}, "service.ports.http: Must be less than or equal to 65535"),
+        ({"model": {"profileGoal": "fastest"}}, "model.profileGoal must be one of the following"),
+        ({"model": {"store": "../etc"}}, "model.store: Does not match pattern"),
+        ({"model": {"store": "/abs"}}, "model.store: Does not match pattern"),
     ],
     ids=[
         "replicas-two",
@@ -422,6 +437,9 @@ def test_ingress_details(rendered):
         "unknown-nested-key",
         "bad-kind",
         "port-range",
+        "profile-goal",
+        "store-outside-the-volume",
+        "store-absolute",
     ],
 )
 def test_schema_rejects(values, message):
@@ -445,6 +463,7 @@ def test_schema_rejects(values, message):
         ({"workload": {"deploymentStrategy": "RollingUpdate"}}, "RollingUpdate starts the new pod"),
         ({"ingress": {"grpc": {"enabled": True}}}, "ingress.grpc.enabled=true needs ingress.grpc.host"),
         ({"gpu": {"products": ["NVIDIA-H200"]}, "affinity": {"nodeAffinity": {}}}, "set either gpu.products or"),
+        ({"model": {"store": "s"}, "persistence": {"enabled": False}}, "model.store needs the store on the cache"),
     ],
 )
 def test_validate_values(values, message):

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ServedRepo, free_ports
 from test_chart_cmd import run_cli
 
@@ -396,3 +397,91 @@ def test_air_gapped_store_build_interrupted_resumed_and_served(tmp_path, default
         assert failed.returncode == 2, failed.stderr
         line = failed.stderr.strip().splitlines()
         assert len(line) == 1 and "tokenizer.json missing from" in line[0] and "nim_build download" in line[0], line
+
+
+# -- the chart: values for a store, rendered and validated by the real helm and Kubernetes schemas -----------------
+
+
+def test_chart_values_for_a_store_follow_the_profile_chosen_for_the_target_node(tmp_path, capsys):
+    from helm_tools import one, render, validate
+    from tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny", num_heads=8, num_kv_heads=8)  # tp 1 to 8
+    opts = BuildOptions(model=str(model), accuracy_gate=False)
+    root = tmp_path / "nemo"
+    from test_chart_cmd import make_engine_dir
+
+    def build(model, out, opts, hf_cache, name):  # an engine directory with a full manifest, as a build writes
+        make_engine_dir(out, tp=opts.tp, backend=opts.backend, gpu=None)
+        (out / "tokenizer").mkdir()
+
+    S.build_store(opts.model, root, opts, P.parse_node("H100-SXM x8"), all_runnable=True, build=build)
+    for goal, tp in (("throughput", 1), ("latency", 8)):
+        out = tmp_path / f"{goal}.yaml"
+        code, _, err = run_cli(
+            "chart", str(root), "--gpus", "H100-SXM x8", "--profile-goal", goal, "--out", str(out), capsys=capsys
+        )
+        assert code == 0, err
+        values = yaml.safe_load(out.read_text())
+        assert values["model"] == {
+            "id": "/opt/nim/cache/models/" + Path(opts.model).name,  # a local checkpoint: copied onto the volume
+            "revision": "main",
+            "store": "stores/nemo",
+            "profile": "auto",
+            "profileGoal": goal,
+        }
+        assert values["engine"]["tensorParallelSize"] == tp and values["engine"]["backend"] == "trtllm"
+        assert values["gpu"] == {"enabled": True, "products": ["NVIDIA-H100-80GB-HBM3"]}
+        assert "is built on the node at the first start" in err
+        values["persistence"] = {"existingClaim": "models"}
+        objects = render(values)
+        assert validate(objects) >= 3
+        pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+        assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == tp
+        env = {e["name"]: e.get("value") for e in pod["initContainers"][0]["env"]}
+        assert env["NIM_STORE"] == "stores/nemo" and env["NIM_PROFILE_GOAL"] == goal and "NIM_BUILD_PROFILE" not in env
+    # on a CPU node the store's reference profile is chosen, and the values run on CPU
+    code, _, _ = run_cli("chart", str(root), "--gpus", "cpu", "--out", str(tmp_path / "cpu.yaml"), capsys=capsys)
+    values = yaml.safe_load((tmp_path / "cpu.yaml").read_text())
+    assert code == 0 and values["gpu"]["enabled"] is False and values["engine"]["backend"] == "reference"
+    from nim_build.deploy.chart import chart_values
+
+    reference = next(e.profile for e in S.load_store(root).entries if e.profile.name == "reference-cpu-fp8-tp1")
+    assert values["resources"] == chart_values(root / "profiles" / reference.id)[0]["resources"]  # its manifest's
+
+
+def test_the_init_script_serves_the_store_profile(tmp_path):
+    """The init container's script in store mode, with its rendered env and a stand-in nim_build that logs calls."""
+    from helm_tools import one, render
+
+    values = {
+        "model": {"store": "stores/nemo", "profile": "reference-cpu-fp8-tp1"},
+        "persistence": {"existingClaim": "m"},
+    }
+    init = one(render(values), "Deployment")["spec"]["template"]["spec"]["initContainers"][0]
+    env = {e["name"]: e["value"] for e in init["env"] if "value" in e}
+    assert env["NIM_BUILD_PROFILE"] == "reference-cpu-fp8-tp1" and env["HF_HUB_CACHE"] == "/opt/nim/cache/hf"
+    env.update(NIM_CACHE_DIR=str(tmp_path / "cache"), NIM_REPO_DIR=str(tmp_path / "repo"))
+    log, shim = tmp_path / "calls.log", tmp_path / "bin" / "nim_build"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\nprintf "%s|" "$@" "$NIM_BUILD_PROFILE" >> {log}\necho >> {log}\n')
+    shim.chmod(0o755)
+
+    def run():
+        return subprocess.run(
+            ["/bin/sh", "-ec", *init["args"]],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**env, "PATH": f"{shim.parent}:/usr/bin:/bin"},
+        )
+
+    missing = run()
+    assert missing.returncode == 2 and "no model store at" in missing.stderr and not log.exists()
+    (tmp_path / "cache" / "stores" / "nemo").mkdir(parents=True)
+    (tmp_path / "cache" / "stores" / "nemo" / S.STORE_MANIFEST).write_text("format: nim_build.store\n")
+    assert run().returncode == 0
+    store = str(tmp_path / "cache" / "stores" / "nemo")
+    assert log.read_text().splitlines() == [
+        f"repo|{store}|--out|{tmp_path / 'repo'}|--profile-goal|throughput|reference-cpu-fp8-tp1|"
+    ]

@@ -112,7 +112,8 @@ def model_config(model: str) -> dict:
 
 def check_complete(model_dir: Path, repo_id: str) -> None:
     """Refuse a hub snapshot that lacks a file a build reads (an offline cache copied in part, an interrupted
-    download): one message naming the file and the command that fetches it."""
+    download): one message naming the file and the command that fetches it. A tokenizer is looked for only when
+    the snapshot has a tokenizer_config.json (models without one build without the accuracy gate)."""
     from nim_build.jsonfile import read_object
 
     fetch = f"fetch it with `nim_build download {repo_id} --cache DIR` and point HF_HUB_CACHE at DIR"
@@ -122,7 +123,8 @@ def check_complete(model_dir: Path, repo_id: str) -> None:
         missing += sorted(s for s in shards if not (model_dir / s).is_file())
     elif not any(model_dir.glob("*.safetensors")):
         missing.append("model.safetensors")
-    if not any((model_dir / n).is_file() for n in ("tokenizer.json", "tekken.json", "tokenizer.model")):
+    tokenizers = ("tokenizer.json", "tekken.json", "tokenizer.model")
+    if (model_dir / "tokenizer_config.json").is_file() and not any((model_dir / n).is_file() for n in tokenizers):
         missing.append("tokenizer.json")
     if missing:
         raise CheckpointError(f"{repo_id}: {', '.join(missing)} missing from {model_dir}; {fetch}")

@@ -167,18 +167,105 @@ def chart_values(engine_dir: str | os.PathLike) -> tuple[dict, list[str]]:
     return values, notes
 
 
-def write_values(engine_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> tuple[Path, list[str]]:
-    """Write chart_values(engine_dir) as a commented YAML file; returns its path and the notes."""
+def store_values(store_dir: str | os.PathLike, node, goal: str, store_path: str) -> tuple[dict, list[str], str]:
+    """Helm values for serving the model store in store_dir from the volume's store_path on `node`: sized from the
+    profile selection would choose there (its manifest when built, its planned sizes when it builds on the node);
+    the pod requests that profile's tp in GPUs, so that the node's selection sees as many. Also returns its name."""
+    from nim_build.deploy import profiles as P
+    from nim_build.deploy.store import load_store
+
+    store = load_store(store_dir)
+    spec, max_seq_len = store.spec(), store.max_seq_len()
+    planned = [P.evaluate(e.profile, spec, node, max_seq_len) for e in store.entries]
+    notes = []
+    if not any(pl.runnable for pl in planned):
+        planned = P.plan(spec, node, max_seq_len, store.build)
+        notes.append(f"no profile of the store runs on {node.describe()}: the init container builds one on the node")
+    profile, _ = P.select(planned, goal)
+    if store.built(profile):
+        values, more = chart_values(store.profile_dir(profile))
+        notes += [n for n in more if "local checkpoint" not in n]
+    else:
+        values = _planned_values(store, next(pl for pl in planned if pl.profile == profile), node)
+        notes.append(f"{profile.name} is built on the node at the first start (TensorRT-LLM builds on its GPU)")
+    source = store.model["source"]
+    repo_id, _, commit = source.partition("@")
+    model = {"id": repo_id, "revision": commit or "main"}
+    if Path(source).is_absolute():  # a local checkpoint: the store holds every profile the chart may need
+        model = {"id": f"{CACHE_MOUNT}/{MODELS_SUBDIR}/{Path(source).name}", "revision": "main"}
+        notes.append(
+            f"{source} is a local checkpoint: copy it into the volume as {MODELS_SUBDIR}/{Path(source).name} "
+            "if the node may have to build a profile"
+        )
+    values["model"] = {**model, "store": store_path, "profile": "auto", "profileGoal": goal}
+    notes.append(f"copy {Path(store_dir).resolve()} onto the cache volume as {store_path} (persistence.existingClaim)")
+    return values, notes, profile.name
+
+
+def _planned_values(store, planned, node) -> dict:
+    """Values for a profile that is not built yet: from its planned sizes."""
+    from nim_build.deploy import profiles as P
+
+    profile = planned.profile
+    opts = options.BuildOptions(
+        model=store.model["source"],
+        **store.build,
+        **{k: getattr(profile, k) for k in P.PROFILE_FIELDS},
+    )
+    total = planned.weights_per_gpu * profile.tp
+    gpu = profile.gpu != "cpu"
+    values: dict = {"engine": options.to_chart(opts)}
+    if gpu:
+        product = node.gpu if node.gpu and node.gpu.name == profile.gpu else None
+        labels = [n.replace(" ", "-") for n in (product.smi_names if product else ())]
+        values["gpu"] = {"enabled": True, "products": labels}
+    else:
+        values["gpu"] = {"enabled": False, "products": []}
+        values["image"] = {"tag": f"{__version__}-cpu"}
+        values["tolerations"] = []
+    shm_gib = 4 * profile.tp if gpu else 2
+    memory_gib = _gib(total * 1.25 + 4 * GIB) + shm_gib
+    values["resources"] = {
+        "requests": {"cpu": str(max(4, 2 * profile.tp)), "memory": f"{memory_gib}Gi"},
+        "limits": {"memory": f"{memory_gib}Gi"},
+    }
+    values["shm"] = {"sizeLimit": f"{shm_gib}Gi"}
+    values["persistence"] = {"size": f"{_gib(3 * total + 10 * GIB, step=10)}Gi"}
+    return values
+
+
+def write_values(
+    engine_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    force: bool = False,
+    *,
+    node=None,
+    goal: str = "throughput",
+    store_path: str | None = None,
+) -> tuple[Path, list[str]]:
+    """Write chart_values(engine_dir) (store_values for a model store, for `node`, default this one) as a commented
+    YAML file; returns its path and the notes."""
+    from nim_build.deploy.store import is_store
+
     out = Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists; pass --force to replace it")
-    values, notes = chart_values(engine_dir)
-    manifest = load_manifest(engine_dir)
+    if is_store(engine_dir):
+        from nim_build.deploy.profiles import detect_node
+
+        node = node or detect_node()
+        store_path = store_path or f"stores/{Path(engine_dir).resolve().name}"
+        values, notes, chosen = store_values(engine_dir, node, goal, store_path)
+        what, name = f"model store, profile {chosen} on {node.describe()}", Path(engine_dir).resolve().name
+    else:
+        values, notes = chart_values(engine_dir)
+        manifest = load_manifest(engine_dir)
+        what, name = f"engine {manifest.get('name')}", manifest.get("name")
     header = [
         f"# Helm values for the nim-llm chart, written by nim_build {__version__} `nim_build chart` from",
-        f"# {Path(engine_dir).resolve()} (engine {manifest.get('name')}).",
+        f"# {Path(engine_dir).resolve()} ({what}).",
         "# Sized from the build manifest; every other value keeps the chart's default (helm/nim-llm/values.yaml).",
-        f"# Next: helm install {_release_name(manifest)} helm/nim-llm -f {out.name}",
+        f"# Next: helm install {_release_name(name)} helm/nim-llm -f {out.name}",
         *[f"# Note: {n}" for n in notes],
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +275,6 @@ def write_values(engine_dir: str | os.PathLike, out: str | os.PathLike, force: b
     return out, notes
 
 
-def _release_name(manifest: dict) -> str:
-    name = "".join(c if c.isalnum() else "-" for c in str(manifest.get("name") or "llm").lower()).strip("-")
+def _release_name(name: str | None) -> str:
+    name = "".join(c if c.isalnum() else "-" for c in str(name or "llm").lower()).strip("-")
     return (name or "llm")[:40].rstrip("-")

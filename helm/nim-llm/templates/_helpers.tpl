@@ -150,6 +150,9 @@ nim-llm.validateValues: collects every inconsistent setting and fails with one m
 {{- if and (not $v.gpu.enabled) (eq $v.engine.backend "trtllm") -}}
 {{- $errors = append $errors "engine.backend=trtllm needs gpu.enabled=true (use engine.backend=reference on CPU)" -}}
 {{- end -}}
+{{- if and $v.model.store (not $v.persistence.enabled) -}}
+{{- $errors = append $errors "model.store needs the store on the cache volume: persistence.enabled=true, with persistence.existingClaim holding it" -}}
+{{- end -}}
 {{- if and (not $v.gpu.enabled) $v.gpu.products -}}
 {{- $errors = append $errors "gpu.products is set but gpu.enabled=false" -}}
 {{- end -}}

@@ -2,7 +2,8 @@
 nim-llm.podTemplate: the pod of the Deployment or StatefulSet.
   init container "engine": `nim_build cache-engine` resolves the model into the cache and builds the engine
   there unless the cache holds one for this key (lock + private temp dir + atomic rename), prints its path;
-  then `nim_build repo` writes the Triton model repository into /tmp (an emptyDir).
+  then `nim_build repo` writes the Triton model repository into /tmp (an emptyDir). With model.store,
+  `nim_build repo STORE` chooses the node's profile from the store instead (docs/PROFILES.md).
   container "triton": `nim_build serve` on that repository; the cache is mounted read-only.
 */}}
 {{- define "nim-llm.podTemplate" -}}
@@ -62,6 +63,19 @@ spec:
       image: {{ include "nim-llm.image" . | quote }}
       imagePullPolicy: {{ .Values.image.pullPolicy }}
       command: ["/bin/sh", "-ec"]
+      {{- if .Values.model.store }}
+      # A model store: the profile for this node (NIM_BUILD_PROFILE, or chosen), built into the store first when it
+      # lists the profile build-on-node or has none for this GPU (from the Hugging Face cache in $HF_HUB_CACHE).
+      args:
+        - |
+          store="$NIM_CACHE_DIR/$NIM_STORE"
+          if [ ! -f "$store/model_manifest.yaml" ]; then
+            echo "Error: no model store at $store (model.store): build one with \`nim_build store MODEL --out DIR\` and copy it onto the volume" >&2
+            exit 2
+          fi
+          rm -rf "$NIM_REPO_DIR"
+          nim_build repo "$store" --out "$NIM_REPO_DIR" --profile-goal "$NIM_PROFILE_GOAL"
+      {{- else }}
       # The script's arguments ("$@") are the engine values as build flags (templates/_engine.tpl).
       args:
         - |
@@ -71,12 +85,25 @@ spec:
           nim_build repo "$engine_dir" --out "$NIM_REPO_DIR"
         - nim_build
         {{- include "nim-llm.engineArgs" . | trim | nindent 8 }}
+      {{- end }}
       env:
         {{- include "nim-llm.commonEnv" . | nindent 8 }}
         - name: NIM_MODEL
           value: {{ .Values.model.id | quote }}
         - name: NIM_MODEL_REVISION
           value: {{ .Values.model.revision | quote }}
+        {{- with .Values.model.store }}
+        - name: NIM_STORE
+          value: {{ . | quote }}
+        - name: NIM_PROFILE_GOAL
+          value: {{ $.Values.model.profileGoal | quote }}
+        {{- if ne $.Values.model.profile "auto" }}
+        - name: NIM_BUILD_PROFILE
+          value: {{ $.Values.model.profile | quote }}
+        {{- end }}
+        - name: HF_HUB_CACHE
+          value: {{ printf "%s/hf" $.Values.persistence.mountPath | quote }}
+        {{- end }}
         {{- if .Values.huggingface.offline }}
         - name: HF_HUB_OFFLINE
           value: "1"
