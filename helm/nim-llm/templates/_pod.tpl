@@ -8,6 +8,7 @@ nim-llm.podTemplate: the pod of the Deployment or StatefulSet.
 */}}
 {{- define "nim-llm.podTemplate" -}}
 {{- $ports := .Values.service.ports -}}
+{{- $role := default "" .nimRole -}}
 metadata:
   labels:
     {{- include "nim-llm.labels" . | nindent 4 }}
@@ -129,6 +130,35 @@ spec:
         - name: shm
           mountPath: /dev/shm
   containers:
+    {{- if eq $role "worker" }}
+    - name: mpi-worker
+      image: {{ include "nim-llm.image" . | quote }}
+      imagePullPolicy: {{ .Values.image.pullPolicy }}
+      args: ["mpi-worker", "--port", {{ .Values.multiNode.port | quote }}]
+      env:
+        {{- include "nim-llm.commonEnv" . | nindent 8 }}
+        {{- include "nim-llm.mpiEnv" . | nindent 8 }}
+      ports:
+        - name: mpi
+          containerPort: {{ .Values.multiNode.port }}
+          protocol: TCP
+      readinessProbe:
+        tcpSocket:
+          port: mpi
+        periodSeconds: 10
+      resources:
+        {{- include "nim-llm.resources" . | nindent 8 }}
+      securityContext:
+        {{- toYaml .Values.containerSecurityContext | nindent 8 }}
+      volumeMounts:
+        - name: cache
+          mountPath: {{ .Values.persistence.mountPath | quote }}
+          readOnly: true
+        - name: tmp
+          mountPath: /tmp
+        - name: shm
+          mountPath: /dev/shm
+    {{- else }}
     - name: triton
       image: {{ include "nim-llm.image" . | quote }}
       imagePullPolicy: {{ .Values.image.pullPolicy }}
@@ -148,8 +178,16 @@ spec:
         # serve's own startup limit = the startup probe's budget
         - --startup-timeout
         - {{ mul .Values.startupProbe.periodSeconds .Values.startupProbe.failureThreshold | quote }}
+        {{- if eq $role "leader" }}
+        # mpirun over the group's pods (LWS_LEADER_ADDRESS, LWS_GROUP_SIZE), ranks through their mpi-worker
+        - --mpi-hosts
+        - lws
+        {{- end }}
       env:
         {{- include "nim-llm.commonEnv" . | nindent 8 }}
+        {{- if eq $role "leader" }}
+        {{- include "nim-llm.mpiEnv" . | nindent 8 }}
+        {{- end }}
         - name: HF_HUB_OFFLINE
           value: "1"
         - name: HF_HUB_DISABLE_TELEMETRY
@@ -200,11 +238,12 @@ spec:
           mountPath: /tmp
         - name: shm
           mountPath: /dev/shm
+    {{- end }}
   volumes:
     {{- if not .Values.persistence.enabled }}
     - name: cache
       emptyDir: {}
-    {{- else if or .Values.persistence.existingClaim (eq .Values.workload.kind "Deployment") }}
+    {{- else if or .Values.persistence.existingClaim (ne .Values.workload.kind "StatefulSet") }}
     - name: cache
       persistentVolumeClaim:
         claimName: {{ include "nim-llm.claimName" . }}
