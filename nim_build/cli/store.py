@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from nim_build import options
@@ -19,7 +21,8 @@ from nim_build.deploy.profiles import PROFILE_FIELDS
 @gpus_option
 @profile_goal_option
 @options.click_options(portable_only=True, exclude=PROFILE_FIELDS)
-def command(model, out, wanted, all_runnable, gpus, profile_goal, **flags):
+@click.option("--json", "as_json", is_flag=True, help="Print the store's profiles as JSON on stdout.")
+def command(model, out, wanted, all_runnable, gpus, profile_goal, as_json, **flags):
     """Build profiles of MODEL into the model store OUT: the profiles named with --profile, every one the node
     can run (--all-runnable), or else the one `nim_build serve` would choose there. The other flags mean what
     they mean for `nim_build engine` and hold for every profile of the store.
@@ -41,6 +44,9 @@ def command(model, out, wanted, all_runnable, gpus, profile_goal, **flags):
         raise ConfigError("--profile and --all-runnable exclude each other; give one of them")
     opts = options.from_mapping({"model": model, **flags})
     store = build_store(model, out, opts, P.detect_node(gpus), list(wanted), all_runnable, profile_goal)
+    if as_json:
+        click.echo(json.dumps({"store": str(store.root), "profiles": [e.to_dict() for e in store.entries]}, indent=2))
+        return
     for e in store.entries:
         click.echo(f"{e.status:13} {e.profile.name}  {e.profile.id}")
     click.echo(f"wrote {store.root}", err=True)

@@ -49,26 +49,11 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 def detect_gpu_arch() -> str:
-    """Compute capability of the visible GPUs as "sm90", or "cpu" when nvidia-smi finds none."""
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "cpu"
-    caps = sorted({line.strip() for line in out.splitlines() if line.strip()})
-    if not caps:
-        return "cpu"
-    if len(caps) > 1:
-        raise UserError(
-            f"the visible GPUs differ in compute capability ({', '.join(caps)}); "
-            "schedule the pod on identical GPUs (Helm value gpu.products)"
-        )
-    return "sm" + caps[0].replace(".", "")
+    """Compute capability of this node's GPUs as "sm90", or "cpu" when it has none (profiles.detect_node)."""
+    from nim_build.deploy.profiles import detect_node
+
+    gpu = detect_node().gpu
+    return gpu.arch if gpu else "cpu"
 
 
 def tensorrt_llm_version() -> str | None:

@@ -170,14 +170,14 @@ def create_or_open(root: Path, model: str, build: dict) -> Store:
     return store
 
 
-def buildable_here(profile: P.Profile) -> str | None:
-    """Why this machine cannot build profile (a TensorRT-LLM engine builds on the GPU it runs on), or None."""
+def buildable_here(profile: P.Profile, here: P.Node | None = None) -> str | None:
+    """Why this machine (`here`: detected) cannot build profile (a TensorRT-LLM engine builds on the GPU it runs
+    on), or None."""
     if profile.backend == "reference":
         return None
     from nim_build.deploy.cache import tensorrt_llm_version
 
-    here = P.detect_node()
-    reasons = P.node_reasons(profile, here)
+    reasons = P.node_reasons(profile, here or P.detect_node())
     if tensorrt_llm_version() is None:
         reasons.append("TensorRT-LLM is not installed")
     return "; ".join(reasons) or None
@@ -305,7 +305,7 @@ def choose(
         _log(f"  not {p.name}: {why}")
     if store.built(profile):
         return profile, store.profile_dir(profile)
-    why = buildable_here(profile)
+    why = buildable_here(profile, node)
     if why:
         raise UserError(f"{profile.name} is not built in {store.root} and cannot be built on this node: {why}")
     with _locked(store.root):
