@@ -62,11 +62,14 @@ def _checkout() -> set[str]:
     """Untracked and ignored paths of the checkout, but for the caches the suite may use (.cache, pytest's)."""
     import subprocess
 
-    out = subprocess.run(
-        ["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=REPO, capture_output=True, text=True
-    ).stdout.splitlines()
+    out = subprocess.run(  # -z: paths unquoted (a name with a space is quoted otherwise, and escapes `keep`)
+        ["git", "status", "--porcelain", "-z", "--ignored", "--untracked-files=all"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\0")
     keep = (".cache/", ".pytest_cache/", ".ruff_cache/", ".venv/")
-    return {line for line in out if not line[3:].startswith(keep) and "__pycache__" not in line}
+    return {line for line in out if line and not line[3:].startswith(keep) and "__pycache__" not in line}
 
 
 def _servers() -> set[int]:
