@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from nim_build import COMPUTE_DTYPES
+from nim_build.deploy.profiles import GOALS, GPU_PRODUCTS, GPUS_ENV, PROFILE_ENV
 
 compute_dtype_option = click.option(
     "--compute-dtype",
@@ -17,31 +18,23 @@ compute_dtype_option = click.option(
 )
 
 
-def _profile_options():
-    from nim_build.deploy.profiles import GOALS, GPU_PRODUCTS, PROFILE_ENV
-
-    gpus = click.option(
-        "--gpus",
-        default="auto",
-        show_default=True,
-        help="The node: 'PRODUCT xCOUNT' (e.g. 'H100-SXM x8', 'L40S x2'), 'cpu', or 'auto' (this node: nvidia-smi, "
-        f"or the description in NIM_BUILD_GPUS). Products: {', '.join(p.name for p in GPU_PRODUCTS.values())}.",
-    )
-    profile = click.option(
-        "--profile",
-        envvar=PROFILE_ENV,
-        help="Run this profile (a name or id from `nim_build profiles`) instead of the one chosen "
-        f"[env {PROFILE_ENV}].",
-    )
-    goal = click.option(
-        "--profile-goal",
-        type=click.Choice(GOALS),
-        default="throughput",
-        show_default=True,
-        help="What the chosen profile optimises: throughput (the fewest GPUs that fit with a useful KV cache) or "
-        "latency (the most GPUs the node has).",
-    )
-    return gpus, profile, goal
-
-
-gpus_option, profile_option, profile_goal_option = _profile_options()
+gpus_option = click.option(
+    "--gpus",
+    default="auto",
+    show_default=True,
+    help="The node: 'PRODUCT xCOUNT' (e.g. 'H100-SXM x8', 'L40S x2'), 'cpu', or 'auto' (this node: nvidia-smi, "
+    f"or the description in {GPUS_ENV}). Products: {', '.join(p.name for p in GPU_PRODUCTS.values())}.",
+)
+profile_option = click.option(
+    "--profile",
+    envvar=PROFILE_ENV,
+    help=f"Run this profile (a name or id from `nim_build profiles`) instead of the one chosen [env {PROFILE_ENV}].",
+)
+profile_goal_option = click.option(
+    "--profile-goal",
+    type=click.Choice(GOALS),
+    default=GOALS[0],
+    show_default=True,
+    help="What the chosen profile optimises: throughput (the fewest GPUs that fit with a useful KV cache) or "
+    "latency (the most GPUs the node has).",
+)
