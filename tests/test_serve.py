@@ -292,10 +292,13 @@ def test_sigterm_while_models_load_stops_serve_at_once(tmp_path):
     assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def test_sigterm_under_load_lets_the_streams_finish_then_stops_everything(default_model_dir, tmp_path):
+@pytest.mark.parametrize("postprocessing", ["native", "python"])
+def test_sigterm_under_load_lets_the_streams_finish_then_stops_everything(default_model_dir, tmp_path, postprocessing):
     """Issue 12: SIGTERM while ensemble streams run. Triton 2.51 stops its endpoints at SIGTERM, so streams in flight
     then hung until Triton overstayed its exit timeout and was killed (12 streams: 40 s). serve now waits for the
-    engine to empty first: every stream completes, Triton exits 0, and nothing is left."""
+    engine to empty first: every stream completes, Triton exits 0, and nothing is left. Before the load, 4 gRPC
+    clients leave their streams (cancelling them) after the first response: those ensemble requests used to stay in
+    flight forever (a cancelled postprocessing step answered an error), so Triton waited out its exit timeout."""
     import json
     import shutil
     import signal
@@ -318,7 +321,9 @@ def test_sigterm_under_load_lets_the_streams_finish_then_stops_everything(defaul
     engine = tokenizer_engine_dir(tmp_path, tok)
     (engine / "trivial_engine.json").write_text(json.dumps({"step_delay_s": 0.02}))  # 120 tokens: >= 2.4 s
     repo = generate_repo(
-        engine, tmp_path / "repo", RepoOptions(engine_class="nim_build.testing.trivial_engine:TrivialEngine")
+        engine,
+        tmp_path / "repo",
+        RepoOptions(engine_class="nim_build.testing.trivial_engine:TrivialEngine", postprocessing=postprocessing),
     )
     served = ServedRepo(repo, engine, tmp_path / "serve.log", args=("--exit-timeout", "20", "--health-interval", "2"))
     results: list = []
@@ -330,10 +335,27 @@ def test_sigterm_under_load_lets_the_streams_finish_then_stops_everything(defaul
         except Exception as e:
             results.append((type(e).__name__, str(e)[:200]))
 
+    def leave() -> None:
+        import tritonclient.grpc as grpcclient
+
+        from nim_build.serving.client import grpc_inputs
+
+        first = threading.Event()
+        client = grpcclient.InferenceServerClient(served.grpc_url)
+        client.start_stream(callback=lambda result, error: first.set())
+        body = {"text_input": "A client that leaves", "max_tokens": 120, "stream": True}
+        client.async_stream_infer("ensemble", grpc_inputs(body))
+        assert first.wait(30)
+        client.stop_stream(cancel_requests=True)
+        client.close()
+
     try:
         served.wait_ready(120)
         stream()  # alone: the whole text (a stream behind the engine gets several tokens per response)
         whole = results.pop()
+        for _ in range(4):
+            leave()
+        served.wait_idle()
         started = psutil.Process(served.proc.pid).children(recursive=True)
         clients = [threading.Thread(target=stream) for _ in range(8)]
         for c in clients:

@@ -598,8 +598,10 @@ TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(TRITONBACKEND_ModelInstan
         std::lock_guard<std::mutex> lock(state->mu);
         first = state->MarkCancelled(key);
       }
-      if (first) SendStop(state, id, has_key, stream_key);  // once per stream: its later steps arrive cancelled too
-      err = Error(ERROR_CANCELLED, "the request was cancelled");
+      // once per stream: its later steps arrive cancelled too. They are still answered with their text: Triton 2.51
+      // never completes an ensemble request one of whose decoupled steps answered an error (it stays in flight
+      // until the exit timeout runs out at shutdown).
+      if (first) SendStop(state, id, has_key, stream_key);
     }
     if (!err) err = DecodeRequest(state, request, key.c_str(), start, &shape, &texts);
     TRITONBACKEND_Response* response;

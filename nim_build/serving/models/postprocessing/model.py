@@ -12,7 +12,9 @@ dropped after `STATE_TTL_S`.
 Cancellation: Triton 2.51 does not cancel an ensemble's running `tensorrt_llm` step when its client goes away,
 but the steps it schedules after that arrive here marked cancelled (this model has no dynamic batcher, which would
 drop them unseen). The first one sends `tensorrt_llm` a `stop` request for the stream (by its key, else by its
-request id), so the engine ends the request and frees its KV blocks one token after the client left.
+request id), so the engine ends the request and frees its KV blocks one token after the client left. Cancelled
+steps are still answered with their text, never with an error: Triton 2.51 never completes an ensemble request one
+of whose decoupled steps answered an error, and holds it in flight until its exit timeout runs out at shutdown.
 """
 
 import json
@@ -58,7 +60,7 @@ class TritonPythonModel:
         stream_key = tc.first(request, "STREAM_KEY")
         key = f"k{stream_key}" if stream_key is not None else request.request_id()
         if key and request.is_cancelled():
-            return self._cancel(key, request.request_id(), stream_key)
+            self._stop_once(key, request.request_id(), stream_key)
         one = tokens.shape[0] == 1 and tokens.shape[1] == 1
         texts = []
         for b in range(tokens.shape[0]):
@@ -72,16 +74,14 @@ class TritonPythonModel:
             output_tensors=[tc.pb_utils.Tensor("OUTPUT", np.array([t.encode("utf-8") for t in texts], np.object_))]
         )
 
-    def _cancel(self, key: str, request_id: str, stream_key):
+    def _stop_once(self, key: str, request_id: str, stream_key) -> None:
         with self.lock:
-            self.states.pop(key, None)
             first = key not in self.cancelled
             self.cancelled[key] = None
             while len(self.cancelled) > MAX_STATES:
                 self.cancelled.popitem(last=False)
         if first:  # once per stream (its later steps arrive cancelled too)
             tc.stop_llm_request(self.llm, request_id, stream_key)
-        return tc.error("the request was cancelled")
 
     def _stream_piece(self, key: str, ids: list[int], now: float) -> str:
         with self.lock:

@@ -272,7 +272,8 @@ class TritonPythonModel:
                 calls = self.by_id.get(request.request_id(), [])
                 streams = [s for s in self.active.values() if s.call in calls]
         for s in streams:
-            self.logger.log_info(f"tensorrt_llm: request '{s.call.key}' stopped by a stop request")
+            what = f"stream {key} (its ensemble client left)" if key is not None else f"request '{s.call.key}'"
+            self.logger.log_info(f"tensorrt_llm: {what} stopped by a stop request")
             self.engine.cancel(s.rid)
         request.get_response_sender().send(
             pb_utils.InferenceResponse(output_tensors=[]), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
