@@ -9,8 +9,9 @@ and a quarter of them leave every request early (close their stream after the fi
 one-shot). Checked: every completed response equals the same prompt's text generated alone; serve never restarts
 Triton and answers /v2/health/ready throughout; the server tree's RSS in the last minute is not above the first
 minute's (by more than 3%); every KV block is back in the pool after the load. Then the load starts again and
-serve gets SIGTERM: it must exit 0 within its drain bound with no process and no /dev/shm segment left. serve's
-logs stay in --logs.
+serve gets SIGTERM: it must exit 0 within its drain bound with no process and no /dev/shm segment left. A client
+whose request failed (refused while serve drains) waits a second before the next, as the SDKs back off: 64
+clients retrying at once on these 2 cores slowed the engine to a step every 2 s. serve's logs stay in --logs.
 """
 
 from __future__ import annotations
@@ -117,10 +118,11 @@ def _load(serve: Serve, streams: int, seconds: float, stream: bool, expected: di
             i += 1
             try:
                 text = _request(f"127.0.0.1:{serve.grpc}", prompt, stream, leave)
-            except Exception as e:  # counted: the load goes on
+            except Exception as e:  # counted; the client retries after a second, as the SDKs back off
                 with lock:
                     counts["errors"] += 1
                     errors.append(str(e)[:200])
+                stop.wait(1.0)
                 continue
             with lock:
                 if text is None:

@@ -14,6 +14,3 @@ KV_CACHE_FREE_MEM_FRACTION = 0.9
 # variable): auto = bf16 on a CPU with native bf16 matmul, float32 on other CPUs, the checkpoint's dtype on CUDA.
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 COMPUTE_DTYPE_ENV = "NIM_BUILD_COMPUTE_DTYPE"
-# A file serve creates when it starts draining (SIGTERM): the tensorrt_llm model then refuses new requests, so what
-# runs can finish while clients keep sending (its path reaches the engine processes in this variable).
-DRAIN_FILE_ENV = "NIM_BUILD_DRAIN_FILE"

@@ -104,3 +104,21 @@ nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="used",model="tensorrt_llm
 """
     assert engine_stats(trtllm) == {"steps": 77, "running": 2, "waiting": 1, "cache": 0.25}
     assert engine_stats("nv_inference_count 3") == {}
+
+
+def test_a_stop_request_is_answered_while_a_probe_waits():
+    """Under load the health probe queues behind generation for up to its 30 s timeout; SIGTERM (stop_event) must
+    not wait for it: the soak's SIGTERM used to sit 30 s behind one."""
+    import threading
+    import time
+
+    from nim_build.serving.server import supervise
+
+    stop, released = threading.Event(), threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    t0 = time.monotonic()
+    try:
+        assert supervise(_Alive(), lambda: released.wait(30), interval_s=0.001, stop_event=stop) is None
+        assert time.monotonic() - t0 < 2
+    finally:
+        released.set()  # the abandoned probe thread ends too

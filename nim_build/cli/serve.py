@@ -133,7 +133,7 @@ def _serve(
     from nim_build.errors import ServingError
     from nim_build.openai.process import OpenAIFrontend
     from nim_build.serving.client import health_probe
-    from nim_build.serving.server import TritonServer, drain, engine_steps, supervise
+    from nim_build.serving.server import TritonServer, engine_steps, supervise
 
     server = TritonServer(
         repo,
@@ -198,10 +198,9 @@ def _serve(
     finally:
         if frontend is not None:  # first: its streams end before the engine goes
             frontend.stop()
-        # asked to stop: what runs finishes first (Triton stops its endpoints at SIGTERM: streams in flight would hang)
+        # asked to stop: what runs finishes first (Triton stops its endpoints at SIGTERM: requests in flight would hang)
         if reason is None and server.running():
-            server.begin_drain()  # clients that keep sending get an error instead of holding the drain open
-            if not drain(metrics, exit_timeout):
+            if not server.drain(exit_timeout):  # new requests are refused from now on
                 click.echo(
                     f"note: requests still running after --exit-timeout {exit_timeout} s; stopping anyway", err=True
                 )

@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -34,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from nim_build import COMPUTE_DTYPE_ENV, DRAIN_FILE_ENV, limits
+from nim_build import COMPUTE_DTYPE_ENV, limits
 from nim_build.errors import ResponseTimeout, ServerSetupError, ServingError
 from nim_build.serving.http_guard import DEFAULT_MAX_BODY, HttpGuard
 
@@ -42,6 +43,9 @@ NGC_BINARY = "/opt/tritonserver/bin/tritonserver"
 SHM_DIR = "/dev/shm"
 _SERVERS = itertools.count()
 NGC_BACKENDS = "/opt/tritonserver/backends"
+# The header Triton's model-repository API requires (HTTP and gRPC); its value is a secret of each start, which only
+# serve knows: clients cannot load or unload models, serve unloads them to drain (TritonServer.drain).
+CONTROL_HEADER = "nim-build-control"
 
 
 def find_tritonserver() -> Path:
@@ -118,6 +122,14 @@ def _check_mpi_hosts(hosts: str, world_size: int) -> str:
     return hosts
 
 
+def model_dependencies(repo: Path) -> dict[str, set[str]]:
+    """Each model of a repository -> the models of the repository it calls: an ensemble's steps, and the models
+    named by `*_model_name` parameters (the BLS, postprocessing's `stop` requests)."""
+    configs = {p.parent.name: p.read_text() for p in repo.glob("*/config.pbtxt")}
+    named = re.compile(r'model_name:\s*"([^"]+)"|key:\s*"\w*_model_name"\s*value\s*\{\s*string_value:\s*"([^"]+)"')
+    return {name: {a or b for a, b in named.findall(text)} & configs.keys() - {name} for name, text in configs.items()}
+
+
 def engine_world_size(repo: Path) -> int:
     """World size of a TensorRT-LLM engine served by the repository's tensorrt_llm model (1 for python)."""
     from nim_build.serving.repo import read_config
@@ -181,6 +193,7 @@ class TritonServer:
         self._pump: threading.Thread | None = None
         self._workdir: str | None = None
         self.shm_prefix = f"nimb{os.getpid()}s{next(_SERVERS)}"  # python-backend regions in /dev/shm: ours only
+        self._control_key = secrets.token_urlsafe(24)  # CONTROL_HEADER's value; never logged
         self.killed = False  # the server overstayed stop()'s timeout and was killed
 
     # -- addresses -----------------------------------------------------------------------------------------
@@ -231,22 +244,57 @@ class TritonServer:
             env[limits.THREADS_ENV] = str(self.threads)
         if self.compute_dtype:
             env[COMPUTE_DTYPE_ENV] = self.compute_dtype
-        if self._drain_file():
-            env[DRAIN_FILE_ENV] = str(self._drain_file())
         if self.mpi_hosts:
             from nim_build.serving.mpi_launch import agent_env
 
             env.update(agent_env())
         return env
 
-    def _drain_file(self) -> Path | None:
-        """The file begin_drain creates, in the work directory start() makes (None before)."""
-        return Path(self._workdir) / "draining" if self._workdir else None
+    def drain(self, timeout_s: float, poll_s: float = 0.1) -> bool:
+        """Unload every model, callers before the models they call: True when all are unloaded, False when timeout_s
+        passed first.
 
-    def begin_drain(self) -> None:
-        """From now on the engine refuses new requests (the running ones go on): see DRAIN_FILE_ENV."""
-        if self._drain_file():
-            self._drain_file().touch()
+        Triton refuses new requests to a model being unloaded at once, with an error, and unloads it when the
+        requests it holds have finished. So what runs finishes, and nothing is in flight when Triton then gets
+        SIGTERM: Triton 2.51 stops its endpoints first at SIGTERM, and a request in flight then never completes
+        (Triton waits out its exit timeout, and may crash leaving it). Refusing new requests in `tensorrt_llm`
+        instead did not do it: under a flood of clients, refused ones were in flight at the signal, and once the
+        ensemble never unloaded after tensorrt_llm had refused streaming requests with an error."""
+        try:
+            return self._unload_all(time.monotonic() + timeout_s, poll_s)
+        except (OSError, ValueError):  # Triton ended, or does not answer: nothing left to wait for here
+            return False
+
+    def _unload_all(self, deadline: float, poll_s: float) -> bool:
+        calls = model_dependencies(self.repo)
+        loaded = set(calls)
+        while loaded:
+            called = set().union(*(calls[m] for m in loaded))
+            batch = (loaded - called) or loaded  # a cycle: all at once
+            for name in sorted(batch):
+                self._repository(f"models/{name}/unload", {}, max(deadline - time.monotonic(), 1.0))
+            while True:
+                states = {m["name"]: m.get("state") for m in self._repository("index", {}, 10.0)}
+                if not any(states.get(m) in ("READY", "LOADING", "UNLOADING") for m in batch):
+                    break
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(poll_s)
+            loaded -= batch
+        return True
+
+    def _repository(self, path: str, body: dict, timeout_s: float):
+        """POST to Triton's model-repository API (restricted to CONTROL_HEADER), on its own HTTP port."""
+        host = "127.0.0.1" if self.http_max_body else self.client_host
+        req = urllib.request.Request(
+            f"http://{host}:{self._triton_http_port}/v2/repository/{path}",
+            data=json.dumps(body).encode(),
+            headers={CONTROL_HEADER: self._control_key, "Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            text = r.read()
+        return json.loads(text) if text else None
 
     def rank_args(self, binary: Path, backends: Path, rank: int) -> list[str]:
         args = [
@@ -266,6 +314,10 @@ class TritonServer:
         ]
         if rank > 0:
             args += ["--model-control-mode=explicit", "--load-model=tensorrt_llm"]
+        else:  # every model, and the repository API for serve alone (drain)
+            restricted = f"model-repository:{CONTROL_HEADER}={self._control_key}"
+            args += ["--model-control-mode=explicit", "--load-model=*"]
+            args += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
         return args + list(self.extra_args)
 
     def command(self, binary: Path, backends: Path) -> list[str]:
@@ -539,7 +591,8 @@ def supervise(
     when a model does not answer. A busy server is not a dead one: a probe that timed out (it queued behind the
     generation of others) while `progress` (the engine's step counter) moved on is no failure. Otherwise
     `failures_allowed` consecutive failures are tolerated. `companion_exited` (the OpenAI API process) is checked
-    every half second and, like Triton's own exit, ends serving at once.
+    every half second and, like Triton's own exit, ends serving at once. The probe runs in a thread of its own, so a
+    stop request is answered at once even while a probe waits behind a busy engine (up to its timeout).
     """
     stop_event = stop_event or threading.Event()
     failures = 0
@@ -553,10 +606,12 @@ def supervise(
         if time.monotonic() < next_probe:
             continue
         before = _safe(progress)
-        try:
-            probe()
+        done, e = _run(probe, stop_event)
+        if not done:
+            return None
+        if e is None:
             failures = 0
-        except Exception as e:  # any failure of the real request counts, but a timeout of a busy engine
+        else:  # any failure of the real request counts, but a timeout of a busy engine
             after = _safe(progress)
             if isinstance(e, ResponseTimeout) and before is not None and after is not None and after > before:
                 failures = 0
@@ -566,6 +621,26 @@ def supervise(
                     return f"health request failed {failures} times in a row: {' '.join(str(e).split())[:500]}"
         next_probe = time.monotonic() + interval_s
     return None
+
+
+def _run(fn: Callable[[], None], stop_event: threading.Event) -> tuple[bool, Exception | None]:
+    """Call fn in a daemon thread: (True, the exception it raised or None), or (False, None) when stop_event was set
+    first (fn is left to end on its own)."""
+    box: list[Exception | None] = []
+
+    def call() -> None:
+        try:
+            fn()
+            box.append(None)
+        except Exception as e:
+            box.append(e)
+
+    thread = threading.Thread(target=call, name="nim_build-health", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        if stop_event.wait(0.1):
+            return False, None
+    return True, box[0] if box else None
 
 
 def _safe(read: Callable[[], float | None] | None) -> float | None:
@@ -617,26 +692,3 @@ def engine_stats(text: str) -> dict[str, float]:
 def engine_steps(metrics_url: str) -> float | None:
     """The engine's step counter from Triton's metrics (None when the backend exports none)."""
     return engine_stats(metrics_text(metrics_url)).get("steps")
-
-
-def engine_requests(metrics_url: str) -> float | None:
-    """How many requests the engine holds, running or waiting (None when the backend exports no such count)."""
-    stats = engine_stats(metrics_text(metrics_url))
-    return stats["running"] + stats.get("waiting", 0.0) if "running" in stats else None
-
-
-def drain(metrics_url: str, timeout_s: float, poll_s: float = 0.25) -> bool:
-    """Wait until the engine holds no request: True, or False when timeout_s passed first.
-
-    Triton 2.51 stops its endpoints as soon as it gets SIGTERM, so streams in flight then never get another response
-    and Triton waits out its whole exit timeout for them (and is killed; reproduced with 12 ensemble streams: 40 s).
-    So serve lets what runs finish before it signals Triton. An engine that exports no count, or metrics that do not
-    answer, have nothing to wait for."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        held = _safe(lambda: engine_requests(metrics_url))
-        if not held:
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(poll_s)

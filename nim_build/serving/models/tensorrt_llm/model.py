@@ -26,14 +26,12 @@ Prometheus gauges (nim_build_engine_*) on the metrics port.
 import importlib
 import json
 import math
-import os
 import queue
 import threading
 
 import numpy as np
 import triton_common as tc
 
-from nim_build import DRAIN_FILE_ENV
 from nim_build.errors import UserError
 from nim_build.runtime.api import from_trtllm
 from nim_build.serving.repo import refused_for_reference
@@ -144,8 +142,6 @@ class TritonPythonModel:
         self.by_key: dict[int, _Stream] = {}  # stream key -> stream (ensemble streams)
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self.drain_file = os.environ.get(DRAIN_FILE_ENV)
-        self.draining = False  # serve is stopping: new requests are refused, running ones finish
         self.gauges = self._make_gauges()
         self.threads = [threading.Thread(target=f, daemon=True) for f in (self._send_loop, self._watch_loop)]
         for t in self.threads:
@@ -166,8 +162,6 @@ class TritonPythonModel:
         return None  # responses go out through each request's sender, from the send loop
 
     def _submit(self, request) -> None:
-        if self.draining:
-            raise UserError("the server is shutting down and takes no new requests; send it to another replica")
         ids = tc.array(request, "input_ids")
         if ids is None:
             raise UserError("input_ids is required")
@@ -411,10 +405,9 @@ class TritonPythonModel:
         ]
 
     def _watch_loop(self):
-        """Cancel requests whose client cancelled or disconnected; export engine statistics; notice serve's drain."""
+        """Cancel requests whose client cancelled or disconnected; export engine statistics."""
         best = 0
         while not self.stopping.wait(CANCEL_POLL_S):
-            self.draining = self.draining or bool(self.drain_file and os.path.exists(self.drain_file))
             with self.lock:
                 streams = list(self.active.values())
             for s in streams:
