@@ -12,9 +12,17 @@ Three CPU choices, each measured on the embedded model's shapes (bench/runtime.p
   process may take (it doubles the weights' size in bf16); the bits are those of dequantizing on every call.
   Otherwise, and on CUDA (where dequantizing is cheap, or `torch._scaled_mm` runs FP8 natively), they stay FP8.
 
-Batch invariance: a row's result must not depend on how many rows share the GEMM. MKL's sgemm computes a row the
-same way only for row counts that are multiples of 4; oneDNN's bf16 kernel for every count but 1 (a separate
-matrix-vector kernel). Inputs are padded accordingly (tests/test_runtime.py checks the bits).
+Batch invariance: a row's result must not depend on how many rows share the GEMM. Which row counts a GEMM library
+computes a row the same way for depends on the CPU (measured with the embedded model's shapes): MKL's sgemm on an
+AMD EPYC for every multiple of 4, on an Intel Xeon with AVX-512 for 4, 8 and 12 rows but not 16; oneDNN's bf16
+kernel on AVX512-BF16 for every count but 1, with AMX for 1 to 32 rows but not 33. What held on every CPU: within
+one GEMM of a given row count, a row's bits depend neither on the other rows nor on its place. So a batch-invariant
+GEMM (`tiled`: the serving path, a forward over a KV cache) runs its rows in calls of at most `rows` rows, each a
+multiple of `multiple` rows (zeros padding the last), where (multiple, rows) is the first of TILINGS for which this
+CPU computes the same bits in every such call: measured once per GEMM shape in the process, in the thread that
+serves (`tiling`). tests/test_runtime.py and tests/test_scheduler.py check the bits. Other forwards (the accuracy
+gate's: whole sequences, no cache) run one GEMM padded as before, so their bits stay those the gate was measured
+with.
 """
 
 from __future__ import annotations
@@ -26,8 +34,13 @@ import torch
 from nim_build.runtime import fp8
 from nim_build.runtime.checkpoint import Linear
 
-MKL_ROW_TILE = 4  # MKL sgemm rows come out bit-identical for any row count that is a multiple of this
-ONEDNN_MIN_ROWS = 2  # oneDNN's bf16 GEMM rows are bit-identical for any row count from this up
+MKL_ROW_TILE = 4  # untiled float32 GEMMs run a multiple of this many rows
+ONEDNN_MIN_ROWS = 2  # untiled oneDNN bf16 GEMMs run at least this many rows (1 row is a matrix-vector kernel)
+# Batch-invariant GEMM calls, (multiple, rows): calls of `multiple`, 2 x `multiple`, ... up to `rows` rows. In order
+# of preference: the fewer padding rows a decode step gets, then the more rows one call takes. The last one always
+# holds (one row count).
+TILINGS = ((1, 64), (1, 32), (1, 16), (2, 64), (2, 32), (2, 16), (4, 64), (4, 32), (4, 16), (4, 8), (4, 4))
+_measured_tilings: dict[tuple, tuple[int, int]] = {}
 
 
 def native_bf16_cpu() -> bool:
@@ -80,8 +93,28 @@ class PreparedLinear:
             weight = weight.to("meta")  # its shape and dtype: the packed copy is the one held in memory
         return cls(weight, w_scale, a_scale, lin.per_token, quantize_input, packed, scaled_input)
 
-    def padded_rows(self, rows: int) -> int:
-        """The row count to run `rows` rows at so that each row's bits do not depend on it."""
+    def tiling(self, dtype: torch.dtype, native_fp8: bool) -> tuple[int, int]:
+        """(multiple, rows) of this GEMM's batch-invariant calls on this CPU: the first of TILINGS under which every
+        call computes random rows with the bits of calls of `multiple` rows; measured once per GEMM shape and path."""
+        key = (tuple(self.weight.shape), self.weight.dtype, self.packed is not None, self.quantize_input,
+               self.scaled_input, self.per_token, dtype, native_fp8, torch.get_num_threads())  # fmt: skip
+        if key not in _measured_tilings:
+            gen = torch.Generator().manual_seed(0)
+            device = (self.weight if self.packed is None else self.packed).device  # a packed weight is on meta
+            x = torch.randn(TILINGS[0][1], self.weight.shape[1], generator=gen).to(device, dtype)
+            for multiple, rows in TILINGS:
+                ref = torch.cat([self._gemm(part, dtype, native_fp8) for part in x[:rows].split(multiple)])
+                counts = range(2 * multiple, rows + 1, multiple)
+                if all(torch.equal(self._gemm(x[:m], dtype, native_fp8), ref[:m]) for m in counts):
+                    _measured_tilings[key] = (multiple, rows)
+                    break
+        return _measured_tilings[key]
+
+    def padded_rows(self, rows: int, dtype: torch.dtype, native_fp8: bool, tiled: bool) -> int:
+        """The row count `rows` rows run at."""
+        if tiled:
+            multiple = self.tiling(dtype, native_fp8)[0]
+            return rows + -rows % multiple
         if self.packed is not None:
             return max(rows, ONEDNN_MIN_ROWS)
         return rows + -rows % MKL_ROW_TILE
@@ -91,29 +124,33 @@ class PreparedLinear:
         """The weight is held as FP8 (multiplied by the native FP8 GEMM, or dequantized per call)."""
         return self.weight.dtype == fp8.FP8
 
-    def __call__(self, x: torch.Tensor, dtype: torch.dtype, native_fp8: bool) -> torch.Tensor:
-        """x [T, in] -> [T, out] in `dtype`."""
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype, native_fp8: bool, tiled: bool = False) -> torch.Tensor:
+        """x [T, in] -> [T, out] in `dtype`; tiled: batch invariant (see `tiling`)."""
         rows = x.shape[0]
-        pad = self.padded_rows(rows) - rows
+        pad = self.padded_rows(rows, dtype, native_fp8, tiled) - rows
         if pad:
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+        per_call = self.tiling(dtype, native_fp8)[1] if tiled else x.shape[0]
+        if x.shape[0] > per_call:
+            y = torch.cat([self._gemm(part, dtype, native_fp8) for part in x.split(per_call)])
+        else:
+            y = self._gemm(x, dtype, native_fp8)
+        return y[:rows] if pad else y
+
+    def _gemm(self, x: torch.Tensor, dtype: torch.dtype, native_fp8: bool) -> torch.Tensor:
         if self.is_fp8 and native_fp8 and fp8.scaled_mm_ok(self):
-            return fp8.scaled_mm_linear(x, self, dtype)[:rows]
+            return fp8.scaled_mm_linear(x, self, dtype)
         if self.quantize_input:
             scale = fp8.per_token_scale(x) if self.per_token else self.a_scale
             if self.scaled_input:
                 y = _onednn(fp8.values(fp8.quantize(x, scale), dtype), self.packed)
-                if self.per_token:
-                    y = y.mul_(scale)
-                return y[:rows] if pad else y
+                return y.mul_(scale) if self.per_token else y
             x = fp8.fake_quant(x, scale)
         if self.packed is not None:
-            y = _onednn(x, self.packed)
-        elif self.is_fp8:
-            y = x @ fp8.dequantize(self.weight, self.w_scale, dtype).t()
-        else:
-            y = x @ self.weight.t()
-        return y[:rows] if pad else y
+            return _onednn(x, self.packed)
+        if self.is_fp8:
+            return x @ fp8.dequantize(self.weight, self.w_scale, dtype).t()
+        return x @ self.weight.t()
 
 
 def _onednn(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:

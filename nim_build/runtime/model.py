@@ -6,8 +6,8 @@ sequences (the shared work batching pays for); attention runs tile by tile: pref
 tokens of all sequences together.
 
 Batch invariance: a sequence's logits are the same bits whatever else shares its steps, so in-flight batching
-changes no result (greedy text served under load equals the text generated alone). Three things make it so: GEMM
-inputs are padded to row counts for which the GEMM computes a row the same way whatever the count (runtime/linear.py),
+changes no result (greedy text served under load equals the text generated alone). Three things make it so: GEMMs
+over a KV cache run in calls of row counts this CPU computes a row the same way in (measured, runtime/linear.py),
 rotary tables are computed once per fixed block of positions, and attention is cut into tiles at fixed positions
 (see `_attention`); the scheduler cuts prefill chunks at the same multiples.
 """
@@ -161,8 +161,8 @@ class DecoderModel:
             layer.kv_scale if layer.kv_scale is not None else torch.ones(1, device=self.device) for layer in self.layers
         ]
 
-    def linear(self, x: torch.Tensor, lin: PreparedLinear) -> torch.Tensor:
-        return lin(x, self.dtype, self.native_fp8)
+    def linear(self, x: torch.Tensor, lin: PreparedLinear, tiled: bool = False) -> torch.Tensor:
+        return lin(x, self.dtype, self.native_fp8, tiled)
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # in float32, as transformers' RMSNorm (F.rms_norm runs its mean-rsqrt-multiply: the same bits)
@@ -181,9 +181,11 @@ class DecoderModel:
         """input_ids [T]: the chunks' tokens packed back to back (sum of lengths == T)."""
         c = self.cfg
         t = input_ids.numel()
-        # Padded once to the row count the GEMMs need (runtime/linear.py), not in every GEMM: rows are independent
+        # A forward over a KV cache (serving: sequences that share steps) runs batch-invariant GEMMs on a CPU
+        # (runtime/linear.py). Padded once to the row count the GEMMs need, not in every GEMM: rows are independent
         # everywhere but in attention, which reads the real rows only.
-        pad = self.layers[0].qkv.padded_rows(t) - t if self.layers else 0
+        tiled = cache is not None and self.device.type == "cpu"
+        pad = self.layers[0].qkv.padded_rows(t, self.dtype, self.native_fp8, tiled) - t if self.layers else 0
         positions = torch.cat(
             [torch.arange(ch.start, ch.start + ch.length) for ch in chunks] + [torch.zeros(pad, dtype=torch.long)]
         )
@@ -193,19 +195,19 @@ class DecoderModel:
         hidden = [x[:t]] if output_hidden_states else None
         nq, nkv = c.num_heads * c.head_size, c.num_kv_heads * c.head_size
         for i, layer in enumerate(self.layers):
-            qkv = self.linear(self.rmsnorm(x, layer.input_layernorm), layer.qkv)
+            qkv = self.linear(self.rmsnorm(x, layer.input_layernorm), layer.qkv, tiled)
             # q and k rotated in one go: [T, heads + kv_heads, D]
             qk = rope.apply(qkv[:, : nq + nkv].view(-1, c.num_heads + c.num_kv_heads, c.head_size), cos, sin)
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads :]
             v = qkv[:, nq + nkv :].reshape(-1, c.num_kv_heads, c.head_size)
             attn = self._attention(i, q, k, v, chunks, cache, slots)
-            x = x + self.linear(attn, layer.dense)
+            x = x + self.linear(attn, layer.dense, tiled)
             h = self.rmsnorm(x, layer.post_layernorm)
             if layer.gate is None:
-                fc, gate = self.linear(h, layer.fc).chunk(2, dim=-1)
+                fc, gate = self.linear(h, layer.fc, tiled).chunk(2, dim=-1)
             else:
-                fc, gate = self.linear(h, layer.fc), self.linear(h, layer.gate)
-            x = x + self.linear(F.silu(fc) * gate, layer.proj)
+                fc, gate = self.linear(h, layer.fc, tiled), self.linear(h, layer.gate, tiled)
+            x = x + self.linear(F.silu(fc) * gate, layer.proj, tiled)
             if output_hidden_states and i < len(self.layers) - 1:
                 hidden.append(x[:t])
         x = self.rmsnorm(x, self.ln_f)
@@ -216,7 +218,7 @@ class DecoderModel:
         else:
             last = torch.tensor([ch.length for ch in chunks]).cumsum(0) - 1
             x = x[last.to(self.device)]
-        logits = self.linear(x, self.lm_head).float()
+        logits = self.linear(x, self.lm_head, tiled).float()
         return ForwardOutput(logits, hidden)
 
     def _slots(self, chunks, cache) -> dict | None:
