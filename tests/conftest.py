@@ -245,15 +245,30 @@ class ServedRepo:
         return self.proc.returncode
 
 
-def tokenizer_engine_dir(root: Path, tok_dir: Path) -> Path:
+def hf_tokenizer_dir(model_dir: Path, out: Path, bos_id: int | None = None) -> Path:
+    """`out` as a tokenizer directory: the Hugging Face tokenizer files of `model_dir` and a nim_build_tokenizer.json
+    (the embedded model's end id, 2)."""
+    import json
+
+    from nim_build.serving.tokenizer import META_FILE
+
+    out.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(model_dir / name, out / name)
+    (out / META_FILE).write_text(json.dumps({"kind": "hf", "bos_id": bos_id, "end_id": 2, "pad_id": None}))
+    return out
+
+
+def tokenizer_engine_dir(root: Path, tok_dir: Path, step_delay_s: float | None = None) -> Path:
     """An engine directory with only the tokenizer of `tok_dir` (and its nim_build_tokenizer.json) and a manifest:
-    what the trivial engine (nim_build.testing.trivial_engine) serves, for tests of everything around the engine."""
+    what the trivial engine (nim_build.testing.trivial_engine) serves, for tests of everything around the engine.
+    `step_delay_s`: how long each of its steps sleeps (trivial_engine.json)."""
     import json
 
     from nim_build.serving.tokenizer import META_FILE, Tokenizer
     from nim_build.testing.trivial_engine import write_engine_dir
 
-    return write_engine_dir(
+    engine = write_engine_dir(
         root / f"engine-{tok_dir.name}",
         tok_dir,
         json.loads((tok_dir / META_FILE).read_text()),
@@ -261,6 +276,9 @@ def tokenizer_engine_dir(root: Path, tok_dir: Path) -> Path:
         max_batch_size=8,
         max_seq_len=512,
     )
+    if step_delay_s is not None:
+        (engine / "trivial_engine.json").write_text(json.dumps({"step_delay_s": step_delay_s}))
+    return engine
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tokenizer_engine_dir
+from conftest import hf_tokenizer_dir, tokenizer_engine_dir
 
 from nim_build.errors import UserError
 from nim_build.serving import native
@@ -84,11 +84,7 @@ def tokenizer_dirs(default_model_dir, tmp_path_factory) -> dict[str, Path]:
     import mistral_common
 
     root = tmp_path_factory.mktemp("tokenizers")
-    hf = root / "hf"
-    hf.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(default_model_dir / name, hf / name)
-    (hf / META_FILE).write_text(json.dumps({"kind": "hf", "bos_id": 1, "end_id": 2, "pad_id": None}))
+    hf = hf_tokenizer_dir(default_model_dir, root / "hf", bos_id=1)
     tekken = root / "tekken"
     tekken.mkdir()
     shutil.copy(Path(mistral_common.__file__).parent / "data" / "tekken_240718.json", tekken / "tekken.json")

@@ -171,22 +171,15 @@ def test_stops_in_time_after_many_client_streams(default_model_dir, tmp_path):
     finished stream leaves Triton 2.51 holding the model, which then cannot unload, so shutdown waited out
     --exit-timeout and Triton exited with code 1 (measured before the fix: 6 of 10 shutdowns after 800
     requests). A race: without the fix this test fails in about half of its runs (3 of 6 measured)."""
-    import json
-    import shutil
     from concurrent.futures import ThreadPoolExecutor
 
-    from conftest import serving, tokenizer_engine_dir
+    from conftest import hf_tokenizer_dir, serving, tokenizer_engine_dir
 
     from nim_build.serving.client import Client, GenerateRequest
     from nim_build.serving.repo import RepoOptions, generate_repo
-    from nim_build.serving.tokenizer import META_FILE
 
-    tok = tmp_path / "tokenizer"
-    tok.mkdir()
-    shutil.copy(default_model_dir / "tokenizer.json", tok / "tokenizer.json")
-    (tok / META_FILE).write_text(json.dumps({"kind": "hf", "bos_id": 1, "end_id": 2, "pad_id": None}))
     repo = generate_repo(
-        tokenizer_engine_dir(tmp_path, tok),
+        tokenizer_engine_dir(tmp_path, hf_tokenizer_dir(default_model_dir, tmp_path / "tokenizer")),
         tmp_path / "repo",
         RepoOptions(engine_class="nim_build.testing.trivial_engine:TrivialEngine"),
     )
@@ -299,27 +292,19 @@ def test_sigterm_under_load_lets_the_streams_finish_then_stops_everything(defaul
     models to unload first: every stream completes, Triton exits 0, and nothing is left. Before the load, 4 gRPC
     clients leave their streams (cancelling them) after the first response: those ensemble requests used to stay in
     flight forever (a cancelled postprocessing step answered an error), so Triton waited out its exit timeout."""
-    import json
-    import shutil
     import signal
     import threading
     import time
 
     import psutil
-    from conftest import tokenizer_engine_dir
+    from conftest import hf_tokenizer_dir, tokenizer_engine_dir
 
     from nim_build.errors import InferenceError
     from nim_build.serving.client import Client, GenerateRequest
     from nim_build.serving.repo import RepoOptions, generate_repo
-    from nim_build.serving.tokenizer import META_FILE
 
-    tok = tmp_path / "tokenizer"
-    tok.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(default_model_dir / name, tok / name)
-    (tok / META_FILE).write_text(json.dumps({"kind": "hf", "bos_id": None, "end_id": 2, "pad_id": None}))
-    engine = tokenizer_engine_dir(tmp_path, tok)
-    (engine / "trivial_engine.json").write_text(json.dumps({"step_delay_s": 0.02}))  # 120 tokens: >= 2.4 s
+    tok = hf_tokenizer_dir(default_model_dir, tmp_path / "tokenizer")
+    engine = tokenizer_engine_dir(tmp_path, tok, step_delay_s=0.02)  # 120 tokens: >= 2.4 s
     repo = generate_repo(
         engine,
         tmp_path / "repo",
