@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Bounded load test of `nim_build serve` (issue 12; not a test of the suite: it runs minutes; BENCHMARKS.md §7).
 
-    python bench/soak.py [--streams 64] [--seconds 120] [--modes decoupled,non-decoupled]
+    python bench/soak.py [--streams 64] [--seconds 120] [--modes decoupled,non-decoupled] [--max-queue-size 64]
 
 For each repository mode, on the embedded model's FP8 reference engine: `streams` clients send greedy requests
 back to back for `seconds` over gRPC (streaming on the decoupled repository, one-shot on the non-decoupled one),
@@ -11,7 +11,9 @@ Triton and answers /v2/health/ready throughout; the server tree's RSS in the las
 minute's (by more than 3%); every KV block is back in the pool after the load. Then the load starts again and
 serve gets SIGTERM: it must exit 0 within its drain bound with no process and no /dev/shm segment left. A client
 whose request failed (refused while serve drains) waits a second before the next, as the SDKs back off: 64
-clients retrying at once on these 2 cores slowed the engine to a step every 2 s. serve's logs stay in --logs.
+clients retrying at once on these 2 cores slowed the engine to a step every 2 s. The non-decoupled repository bounds
+its engine's queue (--max-queue-size): there a client that leaves does not cancel its request (Triton 2.51). serve's
+logs stay in --logs.
 """
 
 from __future__ import annotations
@@ -149,11 +151,13 @@ def _load(serve: Serve, streams: int, seconds: float, stream: bool, expected: di
     return {**counts, "not_ready_probes": not_ready, "rss": rss, "errors_seen": errors[:5]}
 
 
-def soak(mode: str, streams: int, seconds: float, work: Path, logs: Path) -> dict:
+def soak(mode: str, streams: int, seconds: float, work: Path, logs: Path, max_queue_size: int) -> dict:
     from nim_build.serving.client import Client, GenerateRequest
     from nim_build.serving.repo import RepoOptions, generate_repo
 
-    repo = generate_repo(work / "engine", work / f"repo-{mode}", RepoOptions(decoupled=mode == "decoupled"))
+    decoupled = mode == "decoupled"
+    opts = RepoOptions(decoupled=decoupled, max_queue_size=0 if decoupled else max_queue_size)
+    repo = generate_repo(work / "engine", work / f"repo-{mode}", opts)
     stream = mode == "decoupled"
     serve = Serve(repo, logs / f"serve-{mode}.log")
     try:
@@ -208,6 +212,13 @@ def main():
     ap.add_argument("--streams", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=120)
     ap.add_argument("--modes", default="decoupled,non-decoupled")
+    ap.add_argument(
+        "--max-queue-size",
+        type=int,
+        default=64,
+        help="tensorrt_llm's max_queue_size on the non-decoupled repository, where a client that leaves does not "
+        "cancel its request (0: no bound)",
+    )
     ap.add_argument("--logs", type=Path, default=REPO / ".cache" / "bench" / "soak-logs", help="serve's logs, kept")
     args = ap.parse_args()
     args.logs.mkdir(parents=True, exist_ok=True)
@@ -228,7 +239,8 @@ def main():
         )
         build(opts, progress=False)
         for mode in args.modes.split(","):  # each mode's report as soon as it is done
-            print(json.dumps({mode: soak(mode, args.streams, args.seconds, work, args.logs)}, indent=2), flush=True)
+            result = soak(mode, args.streams, args.seconds, work, args.logs, args.max_queue_size)
+            print(json.dumps({mode: result}, indent=2), flush=True)
 
 
 if __name__ == "__main__":

@@ -363,3 +363,72 @@ def test_sigterm_under_load_lets_the_streams_finish_then_stops_everything(defaul
     assert served.output().strip().endswith("stopped (Triton exit code 0)")
     assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not list(Path("/dev/shm").glob(f"nimb{served.proc.pid}s*"))
+
+
+def test_max_queue_size_refuses_what_exceeds_it_and_serving_goes_on(default_model_dir, tmp_path):
+    """--max-queue-size: upstream's max_queue_size, written where upstream's template writes it (tensorrt_llm's
+    dynamic batcher, default_queue_policy). On the non-decoupled repository a client that leaves does not cancel its
+    request (Triton 2.51 does not cancel a running ensemble step), so this bound is what keeps a flood from piling up
+    work. With max_batch_size 1 and a bound of 1, one request runs and one waits; the next is refused at once, as
+    UNAVAILABLE (tritonclient over HTTP), and a 503 in OpenAI's error shape from the real `openai` client. The two
+    others complete."""
+    import json
+    import threading
+    import urllib.error
+    import urllib.request
+
+    import numpy as np
+    import openai
+    import tritonclient.http as httpclient
+    from conftest import ServedRepo, hf_tokenizer_dir, tokenizer_engine_dir
+    from tritonclient.utils import InferenceServerException
+
+    from nim_build import QUEUE_FULL
+    from nim_build.serving.client import Client, GenerateRequest
+    from nim_build.serving.repo import RepoOptions, generate_repo, read_config
+
+    engine = tokenizer_engine_dir(tmp_path, hf_tokenizer_dir(default_model_dir, tmp_path / "tok"), step_delay_s=0.05)
+    trivial = "nim_build.testing.trivial_engine:TrivialEngine"
+    opts = RepoOptions(engine_class=trivial, decoupled=False, max_batch_size=1, max_queue_size=1)
+    repo = generate_repo(engine, tmp_path / "repo", opts)
+    assert read_config(repo / "tensorrt_llm" / "config.pbtxt").dynamic_batching.default_queue_policy.max_queue_size == 1
+    # no health generation during the test: it would take the one waiting place
+    served = ServedRepo(repo, engine, tmp_path / "serve.log", args=("--health-interval", "120", "--exit-timeout", "20"))
+    results: list = []
+
+    def generate() -> None:
+        req = GenerateRequest(prompt="hello there", max_tokens=60)  # 60 steps of 50 ms
+        results.append(Client(served.grpc_url, timeout_s=60).generate(req).text)
+
+    try:
+        served.wait_ready()
+        threads = [threading.Thread(target=generate) for _ in range(2)]
+        threads[0].start()
+        served.wait_stats(lambda s: s.get("active") == 1)
+        threads[1].start()
+        served.wait_stats(lambda s: s.get("waiting") == 1)
+        # Triton's HTTP API: 503 from tensorrt_llm itself; the ensemble reports its step's error as a 400 (Triton
+        # 2.51 drops the step's error code), with the same message
+        inputs = []
+        for name, value in (("input_ids", [[5, 6, 7]]), ("input_lengths", [[3]]), ("request_output_len", [[4]])):
+            inputs.append(httpclient.InferInput(name, [1, len(value[0])], "INT32"))
+            inputs[-1].set_data_from_numpy(np.array(value, np.int32))
+        with pytest.raises(InferenceServerException) as direct:
+            httpclient.InferenceServerClient(served.http_url).infer("tensorrt_llm", inputs)
+        assert direct.value.status() == "503" and QUEUE_FULL in direct.value.message()
+        body = json.dumps({"text_input": "hi", "max_tokens": 4}).encode()
+        url = f"http://{served.http_url}/v2/models/ensemble/generate"
+        with pytest.raises(urllib.error.HTTPError) as http:
+            urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=10)
+        assert http.value.code == 400 and QUEUE_FULL in http.value.read().decode()
+        api = openai.OpenAI(base_url=served.openai_url, api_key="unused", max_retries=0)
+        model = api.models.list().data[0].id
+        with pytest.raises(openai.APIStatusError) as refused:
+            api.completions.create(model=model, prompt="hi", max_tokens=4)
+        assert refused.value.status_code == 503, refused.value.body
+        assert refused.value.body["type"] == "service_unavailable" and QUEUE_FULL in refused.value.body["message"]
+        for t in threads:
+            t.join(60)
+        assert len(results) == 2 and all(results), results
+    finally:
+        assert served.stop() == 0, served.output()[-3000:]

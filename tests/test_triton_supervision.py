@@ -75,6 +75,16 @@ def test_a_busy_engine_is_never_taken_for_a_dead_one():
     assert _supervise(ResponseTimeout("no response within 30 s"), steps=range(100)) is None
 
 
+def test_a_full_queue_is_an_answer_not_a_failure():
+    """A probe refused by tensorrt_llm's max_queue_size (its message starts with QUEUE_FULL) met a live stub: a
+    server at capacity is never restarted, even while its step counter stands still."""
+    from nim_build import QUEUE_FULL
+    from nim_build.errors import InferenceError
+
+    refused = InferenceError(f"in ensemble 'ensemble', {QUEUE_FULL} (max_queue_size 4): retry later")
+    assert _supervise(refused, steps=[7.0] * 100) is None
+
+
 def test_a_stuck_engine_or_an_error_is_a_failure():
     from nim_build.errors import InferenceError, ResponseTimeout
 

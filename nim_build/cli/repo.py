@@ -54,6 +54,15 @@ from nim_build.serving.repo import POSTPROCESSING, SCHEDULER_POLICIES
     help="max_utilization (trtllm only) admits more requests and may pause some.",
 )
 @click.option(
+    "--max-queue-size",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Requests tensorrt_llm keeps waiting for a place in the in-flight batch before it refuses new ones "
+    "(UNAVAILABLE, OpenAI API 503); 0: no bound. Bounds the work a flood of requests leaves behind: "
+    "without --decoupled, a client that leaves does not cancel its request (Triton 2.51).",
+)
+@click.option(
     "--exclude-input-in-output/--no-exclude-input-in-output",
     default=True,
     show_default=True,

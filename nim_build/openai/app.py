@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
+from nim_build import QUEUE_FULL
 from nim_build.errors import InferenceError, UserError
 from nim_build.openai import protocol as P
 from nim_build.openai.metrics import Metrics
@@ -400,8 +401,10 @@ _USER_ERRORS = ("must be", "outside", "exceeds", "out of range", "invalid")
 
 
 def engine_error(message: str) -> P.OpenAIError:
-    """A value the engine refused is a 400 with its message; any other engine error is a 500 that says no more
-    (the engine's message may name files and lines of the server) and goes to the server's log."""
+    """A value the engine refused is a 400 with its message, a full queue a 503; any other engine error is a 500
+    that says no more (the engine's message may name files and lines of the server) and goes to the server's log."""
+    if QUEUE_FULL in message or "maximum queue size" in message.lower():  # max_queue_size: ours or Triton's
+        return P.OpenAIError(f"the server is at capacity: {message}", status=503)
     if any(w in message.lower() for w in _USER_ERRORS):
         return P.OpenAIError(f"the engine refused the request: {message}")
     print(f"nim_build.openai: generation failed: {message}", file=sys.stderr, flush=True)

@@ -64,6 +64,9 @@ class RepoOptions:
     enable_chunked_context: bool = False
     batch_scheduler_policy: str = "guaranteed_no_evict"
     max_queue_delay_microseconds: int = 0
+    # requests tensorrt_llm holds waiting before it refuses new ones (0: no bound), in upstream's place: the
+    # dynamic batcher's default_queue_policy; the reference model bounds its engine's queue with it
+    max_queue_size: int = 0
     exclude_input_in_output: bool = True
     postprocessing: str = "auto"  # "native" (C++ backend), "python", or "auto": native when possible
     # reference backend only: "module:Class" of the engine the python tensorrt_llm model runs
@@ -362,6 +365,7 @@ def build_configs(manifest: dict, engine_dir: Path, opts: RepoOptions) -> dict[s
     llm.model_transaction_policy.decoupled = opts.decoupled
     llm.dynamic_batching.preferred_batch_size.append(mbs)
     llm.dynamic_batching.max_queue_delay_microseconds = opts.max_queue_delay_microseconds
+    llm.dynamic_batching.default_queue_policy.max_queue_size = opts.max_queue_size
     reference = backend == "reference"
     _add_io(llm, LLM_INPUTS + [STREAM_KEY_INPUT] * reference, LLM_OUTPUTS + [STREAM_KEY_OUTPUT] * reference)
     _instances(llm, 1)

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from nim_build import COMPUTE_DTYPE_ENV, limits
+from nim_build import COMPUTE_DTYPE_ENV, QUEUE_FULL, limits
 from nim_build.errors import ResponseTimeout, ServerSetupError, ServingError
 from nim_build.serving.http_guard import DEFAULT_MAX_BODY, HttpGuard
 
@@ -609,7 +609,7 @@ def supervise(
         done, e = _run(probe, stop_event)
         if not done:
             return None
-        if e is None:
+        if e is None or QUEUE_FULL in str(e):  # a refusal for a full queue is tensorrt_llm answering
             failures = 0
         else:  # any failure of the real request counts, but a timeout of a busy engine
             after = _safe(progress)

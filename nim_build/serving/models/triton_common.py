@@ -167,8 +167,10 @@ def parse_messages(raw: str) -> tuple[list, list | None]:
     return data, None
 
 
-def error(message: str):
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+def error(message: str, code=None):
+    """An error response; `code` one of pb_utils.TritonError's (default INTERNAL)."""
+    err = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+    return pb_utils.InferenceResponse(output_tensors=[], error=err)
 
 
 def error_message(e: BaseException, model: str) -> str:

@@ -20,7 +20,8 @@ Parameters: gpt_model_path (the engine directory), exclude_input_in_output, kv_c
 enable_chunked_context, normalize_log_probs (default true, as TensorRT-LLM's), and nim_build_engine ("module:Class",
 default nim_build.runtime:LLMEngine; benchmarks use a trivial engine with the same API). enable_kv_cache_reuse = true
 and batch_scheduler_policy = max_utilization are refused: the runtime has neither. Engine statistics are exported as
-Prometheus gauges (nim_build_engine_*) on the metrics port.
+Prometheus gauges (nim_build_engine_*) on the metrics port. The dynamic batcher's default_queue_policy.max_queue_size
+(upstream's `max_queue_size`) bounds the requests waiting in the engine: beyond it a request is answered UNAVAILABLE.
 """
 
 import importlib
@@ -32,6 +33,7 @@ import threading
 import numpy as np
 import triton_common as tc
 
+from nim_build import QUEUE_FULL
 from nim_build.errors import UserError
 from nim_build.runtime.api import from_trtllm
 from nim_build.serving.repo import refused_for_reference
@@ -109,6 +111,10 @@ class _Stream:
         self.arrival = self.first = self.last = None
 
 
+class QueueFull(Exception):
+    """A request refused because max_queue_size requests are waiting already (answered UNAVAILABLE)."""
+
+
 class TritonPythonModel:
     def initialize(self, args):
         cfg = json.loads(args["model_config"])
@@ -131,6 +137,10 @@ class TritonPythonModel:
             params["gpt_model_path"], max_batch_size=cfg["max_batch_size"], **limits
         )
         self.tokens_per_block = getattr(self.engine, "tokens_per_block", 1)
+        # upstream's place for the bound (Triton also applies it to its own queue, which execute() empties at once)
+        self.max_queue_size = int(
+            cfg.get("dynamic_batching", {}).get("default_queue_policy", {}).get("max_queue_size", 0)
+        )
         self.logger = pb_utils.Logger
         note = getattr(self.engine, "kv_cache_note", None)
         if note:
@@ -155,6 +165,11 @@ class TritonPythonModel:
                     self._stop(request)
                 else:
                     self._submit(request)
+            except QueueFull as e:
+                request.get_response_sender().send(
+                    tc.error(str(e), pb_utils.TritonError.UNAVAILABLE),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                )
             except Exception as e:
                 request.get_response_sender().send(
                     tc.error(tc.error_message(e, "tensorrt_llm")), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -184,6 +199,8 @@ class TritonPythonModel:
         wanted = set(request.requested_output_names())
         call = _Call(request, streaming, wanted, batch)
         streams = [s for b in range(batch) for s in self._parse_row(request, call, ids, b, n)]
+        if self.max_queue_size and self.engine.stats()["waiting"] + len(streams) > self.max_queue_size:
+            raise QueueFull(f"{QUEUE_FULL} (max_queue_size {self.max_queue_size}): retry later")
         submitted = []
         try:
             with self.lock:
