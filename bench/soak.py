@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Bounded load test of `nim_build serve` (issue 12; not a test of the suite: it runs minutes; BENCHMARKS.md §7).
 
-    python bench/soak.py [--streams 64] [--seconds 120] [--modes decoupled,non-decoupled] [--max-queue-size 64]
+    python bench/soak.py [--streams 64] [--seconds 120] [--modes decoupled,non-decoupled] [--max-queue-size 16]
 
 For each repository mode, on the embedded model's FP8 reference engine: `streams` clients send greedy requests
 back to back for `seconds` over gRPC (streaming on the decoupled repository, one-shot on the non-decoupled one),
@@ -215,9 +215,9 @@ def main():
     ap.add_argument(
         "--max-queue-size",
         type=int,
-        default=64,
+        default=16,
         help="tensorrt_llm's max_queue_size on the non-decoupled repository, where a client that leaves does not "
-        "cancel its request (0: no bound)",
+        "cancel its request (0: no bound). The drain must finish the queue within --exit-timeout (30 s here).",
     )
     ap.add_argument("--logs", type=Path, default=REPO / ".cache" / "bench" / "soak-logs", help="serve's logs, kept")
     args = ap.parse_args()

@@ -14,6 +14,3 @@ KV_CACHE_FREE_MEM_FRACTION = 0.9
 # variable): auto = bf16 on a CPU with native bf16 matmul, float32 on other CPUs, the checkpoint's dtype on CUDA.
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 COMPUTE_DTYPE_ENV = "NIM_BUILD_COMPUTE_DTYPE"
-# How tensorrt_llm's refusal of a request beyond its max_queue_size begins: a busy server, not a broken one (the OpenAI
-# API answers 503, serve's health probe counts it as an answer).
-QUEUE_FULL = "the engine's queue is full"

@@ -59,3 +59,13 @@ class ResponseTimeout(InferenceError):
 
 class HostError(NimBuildError, OSError):
     """The machine refused: no space left on a device, a permission denied, a read-only filesystem."""
+
+
+QUEUE_FULL = "the engine's queue is full"  # how tensorrt_llm's refusal beyond its max_queue_size begins
+TRITON_QUEUE_FULL = "Exceeds maximum queue size"  # Triton's, when a dynamic batcher's own queue is full
+
+
+def is_queue_full(message: str) -> bool:
+    """Whether an error says a queue was full: a server at capacity, not a broken one (the OpenAI API answers 503,
+    serve's health probe counts it as an answer)."""
+    return QUEUE_FULL in message or TRITON_QUEUE_FULL in message

@@ -383,7 +383,7 @@ def test_max_queue_size_refuses_what_exceeds_it_and_serving_goes_on(default_mode
     from conftest import ServedRepo, hf_tokenizer_dir, tokenizer_engine_dir
     from tritonclient.utils import InferenceServerException
 
-    from nim_build import QUEUE_FULL
+    from nim_build.errors import QUEUE_FULL
     from nim_build.serving.client import Client, GenerateRequest
     from nim_build.serving.repo import RepoOptions, generate_repo, read_config
 

@@ -76,13 +76,12 @@ def test_a_busy_engine_is_never_taken_for_a_dead_one():
 
 
 def test_a_full_queue_is_an_answer_not_a_failure():
-    """A probe refused by tensorrt_llm's max_queue_size (its message starts with QUEUE_FULL) met a live stub: a
-    server at capacity is never restarted, even while its step counter stands still."""
-    from nim_build import QUEUE_FULL
-    from nim_build.errors import InferenceError
+    """A probe refused for a full queue (tensorrt_llm's max_queue_size, or Triton's own queue with the same bound)
+    met a live server: one at capacity is never restarted, even while its step counter stands still."""
+    from nim_build.errors import QUEUE_FULL, TRITON_QUEUE_FULL, InferenceError
 
-    refused = InferenceError(f"in ensemble 'ensemble', {QUEUE_FULL} (max_queue_size 4): retry later")
-    assert _supervise(refused, steps=[7.0] * 100) is None
+    for words in (f"{QUEUE_FULL} (max_queue_size 4): retry later", TRITON_QUEUE_FULL):
+        assert _supervise(InferenceError(f"in ensemble 'ensemble', {words}"), steps=[7.0] * 100) is None
 
 
 def test_a_stuck_engine_or_an_error_is_a_failure():

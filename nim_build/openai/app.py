@@ -27,8 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from nim_build import QUEUE_FULL
-from nim_build.errors import InferenceError, UserError
+from nim_build.errors import InferenceError, UserError, is_queue_full
 from nim_build.openai import protocol as P
 from nim_build.openai.metrics import Metrics
 from nim_build.openai.tools import ToolCallParser, forced_prefix, mistral_tool_call_id, tool_style
@@ -403,7 +402,7 @@ _USER_ERRORS = ("must be", "outside", "exceeds", "out of range", "invalid")
 def engine_error(message: str) -> P.OpenAIError:
     """A value the engine refused is a 400 with its message, a full queue a 503; any other engine error is a 500
     that says no more (the engine's message may name files and lines of the server) and goes to the server's log."""
-    if QUEUE_FULL in message or "maximum queue size" in message.lower():  # max_queue_size: ours or Triton's
+    if is_queue_full(message):
         return P.OpenAIError(f"the server is at capacity: {message}", status=503)
     if any(w in message.lower() for w in _USER_ERRORS):
         return P.OpenAIError(f"the engine refused the request: {message}")

@@ -35,8 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from nim_build import COMPUTE_DTYPE_ENV, QUEUE_FULL, limits
-from nim_build.errors import ResponseTimeout, ServerSetupError, ServingError
+from nim_build import COMPUTE_DTYPE_ENV, limits
+from nim_build.errors import ResponseTimeout, ServerSetupError, ServingError, is_queue_full
 from nim_build.serving.http_guard import DEFAULT_MAX_BODY, HttpGuard
 
 NGC_BINARY = "/opt/tritonserver/bin/tritonserver"
@@ -256,10 +256,8 @@ class TritonServer:
 
         Triton refuses new requests to a model being unloaded at once, with an error, and unloads it when the
         requests it holds have finished. So what runs finishes, and nothing is in flight when Triton then gets
-        SIGTERM: Triton 2.51 stops its endpoints first at SIGTERM, and a request in flight then never completes
-        (Triton waits out its exit timeout, and may crash leaving it). Refusing new requests in `tensorrt_llm`
-        instead did not do it: under a flood of clients, refused ones were in flight at the signal, and once the
-        ensemble never unloaded after tensorrt_llm had refused streaming requests with an error."""
+        SIGTERM: Triton 2.51 stops its endpoints first at SIGTERM, and a request in flight then never completes.
+        docs/TRITON.md says why refusing new requests in `tensorrt_llm` instead did not do it."""
         try:
             return self._unload_all(time.monotonic() + timeout_s, poll_s)
         except (OSError, ValueError):  # Triton ended, or does not answer: nothing left to wait for here
@@ -609,7 +607,7 @@ def supervise(
         done, e = _run(probe, stop_event)
         if not done:
             return None
-        if e is None or QUEUE_FULL in str(e):  # a refusal for a full queue is tensorrt_llm answering
+        if e is None or is_queue_full(str(e)):  # a refusal for a full queue: the server answered
             failures = 0
         else:  # any failure of the real request counts, but a timeout of a busy engine
             after = _safe(progress)

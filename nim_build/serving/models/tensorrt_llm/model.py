@@ -33,8 +33,7 @@ import threading
 import numpy as np
 import triton_common as tc
 
-from nim_build import QUEUE_FULL
-from nim_build.errors import UserError
+from nim_build.errors import QUEUE_FULL, UserError
 from nim_build.runtime.api import from_trtllm
 from nim_build.serving.repo import refused_for_reference
 from nim_build.serving.tokenizer import from_word_list_format
