@@ -136,7 +136,8 @@ class TritonPythonModel:
             params["gpt_model_path"], max_batch_size=cfg["max_batch_size"], **limits
         )
         self.tokens_per_block = getattr(self.engine, "tokens_per_block", 1)
-        # upstream's place for the bound (Triton also applies it to its own queue, which execute() empties at once)
+        # upstream's place for the bound; Triton applies it to its own queue too (requests wait there while execute
+        # waits for the engine), refusing with TRITON_QUEUE_FULL
         self.max_queue_size = int(
             cfg.get("dynamic_batching", {}).get("default_queue_policy", {}).get("max_queue_size", 0)
         )
