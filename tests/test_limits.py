@@ -203,3 +203,24 @@ def _rss_after_loading(engine_dir: Path) -> int:
         f"LLMEngine.from_engine_dir({str(engine_dir)!r}); print(psutil.Process().memory_info().rss)"
     )
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def test_a_compute_dtype_set_for_the_container_is_the_options_default(monkeypatch):
+    """NIM_BUILD_COMPUTE_DTYPE set in the environment is `serve` / `run --compute-dtype`'s default, and the flag
+    still wins: serve used to pass its own default, auto, to the engine over a float32 set for the container."""
+    import click
+    from click.testing import CliRunner
+
+    from nim_build import COMPUTE_DTYPE_ENV
+    from nim_build.cli._options import compute_dtype_option
+
+    @click.command()
+    @compute_dtype_option
+    def show(compute_dtype):
+        click.echo(compute_dtype)
+
+    monkeypatch.setenv(COMPUTE_DTYPE_ENV, "float32")
+    assert CliRunner().invoke(show, []).output.strip() == "float32"
+    assert CliRunner().invoke(show, ["--compute-dtype", "bfloat16"]).output.strip() == "bfloat16"
+    monkeypatch.delenv(COMPUTE_DTYPE_ENV)
+    assert CliRunner().invoke(show, []).output.strip() == "auto"

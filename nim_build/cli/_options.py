@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from nim_build import COMPUTE_DTYPES
+from nim_build import COMPUTE_DTYPE_ENV, COMPUTE_DTYPES
 from nim_build.deploy.profiles import GOALS, GPU_PRODUCTS, GPUS_ENV, PROFILE_ENV
 
 compute_dtype_option = click.option(
@@ -12,6 +12,8 @@ compute_dtype_option = click.option(
     type=click.Choice(COMPUTE_DTYPES),
     default="auto",
     show_default=True,
+    envvar=COMPUTE_DTYPE_ENV,  # what the engine processes read: a value set for the container is not overridden
+    show_envvar=True,
     help="What the reference engine computes in. auto: bf16 on a CPU with native bf16 matmul (AVX512-BF16, AMX; "
     "2-3x faster), float32 on other CPUs (float32 reproduces the accuracy gate's numbers), the checkpoint's dtype "
     "on CUDA.",
