@@ -158,7 +158,7 @@ def soak(mode: str, streams: int, seconds: float, work: Path, logs: Path, max_qu
     decoupled = mode == "decoupled"
     opts = RepoOptions(decoupled=decoupled, max_queue_size=0 if decoupled else max_queue_size)
     repo = generate_repo(work / "engine", work / f"repo-{mode}", opts)
-    stream = mode == "decoupled"
+    stream = decoupled  # streaming requests on the decoupled repository, one-shot ones on the other
     serve = Serve(repo, logs / f"serve-{mode}.log")
     try:
         c = Client(f"127.0.0.1:{serve.grpc}")
