@@ -151,6 +151,7 @@ def main(argv=None) -> int:
     from nim_build.serving.repo import RepoOptions, generate_repo
     from nim_build.serving.server import free_port
     from nim_build.serving.tokenizer import Tokenizer
+    from nim_build.testing.trivial_engine import ENGINE_CLASS as TRIVIAL_ENGINE
 
     root = Path(tempfile.mkdtemp(prefix="bench_openai_"))
     report: dict = {"machine": {"cpus": psutil.cpu_count(), "load_avg_1m": psutil.getloadavg()[0]}}
@@ -159,9 +160,7 @@ def main(argv=None) -> int:
         ids = Tokenizer.from_engine_dir(eng).encode(TEXT)
         for paced in (False, True):
             (eng / "trivial_engine.json").write_text(json.dumps({"step_delay_s": args.step_ms / 1e3 if paced else 0}))
-            repo = generate_repo(
-                eng, root / f"repo-{paced}", RepoOptions(engine_class="nim_build.testing.trivial_engine:TrivialEngine")
-            )
+            repo = generate_repo(eng, root / f"repo-{paced}", RepoOptions(engine_class=TRIVIAL_ENGINE))
             with _server(repo) as server:
                 api = OpenAIFrontend(repo, host="127.0.0.1", port=free_port(), grpc_url=server.grpc_url)
                 try:

@@ -344,6 +344,7 @@ def main(argv=None) -> int:
 
     from nim_build.serving.repo import RepoOptions, generate_repo
     from nim_build.serving.tokenizer import Tokenizer
+    from nim_build.testing.trivial_engine import ENGINE_CLASS as TRIVIAL_ENGINE
 
     root = Path(tempfile.mkdtemp(prefix="bench_serving_"))
     try:
@@ -361,7 +362,7 @@ def main(argv=None) -> int:
                 repo = generate_repo(
                     eng,
                     root / f"repo-{post}-{paced}",
-                    RepoOptions(engine_class="nim_build.testing.trivial_engine:TrivialEngine", postprocessing=post),
+                    RepoOptions(engine_class=TRIVIAL_ENGINE, postprocessing=post),
                 )
                 with _server(repo) as server:
                     try:

@@ -22,13 +22,13 @@ from nim_build.errors import UserError
 from nim_build.serving import native
 from nim_build.serving.repo import RepoOptions, generate_repo, read_config, write_config
 from nim_build.serving.tokenizer import META_FILE, Tokenizer
+from nim_build.testing.trivial_engine import ENGINE_CLASS as TRIVIAL_ENGINE
 
 TEXTS = [
     "北京大学 한국어 مرحبا 🙂👍🏽\tdef f(x):\n\treturn x  # two  spaces",
     " leading space, the end.",
     "the cat sat on the mat",
 ]
-TRIVIAL = "nim_build.testing.trivial_engine:TrivialEngine"
 
 
 KINDS = ("hf", "tekken", "metaspace")
@@ -184,7 +184,7 @@ def served(tokenizer_dirs, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("native-post")
     repo = generate_repo(
-        tokenizer_engine_dir(root, tokenizer_dirs["hf"]), root / "repo", RepoOptions(engine_class=TRIVIAL)
+        tokenizer_engine_dir(root, tokenizer_dirs["hf"]), root / "repo", RepoOptions(engine_class=TRIVIAL_ENGINE)
     )
     for kind in KINDS:
         tok_dir = tokenizer_dirs[kind]
@@ -193,7 +193,7 @@ def served(tokenizer_dirs, tmp_path_factory):
             src = generate_repo(
                 tokenizer_engine_dir(work, tok_dir),
                 work / "repo",
-                RepoOptions(postprocessing=impl, engine_class=TRIVIAL),
+                RepoOptions(postprocessing=impl, engine_class=TRIVIAL_ENGINE),
             )
             name = f"post_{kind}_{impl}"
             shutil.copytree(src / "postprocessing", repo / name)

@@ -59,6 +59,7 @@ def test_genai_perf_reports_ttft_and_itl_of_the_streaming_ensemble(default_model
     from conftest import ServedRepo, hf_tokenizer_dir, tokenizer_engine_dir
 
     from nim_build.serving.repo import RepoOptions, generate_repo
+    from nim_build.testing.trivial_engine import ENGINE_CLASS as TRIVIAL_ENGINE
 
     tool = (
         REPO
@@ -70,9 +71,7 @@ def test_genai_perf_reports_ttft_and_itl_of_the_streaming_ensemble(default_model
     )
     tokenizer = hf_tokenizer_dir(default_model_dir, tmp_path / "tokenizer")
     engine = tokenizer_engine_dir(tmp_path, tokenizer, step_delay_s=0.02)
-    repo = generate_repo(
-        engine, tmp_path / "repo", RepoOptions(engine_class="nim_build.testing.trivial_engine:TrivialEngine")
-    )
+    repo = generate_repo(engine, tmp_path / "repo", RepoOptions(engine_class=TRIVIAL_ENGINE))
     served = ServedRepo(repo, engine, tmp_path / "serve.log")
     try:
         served.wait_ready(120)

@@ -16,6 +16,7 @@ from conftest import ServedRepo, free_ports
 
 from nim_build.errors import ServerSetupError, ServingError
 from nim_build.serving.server import TritonServer
+from nim_build.testing.trivial_engine import ENGINE_CLASS as TRIVIAL_ENGINE
 
 IDENTITY_CONFIG = """name: "{name}"
 backend: "python"
@@ -181,7 +182,7 @@ def test_stops_in_time_after_many_client_streams(default_model_dir, tmp_path):
     repo = generate_repo(
         tokenizer_engine_dir(tmp_path, hf_tokenizer_dir(default_model_dir, tmp_path / "tokenizer")),
         tmp_path / "repo",
-        RepoOptions(engine_class="nim_build.testing.trivial_engine:TrivialEngine"),
+        RepoOptions(engine_class=TRIVIAL_ENGINE),
     )
     with serving(repo, tmp_path, tmp_path / "serve.log") as served:
         for model in ("ensemble", "tensorrt_llm_bls"):
@@ -308,7 +309,7 @@ def test_sigterm_under_load_lets_the_streams_finish_then_stops_everything(defaul
     repo = generate_repo(
         engine,
         tmp_path / "repo",
-        RepoOptions(engine_class="nim_build.testing.trivial_engine:TrivialEngine", postprocessing=postprocessing),
+        RepoOptions(engine_class=TRIVIAL_ENGINE, postprocessing=postprocessing),
     )
     served = ServedRepo(repo, engine, tmp_path / "serve.log", args=("--exit-timeout", "20", "--health-interval", "2"))
     results: list = []
@@ -388,8 +389,7 @@ def test_max_queue_size_refuses_what_exceeds_it_and_serving_goes_on(default_mode
     from nim_build.serving.repo import RepoOptions, generate_repo, read_config
 
     engine = tokenizer_engine_dir(tmp_path, hf_tokenizer_dir(default_model_dir, tmp_path / "tok"), step_delay_s=0.05)
-    trivial = "nim_build.testing.trivial_engine:TrivialEngine"
-    opts = RepoOptions(engine_class=trivial, decoupled=False, max_batch_size=1, max_queue_size=1)
+    opts = RepoOptions(engine_class=TRIVIAL_ENGINE, decoupled=False, max_batch_size=1, max_queue_size=1)
     repo = generate_repo(engine, tmp_path / "repo", opts)
     assert read_config(repo / "tensorrt_llm" / "config.pbtxt").dynamic_batching.default_queue_policy.max_queue_size == 1
     # no health generation during the test: it would take the one waiting place

@@ -20,6 +20,7 @@ from conftest import serving
 from nim_build.runtime import LLMEngine, SamplingParams
 from nim_build.serving.repo import RepoOptions, generate_repo
 from nim_build.serving.tokenizer import Tokenizer
+from nim_build.testing.trivial_engine import ENGINE_CLASS as TRIVIAL_ENGINE
 
 UPSTREAM = Path(__file__).parent / "upstream"
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,"]
@@ -69,7 +70,7 @@ def trivial_served(triton_serve, tmp_path_factory):
         RepoOptions(
             decoupled=False,
             exclude_input_in_output=False,  # what the tool's statistics assume (the backend's default)
-            engine_class="nim_build.testing.trivial_engine:TrivialEngine",
+            engine_class=TRIVIAL_ENGINE,
         ),
     )
     with serving(repo, engine, root / "serve.log") as served:

@@ -220,6 +220,9 @@ class TrivialEngine:
         return TokenEvent(seq.rid, [token], False, None)
 
 
+ENGINE_CLASS = f"{__name__}:{TrivialEngine.__name__}"  # RepoOptions.engine_class of a repository serving it
+
+
 class ScriptedEngine(TrivialEngine):
     """Generates the ids of ENGINE_DIR/script.json (read at each submit), then the end id; writes each request's
     prompt ids to ENGINE_DIR/last_prompt.json (what tests of prompt rendering read)."""
