@@ -34,12 +34,14 @@ from pathlib import Path
 
 import psutil
 
+from nim_build.errors import QUEUE_FULL, TRITON_QUEUE_FULL
 from nim_build.serving.server import engine_stats, free_ports, metrics_text
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["1, 2, 3, 4,", "The capital of France is", "def add(a, b):", "Once upon a time", "Hello, my name is"]
 MAX_TOKENS = 48
 EXIT_TIMEOUT_S = 30
+ERROR_KINDS = {"engine_queue_full": QUEUE_FULL, "triton_queue_full": TRITON_QUEUE_FULL}  # the refusals, counted apart
 
 
 class Serve:
@@ -124,6 +126,8 @@ def _load(serve: Serve, streams: int, seconds: float, stream: bool, expected: di
                 with lock:
                     counts["errors"] += 1
                     errors.append(str(e)[:200])
+                    kind = next((k for k, words in ERROR_KINDS.items() if words in str(e)), "other")
+                    counts[f"errors_{kind}"] = counts.get(f"errors_{kind}", 0) + 1
                 stop.wait(1.0)
                 continue
             with lock:

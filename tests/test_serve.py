@@ -367,8 +367,8 @@ def test_sigterm_under_load_lets_the_streams_finish_then_stops_everything(defaul
 
 
 def test_max_queue_size_refuses_what_exceeds_it_and_serving_goes_on(default_model_dir, tmp_path):
-    """--max-queue-size: upstream's max_queue_size, written where upstream's template writes it (tensorrt_llm's
-    dynamic batcher, default_queue_policy). On the non-decoupled repository a client that leaves does not cancel its
+    """--max-queue-size: upstream's max_queue_size (for the reference backend the python model's parameter:
+    tests/test_triton_repo.py says why). On the non-decoupled repository a client that leaves does not cancel its
     request (Triton 2.51 does not cancel a running ensemble step), so this bound is what keeps a flood from piling up
     work. With max_batch_size 1 and a bound of 1, one request runs and one waits; the next is refused at once, as
     UNAVAILABLE (tritonclient over HTTP), and a 503 in OpenAI's error shape from the real `openai` client. The two
@@ -391,7 +391,7 @@ def test_max_queue_size_refuses_what_exceeds_it_and_serving_goes_on(default_mode
     engine = tokenizer_engine_dir(tmp_path, hf_tokenizer_dir(default_model_dir, tmp_path / "tok"), step_delay_s=0.05)
     opts = RepoOptions(engine_class=TRIVIAL_ENGINE, decoupled=False, max_batch_size=1, max_queue_size=1)
     repo = generate_repo(engine, tmp_path / "repo", opts)
-    assert read_config(repo / "tensorrt_llm" / "config.pbtxt").dynamic_batching.default_queue_policy.max_queue_size == 1
+    assert read_config(repo / "tensorrt_llm" / "config.pbtxt").parameters["max_queue_size"].string_value == "1"
     # no health generation during the test: it would take the one waiting place
     served = ServedRepo(repo, engine, tmp_path / "serve.log", args=("--health-interval", "120", "--exit-timeout", "20"))
     results: list = []

@@ -9,11 +9,19 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from google.protobuf import json_format
 
 from nim_build.builder.manifest import write_manifest
 from nim_build.cli.repo import command as repo_command
 from nim_build.errors import OutputExistsError, UserError
-from nim_build.serving.repo import MODELS, RepoOptions, generate_repo, read_config, read_config_text
+from nim_build.serving.repo import (
+    MODELS,
+    RepoOptions,
+    generate_repo,
+    read_config,
+    read_config_text,
+    reference_queue_bound,
+)
 
 UPSTREAM_DIR = Path(__file__).parent / "upstream"  # tensorrtllm_backend c2e65b8's configs, unmodified
 
@@ -255,6 +263,31 @@ def test_reference_backend_refuses_what_its_runtime_cannot_do(tmp_path, tekken_t
     assert defaults == {"reference": "false", "trtllm": "true"}  # reuse: TensorRT-LLM's default where it exists
     result = CliRunner().invoke(repo_command, [str(ref), "--out", str(tmp_path / "r3"), "--enable-kv-cache-reuse"])
     assert result.exit_code != 0 and "has no KV-cache reuse" in str(result.exception)
+
+
+def test_max_queue_size_is_written_where_each_backend_reads_it(tmp_path, tekken_tok):
+    """trtllm: upstream's place, the dynamic batcher's default_queue_policy (the C++ backend reads the executor's bound
+    there, tensorrtllm_backend model_instance_state.cc). reference: the python model's parameter, and Triton's queue
+    left unbounded: Triton 2.51 leaves an ensemble request unfinished when its queue refuses a step
+    (triton-inference-server/core#466), which left `nim_build serve` unable to drain (bench/soak.py)."""
+    queues = {}
+    for backend in ("reference", "trtllm"):
+        eng = _engine_dir(tmp_path, backend, tekken_tok)
+        repo = generate_repo(eng, tmp_path / backend, RepoOptions(max_queue_size=16))
+        llm = read_config(repo / "tensorrt_llm" / "config.pbtxt")
+        queues[backend] = (
+            llm.dynamic_batching.default_queue_policy.max_queue_size,
+            llm.parameters.get("max_queue_size"),
+        )
+    assert queues["trtllm"] == (16, None)
+    assert queues["reference"][0] == 0 and queues["reference"][1].string_value == "16"
+    # what the python model reads at load, from the config as Triton passes it; Triton's queue bound is refused
+    llm = read_config(tmp_path / "reference" / "tensorrt_llm" / "config.pbtxt")
+    cfg = json_format.MessageToDict(llm, preserving_proto_field_name=True)
+    assert reference_queue_bound(cfg) == 16
+    cfg["dynamic_batching"]["default_queue_policy"] = {"max_queue_size": "16"}
+    with pytest.raises(UserError, match="Triton 2.51 leaves an ensemble request unfinished"):
+        reference_queue_bound(cfg)
 
 
 def test_bad_options(tmp_path, tekken_tok):

@@ -64,8 +64,11 @@ class RepoOptions:
     enable_chunked_context: bool = False
     batch_scheduler_policy: str = "guaranteed_no_evict"
     max_queue_delay_microseconds: int = 0
-    # requests tensorrt_llm holds waiting before it refuses new ones (0: no bound), in upstream's place: the
-    # dynamic batcher's default_queue_policy; the reference model bounds its engine's queue with it
+    # Requests tensorrt_llm holds waiting before it refuses new ones (0: no bound). For trtllm in upstream's place,
+    # the dynamic batcher's default_queue_policy, which the C++ backend reads. Triton applies that bound to its own
+    # queue too, and Triton 2.51 leaves an ensemble request stuck for good when its queue refuses a step
+    # (triton-inference-server/core#466, fixed in 2026): harmless where execute returns at once (the C++ backend),
+    # but the python model's queue fills. So for the reference backend it is the model's parameter max_queue_size.
     max_queue_size: int = 0
     exclude_input_in_output: bool = True
     postprocessing: str = "auto"  # "native" (C++ backend), "python", or "auto": native when possible
@@ -312,6 +315,18 @@ def refused_for_reference(values: dict) -> str | None:
     return None
 
 
+def reference_queue_bound(cfg: dict) -> int:
+    """The python tensorrt_llm model's max_queue_size, from its config as Triton passes it (JSON): its parameter
+    (RepoOptions.max_queue_size says why not Triton's queue policy, which is refused here)."""
+    if int(cfg.get("dynamic_batching", {}).get("default_queue_policy", {}).get("max_queue_size", 0)):
+        raise UserError(
+            "dynamic_batching.default_queue_policy.max_queue_size: Triton 2.51 leaves an ensemble request unfinished "
+            "when that queue refuses a step; bound the reference engine's queue with the parameter max_queue_size "
+            "instead (nim_build repo --max-queue-size)"
+        )
+    return int(cfg.get("parameters", {}).get("max_queue_size", {}).get("string_value") or 0)
+
+
 def build_configs(manifest: dict, engine_dir: Path, opts: RepoOptions) -> dict[str, object]:
     """The five ModelConfig messages for an engine, keyed by model directory name."""
     backend = manifest["backend"]
@@ -365,8 +380,9 @@ def build_configs(manifest: dict, engine_dir: Path, opts: RepoOptions) -> dict[s
     llm.model_transaction_policy.decoupled = opts.decoupled
     llm.dynamic_batching.preferred_batch_size.append(mbs)
     llm.dynamic_batching.max_queue_delay_microseconds = opts.max_queue_delay_microseconds
-    llm.dynamic_batching.default_queue_policy.max_queue_size = opts.max_queue_size
     reference = backend == "reference"
+    if not reference:  # see RepoOptions.max_queue_size
+        llm.dynamic_batching.default_queue_policy.max_queue_size = opts.max_queue_size
     _add_io(llm, LLM_INPUTS + [STREAM_KEY_INPUT] * reference, LLM_OUTPUTS + [STREAM_KEY_OUTPUT] * reference)
     _instances(llm, 1)
     engine_dir = Path(engine_dir).resolve()
@@ -380,7 +396,9 @@ def build_configs(manifest: dict, engine_dir: Path, opts: RepoOptions) -> dict[s
         "enable_chunked_context": opts.enable_chunked_context,
         "exclude_input_in_output": opts.exclude_input_in_output,
     }
-    if backend == "reference" and opts.engine_class:
+    if reference and opts.max_queue_size:
+        llm_params["max_queue_size"] = opts.max_queue_size
+    if reference and opts.engine_class:
         llm_params["nim_build_engine"] = opts.engine_class
     if backend == "trtllm":
         llm_params.update(

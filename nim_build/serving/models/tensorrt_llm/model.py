@@ -20,8 +20,9 @@ Parameters: gpt_model_path (the engine directory), exclude_input_in_output, kv_c
 enable_chunked_context, normalize_log_probs (default true, as TensorRT-LLM's), and nim_build_engine ("module:Class",
 default nim_build.runtime:LLMEngine; benchmarks use a trivial engine with the same API). enable_kv_cache_reuse = true
 and batch_scheduler_policy = max_utilization are refused: the runtime has neither. Engine statistics are exported as
-Prometheus gauges (nim_build_engine_*) on the metrics port. The dynamic batcher's default_queue_policy.max_queue_size
-(upstream's `max_queue_size`) bounds the requests waiting in the engine: beyond it a request is answered UNAVAILABLE.
+Prometheus gauges (nim_build_engine_*) on the metrics port. The parameter max_queue_size (upstream's `max_queue_size`,
+which the C++ backend reads from the dynamic batcher's default_queue_policy: RepoOptions.max_queue_size says why not
+here) bounds the requests waiting in the engine: beyond it a request is answered UNAVAILABLE.
 """
 
 import importlib
@@ -35,7 +36,7 @@ import triton_common as tc
 
 from nim_build.errors import QUEUE_FULL, UserError
 from nim_build.runtime.api import from_trtllm
-from nim_build.serving.repo import refused_for_reference
+from nim_build.serving.repo import reference_queue_bound, refused_for_reference
 from nim_build.serving.tokenizer import from_word_list_format
 
 pb_utils = tc.pb_utils
@@ -136,11 +137,7 @@ class TritonPythonModel:
             params["gpt_model_path"], max_batch_size=cfg["max_batch_size"], **limits
         )
         self.tokens_per_block = getattr(self.engine, "tokens_per_block", 1)
-        # upstream's place for the bound; Triton applies it to its own queue too (requests wait there while execute
-        # waits for the engine), refusing with TRITON_QUEUE_FULL
-        self.max_queue_size = int(
-            cfg.get("dynamic_batching", {}).get("default_queue_policy", {}).get("max_queue_size", 0)
-        )
+        self.max_queue_size = reference_queue_bound(cfg)
         self.logger = pb_utils.Logger
         note = getattr(self.engine, "kv_cache_note", None)
         if note:
